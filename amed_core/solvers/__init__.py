@@ -1,0 +1,49 @@
+"""Training-free ODE solvers sharing one keyword-only signature, and the name -> function registry.
+
+``solve(name, denoiser, x, sigmas, **options)`` validates option names against the solver's
+signature and raises ``ValueError`` naming an unknown solver or option.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from ._common import SolveResult, StepInfo, dynamic_threshold
+from .single_step import euler, heun
+
+SOLVERS: dict[str, Callable[..., SolveResult]] = {
+    "euler": euler,
+    "heun": heun,
+}
+
+
+def register(name: str, fn: Callable[..., SolveResult]) -> None:
+    SOLVERS[name] = fn
+
+
+def get_solver(name: str) -> Callable[..., SolveResult]:
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}") from None
+
+
+def solver_options(name: str) -> list[str]:
+    """Keyword options a solver accepts (beyond denoiser, x, sigmas)."""
+    sig = inspect.signature(get_solver(name))
+    return [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def solve(name: str, denoiser, x, sigmas, **options) -> SolveResult:
+    """Run solver ``name``; unknown options raise a ValueError listing the allowed ones."""
+    fn = get_solver(name)
+    allowed = solver_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"solver {name!r} has no option(s) {unknown}; allowed: {allowed}")
+    return fn(denoiser, x, sigmas, **options)
+
+
+__all__ = ["SOLVERS", "SolveResult", "StepInfo", "dynamic_threshold", "euler", "heun", "get_solver", "register",
+           "solve", "solver_options"]

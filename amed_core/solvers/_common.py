@@ -1,0 +1,96 @@
+"""Shared pieces of every solver: the result type, the step callback, NFE accounting, AFS, thresholding.
+
+Conventions (k-diffusion's shape, EDM's notation):
+- ``solver(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=False,
+  return_trajectory=False, callback=None, **solver_options) -> SolveResult``
+- ``x`` is the state at ``sigmas[0]`` (e.g. ``noise * sigmas[0]``); ``sigmas`` is a decreasing
+  1-D grid (see :mod:`amed_core.schedules`). Step arithmetic runs in ``x.dtype``.
+- No ``torch.no_grad`` inside: callers decide (AMED training backpropagates through steps).
+- ``nfe`` counts denoiser evaluations exactly; AFS replaces the first one with
+  ``d = x / sqrt(1 + sigma^2)`` and is not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..schedules import check_grid
+
+__all__ = ["SolveResult", "StepInfo", "Counter", "afs_direction", "dynamic_threshold", "prepare", "finish"]
+
+
+@dataclass
+class SolveResult:
+    """Output of one solver run: the final state, optionally every state, and the NFE spent."""
+
+    x: torch.Tensor
+    nfe: int
+    trajectory: Optional[torch.Tensor] = None  # (num_steps [+1 with denoise_to_zero], *x.shape)
+
+
+@dataclass
+class StepInfo:
+    """What a callback sees after each step (i counts steps from 0)."""
+
+    i: int
+    t_cur: float
+    t_next: float
+    x: torch.Tensor
+    denoised: Optional[torch.Tensor]
+    nfe: int
+
+
+Callback = Callable[[StepInfo], None]
+
+
+class Counter:
+    """Wraps a denoiser call so that every evaluation is counted (sigma may be per-sample)."""
+
+    def __init__(self, denoiser, class_labels=None):
+        self.denoiser = denoiser
+        self.class_labels = class_labels
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        self.nfe += 1
+        return self.denoiser(x, sigma, self.class_labels)
+
+
+def afs_direction(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Analytical first step (AMED paper, sec. 4): d = x / sqrt(1 + t^2), i.e. D(x; t) ~= x / (1 + t^2)."""
+    return x / torch.sqrt(1 + t * t)
+
+
+def dynamic_threshold(x0: torch.Tensor, p: float = 0.995) -> torch.Tensor:
+    """Imagen's dynamic thresholding, as in the reference: s = max(1, quantile_p |x0|) per sample; clamp(x0, -s, s) / s."""
+    s = torch.quantile(x0.abs().reshape(x0.shape[0], -1), p, dim=1)
+    s = torch.clamp(s, min=1.0).reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.clamp(x0, -s, s) / s
+
+
+def prepare(x: torch.Tensor, sigmas) -> torch.Tensor:
+    """Validate the grid and return it as a tensor in x's dtype and device."""
+    if not torch.is_tensor(x) or x.ndim < 2:
+        raise ValueError("x must be a batched tensor (B, ...) holding the state at sigmas[0]")
+    sigmas = check_grid(torch.as_tensor(sigmas, dtype=torch.float64))
+    return sigmas.to(dtype=x.dtype, device=x.device)
+
+
+def finish(x: torch.Tensor, states: list[torch.Tensor] | None, counter: Counter, denoise_to_zero: bool, t_last: torch.Tensor,
+           return_trajectory: bool) -> SolveResult:
+    """Optional final denoising x <- D(x; t_last), then package the result."""
+    if denoise_to_zero:
+        x = counter(x, t_last)
+        if states is not None:
+            states.append(x)
+    traj = torch.stack(states) if return_trajectory and states is not None else None
+    return SolveResult(x=x, nfe=counter.nfe, trajectory=traj)
+
+
+def check_int_option(name: str, value, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not (lo <= value <= hi):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
