@@ -1,0 +1,26 @@
+"""Safe defaults for the services this package starts: loopback only, no telemetry, no token prompts.
+
+Applied (with setdefault, so a user's explicit setting wins) by the `amed` CLI and the test suite.
+"""
+
+from __future__ import annotations
+
+import os
+
+SAFE_DEFAULTS = {
+    # Ray: keep every listener on 127.0.0.1 (STACK.md), no auth token prompt, no usage stats.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Prefect / MLflow: no analytics or telemetry leaving the machine.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # Never reach a model hub at run time.
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def apply_safe_defaults() -> None:
+    for key, value in SAFE_DEFAULTS.items():
+        os.environ.setdefault(key, value)

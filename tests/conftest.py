@@ -1,0 +1,11 @@
+"""Suite-wide settings: services stay on loopback, no telemetry, single-threaded torch for stable timings."""
+
+import os
+
+import torch
+
+from flows.env import apply_safe_defaults
+
+apply_safe_defaults()
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
