@@ -10,11 +10,15 @@ import inspect
 from typing import Callable
 
 from ._common import SolveResult, StepInfo, dynamic_threshold
+from .multistep import dpmpp, dpmpp_update, ipndm, ipndm_combination, ipndm_v
 from .single_step import euler, heun
 
 SOLVERS: dict[str, Callable[..., SolveResult]] = {
     "euler": euler,
     "heun": heun,
+    "ipndm": ipndm,
+    "ipndm_v": ipndm_v,
+    "dpmpp": dpmpp,
 }
 
 
@@ -45,5 +49,6 @@ def solve(name: str, denoiser, x, sigmas, **options) -> SolveResult:
     return fn(denoiser, x, sigmas, **options)
 
 
-__all__ = ["SOLVERS", "SolveResult", "StepInfo", "dynamic_threshold", "euler", "heun", "get_solver", "register",
+__all__ = ["SOLVERS", "SolveResult", "StepInfo", "dynamic_threshold", "dpmpp", "dpmpp_update", "euler", "heun",
+           "ipndm", "ipndm_combination", "ipndm_v", "get_solver", "register",
            "solve", "solver_options"]
