@@ -11,14 +11,17 @@ from typing import Callable
 
 from ._common import SolveResult, StepInfo, dynamic_threshold
 from .multistep import dpmpp, dpmpp_update, ipndm, ipndm_combination, ipndm_v
-from .single_step import euler, heun
+from .single_step import dpm2, euler, heun
+from .unipc import unipc
 
 SOLVERS: dict[str, Callable[..., SolveResult]] = {
     "euler": euler,
     "heun": heun,
+    "dpm2": dpm2,
     "ipndm": ipndm,
     "ipndm_v": ipndm_v,
     "dpmpp": dpmpp,
+    "unipc": unipc,
 }
 
 
@@ -49,6 +52,6 @@ def solve(name: str, denoiser, x, sigmas, **options) -> SolveResult:
     return fn(denoiser, x, sigmas, **options)
 
 
-__all__ = ["SOLVERS", "SolveResult", "StepInfo", "dynamic_threshold", "dpmpp", "dpmpp_update", "euler", "heun",
-           "ipndm", "ipndm_combination", "ipndm_v", "get_solver", "register",
+__all__ = ["SOLVERS", "SolveResult", "StepInfo", "dynamic_threshold", "dpm2", "dpmpp", "dpmpp_update", "euler", "heun",
+           "ipndm", "ipndm_combination", "ipndm_v", "unipc", "get_solver", "register",
            "solve", "solver_options"]
