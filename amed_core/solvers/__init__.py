@@ -10,6 +10,7 @@ import inspect
 from typing import Callable
 
 from ._common import SolveResult, StepInfo, dynamic_threshold
+from .deis import deis
 from .multistep import dpmpp, dpmpp_update, ipndm, ipndm_combination, ipndm_v
 from .single_step import dpm2, euler, heun
 from .unipc import unipc
@@ -22,6 +23,7 @@ SOLVERS: dict[str, Callable[..., SolveResult]] = {
     "ipndm_v": ipndm_v,
     "dpmpp": dpmpp,
     "unipc": unipc,
+    "deis": deis,
 }
 
 
@@ -52,6 +54,6 @@ def solve(name: str, denoiser, x, sigmas, **options) -> SolveResult:
     return fn(denoiser, x, sigmas, **options)
 
 
-__all__ = ["SOLVERS", "SolveResult", "StepInfo", "dynamic_threshold", "dpm2", "dpmpp", "dpmpp_update", "euler", "heun",
+__all__ = ["SOLVERS", "SolveResult", "StepInfo", "deis", "dynamic_threshold", "dpm2", "dpmpp", "dpmpp_update", "euler", "heun",
            "ipndm", "ipndm_combination", "ipndm_v", "unipc", "get_solver", "register",
            "solve", "solver_options"]
