@@ -42,3 +42,28 @@ def test_solver_case(path):
     with torch.no_grad():
         result = solvers.solve(name, model_for(case), noise(case) * t_steps[0], t_steps, **options)
     _check(case, result)
+
+
+def amed_call(case: dict) -> tuple[str, dict]:
+    """Our solver name and options for an AMED case; the predictor's per-step outputs become a FixedPolicy."""
+    from amed_core.amed import FixedPolicy
+
+    s = case["solver"]
+    options = dict(afs=bool(case["afs"]), denoise_to_zero=bool(case["denoise_to_zero"]), return_trajectory=True,
+                   policy=FixedPolicy(case["amed_r"], case["amed_scale_dir"], case["amed_scale_time"]))
+    if s in ("amed+ipndm", "amed+dpmpp"):
+        options["max_order"] = int(case["max_order"])
+    if s == "amed+dpmpp":  # the reference thresholds data predictions (dynamic_thresholding follows predict_x0)
+        options.update(predict_x0=bool(case["predict_x0"]), lower_order_final=bool(case["lower_order_final"]),
+                       dynamic_thresholding=bool(case["dynamic_thresholding"]))
+    return s, options
+
+
+@pytest.mark.parametrize("path", AMED_CASES, ids=[p.stem for p in AMED_CASES])
+def test_amed_case(path):
+    case = load_case(path)
+    name, options = amed_call(case)
+    t_steps = torch.from_numpy(case["t_steps"])
+    with torch.no_grad():
+        result = solvers.solve(name, model_for(case), noise(case) * t_steps[0], t_steps, **options)
+    _check(case, result)

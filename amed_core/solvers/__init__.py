@@ -57,3 +57,10 @@ def solve(name: str, denoiser, x, sigmas, **options) -> SolveResult:
 __all__ = ["SOLVERS", "SolveResult", "StepInfo", "deis", "dynamic_threshold", "dpm2", "dpmpp", "dpmpp_update", "euler", "heun",
            "ipndm", "ipndm_combination", "ipndm_v", "unipc", "get_solver", "register",
            "solve", "solver_options"]
+
+
+# AMED-Solver and AMED-Plugins (amed, amed+euler, amed+dpm, amed+ipndm, amed+dpmpp; option policy=).
+# Imported last: amed_core.amed builds on the registry above.
+from ..amed.solvers import AMED_SOLVERS  # noqa: E402
+
+SOLVERS.update(AMED_SOLVERS)

@@ -1,0 +1,18 @@
+"""AMED (Zhou et al., arXiv 2312.00094): predictor, AMED-Solver / AMED-Plugins, training, checkpoints.
+
+    spec = SamplerSpec.create("amed", nfe=5, afs=True, denoiser=teacher)
+    result = train_amed(teacher, spec, TrainConfig())          # on-the-fly teacher (reference recipe)
+    save_checkpoint("out", result.predictor, spec)
+    x = load_sampler("out")(teacher, noise).x
+"""
+
+from .checkpoint import Sampler, checkpoint_files, load_sampler, sampler_from_files, save_checkpoint
+from .predictor import AMEDPredictor, FixedPolicy, Policy, PredictorConfig
+from .solvers import AMED_SOLVERS, BASE_SOLVER, amed, amed_dpm, amed_dpmpp, amed_euler, amed_ipndm
+from .spec import SamplerSpec, nfe_for, num_steps_for
+from .train import TrainConfig, TrainProgress, TrainResult, teacher_batches, teacher_states, train_amed
+
+__all__ = ["AMEDPredictor", "FixedPolicy", "Policy", "PredictorConfig", "AMED_SOLVERS", "BASE_SOLVER", "amed",
+           "amed_dpm", "amed_dpmpp", "amed_euler", "amed_ipndm", "SamplerSpec", "nfe_for", "num_steps_for",
+           "Sampler", "checkpoint_files", "load_sampler", "sampler_from_files", "save_checkpoint",
+           "TrainConfig", "TrainProgress", "TrainResult", "teacher_batches", "teacher_states", "train_amed"]

@@ -1,0 +1,130 @@
+"""Checkpoints: ``predictor.safetensors`` (weights) + ``sampler.json`` (SamplerSpec). Loading never unpickles.
+
+``checkpoint_files(predictor, spec)`` gives the bytes (what a store or a registry keeps),
+``save_checkpoint(dir, predictor, spec)`` writes them atomically, ``load_sampler(dir)`` and
+``sampler_from_files(files)`` rebuild a :class:`Sampler`:
+
+    sampler = load_sampler("runs/amed-nfe5")
+    images = sampler(denoiser, noise).x          # noise (B, C, H, W) standard normal
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..solvers._common import SolveResult
+from .predictor import AMEDPredictor
+from .solvers import AMED_SOLVERS
+from .spec import SamplerSpec
+
+__all__ = ["PREDICTOR_FILE", "SPEC_FILE", "checkpoint_files", "save_checkpoint", "load_sampler", "sampler_from_files",
+           "Sampler"]
+
+PREDICTOR_FILE = "predictor.safetensors"
+SPEC_FILE = "sampler.json"
+
+
+class Sampler:
+    """A learned sampler: ``sampler(denoiser, noise, class_labels=None) -> SolveResult`` (x at sigma_min, NFE).
+
+    The run starts at noise * sigma_max of the spec's grid, uses no autograd, and (by default) checks that
+    the denoiser is the teacher the predictor was trained for (content hash in ``spec.teacher``).
+    """
+
+    def __init__(self, spec: SamplerSpec, predictor: AMEDPredictor):
+        if predictor.config != spec.predictor:
+            raise ValueError("predictor config disagrees with spec.predictor; build the predictor from the spec")
+        self.spec = spec
+        self.predictor = predictor.eval().requires_grad_(False)
+
+    def check_denoiser(self, denoiser) -> None:
+        want = self.spec.teacher.get("content_sha256")
+        ident = denoiser.identity() if hasattr(denoiser, "identity") else {}
+        have = ident.get("content_sha256")
+        if want and have and want != have:
+            raise ValueError(f"this sampler was trained for teacher {self.spec.teacher.get('name')!r} "
+                             f"(sha256 {want[:12]}...) but got {ident.get('name')!r} ({have[:12]}...); "
+                             "pass check_teacher=False to sample anyway")
+
+    def __call__(self, denoiser, noise: torch.Tensor, class_labels=None, *, check_teacher: bool = True,
+                 return_trajectory: bool = False, callback=None, policy=None) -> SolveResult:
+        if check_teacher:
+            self.check_denoiser(denoiser)
+        grid = self.spec.grid()
+        x = noise * grid[0].to(noise.dtype)
+        with torch.no_grad():
+            return AMED_SOLVERS[self.spec.solver](denoiser, x, grid, policy=policy or self.predictor, class_labels=class_labels,
+                                                  return_trajectory=return_trajectory, callback=callback,
+                                                  **self.spec.solver_options())
+
+    def files(self) -> dict[str, bytes]:
+        return checkpoint_files(self.predictor, self.spec)
+
+
+def checkpoint_files(predictor: AMEDPredictor, spec: SamplerSpec) -> dict[str, bytes]:
+    """{"predictor.safetensors": weights, "sampler.json": spec} as bytes."""
+    if predictor.config != spec.predictor:
+        raise ValueError("predictor config disagrees with spec.predictor")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in predictor.state_dict().items()}
+    weights = st_save(tensors, metadata={"kind": spec.kind, "solver": spec.solver, "format": "amed-predictor"})
+    return {PREDICTOR_FILE: weights, SPEC_FILE: (spec.to_json() + "\n").encode()}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(directory: str | os.PathLike, predictor: AMEDPredictor, spec: SamplerSpec) -> Path:
+    """Write predictor.safetensors and sampler.json into ``directory`` (created), each atomically."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    # Weights first, spec last: a directory with a sampler.json is complete.
+    files = checkpoint_files(predictor, spec)
+    _atomic_write(d / PREDICTOR_FILE, files[PREDICTOR_FILE])
+    _atomic_write(d / SPEC_FILE, files[SPEC_FILE])
+    return d
+
+
+def sampler_from_files(files: Mapping[str, bytes]) -> Sampler:
+    """Rebuild a Sampler from checkpoint bytes (safetensors + JSON only; nothing is unpickled)."""
+    missing = {PREDICTOR_FILE, SPEC_FILE} - set(files)
+    if missing:
+        raise ValueError(f"checkpoint lacks {sorted(missing)}; it needs {PREDICTOR_FILE} and {SPEC_FILE}")
+    raw = files[SPEC_FILE]
+    spec_dict = json.loads(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+    if spec_dict.get("kind", "amed") != "amed":
+        raise ValueError(f"sampler kind {spec_dict.get('kind')!r} is not an AMED sampler")
+    spec = SamplerSpec.from_dict(spec_dict)
+    predictor = AMEDPredictor(spec.predictor)
+    state = st_load(bytes(files[PREDICTOR_FILE]))
+    try:
+        predictor.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"predictor weights do not fit sampler.json's predictor config: {e}") from None
+    return Sampler(spec, predictor)
+
+
+def load_sampler(directory: str | os.PathLike) -> Sampler:
+    """Load a checkpoint directory written by :func:`save_checkpoint`."""
+    d = Path(directory)
+    if not (d / SPEC_FILE).is_file():
+        raise ValueError(f"{d} is not an AMED checkpoint (no {SPEC_FILE}); train one with `amed train --out DIR`")
+    return sampler_from_files({name: (d / name).read_bytes() for name in (PREDICTOR_FILE, SPEC_FILE) if (d / name).exists()})

@@ -1,0 +1,256 @@
+"""Training an AMED predictor from teacher trajectories (Zhou et al., arXiv 2312.00094, sec. 3.3, Alg. 1).
+
+For each batch of teacher trajectories (noise, states at the student's N grid points) and each student
+interval i = 0..N-2:
+
+    loss_i = sum_b || x_{i+1}^student(b) - x_{i+1}^teacher(b) ||^2 / B
+
+followed by one Adam step (non-finite gradient entries zeroed). The student's input at step i is the
+teacher state x_i (single-step students, "restart") or its own detached output with its history
+buffer (multistep students, "continue"), as in the reference.
+
+The teacher is pluggable: ``batches`` is any iterable of :class:`~amed_core.teacher.TeacherBatch`
+(stored shards, a shared more accurate teacher), or None for the reference's on-the-fly teacher
+(:func:`teacher_batches`): Heun with M = 1 point inserted per interval for the AMED-Solver, the
+student's base solver with M = 2 for the plugins, on ``schedule.grid((M + 1)(N - 1) + 1)``.
+
+Progress goes to ``callback(TrainProgress)``; amed_core never logs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+
+from ..solvers import get_solver, solve, solver_options
+from ..teacher import TeacherBatch
+from .predictor import AMEDPredictor
+from .solvers import MULTISTEP, STEPS, History, make_context
+from .spec import SamplerSpec
+
+__all__ = ["TrainConfig", "TrainResult", "TrainProgress", "train_amed", "teacher_batches", "teacher_states",
+           "default_teacher"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (frozen; JSON round-trip with to_dict/from_dict). Defaults = the reference recipe.
+
+    num_trajectories / batch_size: teacher trajectories consumed (10k, batch 128 in the reference).
+    lr, beta1, beta2, eps: Adam (5e-3, 0.9, 0.999, 1e-8).
+    seed: predictor initialisation and on-the-fly teacher noise.
+    teacher_solver / teacher_M: on-the-fly teacher (None = heun, M=1 for amed; base solver, M=2 for plugins).
+    teacher_afs: whether the on-the-fly teacher uses AFS (False in the reference).
+    restart: student input at each step: "teacher" (the teacher state), "own" (own detached output and
+      history), or None = the reference's choice (teacher for single-step, own for multistep students).
+    epochs: passes over the on-the-fly teacher's trajectories (1 in the reference; regenerated noise each pass is
+      NOT used: the same trajectories are revisited, as a stored teacher would be).
+    dtype: arithmetic of the student (and on-the-fly teacher).
+    """
+
+    num_trajectories: int = 10_000
+    batch_size: int = 128
+    lr: float = 5e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    seed: int = 0
+    teacher_solver: Optional[str] = None
+    teacher_M: Optional[int] = None
+    teacher_afs: bool = False
+    restart: Optional[str] = None
+    epochs: int = 1
+    dtype: str = "float64"
+
+    def __post_init__(self):
+        for name in ("num_trajectories", "batch_size", "epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        if not (self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("TrainConfig.beta1 / beta2 must lie in [0, 1)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+        if self.teacher_M is not None and (not isinstance(self.teacher_M, int) or self.teacher_M < 0):
+            raise ValueError(f"TrainConfig.teacher_M must be an integer >= 0 (points inserted per interval), got {self.teacher_M!r}")
+        if self.teacher_solver is not None:
+            get_solver(self.teacher_solver)  # ValueError names the choices
+        if self.restart not in (None, "teacher", "own"):
+            raise ValueError(f"TrainConfig.restart must be 'teacher', 'own' or null (reference choice), got {self.restart!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @classmethod
+    def reference(cls, **overrides) -> "TrainConfig":
+        """The reference implementation's recipe (the default)."""
+        return cls(**overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        allowed = {f.name for f in fields(cls)}
+        unknown = set(d) - allowed
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return cls(**d)
+
+    def restart_mode(self, solver: str) -> str:
+        if self.restart is not None:
+            return self.restart
+        return "own" if solver in MULTISTEP else "teacher"
+
+
+@dataclass
+class TrainProgress:
+    """One optimiser step: batch index, student step, loss (mean over samples of ||err||^2), policy statistics."""
+
+    batch: int
+    step: int
+    loss: float
+    r_mean: float
+    r_std: float
+    scale_dir_mean: float
+    scale_time_mean: float
+    trajectories: int
+    total_trajectories: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    predictor: AMEDPredictor
+    spec: SamplerSpec
+    config: TrainConfig
+    losses: list = field(default_factory=list)  # per batch: [loss at step 0, ..., step N-2]
+    seconds: float = 0.0
+    updates: int = 0
+    trajectories: int = 0
+    teacher_nfe: int = 0  # per trajectory, on-the-fly teacher only (0 for given batches)
+
+
+def default_teacher(spec: SamplerSpec, cfg: TrainConfig) -> tuple[str, int, dict]:
+    """(solver, M, options) of the on-the-fly teacher: the reference's choice unless cfg overrides it."""
+    name = cfg.teacher_solver or ("heun" if spec.solver == "amed" else spec.base_solver)
+    M = cfg.teacher_M if cfg.teacher_M is not None else (1 if spec.solver == "amed" else 2)
+    allowed = set(solver_options(name))
+    opts = {k: v for k, v in spec.solver_options().items() if k in allowed and k != "afs" and v is not None}
+    return name, M, opts
+
+
+def teacher_states(denoiser, spec: SamplerSpec, noise: torch.Tensor, *, solver: str, M: int, options: dict | None = None,
+                   class_labels=None, afs: bool = False) -> tuple[torch.Tensor, int]:
+    """Teacher trajectory at the student's grid: run ``solver`` on grid((M+1)(N-1)+1), keep every (M+1)-th state.
+
+    Returns (states (N, B, ...), teacher NFE per trajectory)."""
+    N = spec.num_steps
+    fine = spec.schedule.grid((M + 1) * (N - 1) + 1)
+    coarse = spec.grid()
+    if not torch.allclose(fine[:: M + 1], coarse, rtol=1e-9, atol=0):
+        raise ValueError(f"the {spec.schedule.schedule_type} teacher grid with M={M} does not contain the student's points")
+    with torch.no_grad():
+        res = solve(solver, denoiser, noise * fine[0].to(noise.dtype), fine, class_labels=class_labels, afs=afs,
+                    return_trajectory=True, **(options or {}))
+    states = res.trajectory[:: M + 1].clone()
+    states[0] = noise * coarse[0].to(noise.dtype)
+    return states, res.nfe
+
+
+def teacher_batches(denoiser, spec: SamplerSpec, cfg: TrainConfig, *, nfe_out: list | None = None) -> Iterator[TeacherBatch]:
+    """The reference's on-the-fly teacher: seeded noise, ceil(num_trajectories / batch_size) batches."""
+    name, M, opts = default_teacher(spec, cfg)
+    gen = torch.Generator().manual_seed(1_000_003 * (cfg.seed + 1))
+    dtype = _DTYPES[cfg.dtype]
+    n_batches = math.ceil(cfg.num_trajectories / cfg.batch_size)
+    for k in range(n_batches):
+        B = min(cfg.batch_size, cfg.num_trajectories - k * cfg.batch_size)
+        noise = torch.randn(B, *denoiser.shape, generator=gen, dtype=dtype)
+        labels = None
+        if getattr(denoiser, "label_dim", 0):
+            idx = torch.randint(denoiser.label_dim, (B,), generator=gen)
+            labels = torch.eye(denoiser.label_dim, dtype=dtype)[idx]
+        states, nfe = teacher_states(denoiser, spec, noise, solver=name, M=M, options=opts, class_labels=labels,
+                                     afs=cfg.teacher_afs)
+        if nfe_out is not None:
+            nfe_out.append(nfe)
+        yield TeacherBatch(noise=noise, class_labels=labels, states=states)
+
+
+def train_amed(denoiser, spec: SamplerSpec, cfg: TrainConfig | None = None, batches: Iterable[TeacherBatch] | None = None,
+               callback: Callable[[TrainProgress], None] | None = None, *, predictor: AMEDPredictor | None = None
+               ) -> TrainResult:
+    """Fit an AMED predictor for ``spec`` to teacher trajectories (see the module docstring); deterministic under cfg.seed."""
+    cfg = cfg or TrainConfig()
+    if spec.solver not in STEPS:
+        raise ValueError(f"spec.solver must be one of {sorted(STEPS)}, got {spec.solver!r}")
+    dtype = _DTYPES[cfg.dtype]
+    torch.manual_seed(cfg.seed)  # nothing random should remain, but keep stray draws reproducible
+    predictor = predictor or AMEDPredictor(spec.predictor, seed=cfg.seed)
+    predictor.train().requires_grad_(True)
+    opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    restart = cfg.restart_mode(spec.solver)
+    step_fn = STEPS[spec.solver]
+    grid = spec.grid()
+    N = spec.num_steps
+    nfe_log: list[int] = []
+
+    def epochs_of(source):
+        if batches is not None or cfg.epochs == 1:
+            yield from source
+            return
+        cached = list(source)  # the same trajectories, revisited
+        for _ in range(cfg.epochs):
+            yield from cached
+
+    source = batches if batches is not None else teacher_batches(denoiser, spec, cfg, nfe_out=nfe_log)
+    total = cfg.num_trajectories * (cfg.epochs if batches is None else 1)
+    result = TrainResult(predictor=predictor, spec=spec, config=cfg)
+    t0 = time.perf_counter()
+    seen = 0
+    for k, batch in enumerate(epochs_of(source)):
+        if seen >= total:
+            break
+        states = batch.states.to(dtype)
+        if states.shape[0] != N:
+            raise ValueError(f"teacher batch has states at {states.shape[0]} times but the student grid has N={N} points")
+        B = states.shape[1]
+        labels = batch.class_labels.to(dtype) if batch.class_labels is not None else None
+        ctx = make_context(spec.solver, denoiser, states[0], grid, policy=predictor, class_labels=labels,
+                           **spec.solver_options())
+        x, history, batch_losses = states[0], History(), []
+        seen += B
+        for i in range(N - 1):
+            opt.zero_grad(set_to_none=True)
+            out = step_fn(ctx, x, i, history)
+            err = (out.x - states[i + 1]) ** 2
+            loss = err.sum() / B
+            loss.backward()
+            for p in predictor.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            opt.step()
+            result.updates += 1
+            value = float(loss.detach())
+            batch_losses.append(value)
+            x = states[i + 1] if restart == "teacher" else out.x.detach()
+            history = out.history
+            if callback is not None:
+                callback(TrainProgress(batch=k, step=i, loss=value, r_mean=float(out.r.mean()),
+                                       r_std=float(out.r.std()) if B > 1 else 0.0,
+                                       scale_dir_mean=float(out.scale_dir.mean()), scale_time_mean=float(out.scale_time.mean()),
+                                       trajectories=seen, total_trajectories=total, seconds=time.perf_counter() - t0))
+        result.losses.append(batch_losses)
+    predictor.eval().requires_grad_(False)
+    result.seconds = time.perf_counter() - t0
+    result.trajectories = seen
+    result.teacher_nfe = nfe_log[0] if nfe_log else 0
+    return result
