@@ -1,0 +1,171 @@
+"""`amed teacher generate | ls | verify`: shared teacher trajectories in a store (flows.store)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    raw = Path(text[1:]).read_text() if text.startswith("@") else text
+    try:
+        opts = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options must be a JSON object or @FILE.json: {e}") from None
+    if not isinstance(opts, dict):
+        raise ValueError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
+    return opts
+
+
+def _store(args):
+    from flows.store import TeacherStore
+
+    return TeacherStore(args.store, storage_options=_storage_options(args.storage_options))
+
+
+def _guard(fn):
+    """Store errors as one clear line: credentials -> exit 3, verification -> exit 1."""
+
+    def run(args):
+        from flows.store import ShardVerificationError, StoreCredentialsError
+
+        try:
+            return fn(args)
+        except StoreCredentialsError as e:
+            print(f"amed teacher: error: {e}", file=sys.stderr)
+            return 3
+        except ShardVerificationError as e:
+            print(f"amed teacher: verification failed: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_generate(args) -> int:
+    from amed_core.denoisers import load_teacher
+    from amed_core.schedules import ScheduleSpec
+    from amed_core.teacher import TeacherSpec, student_grids_for
+    from flows.store import generate
+
+    denoiser = load_teacher(args.teacher)
+    schedule = ScheduleSpec(schedule_type=args.schedule, rho=args.rho,
+                            sigma_min=args.sigma_min if args.sigma_min is not None else denoiser.sigma_min,
+                            sigma_max=args.sigma_max if args.sigma_max is not None else denoiser.sigma_max)
+    afs = {"auto": None, "on": True, "off": False}[args.afs]
+    grids = student_grids_for(args.grid_for, schedule, afs=afs)
+    spec = TeacherSpec.for_denoiser(
+        denoiser, grids, num_trajectories=args.n, shard_size=args.shard_size, sub_steps=args.sub_steps,
+        solver=args.solver, dtype=args.dtype, compute_dtype=args.compute_dtype, base_seed=args.seed,
+        refine_space="logsnr" if args.schedule == "logsnr" else "polynomial", refine_rho=args.rho)
+    store = _store(args)
+    union = spec.union_grid()
+    print(f"teacher {spec.spec_hash} in {store.url}: {args.teacher}, students N={[g.num_steps for g in grids]}, "
+          f"union grid {len(union)} points, teacher grid {len(spec.teacher_grid())} points ({spec.solver}, M={spec.sub_steps})",
+          flush=True)
+    summary = generate(store, denoiser, spec, progress=not args.no_progress, batch_size=args.batch_size)
+    print(f"trajectories: {summary.trajectories} / {spec.num_trajectories}")
+    print(f"shards: {summary.shards} / {spec.num_shards} ({summary.shards_written} written now, {summary.shards_skipped} already done)")
+    print(f"bytes: {summary.bytes} ({_human(summary.bytes)})")
+    print(f"NFE spent now: {summary.nfe_spent} ({summary.nfe_per_trajectory} per trajectory)")
+    print(f"spec hash: {summary.spec_hash}")
+    return 0 if summary.shards == spec.num_shards else 1
+
+
+def cmd_ls(args) -> int:
+    store = _store(args)
+    hashes = store.list_specs()
+    if not hashes:
+        print(f"no teachers in {store.url}")
+        return 0
+    print(f"{'spec hash':16}  {'shards':>9}  {'trajectories':>12}  {'bytes':>10}  model / students / teacher")
+    for h in hashes:
+        spec = store.get_spec(h)
+        entries = store.manifest(h)
+        n = sum(e["num_samples"] for e in entries.values())
+        b = sum(e["bytes"] for e in entries.values())
+        model = spec.model.get("name", spec.model.get("adapter"))
+        students = ",".join(str(g.num_steps) for g in spec.grids)
+        print(f"{h[:16]}  {len(entries):>4}/{spec.num_shards:<4}  {n:>12}  {_human(b):>10}  {model} / N={students} / "
+              f"{spec.solver} M={spec.sub_steps} {spec.dtype}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    store = _store(args)
+    hashes = [store.resolve(args.spec_hash)] if args.spec_hash else store.list_specs()
+    if not hashes:
+        print(f"no teachers in {store.url}", file=sys.stderr)
+        return 1
+    failed = False
+    for h in hashes:
+        report = store.verify(h)
+        status = "OK" if report.passed else "FAILED"
+        print(f"{h[:16]} {status}: {len(report.ok)}/{report.num_shards} shards verified ({_human(report.bytes)})")
+        if report.missing:
+            print(f"  missing shards: {report.missing}")
+        for i, why in report.bad.items():
+            print(f"  shard {i}: {why}")
+        failed |= not report.passed
+    return 1 if failed else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("teacher", help="generate, list and verify stored teacher trajectories")
+    teacher_subparsers = p.add_subparsers(dest="teacher_command", metavar="TEACHER_COMMAND")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    def store_args(q):
+        q.add_argument("--store", required=True, help="store path or fsspec URL (file://, s3://bucket/prefix, memory://)")
+        q.add_argument("--storage-options", default=None,
+                       help="JSON object (or @FILE.json) of fsspec options, e.g. endpoint_url/region/profile; "
+                            "S3 also reads AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION and AWS_* keys")
+
+    g = teacher_subparsers.add_parser("generate", help="generate (or resume) a sharded teacher for a sweep's student grids")
+    g.add_argument("--teacher", required=True, help="digits-gmm or gmm:PATH.npz")
+    g.add_argument("--grid-for", required=True, help='student grids as "SOLVER:NFE,NFE;SOLVER:NFE", e.g. "amed:3,5,7;amed+ipndm:3,5,7"')
+    g.add_argument("--n", type=int, required=True, help="number of trajectories")
+    g.add_argument("--shard-size", type=int, default=250, help="trajectories per shard (default 250)")
+    g.add_argument("--sub-steps", type=int, default=1, help="M points inserted into every union-grid interval (default 1)")
+    g.add_argument("--solver", default="heun", help="teacher ODE solver (default heun)")
+    g.add_argument("--dtype", default="float32", help="storage dtype: float16, bfloat16, float32, float64 (default float32)")
+    g.add_argument("--compute-dtype", default="float64", help="teacher arithmetic: float32 or float64 (default float64)")
+    g.add_argument("--seed", type=int, default=0, help="base seed: trajectory j uses seed + j (default 0)")
+    g.add_argument("--schedule", default="polynomial", help="student schedule family (default polynomial)")
+    g.add_argument("--rho", type=float, default=7.0, help="schedule rho (default 7)")
+    g.add_argument("--sigma-min", type=float, default=None, help="default: the model's")
+    g.add_argument("--sigma-max", type=float, default=None, help="default: the model's")
+    g.add_argument("--afs", choices=("auto", "on", "off"), default="auto",
+                   help="students' analytical first step: auto = on for AMED solvers at odd NFE")
+    g.add_argument("--batch-size", type=int, default=None, help="teacher batch (default: one shard); content does not depend on it")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    store_args(g)
+    g.set_defaults(func=_guard(cmd_generate))
+
+    ls = teacher_subparsers.add_parser("ls", help="list the teachers in a store")
+    store_args(ls)
+    ls.set_defaults(func=_guard(cmd_ls))
+
+    v = teacher_subparsers.add_parser("verify", help="check every shard's size and sha256 (exit 1 on any problem)")
+    v.add_argument("spec_hash", nargs="?", default=None, help="spec hash or unique prefix (default: every teacher)")
+    store_args(v)
+    v.set_defaults(func=_guard(cmd_verify))
+
+    try:
+        from flows.cmd_models import add_teacher_commands
+        add_teacher_commands(teacher_subparsers)
+    except ImportError:
+        pass
+
+
+__all__ = ["register"]

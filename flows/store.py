@@ -1,0 +1,622 @@
+"""Teacher trajectories on any fsspec filesystem (local paths, file://, s3://, memory://, ...).
+
+Layout under the store URL::
+
+    teachers/<spec-hash>/spec.json                  the TeacherSpec (canonical JSON; its sha256 is the folder name)
+    teachers/<spec-hash>/shard-00000.safetensors    TeacherShard bytes (amed_core.shards)
+    teachers/<spec-hash>/manifest.d/shard-00000.json  one commit record per shard: bytes, sha256, nfe
+    teachers/<spec-hash>/manifest.json              the merged manifest (rewritten after each commit)
+
+Commit protocol (a shard counts only once its manifest entry exists):
+1. the shard object is created **write-once**: on a local disk it is written to a temporary name in the
+   same folder and hard-linked to its final name (atomic, never clobbers); on object stores it is a single
+   PUT with ``If-None-Match: *`` (s3fs ``mode="create"``), which S3 makes visible only when complete;
+2. its entry ``manifest.d/shard-NNNNN.json`` is created write-once next, from the bytes that actually won;
+3. ``manifest.json`` (the merged view) is rewritten last.
+Concurrent writers of one spec therefore never corrupt anything: the first writer of a shard wins, a
+later one finds the object (or entry) present, re-reads and validates it, and adopts it; entries are
+per-shard files, so there is no read-modify-write of a shared list. Readers take the union of
+``manifest.json`` and ``manifest.d/`` (so a lagging ``manifest.json`` rewrite by one writer loses nothing),
+check every shard's size and SHA-256 and raise :class:`ShardVerificationError` on any mismatch.
+A shard object without an entry (writer killed between steps 1 and 2) is validated and adopted on resume.
+
+S3 options come from the standard environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_PROFILE``,
+``AWS_REGION``/``AWS_DEFAULT_REGION``; keys via ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
+``AWS_SESSION_TOKEN``, read by botocore itself) overlaid by an explicit config dict; options are never
+logged (``repr`` redacts secrets). Missing credentials raise :class:`StoreCredentialsError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional
+
+import fsspec
+import torch
+
+from amed_core.shards import TeacherShard
+from amed_core.teacher import TeacherBatch, TeacherSpec, generate_shard, student_indices
+
+__all__ = [
+    "TeacherStore",
+    "StoreCredentialsError",
+    "ShardVerificationError",
+    "VerifyReport",
+    "GenerateSummary",
+    "generate",
+    "s3_options_from_env",
+    "redact",
+]
+
+log = logging.getLogger(__name__)
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+class StoreCredentialsError(PermissionError):
+    """The object store refused us for lack of (valid) credentials."""
+
+
+class ShardVerificationError(RuntimeError):
+    """A stored shard is missing, has the wrong size or checksum, or does not parse."""
+
+
+def redact(options: Any) -> Any:
+    """A copy of storage options with every secret-looking value replaced by '***' (safe to print)."""
+    if isinstance(options, Mapping):
+        return {k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and not isinstance(v, Mapping) else redact(v))
+                for k, v in options.items()}
+    return options
+
+
+def s3_options_from_env(env: Mapping[str, str] | None = None) -> dict:
+    """s3fs options from the standard AWS environment variables (credentials themselves are left to botocore)."""
+    env = os.environ if env is None else env
+    opts: dict = {}
+    client: dict = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        client["region_name"] = region
+    if client:
+        opts["client_kwargs"] = client
+    if env.get("AWS_PROFILE"):
+        opts["profile"] = env["AWS_PROFILE"]
+    return opts
+
+
+def _merge_s3_options(config: Mapping | None) -> dict:
+    """Environment first, then the config section; shortcuts endpoint_url / region go to client_kwargs."""
+    opts = s3_options_from_env()
+    config = dict(config or {})
+    client = dict(opts.get("client_kwargs", {}))
+    for short, long in (("endpoint_url", "endpoint_url"), ("region", "region_name"), ("region_name", "region_name")):
+        if short in config:
+            client[long] = config.pop(short)
+    client.update(config.pop("client_kwargs", {}) or {})
+    opts.update(config)
+    if client:
+        opts["client_kwargs"] = client
+    return opts
+
+
+_CRED_CLASSES = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "CredentialRetrievalError")
+_CRED_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
+
+
+def _credential_problem(exc: BaseException) -> Optional[str]:
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        name = type(e).__name__
+        if name in _CRED_CLASSES:
+            return str(e)
+        msg = str(e)
+        if "Unable to locate credentials" in msg or any(c in msg for c in _CRED_CODES):
+            return msg
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found for one spec: ok shards, missing ones, bad ones (index -> reason)."""
+
+    spec_hash: str
+    num_shards: int
+    ok: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    bad: dict[int, str] = field(default_factory=dict)
+    bytes: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return not self.missing and not self.bad
+
+
+@dataclass
+class GenerateSummary:
+    spec_hash: str
+    trajectories: int
+    shards: int
+    shards_written: int
+    shards_skipped: int
+    bytes: int
+    nfe_per_trajectory: int
+    nfe_spent: int  # denoiser evaluations counted per sample, by this call
+
+    def lines(self) -> list[str]:
+        return [
+            f"teacher {self.spec_hash}",
+            f"trajectories: {self.trajectories}",
+            f"shards: {self.shards} ({self.shards_written} written now, {self.shards_skipped} already there)",
+            f"bytes: {self.bytes}",
+            f"NFE per trajectory: {self.nfe_per_trajectory}; NFE spent now: {self.nfe_spent}",
+        ]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class TeacherStore:
+    """Content-addressed teacher shards under an fsspec URL (see the module docstring for the protocol)."""
+
+    def __init__(self, url: str, storage_options: Mapping | None = None):
+        if not isinstance(url, str) or not url.strip():
+            raise ValueError("store url must be a path or an fsspec URL such as s3://bucket/prefix or memory://name")
+        self.url = url.rstrip("/") or url
+        protocol = fsspec.core.split_protocol(self.url)[0] or "file"
+        self.protocol = protocol
+        if protocol in ("s3", "s3a"):
+            options = _merge_s3_options(storage_options)
+        else:
+            options = dict(storage_options or {})
+        self._options = options
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        except (ImportError, ValueError) as e:
+            raise ValueError(f"cannot open store {self.url!r}: {e}") from None
+        self.root = self.root.rstrip("/")
+        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def __repr__(self) -> str:
+        return f"TeacherStore({self.url!r}, storage_options={redact(self._options)!r})"
+
+    # -- error translation ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _errors(self, what: str):
+        try:
+            yield
+        except (StoreCredentialsError, ShardVerificationError, ValueError, FileExistsError, FileNotFoundError):
+            raise
+        except Exception as e:
+            problem = _credential_problem(e)
+            if problem is not None:
+                raise StoreCredentialsError(
+                    f"no usable credentials for {self.url} while trying to {what} ({problem}). Set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in the store's storage options; "
+                    "AWS_ENDPOINT_URL selects a non-AWS endpoint.") from None
+            raise
+
+    # -- paths ------------------------------------------------------------------------------------
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts]) if self.root else "/".join(parts)
+
+    def spec_dir(self, spec_hash: str) -> str:
+        return self._join("teachers", spec_hash)
+
+    @staticmethod
+    def shard_name(index: int) -> str:
+        return f"shard-{index:05d}.safetensors"
+
+    def shard_path(self, spec_hash: str, index: int) -> str:
+        return f"{self.spec_dir(spec_hash)}/{self.shard_name(index)}"
+
+    def _entry_path(self, spec_hash: str, index: int) -> str:
+        return f"{self.spec_dir(spec_hash)}/manifest.d/shard-{index:05d}.json"
+
+    # -- low-level writes -------------------------------------------------------------------------
+    def _put_once(self, path: str, data: bytes) -> bool:
+        """Create ``path`` with ``data`` unless it exists (atomic, no clobber); True when we created it."""
+        with self._errors(f"write {path}"):
+            if self._local:
+                parent = os.path.dirname(path)
+                os.makedirs(parent, exist_ok=True)
+                tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+                    return True
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+
+    def _put_replace(self, path: str, data: bytes) -> None:
+        """Atomically replace ``path`` (temporary name + rename locally; one PUT on object stores)."""
+        with self._errors(f"write {path}"):
+            if self._local:
+                parent = os.path.dirname(path)
+                os.makedirs(parent, exist_ok=True)
+                tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+
+    def _cat(self, path: str) -> bytes:
+        with self._errors(f"read {path}"):
+            return self.fs.cat_file(path)
+
+    def _exists(self, path: str) -> bool:
+        with self._errors(f"look up {path}"):
+            return self.fs.exists(path)
+
+    # -- specs ------------------------------------------------------------------------------------
+    def put_spec(self, spec: TeacherSpec) -> str:
+        """Write spec.json (once); returns the spec hash."""
+        h = spec.spec_hash
+        path = f"{self.spec_dir(h)}/spec.json"
+        if not self._put_once(path, spec.to_json().encode()):
+            stored = self.get_spec(h)
+            if stored.spec_hash != h:
+                raise ShardVerificationError(f"{path} holds a different spec (hash {stored.spec_hash})")
+        return h
+
+    def get_spec(self, spec_hash: str) -> TeacherSpec:
+        path = f"{self.spec_dir(spec_hash)}/spec.json"
+        try:
+            text = self._cat(path)
+        except FileNotFoundError:
+            raise ValueError(f"no teacher {spec_hash} in {self.url} (see `amed teacher ls --store {self.url}`)") from None
+        spec = TeacherSpec.from_json(text)
+        if spec.spec_hash != spec_hash:
+            raise ShardVerificationError(f"{path} hashes to {spec.spec_hash}, not to its folder name {spec_hash}")
+        return spec
+
+    def list_specs(self) -> list[str]:
+        """Hashes of every teacher in the store (those with a spec.json)."""
+        base = self._join("teachers")
+        with self._errors(f"list {base}"):
+            self.fs.invalidate_cache()
+            if not self.fs.exists(base):
+                return []
+            out = []
+            for p in self.fs.ls(base, detail=False):
+                name = p.rstrip("/").rsplit("/", 1)[-1]
+                if self.fs.exists(f"{base}/{name}/spec.json"):
+                    out.append(name)
+        return sorted(out)
+
+    def resolve(self, prefix: str) -> str:
+        """The full hash of the one teacher whose hash starts with ``prefix``."""
+        hits = [h for h in self.list_specs() if h.startswith(prefix)]
+        if len(hits) != 1:
+            raise ValueError(f"teacher hash prefix {prefix!r} matches {len(hits)} teachers in {self.url}; "
+                             "give more characters (see `amed teacher ls`)")
+        return hits[0]
+
+    # -- manifest ---------------------------------------------------------------------------------
+    def manifest(self, spec_hash: str) -> dict[int, dict]:
+        """Committed shards: index -> entry {index, path, bytes, sha256, num_samples, nfe}.
+
+        Union of manifest.json and manifest.d/ entries; two different records for one shard raise.
+        """
+        d = self.spec_dir(spec_hash)
+        entries: dict[int, dict] = {}
+
+        def add(e: dict, where: str):
+            i = int(e["index"])
+            if i in entries and (entries[i]["sha256"], entries[i]["bytes"]) != (e["sha256"], e["bytes"]):
+                raise ShardVerificationError(f"conflicting manifest records for shard {i} of {spec_hash} ({where})")
+            entries[i] = e
+
+        with self._errors(f"read the manifest of {spec_hash}"):
+            self.fs.invalidate_cache()
+            try:
+                merged = json.loads(self.fs.cat_file(f"{d}/manifest.json"))
+                for e in merged.get("shards", {}).values():
+                    add(e, "manifest.json")
+            except FileNotFoundError:
+                pass
+            if self.fs.exists(f"{d}/manifest.d"):
+                paths = [p for p in self.fs.ls(f"{d}/manifest.d", detail=False) if p.endswith(".json")]
+                if paths:
+                    for p, raw in self.fs.cat(paths, on_error="raise").items():
+                        add(json.loads(raw), p.rsplit("/", 1)[-1])
+        return dict(sorted(entries.items()))
+
+    def _write_manifest(self, spec: TeacherSpec) -> dict[int, dict]:
+        entries = self.manifest(spec.spec_hash)
+        body = {
+            "spec_hash": spec.spec_hash,
+            "num_shards": spec.num_shards,
+            "complete": len(entries) == spec.num_shards,
+            "shards": {f"{i:05d}": e for i, e in entries.items()},
+        }
+        self._put_replace(f"{self.spec_dir(spec.spec_hash)}/manifest.json", json.dumps(body, indent=1, sort_keys=True).encode())
+        return entries
+
+    def missing_shards(self, spec: TeacherSpec) -> list[int]:
+        done = self.manifest(spec.spec_hash)
+        return [i for i in range(spec.num_shards) if i not in done]
+
+    # -- commit -----------------------------------------------------------------------------------
+    def _entry_for(self, spec_hash: str, index: int, data: bytes) -> dict:
+        shard = TeacherShard.from_bytes(data, expect_spec_hash=spec_hash, expect_index=index)
+        return {"index": index, "path": self.shard_name(index), "bytes": len(data), "sha256": _sha256(data),
+                "num_samples": shard.num_samples, "nfe": shard.nfe}
+
+    def _commit_entry(self, spec: TeacherSpec, entry: dict) -> dict:
+        path = self._entry_path(spec.spec_hash, entry["index"])
+        if not self._put_once(path, json.dumps(entry, sort_keys=True).encode()):
+            other = json.loads(self._cat(path))
+            if (other["sha256"], other["bytes"]) != (entry["sha256"], entry["bytes"]):
+                raise ShardVerificationError(f"shard {entry['index']} of {spec.spec_hash}: another writer recorded "
+                                             f"sha256 {other['sha256']} for the object we read as {entry['sha256']}")
+            entry = other
+        self._write_manifest(spec)
+        return entry
+
+    def adopt_shard(self, spec: TeacherSpec, index: int) -> Optional[dict]:
+        """Commit a shard object that exists without an entry (a writer died before its entry); None if absent/bad."""
+        path = self.shard_path(spec.spec_hash, index)
+        try:
+            data = self._cat(path)
+        except FileNotFoundError:
+            return None
+        try:
+            entry = self._entry_for(spec.spec_hash, index, data)
+        except ValueError as e:
+            log.warning("removing unreadable uncommitted shard %s: %s", path, e)
+            with self._errors(f"remove {path}"):
+                self.fs.rm_file(path)
+            return None
+        return self._commit_entry(spec, entry)
+
+    def commit_shard(self, spec: TeacherSpec, shard: TeacherShard) -> dict:
+        """Store one shard (write-once object, then its manifest entry, then manifest.json); returns the entry."""
+        if shard.spec_hash != spec.spec_hash:
+            raise ValueError(f"shard belongs to spec {shard.spec_hash}, not {spec.spec_hash}")
+        data = shard.to_bytes()
+        path = self.shard_path(spec.spec_hash, shard.index)
+        if self._put_once(path, data):
+            entry = {"index": shard.index, "path": self.shard_name(shard.index), "bytes": len(data),
+                     "sha256": _sha256(data), "num_samples": shard.num_samples, "nfe": shard.nfe}
+            return self._commit_entry(spec, entry)
+        # Another writer (or a killed one) created this object first: adopt what is there.
+        entry = self.adopt_shard(spec, shard.index)
+        if entry is None:  # it was unreadable and has been removed: write ours
+            if not self._put_once(path, data):
+                raise ShardVerificationError(f"{path}: concurrent writers keep replacing an unreadable shard")
+            entry = {"index": shard.index, "path": self.shard_name(shard.index), "bytes": len(data),
+                     "sha256": _sha256(data), "num_samples": shard.num_samples, "nfe": shard.nfe}
+            entry = self._commit_entry(spec, entry)
+        return entry
+
+    # -- read -------------------------------------------------------------------------------------
+    def read_shard(self, spec_hash: str, index: int, entry: dict | None = None) -> TeacherShard:
+        """Load a committed shard, checking size and SHA-256 against its manifest entry (raises loudly)."""
+        if entry is None:
+            entry = self.manifest(spec_hash).get(index)
+            if entry is None:
+                raise ShardVerificationError(f"shard {index} of teacher {spec_hash} is not committed in {self.url}")
+        path = self.shard_path(spec_hash, index)
+        try:
+            data = self._cat(path)
+        except FileNotFoundError:
+            raise ShardVerificationError(f"{path} is listed in the manifest but missing") from None
+        if len(data) != entry["bytes"]:
+            raise ShardVerificationError(f"{path}: {len(data)} bytes, manifest says {entry['bytes']} (truncated or replaced)")
+        digest = _sha256(data)
+        if digest != entry["sha256"]:
+            raise ShardVerificationError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} (corrupted)")
+        try:
+            return TeacherShard.from_bytes(data, expect_spec_hash=spec_hash, expect_index=index)
+        except ValueError as e:
+            raise ShardVerificationError(f"{path}: {e}") from None
+
+    def verify(self, spec_hash: str) -> VerifyReport:
+        """Check every shard of a spec: present in the manifest, object present, size, sha256, parse."""
+        spec = self.get_spec(spec_hash)
+        entries = self.manifest(spec_hash)
+        report = VerifyReport(spec_hash=spec_hash, num_shards=spec.num_shards)
+        for i in range(spec.num_shards):
+            if i not in entries:
+                report.missing.append(i)
+                continue
+            try:
+                shard = self.read_shard(spec_hash, i, entries[i])
+                lo, hi = spec.shard_range(i)
+                if shard.num_samples != hi - lo or not torch.equal(shard.seeds, spec.seeds(i)):
+                    raise ShardVerificationError(f"shard {i} holds seeds other than the spec's {lo}..{hi - 1}")
+            except ShardVerificationError as e:
+                report.bad[i] = str(e)
+                continue
+            report.ok.append(i)
+            report.bytes += entries[i]["bytes"]
+        return report
+
+    def iter_batches(self, spec_hash: str, student_sigmas: torch.Tensor, batch_size: int, seed: int = 0, *,
+                     shuffle: bool = True, epochs: int | None = 1, num_trajectories: int | None = None,
+                     window_shards: int = 2, prefetch: int = 2, dtype: torch.dtype | None = None,
+                     drop_last: bool = False, require_complete: bool = True) -> Iterator[TeacherBatch]:
+        """Stream TeacherBatches at a student's grid, shuffled across shards, with bounded memory.
+
+        Shards are visited in a seeded random order per epoch; ``window_shards`` of them at a time are
+        pooled and their trajectories shuffled (leftovers carry into the next window). A background thread
+        downloads, verifies and slices up to ``prefetch`` shards ahead, so memory holds at most
+        ``window_shards + prefetch + 1`` shards (at the student's grid). ``shuffle=False`` yields
+        trajectories in global order (0, 1, 2, ...), which reproduces an on-the-fly teacher drawing the
+        same seeds. ``num_trajectories`` uses only the first that many; ``epochs=None`` cycles forever.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if window_shards < 1 or prefetch < 1:
+            raise ValueError("window_shards and prefetch must be >= 1")
+        spec = self.get_spec(spec_hash)
+        entries = self.manifest(spec_hash)
+        total = spec.num_trajectories if num_trajectories is None else int(num_trajectories)
+        if not (1 <= total <= spec.num_trajectories):
+            raise ValueError(f"num_trajectories must be in [1, {spec.num_trajectories}], got {num_trajectories}")
+        needed = [i for i in range(spec.num_shards) if spec.shard_range(i)[0] < total]
+        missing = [i for i in needed if i not in entries]
+        if missing and require_complete:
+            raise ShardVerificationError(f"teacher {spec_hash} lacks shards {missing[:10]}{'...' if len(missing) > 10 else ''}; "
+                                         "run `amed teacher generate` again to finish it")
+        needed = [i for i in needed if i in entries]
+        idx = student_indices(spec.union_grid(), torch.as_tensor(student_sigmas, dtype=torch.float64))
+
+        stop = threading.Event()
+        q: queue.Queue = queue.Queue(maxsize=prefetch)
+        _END = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def producer():
+            try:
+                epoch = 0
+                while epochs is None or epoch < epochs:
+                    order = list(needed)
+                    if shuffle:
+                        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+                        order = [order[j] for j in torch.randperm(len(order), generator=g).tolist()]
+                    for i in order:
+                        shard = self.read_shard(spec_hash, i, entries[i])
+                        lo, hi = spec.shard_range(i)
+                        n = min(hi, total) - lo
+                        batch = _slice_shard(shard, idx, n, dtype)
+                        if not put(batch):
+                            return
+                    if not put(("epoch_end", epoch)):
+                        return
+                    epoch += 1
+                put(_END)
+            except BaseException as e:  # handed to the consumer, which re-raises
+                put(e)
+
+        thread = threading.Thread(target=producer, name=f"teacher-prefetch-{spec_hash[:8]}", daemon=True)
+        thread.start()
+        gen = torch.Generator().manual_seed(int(seed))
+        pool: list[TeacherBatch] = []
+        carry: Optional[TeacherBatch] = None
+
+        def flush(final: bool) -> Iterator[TeacherBatch]:
+            nonlocal pool, carry
+            parts = ([carry] if carry is not None else []) + pool
+            pool, carry = [], None
+            if not parts:
+                return
+            noise = torch.cat([p.noise for p in parts])
+            states = torch.cat([p.states for p in parts], dim=1)
+            labels = None if parts[0].class_labels is None else torch.cat([p.class_labels for p in parts])
+            n = noise.shape[0]
+            perm = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+            full = n - n % batch_size
+            for lo in range(0, full, batch_size):
+                j = perm[lo:lo + batch_size]
+                yield TeacherBatch(noise=noise[j], class_labels=None if labels is None else labels[j], states=states[:, j])
+            if full < n:
+                j = perm[full:]
+                rest = TeacherBatch(noise=noise[j], class_labels=None if labels is None else labels[j], states=states[:, j])
+                if final:
+                    if not drop_last:
+                        yield rest
+                else:
+                    carry = rest
+
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, tuple):  # end of an epoch: emit what is left
+                    yield from flush(final=True)
+                    continue
+                pool.append(item)
+                if len(pool) >= window_shards:
+                    yield from flush(final=False)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+
+def _slice_shard(shard: TeacherShard, idx: torch.Tensor, n: int, dtype: torch.dtype | None) -> TeacherBatch:
+    """One TeacherBatch holding the first n trajectories of a shard at the student's grid points idx."""
+    from amed_core.teacher import _out_dtype
+
+    out = _out_dtype(shard.noise.dtype, dtype)
+    noise = shard.noise[:n].to(out)
+    states = shard.states[idx][:, :n].to(out)
+    states[0] = noise * shard.sigmas[0].to(out)
+    labels = shard.one_hot_labels(out)
+    return TeacherBatch(noise=noise, class_labels=None if labels is None else labels[:n], states=states)
+
+
+def generate(store: TeacherStore, denoiser, spec: TeacherSpec, *, progress: bool = True, batch_size: int | None = None,
+             shards: list[int] | None = None, device=None) -> GenerateSummary:
+    """Generate every missing shard of ``spec`` into ``store`` (resumes; skips committed shards)."""
+    from tqdm.auto import tqdm
+
+    h = store.put_spec(spec)
+    todo = store.missing_shards(spec)
+    if shards is not None:
+        todo = [i for i in todo if i in set(shards)]
+    skipped = spec.num_shards - len(todo) if shards is None else len(set(shards) - set(todo))
+    written, spent, nfe = 0, 0, None
+    bar = tqdm(total=spec.num_trajectories, unit="traj", desc=f"teacher {h[:12]}", disable=not progress)
+    if shards is None:
+        bar.update(sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in range(spec.num_shards) if i not in todo))
+    try:
+        for i in todo:
+            entry = store.adopt_shard(spec, i)  # a killed writer may have left a complete object behind
+            if entry is None:
+                shard = generate_shard(denoiser, spec, i, batch_size=batch_size, device=device)
+                entry = store.commit_shard(spec, shard)
+                spent += shard.total_nfe
+                nfe = shard.nfe
+                written += 1
+            else:
+                skipped += 1
+            bar.update(entry["num_samples"])
+    finally:
+        bar.close()
+    entries = store.manifest(h)
+    if nfe is None and entries:
+        nfe = next(iter(entries.values()))["nfe"]
+    return GenerateSummary(spec_hash=h, trajectories=sum(e["num_samples"] for e in entries.values()),
+                           shards=len(entries), shards_written=written, shards_skipped=skipped,
+                           bytes=sum(e["bytes"] for e in entries.values()), nfe_per_trajectory=int(nfe or 0),
+                           nfe_spent=spent)
