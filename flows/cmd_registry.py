@@ -1,0 +1,70 @@
+"""`amed fetch` (a registered sampler -> a local checkpoint folder) and `amed fid-ref` (FID reference
+statistics from an image folder or zip)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("amed.registry")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fetch", help="download a registered sampler (models:/NAME@champion) into a checkpoint folder",
+        description="Download predictor.safetensors + sampler.json of a registered AMED sampler. "
+                    "The tracking server comes from --tracking-uri, else $MLFLOW_TRACKING_URI, else the "
+                    "quickstart's sqlite:///amed-runs/quickstart/mlflow.db when it exists in this folder.")
+    p.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, or a folder / fsspec URL")
+    p.add_argument("--out", required=True, help="destination folder (created; files written atomically)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: see above)")
+    p.set_defaults(func=_fetch)
+
+    q = subparsers.add_parser(
+        "fid-ref", help="FID reference statistics (mu, sigma .npz) of an image folder or zip",
+        description="Inception-v3 pool-feature statistics as EDM's `fid.py ref` computes them. The Inception "
+                    "weights are never downloaded: pass a local path or fsspec URL of "
+                    "pt_inception-2015-12-05-6726825d.pth (or a .safetensors copy).")
+    q.add_argument("--images", required=True, help="folder (recursive) or .zip of PNG/JPEG images")
+    q.add_argument("--weights", required=True, help="Inception weights: path or fsspec URL (.pth state dict or .safetensors)")
+    q.add_argument("--out", required=True, help="output .npz (mu, sigma in float64)")
+    q.add_argument("--batch", type=int, default=64, help="images per Inception batch (does not change the result)")
+    q.add_argument("--resize", choices=["tf1", "pytorch-fid"], default="tf1",
+                   help="tf1 = EDM/StyleGAN3/torch-fidelity/TTUR (standard); pytorch-fid = its own interpolation")
+    q.add_argument("--device", default="cpu")
+    q.set_defaults(func=_fid_ref)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from flows.registry import fetch
+
+    out = fetch(args.uri, args.out, tracking_uri=args.tracking_uri)
+    print(out)
+    return 0
+
+
+def _read_bytes(url: str) -> bytes:
+    """Bytes of a local path or fsspec URL (the weights are the user's own copy)."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"--weights: nothing at {url!r}; give the path or URL of your copy of the Inception weights") from None
+
+
+def _fid_ref(args: argparse.Namespace) -> int:
+    import time
+
+    from amed_core.fid import iter_images, load_inception, save_stats, stats_from_images
+
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    net = load_inception(_read_bytes(args.weights), resize=args.resize, device=args.device)
+    t0 = time.perf_counter()
+    stats = stats_from_images(net, iter_images(args.images), batch_size=args.batch, progress=True)
+    save_stats(args.out, stats.mu, stats.sigma)
+    log.info("fid-ref: %d images, %.1f images/s -> %s", stats.n, stats.n / (time.perf_counter() - t0), args.out)
+    print(args.out)
+    return 0
