@@ -33,7 +33,8 @@ def _import_torch_fidelity():
     module and everything it imports do not, so the package is registered without running ``__init__``."""
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None:
-        pytest.skip("torch-fidelity not installed (pip install -e '.[test]')")
+        pytest.skip("torch-fidelity not installed: pip install --no-deps torch-fidelity==0.4.0 "
+                    "(its torchvision dependency does not import next to torch 2.13)")
     if "torch_fidelity" not in sys.modules:
         pkg = types.ModuleType("torch_fidelity")
         pkg.__path__ = list(spec.submodule_search_locations)
