@@ -1,0 +1,366 @@
+"""The sweep configuration: one typed, validated schema for YAML files and deployment parameters.
+
+A sweep is ``datasets x solvers x NFEs x seeds``; each combination trains one AMED predictor
+(Zhou et al., "Fast ODE-based Sampling for Diffusion Models in Around 5 Steps", arXiv 2312.00094)
+against a teacher shared by every student of its dataset. Defaults follow the paper's recipe
+(lr 5e-3, batch 128, 10k teacher trajectories, M = 1 inserted teacher step, AFS on,
+scale_dir 0.01, scale_time 0); ``configs/quickstart.yaml`` shrinks it for a 2-core laptop.
+
+Bad configs fail before any work starts: :func:`load_sweep` raises ``ValueError`` whose lines each
+name a field's path (``evaluation.metric``) and what is allowed there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "AMED_SOLVERS",
+    "BASE_SOLVER",
+    "DatasetConfig",
+    "TeacherConfig",
+    "SamplerConfig",
+    "TrainingConfig",
+    "EvalConfig",
+    "ComputeConfig",
+    "SweepConfig",
+    "load_sweep",
+    "quickstart_path",
+]
+
+# Student solvers (amed_core.amed step names) and the training-free solver each is compared with at the
+# same NFE (amed_core.amed.solvers.BASE_SOLVER: AMED-Solver against Heun, every AMED-Plugin against its base).
+try:
+    from amed_core.amed.solvers import BASE_SOLVER as _CORE_BASE
+except ImportError:  # AMED not built yet
+    _CORE_BASE = {"amed": "heun", "amed+euler": "euler", "amed+dpm": "dpm2", "amed+ipndm": "ipndm", "amed+dpmpp": "dpmpp"}
+BASE_SOLVER: dict[str, str] = dict(_CORE_BASE)
+AMED_SOLVERS = tuple(BASE_SOLVER)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DatasetConfig(_Strict):
+    """One dataset = one teacher denoiser.
+
+    ``teacher`` is resolved by ``amed_core.denoisers.load_teacher(teacher, **options)``:
+    ``digits-gmm`` (built in), ``gmm:PATH.npz`` (a mixture file) or a model adapter's name; adapters
+    take their weights from ``weights_url`` (a local path or fsspec URL; never fetched from a hub).
+    """
+
+    name: str = Field(description="label used in tags, store paths and registered model names")
+    teacher: str = Field(description="digits-gmm | gmm:PATH.npz | <adapter name> (with weights_url)")
+    weights_url: Optional[str] = Field(default=None, description="model adapters: weights file (path or URL)")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword options for load_teacher")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        return v
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a teacher: digits-gmm, gmm:PATH.npz or a model adapter")
+        if v.startswith("gmm:"):
+            path = v[4:]
+            if "://" not in path and not Path(path).expanduser().is_file():
+                raise ValueError(f"mixture file {path!r} does not exist (gmm:PATH.npz needs an existing .npz file)")
+        return v
+
+    @property
+    def analytic(self) -> bool:
+        """True for Gaussian-mixture teachers (exact moments: metric fd_exact is available)."""
+        return self.teacher == "digits-gmm" or self.teacher.startswith("gmm:")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        kw = dict(self.options)
+        if self.weights_url is not None:
+            kw["weights_url"] = self.weights_url
+        return kw
+
+
+class TeacherConfig(_Strict):
+    """How teacher trajectories are made and stored (one teacher per dataset serves every student)."""
+
+    solver: str = Field(default="heun", description="training-free solver the teacher integrates with")
+    M: int = Field(default=1, ge=1, le=16, description="teacher sub-steps inserted between two student points")
+    num_trajectories: int = Field(default=10_000, ge=1, description="stored trajectories (paper: 10k)")
+    shard_size: int = Field(default=1_000, ge=1, description="trajectories per shard file")
+    dtype: Literal["float32", "float64"] = "float32"
+    seed: int = Field(default=0, ge=0, description="noise seed of trajectory 0 (trajectory i uses seed + i)")
+
+
+class SamplerConfig(_Strict):
+    """Schedule and solver settings shared by students and baselines (reference flags of train.py)."""
+
+    schedule_type: Literal["polynomial", "logsnr", "time_uniform", "discrete"] = "polynomial"
+    schedule_rho: float = Field(default=7.0, gt=0)
+    sigma_min: Optional[float] = Field(default=None, gt=0, description="default: the teacher's")
+    sigma_max: Optional[float] = Field(default=None, gt=0, description="default: the teacher's")
+    afs: Union[bool, Literal["auto"]] = Field(
+        default="auto", description="analytical first step (saves one evaluation); auto: on for odd NFEs (paper)")
+    max_order: Optional[int] = Field(default=None, ge=1, le=4, description="amed+ipndm (<= 4, default 4), amed+dpmpp (<= 3, default 3)")
+    predict_x0: Optional[bool] = Field(default=None, description="amed+dpmpp only (default true)")
+    lower_order_final: Optional[bool] = Field(default=None, description="amed+dpmpp only (default true)")
+    scale_dir: float = Field(default=0.01, ge=0, description="direction scaled in [1 - s, 1 + s]")
+    scale_time: float = Field(default=0.0, ge=0, description="evaluation time scaled in [1 - s, 1 + s]")
+
+    def afs_for(self, nfe: int) -> bool:
+        """AFS for this NFE: AMED spends 2 evaluations per step, so odd NFEs need AFS (NFE = 2 (N - 1) - afs)."""
+        return bool(nfe % 2 == 1) if self.afs == "auto" else bool(self.afs)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Predictor training (the paper's recipe: Adam, lr 5e-3, batch 128, one pass over 10k trajectories)."""
+
+    lr: float = Field(default=5e-3, gt=0)
+    batch_size: int = Field(default=128, ge=1)
+    epochs: int = Field(default=1, ge=1, description="passes over the stored teacher trajectories")
+    hidden_dim: Optional[int] = Field(default=None, ge=1, description="predictor width (default: amed_core's)")
+
+
+class EvalConfig(_Strict):
+    """How candidates and base solvers are scored (lower is better); per-sample seeds, so batching never matters."""
+
+    metric: Literal["fd_exact", "rmse", "fid"] = Field(default="fd_exact")
+    num_samples: int = Field(default=10_000, ge=2)
+    seed: int = Field(default=1_000_000, ge=0, description="noise seed of sample 0 (disjoint from teacher seeds)")
+    batch_size: int = Field(default=1_000, ge=1)
+    fid_stats: Optional[str] = Field(default=None, description="metric fid: reference statistics (.npz path/URL)")
+    inception_weights: Optional[str] = Field(default=None, description="metric fid: Inception weights (path/URL)")
+    grid_samples: int = Field(default=64, ge=0, le=256, description="samples drawn into each PNG grid")
+    reference_steps: int = Field(default=257, ge=3, description="metric rmse: grid points of the reference solution "
+                                 "(teacher solver on the sampler's schedule)")
+
+    @model_validator(mode="after")
+    def _fid(self):
+        if self.metric == "fid" and (self.fid_stats is None or self.inception_weights is None):
+            raise ValueError("metric 'fid' needs fid_stats and inception_weights (nothing is downloaded)")
+        return self
+
+
+class ComputeConfig(_Strict):
+    """Where work runs: a local Ray (started and stopped by the flow) or the cluster at ray_address."""
+
+    ray_address: Optional[str] = Field(default=None, description="ray://host:10001 or auto; default $RAY_ADDRESS, else local")
+    num_cpus: Optional[int] = Field(default=None, ge=1, description="local Ray: CPUs (default: all)")
+    object_store_memory: int = Field(default=1_000_000_000, ge=78_643_200, description="local Ray: bytes")
+    cpus_per_task: float = Field(default=1.0, gt=0)
+    gpus_per_task: float = Field(default=1.0, ge=0, description="requested only when the cluster has GPUs")
+    max_parallel: int = Field(default=8, ge=1, description="training/eval tasks in flight at once")
+    teacher_actors: int = Field(default=2, ge=1, description="teacher workers (each loads the model once)")
+    torch_threads: int = Field(default=1, ge=1, description="torch threads inside each Ray task")
+    task_retries: int = Field(default=2, ge=0, description="Ray retries of a task whose worker died")
+
+
+class SweepConfig(_Strict):
+    """datasets x solvers x nfes x seeds, plus how to train, evaluate, store and register them."""
+
+    name: str = Field(default="sweep", description="names runs/<name>/ in the store and the MLflow experiment")
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    solvers: list[str] = Field(default_factory=lambda: ["amed"], min_length=1)
+    nfes: list[int] = Field(default_factory=lambda: [3, 5], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    solver_options: dict[str, SamplerConfig] = Field(
+        default_factory=dict, description="per-solver sampler overrides (full SamplerConfig per named solver)")
+    train: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    store_url: Optional[str] = Field(default=None, description="fsspec URL (file path, s3://...); default ./amed-runs/<name>/store")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (no secrets: use AWS_* env)")
+    mlflow_tracking_uri: Optional[str] = Field(default=None, description="default: sqlite next to the store")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        return v
+
+    @field_validator("solvers")
+    @classmethod
+    def _solvers(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in BASE_SOLVER]
+        if bad:
+            raise ValueError(f"unknown solver(s) {bad}; allowed: {list(AMED_SOLVERS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("solvers must not repeat")
+        return v
+
+    @field_validator("nfes")
+    @classmethod
+    def _nfes(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"NFEs must be distinct positive integers (got {v})")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct non-negative integers (got {v})")
+        return v
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        secret = [k for k in v if any(w in k.lower() for w in ("secret", "password", "token"))]
+        if secret:
+            raise ValueError(f"{secret} look like credentials; put them in AWS_* environment variables instead")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self):
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"datasets: names must be unique (got {names})")
+        stray = sorted(set(self.solver_options) - set(self.solvers))
+        if stray:
+            raise ValueError(f"solver_options: {stray} are not in solvers {self.solvers}")
+        if self.evaluation.metric == "fd_exact":
+            exact = [d.name for d in self.datasets if not d.analytic]
+            if exact:
+                raise ValueError(f"evaluation.metric: 'fd_exact' needs analytic (gmm) teachers; {exact} are not "
+                                 "(use 'rmse' or 'fid')")
+        if self.teacher.num_trajectories < self.train.batch_size:
+            raise ValueError(f"teacher.num_trajectories ({self.teacher.num_trajectories}) must be at least "
+                             f"train.batch_size ({self.train.batch_size})")
+        for s in self.solvers:
+            for nfe in self.nfes:
+                _check_nfe(s, nfe, self.sampler_for(s).afs_for(nfe))
+        return self
+
+    # -- derived ----------------------------------------------------------------------------------
+    def sampler_for(self, solver: str) -> SamplerConfig:
+        return self.solver_options.get(solver, self.sampler)
+
+    def combos(self) -> list[tuple[DatasetConfig, str, int, int]]:
+        """Every (dataset, solver, nfe, seed) the sweep trains, in a stable order."""
+        return [(d, s, n, seed) for d in self.datasets for s in self.solvers for n in self.nfes for seed in self.seeds]
+
+    def resolved_store_url(self) -> str:
+        return self.store_url or str(Path("amed-runs", self.name, "store").absolute())
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @property
+    def hash(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_nfe(solver: str, nfe: int, afs: bool) -> None:
+    """Ask amed_core whether the NFE is reachable; its ValueError names the fix."""
+    try:
+        from amed_core.amed import num_steps_for
+    except ImportError:  # AMED not built yet
+        return
+    try:
+        n = num_steps_for(solver, nfe, afs)
+    except ValueError as e:
+        raise ValueError(f"nfes: {nfe} is not reachable with solver {solver!r} (sampler.afs={afs}): {e}") from None
+    if n < 2:
+        raise ValueError(f"nfes: {nfe} gives fewer than 2 time points with solver {solver!r}")
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(err["loc"][:-1])
+            allowed = sorted(parent.model_fields) if parent is not None else []
+            msg = f"unknown field; allowed here: {allowed}"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        got = err.get("input")
+        if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
+            msg += f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid sweep config:\n" + "\n".join(lines)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = SweepConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        nxt = None
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                nxt = cand
+            for inner in getattr(cand, "__args__", ()):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    nxt = inner
+        model = nxt
+    return model
+
+
+def quickstart_path() -> Path:
+    """configs/quickstart.yaml of this checkout (or the copy installed next to the flows package)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "configs" / "quickstart.yaml", here / "quickstart.yaml"):
+        if cand.is_file():
+            return cand
+    raise ValueError("configs/quickstart.yaml not found: pass a sweep file (amed distill PATH.yaml)")
+
+
+def load_sweep(source: Union["SweepConfig", dict, str, Path], **overrides: Any) -> SweepConfig:
+    """A validated SweepConfig from a model, a dict, a YAML/JSON file path or a YAML/JSON string.
+
+    ``overrides`` replace top-level fields (e.g. ``store_url=``). Raises ValueError listing every bad
+    field's path and what is allowed.
+    """
+    if isinstance(source, SweepConfig):
+        data = source.model_dump(mode="json")
+    elif isinstance(source, dict):
+        data = dict(source)
+    elif isinstance(source, (str, Path)):
+        text = str(source)
+        path = Path(text).expanduser()
+        if isinstance(source, Path) or (("\n" not in text) and (text.endswith((".yaml", ".yml", ".json")) or path.is_file())):
+            if not path.is_file():
+                raise ValueError(f"sweep file {text!r} does not exist")
+            text = path.read_text()
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"sweep config is not valid YAML/JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError("sweep config must be a mapping with at least 'datasets'")
+    else:
+        raise ValueError(f"sweep must be a SweepConfig, dict, or path/YAML text, not {type(source).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(_format(e)) from None

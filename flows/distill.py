@@ -1,0 +1,436 @@
+"""The ``distill`` flow: teacher -> train -> evaluate -> register over a sweep.
+
+A sweep (``flows.config.SweepConfig``) is datasets x solvers x NFEs x seeds; each combination trains
+one AMED predictor (Zhou et al., arXiv 2312.00094) against a teacher shared by its dataset, and is
+scored next to its training-free base solver at the same NFE.
+
+- **plan** (in the flow, before any work): load every teacher, build the SamplerSpecs, the shared
+  TeacherSpec per dataset and content-addressed ids for every checkpoint and score; any bad input
+  fails the run here.
+- **teacher** (one task per dataset): missing shards spread over Ray actors that load the model once.
+- **train** (one task per combination, tagged dataset/solver/nfe): one Ray task each (``num_gpus`` when
+  the cluster has GPUs); the checkpoint is committed with ``train.json`` written last.
+- **evaluate** (one task per candidate and per base solver): scores cached in the store.
+- **register**: ``runs/<sweep>/results.json`` (list of ``flows.results.CandidateResult``), then
+  ``flows.registry.register_sweep`` when the registry is installed; Prefect table + markdown artifacts.
+
+Reruns skip finished work: every task first looks for its committed output in the store (the truth),
+and its Prefect cache key includes that output's hash, so a stale cache can never stand in for a
+missing output. A retried task never reads partial output: teacher shards count only once in the
+manifest, checkpoints only once ``train.json`` lists their sha256, scores are written in one PUT.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import threading
+import time
+from typing import Any, Optional, Union
+
+from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import ray_glue
+from flows.config import BASE_SOLVER, SweepConfig, load_sweep
+from flows.results import CandidateResult, EvalProtocol
+
+__all__ = ["distill", "plan_sweep", "teacher_stage", "train_stage", "evaluate_stage", "register_stage"]
+
+log = logging.getLogger("amed.distill")
+
+
+def _h(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:n]
+
+
+def _slug(s: str) -> str:
+    return s.replace("+", "_").replace(":", "-").replace("/", "-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: everything that can be checked is checked before any work starts.
+
+def plan_sweep(cfg: SweepConfig) -> dict:
+    """Teachers, training jobs and evaluation jobs of a sweep, with content-addressed store keys.
+
+    Raises ValueError (naming the dataset/solver/NFE) when a teacher cannot be loaded or a combination
+    cannot be built.
+    """
+    from dataclasses import replace
+
+    from amed_core.amed import PredictorConfig, SamplerSpec, num_steps_for
+    from amed_core.amed.train import TrainConfig
+    from amed_core.denoisers import load_teacher
+    from amed_core.schedules import ScheduleSpec
+    from amed_core.teacher import StudentGrid, TeacherSpec
+
+    store_url = cfg.resolved_store_url()
+    common = {"store_url": store_url, "storage_options": dict(cfg.storage_options),
+              "torch_threads": cfg.compute.torch_threads}
+    ev = cfg.evaluation
+    teachers, candidates, baselines = [], [], {}
+    for d in cfg.datasets:
+        try:
+            den = load_teacher(d.teacher, **d.load_kwargs())
+        except (ValueError, OSError) as e:
+            raise ValueError(f"datasets[{d.name}].teacher: {e}") from None
+        identity = den.identity()
+        ds = d.model_dump(mode="json")
+        specs = {}
+        for s in cfg.solvers:
+            sc = cfg.sampler_for(s)
+            schedule = ScheduleSpec(schedule_type=sc.schedule_type, rho=sc.schedule_rho,
+                                    sigma_min=sc.sigma_min or float(den.sigma_min),
+                                    sigma_max=sc.sigma_max or float(den.sigma_max))
+            plugin = {}
+            if s in ("amed+ipndm", "amed+dpmpp"):
+                plugin["max_order"] = sc.max_order
+            if s == "amed+dpmpp":
+                plugin.update(predict_x0=sc.predict_x0, lower_order_final=sc.lower_order_final)
+            pc = PredictorConfig(scale_dir=sc.scale_dir, scale_time=sc.scale_time)
+            if cfg.train.hidden_dim:
+                pc = replace(pc, hidden_dim=cfg.train.hidden_dim)
+            for nfe in cfg.nfes:
+                try:
+                    specs[(s, nfe)] = SamplerSpec.create(s, nfe, afs=sc.afs_for(nfe), schedule=schedule, predictor=pc,
+                                                         denoiser=den, **plugin)
+                except ValueError as e:
+                    raise ValueError(f"solvers/nfes: {s} at NFE {nfe} on dataset {d.name}: {e}") from None
+        grids = sorted({StudentGrid(sp.schedule, sp.num_steps) for sp in specs.values()}, key=lambda g: g.num_steps)
+        t = cfg.teacher
+        tspec = TeacherSpec.for_denoiser(den, grids, num_trajectories=t.num_trajectories, shard_size=t.shard_size,
+                                         sub_steps=t.M, solver=t.solver, dtype=t.dtype, base_seed=t.seed)
+        teachers.append({"dataset": ds, "name": d.name, "spec_json": tspec.to_json(), "spec_hash": tspec.spec_hash,
+                         "num_shards": tspec.num_shards, "num_trajectories": t.num_trajectories})
+        reference = identity.get("content_sha256") or _h(identity)
+        for (s, nfe), sp in specs.items():
+            proto = EvalProtocol(metric=ev.metric, num_samples=ev.num_samples, seed=ev.seed,
+                                 reference=_reference(ev, reference, t.solver))
+            protocol = {"metric": ev.metric, "num_samples": ev.num_samples, "seed": ev.seed,
+                        "batch_size": ev.batch_size, "reference_steps": ev.reference_steps}
+            eval_common = {**common, "dataset": ds, "protocol": protocol, "protocol_hash": proto.hash,
+                           "grid_samples": ev.grid_samples, "reference_solver": t.solver,
+                           "schedule": sp.schedule.to_dict()}
+            # the base solver at the same NFE, same schedule family, same noise
+            base = BASE_SOLVER[s]
+            bopts: dict[str, Any] = {"afs": sp.afs}
+            if base in ("ipndm", "dpmpp") and sp.max_order is not None:
+                bopts["max_order"] = min(sp.max_order, 3) if base == "dpmpp" else sp.max_order
+            if base == "dpmpp":
+                bopts.update(predict_x0=sp.predict_x0, lower_order_final=sp.lower_order_final)
+            try:
+                bsteps = num_steps_for(base, nfe, sp.afs)
+            except ValueError as e:
+                raise ValueError(f"nfes: base solver {base} cannot run at NFE {nfe}: {e}") from None
+            bkey = (d.name, base, nfe, _h(bopts))
+            bid = _h({"reference": reference, "solver": base, "steps": bsteps, "schedule": sp.schedule.to_dict(),
+                      "options": bopts, "protocol": proto.hash})
+            if bkey not in baselines:
+                baselines[bkey] = {**eval_common, "id": f"base-{_slug(d.name)}-{base}-nfe{nfe}-{bid[:8]}",
+                                   "kind": "baseline", "solver": base, "nfe": nfe, "num_steps": bsteps,
+                                   "solver_options": bopts, "result_key": f"evals/{bid}.json",
+                                   "grid_key": f"evals/{bid}-samples.png", "title": f"{d.name} {base} NFE {nfe}",
+                                   "tags": [f"dataset:{d.name}", f"solver:{base}", f"nfe:{nfe}", "baseline"]}
+            for seed in cfg.seeds:
+                train = TrainConfig(num_trajectories=t.num_trajectories * cfg.train.epochs,
+                                    batch_size=cfg.train.batch_size, lr=cfg.train.lr, seed=seed).to_dict()
+                cid = _h({"teacher": tspec.spec_hash, "spec": sp.to_dict(), "train": train, "epochs": cfg.train.epochs})
+                name = f"{_slug(d.name)}-{_slug(s)}-nfe{nfe}-seed{seed}"
+                ckpt = f"checkpoints/{name}-{cid[:12]}"
+                eid = _h({"checkpoint": cid, "protocol": proto.hash})
+                candidates.append({
+                    **common, "id": f"{name}-{cid[:8]}", "name": name, "dataset": ds, "solver": s, "nfe": nfe,
+                    "seed": seed, "sampler_spec": sp.to_dict(), "train": train, "epochs": cfg.train.epochs,
+                    "teacher_hash": tspec.spec_hash, "checkpoint": ckpt, "base_id": baselines[bkey]["id"],
+                    "base_solver": base, "protocol": proto.model_dump(),
+                    "tags": [f"dataset:{d.name}", f"solver:{s}", f"nfe:{nfe}", f"seed:{seed}"],
+                    "eval": {**eval_common, "id": f"eval-{name}-{eid[:8]}", "kind": "candidate", "checkpoint": ckpt,
+                             "result_key": f"evals/{eid}.json", "grid_key": f"{ckpt}/samples.png",
+                             "title": f"{d.name} {s} NFE {nfe}"},
+                })
+    return {"sweep": cfg.name, "store_url": store_url, "teachers": teachers, "candidates": candidates,
+            "baselines": list(baselines.values())}
+
+
+def _reference(ev, reference: str, teacher_solver: str) -> str:
+    if ev.metric == "rmse":
+        return f"{reference[:16]};{teacher_solver}@{ev.reference_steps}"
+    if ev.metric == "fid":
+        return f"fid:{ev.fid_stats}"
+    return f"gmm:{reference[:16]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache keys: "done" means the committed output is in the store; the key carries its hash.
+
+def _store(job: dict) -> ray_glue.RunStore:
+    return ray_glue.RunStore(job["store_url"], job["storage_options"])
+
+
+def _teacher_key(context, parameters) -> Optional[str]:
+    from flows.store import TeacherStore
+
+    t = parameters["teacher"]
+    try:
+        store = TeacherStore(t["store_url"], storage_options=t["storage_options"])
+        entries = store.manifest(t["spec_hash"])
+    except Exception:  # noqa: BLE001 - no cache when the store cannot tell
+        return None
+    if len(entries) < t["num_shards"]:
+        return None
+    return f"amed-teacher-{t['spec_hash'][:32]}-{_h(sorted((i, e['sha256']) for i, e in entries.items()))}"
+
+
+def _done_key(marker: str, stage: str):
+    def key(context, parameters) -> Optional[str]:
+        job = parameters["job"]
+        try:
+            data = _store(job).get(job[marker] if marker != "train" else f"{job['checkpoint']}/train.json")
+        except Exception:  # noqa: BLE001 - not done (or unreadable): run it
+            return None
+        return f"amed-{stage}-{job['id']}-{hashlib.sha256(data).hexdigest()[:16]}"
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages.
+
+_SLOTS: dict[str, threading.BoundedSemaphore] = {}
+
+
+def _slot(max_parallel: int) -> threading.BoundedSemaphore:
+    """At most ``compute.max_parallel`` jobs of this flow run in flight (threads wait for a slot)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    key = str(ctx.flow_run.id) if ctx and ctx.flow_run else "local"
+    return _SLOTS.setdefault(key, threading.BoundedSemaphore(max_parallel))
+
+
+@task(name="teacher", retries=2, retry_delay_seconds=1, cache_key_fn=_teacher_key, persist_result=True,
+      result_serializer="json")
+def teacher_stage(teacher: dict, compute: dict) -> dict:
+    """Generate the dataset's missing teacher shards on Ray actors (each loads the model once)."""
+    from amed_core.teacher import TeacherSpec
+    from flows.config import ComputeConfig
+    from flows.store import TeacherStore
+
+    logger = get_run_logger()
+    cc = ComputeConfig.model_validate(compute)
+    t0 = time.perf_counter()
+    store = TeacherStore(teacher["store_url"], storage_options=teacher["storage_options"])
+    spec = TeacherSpec.from_json(teacher["spec_json"])
+    store.put_spec(spec)
+    missing = store.missing_shards(spec)
+    out = {"spec_hash": spec.spec_hash, "shards": spec.num_shards, "shards_written": len(missing),
+           "compute_seconds": 0.0, "nfe": 0}
+    if not missing:
+        logger.info("teacher %s for %s: all %d shards in the store, nothing to do", spec.spec_hash[:12],
+                    teacher["name"], spec.num_shards)
+        out["seconds"] = time.perf_counter() - t0
+        return out
+    logger.info("teacher %s for %s: generating %d of %d shards (%d trajectories, %d grid points, solver %s, M=%d)",
+                spec.spec_hash[:12], teacher["name"], len(missing), spec.num_shards, spec.num_trajectories,
+                len(spec.teacher_grid()), spec.solver, spec.sub_steps)
+
+    def on_shard(rec: dict, k: int, n: int) -> None:
+        logger.info("teacher %s: shard %d committed (%d/%d, %.1f s)", teacher["name"], rec["index"], k, n, rec["seconds"])
+
+    recs = ray_glue.generate_teacher(teacher["dataset"], teacher["spec_json"], missing, store_url=teacher["store_url"],
+                                     storage_options=teacher["storage_options"], compute=cc, on_shard=on_shard)
+    still = store.missing_shards(spec)
+    if still:
+        raise RuntimeError(f"teacher {spec.spec_hash[:12]}: shards {still} still missing after generation")
+    out.update(compute_seconds=sum(r["compute_seconds"] for r in recs), nfe=sum(r["nfe"] for r in recs),
+               seconds=time.perf_counter() - t0)
+    return out
+
+
+def _committed_checkpoint(store: ray_glue.RunStore, job: dict) -> Optional[dict]:
+    """The checkpoint's train.json when it and every file it lists (by sha256) are in the store."""
+    key = f"{job['checkpoint']}/train.json"
+    if not store.exists(key):
+        return None
+    rec = store.get_json(key)
+    for name, digest in rec.get("files", {}).items():
+        try:
+            if ray_glue.sha256(store.get(f"{job['checkpoint']}/{name}")) != digest:
+                return None
+        except FileNotFoundError:
+            return None
+    return rec
+
+
+@task(name="train", retries=2, retry_delay_seconds=1, cache_key_fn=_done_key("train", "train"), persist_result=True,
+      result_serializer="json")
+def train_stage(job: dict, compute: dict) -> dict:
+    """Train one predictor as a Ray task (GPU when the cluster has one); skip when its checkpoint is committed."""
+    from flows.config import ComputeConfig
+
+    logger = get_run_logger()
+    cc = ComputeConfig.model_validate(compute)
+    store = _store(job)
+    rec = _committed_checkpoint(store, job)
+    if rec is not None:
+        logger.info("train %s: checkpoint committed in the store, skipping", job["name"])
+        return {**rec, "skipped": True, "seconds": 0.0}
+    with _slot(cc.max_parallel):
+        logger.info("train %s: %d trajectories x %d epoch(s), batch %d", job["name"], job["train"]["num_trajectories"]
+                    // job["epochs"], job["epochs"], job["train"]["batch_size"])
+        rec = ray_glue.run_one(ray_glue.train_job, job, compute=cc, gpu=True, logger=logger, store=store)
+    if _committed_checkpoint(store, job) is None:
+        raise RuntimeError(f"train {job['name']}: the checkpoint was not committed")
+    logger.info("train %s: done in %.1f s (final loss %.4g)", job["name"], rec["seconds"],
+                rec["loss_history"][-1] if rec["loss_history"] else float("nan"))
+    return {**rec, "skipped": False}
+
+
+@task(name="evaluate", retries=2, retry_delay_seconds=1, cache_key_fn=_done_key("result_key", "eval"),
+      persist_result=True, result_serializer="json")
+def evaluate_stage(job: dict, compute: dict, expected_files: Optional[dict] = None) -> dict:
+    """Score a candidate checkpoint or a base solver as a Ray task; skip when its score is in the store."""
+    from flows.config import ComputeConfig
+
+    logger = get_run_logger()
+    cc = ComputeConfig.model_validate(compute)
+    store = _store(job)
+    if store.exists(job["result_key"]):
+        logger.info("evaluate %s: score in the store, skipping", job["id"])
+        return {**store.get_json(job["result_key"]), "skipped": True, "seconds": 0.0}
+    if expected_files:
+        job = {**job, "expected_files": expected_files}
+    with _slot(cc.max_parallel):
+        rec = ray_glue.run_one(ray_glue.eval_job, job, compute=cc, gpu=True, logger=logger, store=store)
+    logger.info("evaluate %s: %s = %.5g (NFE %d, %d samples)", job["id"], job["protocol"]["metric"], rec["value"],
+                rec["nfe"], rec["num_samples"])
+    return {**rec, "skipped": False}
+
+
+@task(name="register", retries=1, retry_delay_seconds=1)
+def register_stage(cfg_json: dict, plan: dict, trained: dict, scores: dict, teachers: dict) -> dict:
+    """Write runs/<sweep>/results.json, register winners in MLflow (when installed), publish artifacts."""
+    logger = get_run_logger()
+    cfg = SweepConfig.model_validate(cfg_json)
+    store = ray_glue.RunStore(plan["store_url"], cfg.storage_options)
+    results: list[CandidateResult] = []
+    for c in plan["candidates"]:
+        tr, sc, base = trained[c["id"]], scores[c["eval"]["id"]], scores[c["base_id"]]
+        teacher = teachers[c["dataset"]["name"]]
+        artifacts = {}
+        if sc.get("grid_url"):
+            artifacts["samples.png"] = sc["grid_url"]
+        if base.get("grid_url"):
+            artifacts["base_samples.png"] = base["grid_url"]
+        results.append(CandidateResult(
+            dataset=c["dataset"]["name"], solver=c["solver"], base_solver=c["base_solver"], nfe=c["nfe"],
+            seed=c["seed"], checkpoint_url=store.url_of(c["checkpoint"]), protocol=EvalProtocol(**c["protocol"]),
+            value=sc["value"], base_value=base["value"], rmse=sc.get("rmse"), train_seconds=tr.get("train_seconds", 0.0),
+            teacher_nfe=int(teacher.get("nfe_total", 0)), loss_history=tr.get("loss_history", []),
+            artifacts=artifacts, sampler_spec=c["sampler_spec"]))
+    payload = {"sweep": cfg.name, "config": cfg_json, "results": [r.model_dump(mode="json") for r in results]}
+    results_url = store.put_json(f"runs/{cfg.name}/results.json", payload)
+    logger.info("results: %s", results_url)
+    champions: dict[str, str] = {}
+    register = None
+    try:
+        from flows.registry import register_sweep as register  # the registry issue; optional until it lands
+    except ImportError:
+        logger.info("flows.registry not installed: winners recorded in %s only", results_url)
+    if register is not None:
+        champions = dict(register(cfg, results) or {})
+        for name, uri in champions.items():
+            logger.info("champion %s -> %s", name, uri)
+    _artifacts(cfg, results, scores, plan, results_url, champions)
+    return {"results_url": results_url, "champions": champions, "results": payload["results"]}
+
+
+def results_table(results: list[CandidateResult]) -> list[dict]:
+    """One row per candidate: its score next to the base solver's at the same NFE (lower is better)."""
+    rows = []
+    for r in results:
+        gain = (r.base_value - r.value) / r.base_value * 100 if r.base_value else float("nan")
+        rows.append({"dataset": r.dataset, "solver": r.solver, "nfe": r.nfe, "seed": r.seed,
+                     "metric": r.protocol.metric, "amed": round(r.value, 6), "base_solver": r.base_solver,
+                     "base": round(r.base_value, 6), "improvement_%": round(gain, 1),
+                     "train_s": round(r.train_seconds, 1)})
+    return rows
+
+
+def _artifacts(cfg, results, scores, plan, results_url, champions) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = _slug(cfg.name).lower().replace("_", "-").replace(".", "-")
+    create_table_artifact(table=results_table(results), key=f"{key}-results",
+                          description=f"AMED vs base solver per combination ({results[0].protocol.metric if results else ''}, "
+                                      f"lower is better); {results_url}")
+    store = ray_glue.RunStore(plan["store_url"], cfg.storage_options)
+    lines = [f"# Sweep `{cfg.name}`", "", f"Results: `{results_url}`", ""]
+    if champions:
+        lines += ["## Champions", ""] + [f"- `{n}` -> `{u}`" for n, u in champions.items()] + [""]
+    lines += ["## Samples", ""]
+    for c in plan["candidates"]:
+        for title, job_id, key_ in ((c["eval"]["title"], c["eval"]["id"], c["eval"]["grid_key"]),):
+            if scores.get(job_id, {}).get("grid_url") and store.exists(key_):
+                lines += [f"### {title} (seed {c['seed']})", "", _img(store.get(key_), title), ""]
+    for b in plan["baselines"]:
+        if scores.get(b["id"], {}).get("grid_url") and store.exists(b["grid_key"]):
+            lines += [f"### {b['title']} (base solver)", "", _img(store.get(b["grid_key"]), b["title"]), ""]
+    create_markdown_artifact(markdown="\n".join(lines), key=f"{key}-samples", description="sample grids")
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow.
+
+@flow(name="distill", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
+def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
+    """Distill AMED samplers for every dataset x solver x NFE x seed of a sweep (arXiv 2312.00094)."""
+    logger = get_run_logger()
+    t_flow = time.perf_counter()
+    cfg = load_sweep(sweep)
+    plan = plan_sweep(cfg)
+    compute = cfg.compute.model_dump(mode="json")
+    logger.info("sweep %s: %d dataset(s), %d candidate(s), %d base solver run(s); store %s", cfg.name,
+                len(plan["teachers"]), len(plan["candidates"]), len(plan["baselines"]), plan["store_url"])
+    with ray_glue.ray_session(cfg.compute) as ray_info:
+        logger.info("Ray at %s (%s, %.1f s): %s", ray_info.address, "started here" if ray_info.started_here else
+                    "existing", ray_info.seconds, {k: v for k, v in ray_info.resources.items() if "node" not in k})
+        t_fut = {t["name"]: teacher_stage.with_options(tags=[f"dataset:{t['name']}", "stage:teacher"],
+                                                       task_run_name=f"teacher-{t['name']}").submit(
+            {**t, "store_url": plan["store_url"], "storage_options": dict(cfg.storage_options)}, compute)
+            for t in plan["teachers"]}
+        b_fut = {b["id"]: evaluate_stage.with_options(tags=b["tags"] + ["stage:evaluate"], task_run_name=b["id"]
+                                                      ).submit(b, compute) for b in plan["baselines"]}
+        tr_fut, ev_fut = {}, {}
+        for c in plan["candidates"]:
+            tr_fut[c["id"]] = train_stage.with_options(tags=c["tags"] + ["stage:train"], task_run_name=f"train-{c['name']}"
+                                                       ).submit(c, compute, wait_for=[t_fut[c["dataset"]["name"]]])
+        for c in plan["candidates"]:
+            ev_fut[c["id"]] = evaluate_stage.with_options(tags=c["tags"] + ["stage:evaluate"],
+                                                          task_run_name=f"eval-{c['name']}").submit(
+                c["eval"], compute, wait_for=[tr_fut[c["id"]]])
+        teachers = {n: f.result() for n, f in t_fut.items()}
+        trained = {k: f.result() for k, f in tr_fut.items()}
+        scores = {b: f.result() for b, f in b_fut.items()}
+        scores.update({plan_c["eval"]["id"]: ev_fut[plan_c["id"]].result() for plan_c in plan["candidates"]})
+    for t in plan["teachers"]:
+        teachers[t["name"]]["nfe_total"] = teachers[t["name"]].get("nfe", 0)
+    reg = register_stage(cfg.model_dump(mode="json"), plan, trained, scores, teachers)
+    wall = time.perf_counter() - t_flow
+    work = {"teacher_shards_written": sum(t["shards_written"] for t in teachers.values()),
+            "trained": sum(not r.get("skipped") for r in trained.values()),
+            "evaluated": sum(not r.get("skipped") for r in scores.values())}
+    compute_s = {"teacher": sum(t.get("compute_seconds", 0.0) for t in teachers.values()),
+                 "train": sum(r.get("compute_seconds", 0.0) for r in trained.values() if not r.get("skipped")),
+                 "evaluate": sum(r.get("compute_seconds", 0.0) for r in scores.values() if not r.get("skipped"))}
+    logger.info("sweep %s done in %.1f s (work: %s)", cfg.name, wall, work)
+    return {"sweep": cfg.name, "store_url": plan["store_url"], "results_url": reg["results_url"],
+            "champions": reg["champions"], "results": reg["results"], "table": results_table(
+                [CandidateResult.model_validate(r) for r in reg["results"]]),
+            "work": work, "compute_seconds": compute_s, "ray_start_seconds": ray_info.seconds, "wall_seconds": wall}
