@@ -201,6 +201,10 @@ def dpmpp_coefficients(t_prev_list: Sequence, t, order: int, *, predict_x0: bool
     noise prediction: x_t = x - t (phi_1 m_0 [+ phi_1 D1_0 / 2 | + phi_2 D1 + phi_3 D2]),   phi_1 = expm1(h);
     phi_2 = phi_1 / h +- 1, phi_3 = phi_2 / h - 1/2, D1 = D1_0 + r_0/(r_0+r_1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r_0+r_1).
     Times may be floats or broadcastable tensors (then so are the coefficients).
+
+    Pitfall, kept on purpose: the order-3 form is the reference's (and the official DPM-Solver
+    code's), whose D2 ~ h^2 m''/2 is half of what the phi_3 term needs, so its local error is
+    O(h^3), not O(h^4) (tests/test_solvers.py measures it); the golden cases pin this form.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
