@@ -181,6 +181,7 @@ class TeacherStore:
         self.protocol = protocol
         if protocol in ("s3", "s3a"):
             options = _merge_s3_options(storage_options)
+            options.setdefault("skip_instance_cache", True)  # credentials/env may differ between stores
         else:
             options = dict(storage_options or {})
         self._options = options
