@@ -187,7 +187,9 @@ class SweepConfig(_Strict):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     store_url: Optional[str] = Field(default=None, description="fsspec URL (file path, s3://...); default ./amed-runs/<name>/store")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (no secrets: use AWS_* env)")
-    mlflow_tracking_uri: Optional[str] = Field(default=None, description="default: sqlite next to the store")
+    mlflow_tracking_uri: Optional[str] = Field(default=None, description="default: $MLFLOW_TRACKING_URI, else "
+                                               "sqlite:///./amed-runs/<name>/mlflow.db")
+    register_models: bool = Field(default=True, description="register winners in MLflow (false: runs/<name>/results.json only)")
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     @field_validator("name")

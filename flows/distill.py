@@ -245,7 +245,7 @@ def teacher_stage(teacher: dict, compute: dict) -> dict:
     if still:
         raise RuntimeError(f"teacher {spec.spec_hash[:12]}: shards {still} still missing after generation")
     out.update(compute_seconds=sum(r["compute_seconds"] for r in recs), nfe=sum(r["nfe"] for r in recs),
-               seconds=time.perf_counter() - t0)
+               seconds=time.perf_counter() - t0, compute_spans=[s for r in recs for s in r["compute_spans"]])
     return out
 
 
@@ -335,10 +335,11 @@ def register_stage(cfg_json: dict, plan: dict, trained: dict, scores: dict, teac
     logger.info("results: %s", results_url)
     champions: dict[str, str] = {}
     register = None
-    try:
-        from flows.registry import register_sweep as register  # the registry issue; optional until it lands
-    except ImportError:
-        logger.info("flows.registry not installed: winners recorded in %s only", results_url)
+    if cfg.register_models:
+        try:
+            from flows.registry import register_sweep as register  # optional: results.json is the record without it
+        except ImportError:
+            logger.info("flows.registry not installed: winners recorded in %s only", results_url)
     if register is not None:
         champions = dict(register(cfg, results) or {})
         for name, uri in champions.items():
@@ -392,7 +393,7 @@ def _img(png: bytes, alt: str) -> str:
 def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
     """Distill AMED samplers for every dataset x solver x NFE x seed of a sweep (arXiv 2312.00094)."""
     logger = get_run_logger()
-    t_flow = time.perf_counter()
+    t_flow, t_epoch = time.perf_counter(), time.time()
     cfg = load_sweep(sweep)
     plan = plan_sweep(cfg)
     compute = cfg.compute.model_dump(mode="json")
@@ -429,8 +430,12 @@ def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
     compute_s = {"teacher": sum(t.get("compute_seconds", 0.0) for t in teachers.values()),
                  "train": sum(r.get("compute_seconds", 0.0) for r in trained.values() if not r.get("skipped")),
                  "evaluate": sum(r.get("compute_seconds", 0.0) for r in scores.values() if not r.get("skipped"))}
+    spans = [s for t in teachers.values() for s in t.get("compute_spans", [])]
+    spans += [s for r in list(trained.values()) + list(scores.values()) if not r.get("skipped")
+              for s in r.get("compute_spans", [])]
     logger.info("sweep %s done in %.1f s (work: %s)", cfg.name, wall, work)
     return {"sweep": cfg.name, "store_url": plan["store_url"], "results_url": reg["results_url"],
             "champions": reg["champions"], "results": reg["results"], "table": results_table(
                 [CandidateResult.model_validate(r) for r in reg["results"]]),
-            "work": work, "compute_seconds": compute_s, "ray_start_seconds": ray_info.seconds, "wall_seconds": wall}
+            "work": work, "compute_seconds": compute_s, "compute_spans": spans, "ray_start_seconds": ray_info.seconds,
+            "wall_seconds": wall, "flow_started": t_epoch}

@@ -251,14 +251,16 @@ class TeacherWorker:
         store = TeacherStore(self.store_url, storage_options=self.storage_options)
         t0 = time.perf_counter()
         entry = store.adopt_shard(spec, index)  # a killed writer may have left a complete object behind
-        compute, nfe = 0.0, 0
+        compute, nfe, span = 0.0, 0, []
         if entry is None:
+            c0 = time.time()
             shard = generate_shard(self.denoiser, spec, index)
-            compute = time.perf_counter() - t0
+            compute = time.time() - c0
+            span = [[c0, c0 + compute]]
             nfe = shard.nfe * shard.num_samples
             entry = store.commit_shard(spec, shard)
         return {"index": index, "compute_seconds": compute, "seconds": time.perf_counter() - t0, "nfe": nfe,
-                "entry": entry, "pid": os.getpid()}
+                "entry": entry, "pid": os.getpid(), "compute_spans": span}
 
 
 def generate_teacher(dataset: dict, spec_json: str, missing: Sequence[int], *, store_url: str,
@@ -314,12 +316,15 @@ def train_job(job: dict) -> dict:
     def callback(p) -> None:
         progress.update(int(p.trajectories), p.loss)
 
+    c0 = time.time()
     result = train_amed(denoiser, spec, cfg, batches, callback=callback)
+    c1 = time.time()
     files = checkpoint_files(result.predictor, spec)
     record = {"id": job["id"], "files": {name: sha256(data) for name, data in files.items()},
               "loss_history": [float(sum(b)) for b in result.losses], "train_seconds": float(result.seconds),
               "compute_seconds": float(result.seconds), "updates": int(result.updates),
-              "trajectories": int(result.trajectories), "pid": os.getpid(), "attempt": progress.state["attempt"]}
+              "trajectories": int(result.trajectories), "pid": os.getpid(), "attempt": progress.state["attempt"],
+              "compute_spans": [[c0, c1]]}
     for name, data in files.items():
         store.put(f"{job['checkpoint']}/{name}", data)
     store.put_json(f"{job['checkpoint']}/train.json", record)  # the commit marker, written last
@@ -372,6 +377,7 @@ def eval_job(job: dict) -> dict:
     if proto["metric"] == "rmse":
         ref_sigmas = ScheduleSpec.from_dict(job["schedule"]).grid(proto["reference_steps"])
     t0 = time.perf_counter()
+    c0 = time.time()
     xs, err2, nfe = [], 0.0, None
     seeds = list(range(proto["seed"], proto["seed"] + proto["num_samples"]))
     for lo in range(0, len(seeds), proto["batch_size"]):
@@ -396,6 +402,7 @@ def eval_job(job: dict) -> dict:
         raise ValueError(f"evaluation.metric {proto['metric']!r} is not available in this build (use fd_exact or rmse)")
     compute = time.perf_counter() - t0
     record = {"id": job["id"], "value": float(value), "nfe": int(nfe), "compute_seconds": compute,
+              "compute_spans": [[c0, c0 + compute]],
               "num_samples": int(x.shape[0]), "finite": bool(torch.isfinite(x).all())}
     if proto["metric"] == "rmse":
         record["rmse"] = float(value)

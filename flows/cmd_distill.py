@@ -1,0 +1,121 @@
+"""``amed distill [SWEEP.yaml]``: run a sweep on embedded defaults (the README's main-job command).
+
+With no arguments it runs ``configs/quickstart.yaml``: an ephemeral Prefect (no server; its SQLite
+database under the output folder), a local Ray on 127.0.0.1 started and stopped here, the store in
+``<out>/store``, MLflow on SQLite (``<out>/mlflow.db``), the ``digits-gmm`` teacher, solvers
+{amed, amed+ipndm} x NFE {3, 5}. Everything is written under ``--out`` (default
+``./amed-runs/<sweep name>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("distill", help="run a sweep: teacher -> train -> evaluate -> register (default: quickstart)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", nargs="?", default=None, help="sweep YAML/JSON (default: configs/quickstart.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default: ./amed-runs/<sweep name>)")
+    p.add_argument("--store", dest="store_url", default=None, help="store URL (default: <out>/store, or the sweep's)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
+    p.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead of starting one")
+    p.set_defaults(func=run)
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no results)"
+    cols = list(rows[0])
+    cells = [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def run(args) -> int:
+    from flows.config import load_sweep, quickstart_path
+    from flows.env import apply_safe_defaults
+
+    apply_safe_defaults()
+    import logging
+
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    source = args.sweep or quickstart_path()
+    cfg = load_sweep(source)  # ValueError -> "amed distill: error: ..." before anything starts
+    out = Path(args.out or Path("amed-runs", cfg.name)).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = {
+        "store_url": args.store_url or cfg.store_url or str(out / "store"),
+        "mlflow_tracking_uri": args.tracking_uri or cfg.mlflow_tracking_uri or f"sqlite:///{(out / 'mlflow.db').as_posix()}",
+    }
+    if args.ray_address:
+        overrides["compute"] = {**cfg.compute.model_dump(mode="json"), "ray_address": args.ray_address}
+    cfg = load_sweep(cfg, **overrides)
+    # Prefect and MLflow keep their state under the output folder (set before prefect is imported).
+    os.environ.setdefault("PREFECT_HOME", str(out / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.mlflow_tracking_uri)
+    server = os.environ.get("PREFECT_API_URL")
+    print(f"amed distill: sweep {cfg.name!r} from {source}; writing under {out}", flush=True)
+
+    # Start the ephemeral Prefect API (a thread) while the local Ray starts (this thread).
+    warm_err: list[BaseException] = []
+
+    def warm_prefect() -> None:
+        try:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                client.hello()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            warm_err.append(e)
+
+    warm = threading.Thread(target=warm_prefect, name="prefect-warmup", daemon=True)
+    warm.start()
+    from flows import ray_glue
+
+    with ray_glue.ray_session(cfg.compute) as ray_info:
+        warm.join()
+        if warm_err:
+            raise warm_err[0]
+        from flows.distill import distill
+
+        summary = distill(cfg)
+    wall = time.perf_counter() - t0
+
+    print()
+    print(_table(summary["table"]))
+    print()
+    print(f"metric: {cfg.evaluation.metric} (lower is better), {cfg.evaluation.num_samples} samples; "
+          f"'base' = the training-free base solver at the same NFE")
+    print(f"work: {summary['work']}; wall {wall:.0f} s (Ray start {ray_info.seconds:.1f} s)")
+    print("\nWritten:")
+    print(f"  store         {summary['store_url']}  (teachers/, checkpoints/, evals/)")
+    print(f"  results       {summary['results_url']}")
+    print(f"  MLflow        {cfg.mlflow_tracking_uri}")
+    if not server:
+        print(f"  Prefect       {os.environ['PREFECT_HOME']}  (ephemeral API's SQLite database)")
+    if summary["champions"]:
+        print("\nChampions (load with flows.registry.load_sampler(uri) or `amed fetch URI`):")
+        for name, uri in summary["champions"].items():
+            print(f"  {name:28s} {uri}")
+    else:
+        print("\nNo registry installed: winners are recorded in results.json only.")
+    print("\nOpen the UIs on these runs:")
+    if server:
+        print(f"  Prefect: {server.rsplit('/api', 1)[0]}")
+    else:
+        print(f"  Prefect: PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start --host 127.0.0.1 --port 4200"
+              "   -> http://127.0.0.1:4200")
+    print(f"  MLflow:  mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri} --host 127.0.0.1 --port 5000"
+          "   -> http://127.0.0.1:5000")
+    sys.stdout.flush()
+    return 0

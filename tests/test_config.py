@@ -1,0 +1,99 @@
+"""SweepConfig: one schema for YAML and deployment parameters; bad configs fail early, naming the field."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from flows.config import SweepConfig, load_sweep, quickstart_path
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"datasets": [{"name": "digits", "teacher": "digits-gmm"}]}
+
+
+def _error(data) -> str:
+    with pytest.raises(ValueError) as e:
+        load_sweep(data)
+    return str(e.value)
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = load_sweep(MINIMAL)
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.teacher.num_trajectories) == (5e-3, 128, 10_000)
+    assert (cfg.teacher.M, cfg.teacher.solver, cfg.sampler.scale_dir, cfg.sampler.scale_time) == (1, "heun", 0.01, 0.0)
+    assert cfg.sampler.afs_for(5) is True and cfg.sampler.afs_for(4) is False  # NFE = 2 (N - 1) - afs
+
+
+def test_quickstart_and_every_shipped_config_validate():
+    assert quickstart_path() == ROOT / "configs" / "quickstart.yaml"
+    qs = load_sweep(quickstart_path())
+    assert qs.solvers == ["amed", "amed+ipndm"] and qs.nfes == [3, 5] and qs.datasets[0].teacher == "digits-gmm"
+    assert qs.store_url is None  # filled in under the output folder by `amed distill`
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_sweep(path)
+
+
+def test_json_round_trip_and_yaml_equals_dict():
+    cfg = load_sweep(quickstart_path())
+    again = SweepConfig.model_validate_json(cfg.to_json())
+    assert again == cfg and again.hash == cfg.hash
+    assert load_sweep(yaml.safe_load(quickstart_path().read_text())) == cfg
+    assert load_sweep(quickstart_path().read_text()) == cfg  # YAML text, as a deployment parameter may carry
+    assert load_sweep(cfg) == cfg
+    assert load_sweep(cfg, store_url="memory://x").store_url == "memory://x"
+    with pytest.raises(Exception):
+        cfg.name = "other"  # frozen
+
+
+def test_errors_name_the_field_and_what_is_allowed():
+    msg = _error({**MINIMAL, "evaluation": {"metric": "fdx"}, "teacher": {"M": 0, "shard": 3}, "colour": 1})
+    assert "evaluation.metric" in msg and "'fd_exact', 'rmse' or 'fid'" in msg and "'fdx'" in msg
+    assert "teacher.M" in msg and "greater than or equal to 1" in msg
+    assert "teacher.shard: unknown field; allowed here: ['M', 'dtype'" in msg
+    assert "colour: unknown field" in msg and "'datasets'" in msg
+    assert "datasets: required field is missing" in _error({})
+    msg = _error({**MINIMAL, "solvers": ["amed", "dpm-solver"]})
+    assert "solvers" in msg and "dpm-solver" in msg and "amed+ipndm" in msg
+    msg = _error({**MINIMAL, "nfes": [4], "sampler": {"afs": True}})
+    assert "nfes: 4" in msg and "afs" in msg
+    msg = _error({"datasets": [{"name": "x", "teacher": "gmm:/nonexistent/mix.npz"}]})
+    assert "datasets.0.teacher" in msg and "does not exist" in msg
+    msg = _error({**MINIMAL, "evaluation": {"metric": "fid"}})
+    assert "fid_stats" in msg and "inception_weights" in msg
+    msg = _error({"datasets": [{"name": "unet", "teacher": "edm", "weights_url": "/w.safetensors"}]})
+    assert "evaluation.metric: 'fd_exact' needs analytic" in msg
+    msg = _error({**MINIMAL, "storage_options": {"secret": "x"}})
+    assert "storage_options" in msg and "AWS_" in msg
+    msg = _error({**MINIMAL, "solver_options": {"amed+dpmpp": {}}})
+    assert "solver_options" in msg and "amed+dpmpp" in msg
+    msg = _error({**MINIMAL, "teacher": {"num_trajectories": 10}})
+    assert "teacher.num_trajectories" in msg and "train.batch_size" in msg
+    msg = _error({"datasets": [{"name": "a b", "teacher": "digits-gmm"}]})
+    assert "datasets.0.name" in msg
+    assert "compute.gpus_per_task" in _error({**MINIMAL, "compute": {"gpus_per_task": -1}})
+
+
+def test_file_sources(tmp_path):
+    np.savez(tmp_path / "mix.npz", weights=np.array([1.0]), means=np.zeros((1, 4)), covs=np.eye(4)[None],
+             shape=np.array([1, 2, 2]))
+    p = tmp_path / "sweep.json"
+    p.write_text(json.dumps({"datasets": [{"name": "m", "teacher": f"gmm:{tmp_path / 'mix.npz'}"}], "nfes": [3]}))
+    cfg = load_sweep(str(p))
+    assert cfg.datasets[0].analytic and cfg.combos()[0][1:] == ("amed", 3, 0)
+    assert "does not exist" in _error(str(tmp_path / "missing.yaml"))
+    assert "mapping" in _error("- just\n- a list\n")
+
+
+def test_bad_plan_fails_before_work():
+    """Errors only visible once the teacher is loaded still fail in plan_sweep, before any Ray/Prefect work."""
+    from flows.distill import plan_sweep
+
+    cfg = load_sweep({**MINIMAL, "sampler": {"sigma_min": 0.002, "sigma_max": 500.0}, "solvers": ["amed+euler"],
+                      "nfes": [3]})
+    plan = plan_sweep(cfg)  # a larger sigma_max than the teacher's is allowed (the grid is the user's choice)
+    assert len(plan["candidates"]) == 1 and plan["baselines"][0]["solver"] == "euler"
+    bad = load_sweep({"datasets": [{"name": "d", "teacher": "no-such-model"}], "evaluation": {"metric": "rmse"}})
+    with pytest.raises(ValueError, match=r"datasets\[d\]\.teacher: unknown teacher"):
+        plan_sweep(bad)
