@@ -52,6 +52,8 @@ class TrainConfig:
     epochs: passes over the on-the-fly teacher's trajectories (1 in the reference; regenerated noise each pass is
       NOT used: the same trajectories are revisited, as a stored teacher would be).
     dtype: arithmetic of the student (and on-the-fly teacher).
+    loss_weighting: "sum" (the reference: sum_b ||err_b||^2 / B) or "relative" (divided by the batch's
+      sum_b ||x_{i+1} - x_i||^2 of the teacher, so every student step weighs alike in the shared predictor).
     """
 
     num_trajectories: int = 10_000
@@ -67,6 +69,7 @@ class TrainConfig:
     restart: Optional[str] = None
     epochs: int = 1
     dtype: str = "float64"
+    loss_weighting: str = "sum"
 
     def __post_init__(self):
         for name in ("num_trajectories", "batch_size", "epochs"):
@@ -82,9 +85,14 @@ class TrainConfig:
         if self.teacher_M is not None and (not isinstance(self.teacher_M, int) or self.teacher_M < 0):
             raise ValueError(f"TrainConfig.teacher_M must be an integer >= 0 (points inserted per interval), got {self.teacher_M!r}")
         if self.teacher_solver is not None:
-            get_solver(self.teacher_solver)  # ValueError names the choices
+            try:
+                get_solver(self.teacher_solver)
+            except ValueError as e:
+                raise ValueError(f"TrainConfig.teacher_solver: {e}") from None
         if self.restart not in (None, "teacher", "own"):
             raise ValueError(f"TrainConfig.restart must be 'teacher', 'own' or null (reference choice), got {self.restart!r}")
+        if self.loss_weighting not in ("sum", "relative"):
+            raise ValueError(f"TrainConfig.loss_weighting must be 'sum' or 'relative', got {self.loss_weighting!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
@@ -233,6 +241,8 @@ def train_amed(denoiser, spec: SamplerSpec, cfg: TrainConfig | None = None, batc
             out = step_fn(ctx, x, i, history)
             err = (out.x - states[i + 1]) ** 2
             loss = err.sum() / B
+            if cfg.loss_weighting == "relative":
+                loss = loss / (((states[i + 1] - states[i]) ** 2).sum() / B)
             loss.backward()
             for p in predictor.parameters():
                 if p.grad is not None:
@@ -244,9 +254,10 @@ def train_amed(denoiser, spec: SamplerSpec, cfg: TrainConfig | None = None, batc
             x = states[i + 1] if restart == "teacher" else out.x.detach()
             history = out.history
             if callback is not None:
-                callback(TrainProgress(batch=k, step=i, loss=value, r_mean=float(out.r.mean()),
-                                       r_std=float(out.r.std()) if B > 1 else 0.0,
-                                       scale_dir_mean=float(out.scale_dir.mean()), scale_time_mean=float(out.scale_time.mean()),
+                callback(TrainProgress(batch=k, step=i, loss=value, r_mean=float(out.r.detach().mean()),
+                                       r_std=float(out.r.detach().std()) if B > 1 else 0.0,
+                                       scale_dir_mean=float(out.scale_dir.detach().mean()),
+                                       scale_time_mean=float(out.scale_time.detach().mean()),
                                        trajectories=seen, total_trajectories=total, seconds=time.perf_counter() - t0))
         result.losses.append(batch_losses)
     predictor.eval().requires_grad_(False)
