@@ -12,7 +12,7 @@ Commit protocol (a shard counts only once its manifest entry exists):
    same folder and hard-linked to its final name (atomic, never clobbers); on object stores it is a single
    PUT with ``If-None-Match: *`` (s3fs ``mode="create"``), which S3 makes visible only when complete;
 2. its entry ``manifest.d/shard-NNNNN.json`` is created write-once next, from the bytes that actually won;
-3. ``manifest.json`` (the merged view) is rewritten last.
+3. ``manifest.json`` (the merged view) is rewritten last (by `generate`: every few shards and at the end).
 Concurrent writers of one spec therefore never corrupt anything: the first writer of a shard wins, a
 later one finds the object (or entry) present, re-reads and validates it, and adopts it; entries are
 per-shard files, so there is no read-modify-write of a shared list. Readers take the union of
@@ -170,6 +170,19 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_HASHER = None
+
+
+def _sha256_async(data: bytes):
+    """SHA-256 on a helper thread (hashlib releases the GIL), so hashing overlaps the write or the parse."""
+    global _HASHER
+    if _HASHER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-sha256")
+    return _HASHER.submit(_sha256, data)
+
+
 class TeacherStore:
     """Content-addressed teacher shards under an fsspec URL (see the module docstring for the protocol)."""
 
@@ -237,10 +250,8 @@ class TeacherStore:
                 os.makedirs(parent, exist_ok=True)
                 tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
                 try:
-                    with open(tmp, "wb") as f:
+                    with open(tmp, "wb") as f:  # no fsync: a torn file after power loss fails its sha256 check
                         f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
                     try:
                         os.link(tmp, path)
                     except FileExistsError:
@@ -351,15 +362,33 @@ class TeacherStore:
         return dict(sorted(entries.items()))
 
     def _write_manifest(self, spec: TeacherSpec) -> dict[int, dict]:
-        entries = self.manifest(spec.spec_hash)
+        """Rewrite manifest.json as the union of itself and manifest.d/ (reads only entries it lacks)."""
+        d = self.spec_dir(spec.spec_hash)
+        with self._errors(f"update the manifest of {spec.spec_hash}"):
+            self.fs.invalidate_cache()
+            try:
+                entries = {int(e["index"]): e for e in json.loads(self.fs.cat_file(f"{d}/manifest.json"))["shards"].values()}
+            except FileNotFoundError:
+                entries = {}
+            if self.fs.exists(f"{d}/manifest.d"):
+                new = [p for p in self.fs.ls(f"{d}/manifest.d", detail=False)
+                       if p.endswith(".json") and int(p.rsplit("-", 1)[-1][:-5]) not in entries]
+                if new:
+                    for raw in self.fs.cat(new, on_error="raise").values():
+                        e = json.loads(raw)
+                        entries[int(e["index"])] = e
         body = {
             "spec_hash": spec.spec_hash,
             "num_shards": spec.num_shards,
             "complete": len(entries) == spec.num_shards,
-            "shards": {f"{i:05d}": e for i, e in entries.items()},
+            "shards": {f"{i:05d}": e for i, e in sorted(entries.items())},
         }
-        self._put_replace(f"{self.spec_dir(spec.spec_hash)}/manifest.json", json.dumps(body, indent=1, sort_keys=True).encode())
+        self._put_replace(f"{d}/manifest.json", json.dumps(body, indent=1, sort_keys=True).encode())
         return entries
+
+    def flush_manifest(self, spec: TeacherSpec) -> dict[int, dict]:
+        """Bring manifest.json up to date with manifest.d/ (the commit records); returns the entries."""
+        return self._write_manifest(spec)
 
     def missing_shards(self, spec: TeacherSpec) -> list[int]:
         done = self.manifest(spec.spec_hash)
@@ -371,7 +400,7 @@ class TeacherStore:
         return {"index": index, "path": self.shard_name(index), "bytes": len(data), "sha256": _sha256(data),
                 "num_samples": shard.num_samples, "nfe": shard.nfe}
 
-    def _commit_entry(self, spec: TeacherSpec, entry: dict) -> dict:
+    def _commit_entry(self, spec: TeacherSpec, entry: dict, update_manifest: bool = True) -> dict:
         path = self._entry_path(spec.spec_hash, entry["index"])
         if not self._put_once(path, json.dumps(entry, sort_keys=True).encode()):
             other = json.loads(self._cat(path))
@@ -379,10 +408,11 @@ class TeacherStore:
                 raise ShardVerificationError(f"shard {entry['index']} of {spec.spec_hash}: another writer recorded "
                                              f"sha256 {other['sha256']} for the object we read as {entry['sha256']}")
             entry = other
-        self._write_manifest(spec)
+        if update_manifest:
+            self._write_manifest(spec)
         return entry
 
-    def adopt_shard(self, spec: TeacherSpec, index: int) -> Optional[dict]:
+    def adopt_shard(self, spec: TeacherSpec, index: int, *, update_manifest: bool = True) -> Optional[dict]:
         """Commit a shard object that exists without an entry (a writer died before its entry); None if absent/bad."""
         path = self.shard_path(spec.spec_hash, index)
         try:
@@ -396,26 +426,31 @@ class TeacherStore:
             with self._errors(f"remove {path}"):
                 self.fs.rm_file(path)
             return None
-        return self._commit_entry(spec, entry)
+        return self._commit_entry(spec, entry, update_manifest)
 
-    def commit_shard(self, spec: TeacherSpec, shard: TeacherShard) -> dict:
-        """Store one shard (write-once object, then its manifest entry, then manifest.json); returns the entry."""
+    def commit_shard(self, spec: TeacherSpec, shard: TeacherShard, *, update_manifest: bool = True) -> dict:
+        """Store one shard (write-once object, then its manifest entry, then manifest.json); returns the entry.
+
+        update_manifest=False skips the manifest.json rewrite (the entry alone commits the shard; call
+        :meth:`flush_manifest` later) - what `generate` does between its periodic flushes.
+        """
         if shard.spec_hash != spec.spec_hash:
             raise ValueError(f"shard belongs to spec {shard.spec_hash}, not {spec.spec_hash}")
         data = shard.to_bytes()
         path = self.shard_path(spec.spec_hash, shard.index)
+        digest = _sha256_async(data)
         if self._put_once(path, data):
             entry = {"index": shard.index, "path": self.shard_name(shard.index), "bytes": len(data),
-                     "sha256": _sha256(data), "num_samples": shard.num_samples, "nfe": shard.nfe}
-            return self._commit_entry(spec, entry)
+                     "sha256": digest.result(), "num_samples": shard.num_samples, "nfe": shard.nfe}
+            return self._commit_entry(spec, entry, update_manifest)
         # Another writer (or a killed one) created this object first: adopt what is there.
-        entry = self.adopt_shard(spec, shard.index)
+        entry = self.adopt_shard(spec, shard.index, update_manifest=update_manifest)
         if entry is None:  # it was unreadable and has been removed: write ours
             if not self._put_once(path, data):
                 raise ShardVerificationError(f"{path}: concurrent writers keep replacing an unreadable shard")
             entry = {"index": shard.index, "path": self.shard_name(shard.index), "bytes": len(data),
                      "sha256": _sha256(data), "num_samples": shard.num_samples, "nfe": shard.nfe}
-            entry = self._commit_entry(spec, entry)
+            entry = self._commit_entry(spec, entry, update_manifest)
         return entry
 
     # -- read -------------------------------------------------------------------------------------
@@ -432,13 +467,18 @@ class TeacherStore:
             raise ShardVerificationError(f"{path} is listed in the manifest but missing") from None
         if len(data) != entry["bytes"]:
             raise ShardVerificationError(f"{path}: {len(data)} bytes, manifest says {entry['bytes']} (truncated or replaced)")
-        digest = _sha256(data)
+        pending = _sha256_async(data)  # hash while parsing; the parsed shard is returned only if the hash matches
+        try:
+            shard = TeacherShard.from_bytes(data, expect_spec_hash=spec_hash, expect_index=index)
+            problem = None
+        except ValueError as e:
+            shard, problem = None, str(e)
+        digest = pending.result()
         if digest != entry["sha256"]:
             raise ShardVerificationError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} (corrupted)")
-        try:
-            return TeacherShard.from_bytes(data, expect_spec_hash=spec_hash, expect_index=index)
-        except ValueError as e:
-            raise ShardVerificationError(f"{path}: {e}") from None
+        if problem is not None:
+            raise ShardVerificationError(f"{path}: {problem}")
+        return shard
 
     def verify(self, spec_hash: str) -> VerifyReport:
         """Check every shard of a spec: present in the manifest, object present, size, sha256, parse."""
@@ -587,8 +627,12 @@ def _slice_shard(shard: TeacherShard, idx: torch.Tensor, n: int, dtype: torch.dt
 
 
 def generate(store: TeacherStore, denoiser, spec: TeacherSpec, *, progress: bool = True, batch_size: int | None = None,
-             shards: list[int] | None = None, device=None) -> GenerateSummary:
-    """Generate every missing shard of ``spec`` into ``store`` (resumes; skips committed shards)."""
+             shards: list[int] | None = None, device=None, manifest_every: int = 16) -> GenerateSummary:
+    """Generate every missing shard of ``spec`` into ``store`` (resumes; skips committed shards).
+
+    Each shard is committed by its own manifest entry; manifest.json (the merged view) is rewritten every
+    ``manifest_every`` shards and at the end, even when interrupted.
+    """
     from tqdm.auto import tqdm
 
     h = store.put_spec(spec)
@@ -596,24 +640,30 @@ def generate(store: TeacherStore, denoiser, spec: TeacherSpec, *, progress: bool
     if shards is not None:
         todo = [i for i in todo if i in set(shards)]
     skipped = spec.num_shards - len(todo) if shards is None else len(set(shards) - set(todo))
-    written, spent, nfe = 0, 0, None
+    written, spent, nfe, pending = 0, 0, None, 0
     bar = tqdm(total=spec.num_trajectories, unit="traj", desc=f"teacher {h[:12]}", disable=not progress)
     if shards is None:
         bar.update(sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in range(spec.num_shards) if i not in todo))
     try:
         for i in todo:
-            entry = store.adopt_shard(spec, i)  # a killed writer may have left a complete object behind
+            entry = store.adopt_shard(spec, i, update_manifest=False)  # a killed writer may have left a complete object
             if entry is None:
                 shard = generate_shard(denoiser, spec, i, batch_size=batch_size, device=device)
-                entry = store.commit_shard(spec, shard)
+                entry = store.commit_shard(spec, shard, update_manifest=False)
                 spent += shard.total_nfe
                 nfe = shard.nfe
                 written += 1
             else:
                 skipped += 1
+            pending += 1
+            if pending >= manifest_every:
+                store.flush_manifest(spec)
+                pending = 0
             bar.update(entry["num_samples"])
     finally:
         bar.close()
+        if pending or not todo:
+            store.flush_manifest(spec)
     entries = store.manifest(h)
     if nfe is None and entries:
         nfe = next(iter(entries.values()))["nfe"]
