@@ -16,6 +16,8 @@ the candidate's evaluation samples exactly. The teacher denoiser comes from the 
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 from mlflow.pyfunc import PythonModel
 
@@ -30,7 +32,7 @@ def _seeds(model_input) -> list[int]:
     return [int(s) for s in list(model_input)]
 
 
-class AMEDSamplerModel(PythonModel):
+class _AMEDSamplerModel:
     """pyfunc: seeds -> samples of the learned sampler on its teacher."""
 
     def load_context(self, context):
@@ -68,6 +70,15 @@ class AMEDSamplerModel(PythonModel):
         onehot = torch.nn.functional.one_hot(labels, label_dim).to(dtype) if labels is not None else None
         x = self.sampler(den, noise.to(dtype), class_labels=onehot).x
         return x.reshape(len(seeds), -1).detach().cpu().numpy()
+
+
+# MLflow inspects predict() when a PythonModel subclass is created and advises type hints; the signature
+# (seed column in, float array out) is logged explicitly instead, so that advice is silenced here.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+
+    class AMEDSamplerModel(_AMEDSamplerModel, PythonModel):
+        """The pyfunc MLflow loads (the methods live in _AMEDSamplerModel)."""
 
 
 mlflow.models.set_model(AMEDSamplerModel())

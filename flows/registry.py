@@ -322,13 +322,21 @@ def _experiment(client, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+_TEACHERS: dict[str, Any] = {}  # (teacher, options) -> denoiser, reused across sweeps in one process
+
+
 def _teacher_for(config, dataset: str):
     from amed_core.denoisers import load_teacher
 
     ds = next((d for d in config.datasets if d.name == dataset), None)
     if ds is None:
         raise ValueError(f"candidate dataset {dataset!r} is not in the sweep's datasets {[d.name for d in config.datasets]}")
-    return ds, load_teacher(ds.teacher, **ds.load_kwargs())
+    key = json.dumps([ds.teacher, ds.load_kwargs()], sort_keys=True, default=str)
+    if key not in _TEACHERS:
+        if len(_TEACHERS) >= 2:
+            _TEACHERS.pop(next(iter(_TEACHERS)))
+        _TEACHERS[key] = load_teacher(ds.teacher, **ds.load_kwargs())
+    return ds, _TEACHERS[key]
 
 
 def _log_model_checked(mlflow, ckpt_dir: Path, ds, denoiser, sampler, seeds: list[int]):
@@ -486,7 +494,7 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
             ds, denoiser = teachers[cand.dataset]
             seeds = [cand.protocol.seed, cand.protocol.seed + 1]
             try:
-                png = _schedule_png(sampler, denoiser, list(range(cand.protocol.seed, cand.protocol.seed + 16)),
+                png = _schedule_png(sampler, denoiser, list(range(cand.protocol.seed, cand.protocol.seed + 8)),
                                     f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})")
                 Path(tmp, "plots").mkdir(exist_ok=True)
                 Path(tmp, "plots", "schedule.png").write_bytes(png)
