@@ -359,6 +359,31 @@ class FIDStats:
     def __add__(self, other: "FIDStats") -> "FIDStats":
         return FIDStats(self.n + other.n, self.total + other.total, self.outer + other.outer)
 
+    def to_bytes(self) -> bytes:
+        """safetensors bytes (float64 sums, ``n`` in the metadata): cache a worker's partial statistics."""
+        from safetensors.numpy import save
+
+        return save({"total": self.total, "outer": self.outer}, metadata={"n": str(self.n), "format": "amed-fid-stats"})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "FIDStats":
+        import json
+
+        from safetensors.numpy import load
+
+        data = bytes(data)
+        try:
+            arrays = load(data)
+            header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+            n = int(header["__metadata__"]["n"])
+        except Exception as e:
+            raise ValueError(f"not FIDStats bytes (safetensors with total, outer and metadata n): {e}") from e
+        return cls(n, arrays["total"].astype(np.float64), arrays["outer"].astype(np.float64))
+
+    def fid(self, mu_ref, sigma_ref) -> float:
+        """FID of these statistics against reference ``(mu, sigma)``."""
+        return frechet_distance(self.mu, self.sigma, mu_ref, sigma_ref)
+
     @property
     def mu(self) -> np.ndarray:
         return self.total / self.n

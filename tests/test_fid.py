@@ -187,7 +187,16 @@ def test_fid_ref_cli_from_folder_and_zip(tmp_path, weights, features):
         load_reference_stats(bad)
 
 
-def test_fidstats_needs_two_samples():
+def test_fidstats_needs_two_samples_and_round_trips():
     s = FIDStats.empty(4).update(np.ones((1, 4)))
     with pytest.raises(ValueError, match="at least 2"):
         _ = s.sigma
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(10, 4))
+    full = FIDStats.empty(4).update(f)
+    back = FIDStats.from_bytes(FIDStats.empty(4).update(f[:6]).to_bytes()) + FIDStats.empty(4).update(f[6:])
+    assert back.n == 10
+    np.testing.assert_allclose(back.sigma, np.cov(f, rowvar=False), rtol=1e-12, atol=1e-12)
+    assert back.fid(full.mu, full.sigma) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="FIDStats"):
+        FIDStats.from_bytes(b"not safetensors")
