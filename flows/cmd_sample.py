@@ -1,0 +1,162 @@
+"""`amed sample`: sample with training-free solvers on a teacher and print the quality-vs-NFE table.
+
+Writes into --out-dir: ``quality.json`` (the table), ``quality.png`` (FD and RMSE against NFE) and
+``samples.png`` (one row per solver at the largest NFE, the last row exact mixture samples).
+The math lives in :mod:`amed_core.evaluate`; this module only parses, prints and writes.
+Each mode is one function (``run_base_solvers``); a learned-sampler mode plugs in next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOLVERS = "euler,heun,dpm2,ipndm,dpmpp,unipc,deis"
+DEFAULT_NFES = "3,5,7,9"
+SCHEDULE_CHOICES = ("auto", "polynomial", "logsnr", "time_uniform")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample", help="sample with training-free solvers and print quality vs NFE",
+        description="Sample a teacher with training-free ODE solvers at several NFEs; print FD to exact "
+                    "samples and RMSE to a near-exact ODE solution; write PNGs and a JSON table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default="digits-gmm", help="digits-gmm or gmm:PATH.npz (an analytic mixture)")
+    p.add_argument("--solvers", default=DEFAULT_SOLVERS, help="comma-separated solver names")
+    p.add_argument("--nfe", default=DEFAULT_NFES, help="comma-separated NFE budgets")
+    p.add_argument("--n", type=int, default=4096, help="samples per (solver, NFE)")
+    p.add_argument("--seed", type=int, default=12345, help="first noise seed (sample i uses seed + i)")
+    p.add_argument("--out-dir", default="amed-sample", help="where the PNGs and quality.json go")
+    p.add_argument("--afs", choices=("auto", "on", "off"), default="auto",
+                   help="analytical first step; auto = only where an odd NFE needs it (heun, dpm2)")
+    p.add_argument("--schedule", choices=SCHEDULE_CHOICES, default="auto",
+                   help="time schedule for every solver; auto = the reference's choice per solver")
+    p.add_argument("--rho", type=float, default=None, help="schedule exponent (polynomial: 7, time_uniform: 1)")
+    p.add_argument("--no-dynamic-thresholding", action="store_true",
+                   help="dpmpp/unipc: do not clamp data predictions (the reference clamps them; a mixture's "
+                        "samples are not confined to [-1, 1], so clamping biases them)")
+    p.add_argument("--rmse-samples", type=int, default=512, help="samples scored against the near-exact solution")
+    p.add_argument("--reference-steps", type=int, default=500, help="grid points of the near-exact solution")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--grid-per-row", type=int, default=16, help="samples per solver in samples.png")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    """Dispatch on the mode (base solvers today; learned samplers get their own function)."""
+    return run_base_solvers(args)
+
+
+def _parse_list(text: str, name: str, cast=str) -> list:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{name} needs at least one value (comma-separated)")
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated {cast.__name__} values, got {text!r}") from None
+
+
+def _schedules(args, solvers, denoiser) -> dict:
+    from amed_core.evaluate import default_schedule
+    from amed_core.schedules import ScheduleSpec
+
+    out = {}
+    for s in solvers:
+        if args.schedule == "auto":
+            spec = default_schedule(s)
+            if args.rho is not None and spec.schedule_type in ("polynomial", "time_uniform"):
+                spec = dataclasses.replace(spec, rho=args.rho)
+        else:
+            rho = args.rho if args.rho is not None else (7.0 if args.schedule == "polynomial" else 1.0)
+            spec = ScheduleSpec(args.schedule, rho=rho)
+        out[s] = dataclasses.replace(spec, sigma_min=denoiser.sigma_min, sigma_max=denoiser.sigma_max)
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_base_solvers(args) -> int:
+    """The training-free solvers' table: amed_core.evaluate.quality_table, printed and saved."""
+    import torch
+
+    from amed_core import evaluate
+    from amed_core.denoisers import load_teacher
+
+    solvers = _parse_list(args.solvers, "--solvers")
+    for s in solvers:
+        if s not in evaluate.BASE_SOLVERS:
+            raise ValueError(f"--solvers: unknown solver {s!r}; choose from {','.join(evaluate.BASE_SOLVERS)}")
+    nfes = _parse_list(args.nfe, "--nfe", int)
+    if any(v < 1 for v in nfes):
+        raise ValueError(f"--nfe values must be positive, got {nfes}")
+    if args.n < 2:
+        raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {args.n}")
+    denoiser = load_teacher(args.teacher)
+    afs = {"auto": None, "on": True, "off": False}[args.afs]
+    for s in solvers:                       # fail before any work when an NFE is unreachable
+        for v in nfes:
+            try:
+                evaluate.num_steps_for(s, v, evaluate.pick_afs(s, v, afs))
+            except ValueError as e:
+                raise ValueError(f"--nfe/--afs: {e}") from None
+    options = {}
+    if args.no_dynamic_thresholding:
+        options = {s: {"dynamic_thresholding": False} for s in solvers if s in ("dpmpp", "unipc")}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    print(f"amed sample: {args.teacher}, solvers {','.join(solvers)}, NFE {','.join(map(str, nfes))}, "
+          f"n={args.n}, seed={args.seed}", flush=True)
+    total = len(solvers) * len(nfes)
+    done = []
+
+    def progress(row):
+        done.append(row)
+        print(f"  [{len(done)}/{total}] {row.solver} NFE {row.nfe}: FD {row.fd:.4f}, RMSE {row.rmse:.5f} "
+              f"({row.seconds:.1f} s)", flush=True)
+
+    schedules = _schedules(args, solvers, denoiser)
+    table = evaluate.quality_table(denoiser, solvers, nfes, args.n, args.seed, schedules=schedules,
+                                   options=options, afs=afs, rmse_samples=args.rmse_samples,
+                                   reference_steps=args.reference_steps, batch_size=args.batch_size, progress=progress)
+    print()
+    print(evaluate.format_table(table))
+
+    record = {"teacher": args.teacher, "teacher_identity": denoiser.identity(), **table.to_dict()}
+    _write_json(out_dir / "quality.json", record)
+    evaluate.save_quality_plot(table, out_dir / "quality.png", title=f"{args.teacher}: quality vs NFE (n={args.n})")
+    # samples.png: the first samples of each solver at its largest NFE, then exact mixture samples.
+    k = max(1, min(args.grid_per_row, args.n))
+    seeds = range(args.seed, args.seed + k)
+    rows = []
+    for s in solvers:
+        run = evaluate.sample_solver(denoiser, s, max(nfes), k, args.seed, schedules[s], options.get(s),
+                                     afs=afs, noise=evaluate.seeded_noise(seeds, denoiser.shape))
+        rows.append(run.x)
+    rows.append(denoiser.sample(k, generator=torch.Generator().manual_seed(args.seed)))
+    evaluate.save_grid_png(torch.cat(rows), out_dir / "samples.png", nrow=k)
+    print(f"\nwrote {out_dir / 'quality.json'}, {out_dir / 'quality.png'}, {out_dir / 'samples.png'} "
+          f"(rows: {', '.join(solvers)} at NFE {max(nfes)}, then exact samples)")
+    return 0
