@@ -1,0 +1,69 @@
+"""End to end through a real Prefect server: deploy infra/prefect.yaml, start a process worker, run the
+deployment with a small sweep, wait for Completed, check the store's outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from fixtures_prefect import ROOT, VENV_BIN, prefect_server, stop  # noqa: F401  (fixture)
+from flows.config import load_sweep
+from flows.ray_glue import RunStore
+from flows.results import CandidateResult
+
+pytestmark = pytest.mark.services
+
+
+def _prefect(env, *args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_prefect_yaml_parameters_are_valid_sweeps():
+    doc = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    names = {d["name"]: d for d in doc["deployments"]}
+    assert set(names) == {"local", "kubernetes"}
+    assert names["local"]["work_pool"]["name"] == "amed-local"
+    for d in names.values():
+        assert d["entrypoint"] == "flows.distill.distill"
+        sweep = d["parameters"]["sweep"]
+        load_sweep(str(ROOT / sweep) if isinstance(sweep, str) else sweep)
+    env = names["kubernetes"]["work_pool"]["job_variables"]["env"]
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and env["RAY_ADDRESS"].startswith("ray://")
+
+
+def test_deploy_worker_run_completed(prefect_server, tmp_path):  # noqa: F811
+    env = prefect_server
+    r = _prefect(env, "work-pool", "create", "amed-local", "--type", "process")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _prefect(env, "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "local")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "distill/local" in r.stdout
+
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "amed-local"], env=env,
+                                  cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    store_url = str(tmp_path / "store")
+    sweep = {"name": "deployed", "datasets": [{"name": "digits", "teacher": "digits-gmm"}], "solvers": ["amed"],
+             "nfes": [3], "teacher": {"num_trajectories": 256, "shard_size": 128}, "train": {"batch_size": 64},
+             "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 16}, "register_models": False,
+             "store_url": store_url, "compute": {"num_cpus": 2, "object_store_memory": 200_000_000}}
+    try:
+        r = _prefect(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}), "--watch",
+                     "--watch-timeout", "300", timeout=330)
+    finally:
+        stop(worker)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Completed" in out, out + "\n--- worker ---\n" + log.read_text()[-4000:]
+
+    store = RunStore(store_url)
+    data = store.get_json("runs/deployed/results.json")
+    (res,) = [CandidateResult.model_validate(x) for x in data["results"]]
+    assert (res.solver, res.base_solver, res.nfe) == ("amed", "heun", 3)
+    assert 0 < res.value < 0.1 * res.base_value
+    assert store.exists(res.checkpoint_url.removeprefix(store.root + "/") + "/train.json")
+    assert data["config"]["store_url"] == store_url
