@@ -67,3 +67,18 @@ def test_deploy_worker_run_completed(prefect_server, tmp_path):  # noqa: F811
     assert 0 < res.value < 0.1 * res.base_value
     assert store.exists(res.checkpoint_url.removeprefix(store.root + "/") + "/train.json")
     assert data["config"]["store_url"] == store_url
+
+
+def test_cluster_definitions_parse_and_ask_for_gpus():
+    docs = {p.relative_to(ROOT / "infra").as_posix(): list(yaml.safe_load_all(p.read_text()))
+            for p in (ROOT / "infra").rglob("*.yaml")}
+    (rc,) = docs["ray/raycluster.yaml"]
+    assert rc["kind"] == "RayCluster" and rc["spec"]["rayVersion"] == "2.60.0"
+    gpu = rc["spec"]["workerGroupSpecs"][0]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert docs["ray/cluster.yaml"][0]["available_node_types"]["gpu_worker"]["resources"] == {"GPU": 1}
+    kinds = [d["kind"] for d in docs["k8s/prefect-worker.yaml"]]
+    assert "Deployment" in kinds and "Role" in kinds
+    for script in ("start-prefect-server.sh", "start-mlflow-server.sh"):
+        text = (ROOT / "infra" / script).read_text()
+        assert "--host 127.0.0.1" in text and "0.0.0.0" not in text
