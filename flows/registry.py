@@ -534,7 +534,7 @@ def _register_version(mlflow, client, cand: CandidateResult, info, digest: str, 
             "protocol": json.dumps(cand.protocol.model_dump(mode="json"), sort_keys=True),
             "value": repr(float(cand.value)), "base_value": repr(float(cand.base_value)),
             "checkpoint_sha256": digest, "checkpoint_url": cand.checkpoint_url}
-    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     return str(mv.version)
 
 
