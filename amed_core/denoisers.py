@@ -239,12 +239,18 @@ BUILTIN_TEACHERS = {
 
 
 def load_teacher(spec: str, **kwargs) -> BaseDenoiser:
-    """Resolve a teacher name: ``digits-gmm`` (built in) or ``gmm:PATH.npz`` (any mixture file)."""
+    """Resolve a teacher name: ``digits-gmm`` (built in), ``gmm:PATH.npz`` (any mixture file), or a real network
+    (``digits-tiny-unet``, ``tiny-unet:DIR``, ``edm-safetensors:DIR``, ``edm:PATH.pkl``, ``diffusers:PATH_OR_ID``;
+    see :mod:`amed_core.adapters`), keyword options forwarded (e.g. ``trust_pickle``, ``guidance_scale``, ``prompts``)."""
     if spec in BUILTIN_TEACHERS:
         return GaussianMixtureDenoiser.from_npz(_builtin_path(BUILTIN_TEACHERS[spec]), name=spec, **kwargs)
     if spec.startswith("gmm:"):
         return GaussianMixtureDenoiser.from_npz(spec[4:], **kwargs)
+    from . import adapters  # real networks: tiny-unet:DIR, edm-safetensors:DIR, edm:PKL, diffusers:PATH_OR_ID
+
+    if spec in adapters.BUILTIN_NETWORKS or spec.partition(":")[0] in adapters.TEACHER_PREFIXES:
+        return adapters.load_adapter(spec, **kwargs)
     raise ValueError(
-        f"unknown teacher {spec!r}: use one of {sorted(BUILTIN_TEACHERS)} or gmm:PATH.npz "
-        "(a mixture file with weights, means, covs, shape)"
+        f"unknown teacher {spec!r}: use one of {sorted(BUILTIN_TEACHERS) + sorted(adapters.BUILTIN_NETWORKS)}, gmm:PATH.npz "
+        f"(a mixture file with weights, means, covs, shape) or {sorted(p + ':...' for p in adapters.TEACHER_PREFIXES)}"
     )

@@ -1,0 +1,96 @@
+"""Adapters from real diffusion models to the denoiser protocol ``D(x, sigma, class_labels) -> x0_hat``.
+
+Teacher names (resolved by :func:`amed_core.denoisers.load_teacher`, options forwarded as keywords):
+
+==========================  =====================================================================================
+``tiny-unet:DIR``            our tiny digits UNet (``amed teacher train-tiny --out DIR``); same format as below
+``edm-safetensors:DIR``      EDM-form network from ``config.json`` + ``model.safetensors`` (``amed convert``)
+``edm:PATH.pkl``             NVlabs EDM pickle; needs ``trust_pickle=True`` and the EDM code (``edm_code_dir``)
+``diffusers:PATH_OR_ID``     diffusers pipeline / UNet folder, or a hub id already in the user's cache
+``digits-tiny-unet``         the tiny digits UNet shipped with the package (trained by ``train_tiny``)
+==========================  =====================================================================================
+
+Pure torch: diffusers / transformers are imported lazily inside the diffusers adapter only.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ._common import check_options
+from .edm import (
+    EDMPickleDenoiser,
+    NetworkConfig,
+    Preconditioning,
+    PreconditionedDenoiser,
+    convert_edm_pickle,
+    load_edm_pickle,
+    load_network,
+    save_network,
+)
+
+__all__ = [
+    "TEACHER_PREFIXES",
+    "BUILTIN_NETWORKS",
+    "load_adapter",
+    "EDMPickleDenoiser",
+    "NetworkConfig",
+    "Preconditioning",
+    "PreconditionedDenoiser",
+    "convert_edm_pickle",
+    "load_edm_pickle",
+    "load_network",
+    "save_network",
+]
+
+_NETWORK_OPTIONS = ("edm_code_dir", "feature_layer", "sigma_min", "sigma_max", "device", "dtype")
+_PICKLE_OPTIONS = ("trust_pickle", "edm_code_dir", "key", "sigma_min", "sigma_max", "feature_layer", "device")
+_DIFFUSERS_OPTIONS = ("subfolder", "guidance_scale", "prompts", "negative_prompt", "prompt_embeds", "negative_prompt_embeds",
+                      "prediction_type", "feature_layer", "local_files_only", "cache_dir", "device", "dtype", "epsilon_t",
+                      "sigma_min", "sigma_max")
+
+TEACHER_PREFIXES = {
+    "tiny-unet": _NETWORK_OPTIONS,
+    "edm-safetensors": _NETWORK_OPTIONS,
+    "edm": _PICKLE_OPTIONS,
+    "diffusers": _DIFFUSERS_OPTIONS,
+}
+
+BUILTIN_NETWORKS = {"digits-tiny-unet": "tiny_unet_digits"}
+
+
+def builtin_network_dir(name: str) -> Path:
+    return Path(str(resources.files("amed_core") / "data" / BUILTIN_NETWORKS[name]))
+
+
+def load_adapter(spec: str, **options):
+    """Resolve ``prefix:ARG`` (see the module docstring) or a built-in network name to a denoiser.
+
+    ``weights_url=PATH`` with a bare prefix (``teacher: edm-safetensors`` in a sweep) is the same as ``prefix:PATH``.
+    """
+    if spec in BUILTIN_NETWORKS:
+        check_options(f"teacher {spec!r}", options, _NETWORK_OPTIONS)
+        return load_network(builtin_network_dir(spec), **options)
+    prefix, _, arg = spec.partition(":")
+    weights_url = options.pop("weights_url", None)
+    if weights_url is not None:  # SweepConfig's datasets[].weights_url: the checkpoint as a parameter
+        if arg:
+            raise ValueError(f"teacher {spec!r} already names its weights; drop weights_url or use the bare name {prefix!r}")
+        weights_url = str(weights_url)
+        if weights_url.startswith("file://"):
+            weights_url = weights_url[len("file://"):]
+        if "://" in weights_url:
+            raise ValueError(f"weights_url {weights_url!r}: amed never downloads weights; fetch the file yourself and "
+                             "pass its local path")
+        arg = str(Path(weights_url).expanduser())
+    if prefix not in TEACHER_PREFIXES or not arg:
+        raise ValueError(f"teacher {spec!r}: expected a path (prefix:PATH or weights_url=PATH) with one of {sorted(f'{p}:...' for p in TEACHER_PREFIXES)} or {sorted(BUILTIN_NETWORKS)}")
+    check_options(f"teacher {prefix}:", options, TEACHER_PREFIXES[prefix])
+    if prefix in ("tiny-unet", "edm-safetensors"):
+        return load_network(arg, **options)
+    if prefix == "edm":
+        return load_edm_pickle(arg, **options)
+    from .diffusers_adapter import load_diffusers
+
+    return load_diffusers(arg, **options)

@@ -1,0 +1,73 @@
+"""Small helpers shared by the model adapters: content hashes, atomic writes, option checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+__all__ = ["state_dict_sha256", "atomic_write_bytes", "atomic_write_json", "check_options", "first_tensor", "module_dtype"]
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every parameter and buffer, in sorted name order.
+
+    Independent of how the weights were stored (pickle or safetensors), so a converted network keeps its hash.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_options(where: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    """ValueError naming unknown keyword options and the allowed ones."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where} has no option(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def first_tensor(out) -> torch.Tensor:
+    """A block's output as one tensor (diffusers blocks may return tuples or output objects)."""
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    if torch.is_tensor(sample):
+        return sample
+    raise ValueError(f"feature layer returned {type(out).__name__}, not a tensor; choose another feature_layer")
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32

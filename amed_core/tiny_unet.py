@@ -1,0 +1,305 @@
+"""A tiny EDM-preconditioned UNet, trained on scikit-learn's digits in minutes on a CPU.
+
+The real neural teacher for tests and the CPU demo (AMED, Zhou et al. 2024, arXiv 2312.00094, needs a
+network with a bottleneck to read features from; a Gaussian mixture has none). The raw network
+``F(c_in x; c_noise, labels)`` is wrapped by :class:`amed_core.adapters.edm.PreconditionedDenoiser`
+(EDM, Karras et al. 2022, Table 1):
+
+    D(x; s) = c_skip(s) x + c_out(s) F(c_in(s) x; c_noise(s)),
+    c_skip = sd^2 / (s^2 + sd^2),  c_out = s sd / sqrt(s^2 + sd^2),  c_in = 1 / sqrt(s^2 + sd^2),  c_noise = ln(s) / 4,
+
+and trained with EDM's loss  E_{s, x0, n} lambda(s) ||D(x0 + s n; s) - x0||^2,  ln s ~ N(P_mean, P_std^2),
+lambda(s) = (s^2 + sd^2) / (s sd)^2.
+
+Layout (EDM's module names): ``enc`` holds ``{R}x{R}_conv``, ``{R}x{R}_block{i}`` and ``{r}x{r}_down``; one
+level is 8x8, and AMED reads the last ``8x8_block`` of the encoder (as the reference does for EDM's networks).
+The default works at the digits' native 8x8 (levels 8x8 and 4x4, ~0.1M parameters); ``img_resolution=16``
+upsamples the digits bilinearly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TinyUNetConfig", "TinyUNet", "TrainTinyConfig", "digits_dataset", "train_tiny"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TinyUNetConfig:
+    """Architecture of :class:`TinyUNet` (JSON round-trip through ``to_dict`` / ``from_dict``)."""
+
+    img_resolution: int = 8
+    in_channels: int = 1
+    model_channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_blocks: int = 1
+    label_dim: int = 0
+    emb_dim: int = 64
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(int(c) for c in self.channel_mult))
+        if self.img_resolution < 8 or self.img_resolution & (self.img_resolution - 1):
+            raise ValueError(f"img_resolution must be a power of two >= 8, got {self.img_resolution}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
+        if self.img_resolution >> (len(self.channel_mult) - 1) > 8 or self.img_resolution >> (len(self.channel_mult) - 1) < 2:
+            want = int(math.log2(self.img_resolution // 8)) + 1
+            raise ValueError(f"channel_mult needs {want} to {want + 2} levels so that an 8x8 level exists and the lowest "
+                             f"is at least 2x2 (img_resolution {self.img_resolution}), got {len(self.channel_mult)}")
+        for name in ("in_channels", "model_channels", "num_blocks", "emb_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.label_dim < 0:
+            raise ValueError(f"label_dim must be >= 0, got {self.label_dim}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TinyUNetConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown TinyUNetConfig field(s) {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+def _groups(ch: int) -> int:
+    return math.gcd(ch, 8) or 1
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice, with the noise embedding added in between; residual scaled by 1/sqrt(2)."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, down: bool = False) -> None:
+        super().__init__()
+        self.down = down
+        self.norm0 = nn.GroupNorm(_groups(cin), cin)
+        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.affine = nn.Linear(emb_dim, cout)
+        self.norm1 = nn.GroupNorm(_groups(cout), cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.down:
+            x = F.avg_pool2d(x, 2)
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = h + self.affine(emb)[:, :, None, None]
+        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
+        return (h + self.skip(x)) / math.sqrt(2)
+
+
+class TinyUNet(nn.Module):
+    """Raw network F(x_in, c_noise, class_labels) of a small UNet whose bottom level is 8x8."""
+
+    def __init__(self, config: TinyUNetConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        if config is None:
+            config = TinyUNetConfig(**kwargs)
+        elif kwargs:
+            raise ValueError("pass either a TinyUNetConfig or keyword fields, not both")
+        self.config = c = config
+        # sinusoidal embedding of c_noise = ln(sigma)/4 (range ~[-2, 1.2]) at frequencies pi * 2^[0, 6]
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.linspace(0, 6, c.emb_dim // 4))
+        self.map_noise = nn.Sequential(nn.Linear(2 * (c.emb_dim // 4), c.emb_dim), nn.SiLU(), nn.Linear(c.emb_dim, c.emb_dim))
+        self.map_label = nn.Linear(c.label_dim, c.emb_dim, bias=False) if c.label_dim else None
+        self.enc = nn.ModuleDict()
+        skips: list[int] = []
+        cout = c.model_channels
+        for level, mult in enumerate(c.channel_mult):
+            res = c.img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = nn.Conv2d(c.in_channels, cout, 3, padding=1)
+            else:
+                cin, cout = cout, c.model_channels * mult
+                self.enc[f"{res}x{res}_down"] = ResBlock(cin, cout, c.emb_dim, c.dropout, down=True)
+            skips.append(cout)
+            for i in range(c.num_blocks):
+                cin, cout = cout, c.model_channels * mult
+                self.enc[f"{res}x{res}_block{i}"] = ResBlock(cin, cout, c.emb_dim, c.dropout)
+                skips.append(cout)
+        self.dec = nn.ModuleDict()
+        for level in reversed(range(len(c.channel_mult))):
+            res = c.img_resolution >> level
+            mult = c.channel_mult[level]
+            if level != len(c.channel_mult) - 1:
+                self.dec[f"{res}x{res}_up"] = nn.Upsample(scale_factor=2, mode="nearest")
+            for i in range(c.num_blocks + 1):
+                cin, cout = cout + skips.pop(), c.model_channels * mult
+                self.dec[f"{res}x{res}_block{i}"] = ResBlock(cin, cout, c.emb_dim, c.dropout)
+        self.out_norm = nn.GroupNorm(_groups(cout), cout)
+        self.out_conv = nn.Conv2d(cout, c.in_channels, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        ang = noise_labels.reshape(-1, 1).to(x.dtype) * self.freqs.to(x.dtype)
+        emb = self.map_noise(torch.cat([ang.cos(), ang.sin()], dim=1))
+        if self.map_label is not None and class_labels is not None:
+            emb = emb + self.map_label(class_labels.to(x.dtype))
+        emb = F.silu(emb)
+        skips = []
+        for name, block in self.enc.items():
+            x = block(x) if name.endswith("_conv") else block(x, emb)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("_up"):
+                x = block(x)
+            else:
+                x = block(torch.cat([x, skips.pop()], dim=1), emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+# -- training on scikit-learn's digits --------------------------------------------------------------------------
+
+
+def digits_dataset(img_resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1797 8x8 digits in [-1, 1], bilinearly upsampled to ``img_resolution``; returns (images, labels)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - declared dependency
+        raise ValueError("train_tiny needs scikit-learn (pip install scikit-learn)") from e
+    d = load_digits()
+    x = torch.from_numpy(np.asarray(d.images, dtype=np.float32) / 16.0 * 2 - 1)[:, None]
+    if img_resolution != 8:
+        x = F.interpolate(x, size=(img_resolution, img_resolution), mode="bilinear", align_corners=False)
+    return x, torch.from_numpy(np.asarray(d.target, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class TrainTinyConfig:
+    """Options of :func:`train_tiny` (EDM's loss and lognormal sigma sampling; Adam; EMA of the weights)."""
+
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    ema_halflife_steps: float = 100.0
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    conditional: bool = False
+    seed: int = 0
+    unet: TinyUNetConfig = field(default_factory=TinyUNetConfig)
+
+    def __post_init__(self):
+        if isinstance(self.unet, dict):
+            object.__setattr__(self, "unet", TinyUNetConfig.from_dict(self.unet))
+        for name in ("steps", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "sigma_data", "P_std", "ema_halflife_steps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be positive and below sigma_max ({self.sigma_max})")
+        if self.conditional and self.unet.label_dim != 10:
+            object.__setattr__(self, "unet", TinyUNetConfig.from_dict({**self.unet.to_dict(), "label_dim": 10}))
+        if not self.conditional and self.unet.label_dim:
+            raise ValueError("unet.label_dim must be 0 unless conditional=True (digits have 10 classes)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["unet"] = self.unet.to_dict()
+        return d
+
+
+def train_tiny(
+    *,
+    config: TrainTinyConfig | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+    **overrides,
+):
+    """Train a tiny EDM-preconditioned UNet on digits; returns the (EMA) denoiser, saved to ``out`` if given.
+
+    ``overrides`` are TrainTinyConfig fields (e.g. ``steps=200``). Deterministic for a given seed on one machine.
+    The result is a :class:`~amed_core.adapters.edm.PreconditionedDenoiser` (``load_teacher("tiny-unet:DIR")``).
+    """
+    from .adapters.edm import NetworkConfig, Preconditioning, PreconditionedDenoiser, save_network
+
+    if config is None:
+        config = TrainTinyConfig(**overrides)
+    elif overrides:
+        config = TrainTinyConfig(**{**config.to_dict(), **overrides})
+    c = config
+    gen = torch.Generator().manual_seed(c.seed)
+    torch.manual_seed(c.seed)
+    images, labels = digits_dataset(c.unet.img_resolution)
+    if c.unet.in_channels != 1:
+        raise ValueError(f"digits are single-channel: unet.in_channels must be 1, got {c.unet.in_channels}")
+    net_cfg = NetworkConfig(
+        arch="tiny-unet", kwargs=c.unet.to_dict(), shape=(1, c.unet.img_resolution, c.unet.img_resolution),
+        label_dim=c.unet.label_dim, precond=Preconditioning(kind="edm", sigma_data=c.sigma_data),
+        sigma_min=c.sigma_min, sigma_max=c.sigma_max,
+        name=f"tiny-unet-digits{'-cond' if c.conditional else ''}-{c.unet.img_resolution}px-s{c.seed}",
+        extra={"train": c.to_dict()},
+    )
+    model = PreconditionedDenoiser(TinyUNet(c.unet), net_cfg)
+    ema = PreconditionedDenoiser(TinyUNet(c.unet), net_cfg)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=c.lr)
+    beta = 0.5 ** (1.0 / c.ema_halflife_steps)
+    steps = range(c.steps)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.steps, desc="train-tiny", unit="step")
+    model.train()
+    running = None
+    for step in steps:
+        idx = torch.randint(0, images.shape[0], (c.batch_size,), generator=gen)
+        y = images[idx]
+        lab = F.one_hot(labels[idx], 10).float() if c.conditional else None
+        # EDM's loss: ln sigma ~ N(P_mean, P_std^2), weight (s^2 + sd^2) / (s sd)^2
+        sigma = torch.exp(c.P_mean + c.P_std * torch.randn(c.batch_size, generator=gen))
+        n = torch.randn(y.shape, generator=gen) * sigma[:, None, None, None]
+        weight = (sigma**2 + c.sigma_data**2) / (sigma * c.sigma_data) ** 2
+        D = model(y + n, sigma, lab)
+        loss = (weight[:, None, None, None] * (D - y) ** 2).mean()
+        # cosine learning-rate decay over the last half keeps the short run stable
+        frac = step / max(1, c.steps - 1)
+        for g in opt.param_groups:
+            g["lr"] = c.lr * (1.0 if frac < 0.5 else 0.5 * (1 + math.cos(math.pi * (frac - 0.5) / 0.5)) * 0.9 + 0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - beta)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if callback is not None:
+            callback(step, loss.item())
+        if bar is not None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+        elif step % 500 == 0 or step == c.steps - 1:
+            log.info("train-tiny step %d/%d loss %.4f", step + 1, c.steps, running)
+    if bar is not None:
+        bar.close()
+    ema.eval()
+    if out is not None:
+        save_network(ema, out)
+    return ema
