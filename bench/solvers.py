@@ -89,14 +89,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _clock(device):
+    """CPU: this process's CPU time (with one torch thread, time spent preempted by other processes on a shared
+    machine does not count); GPU: wall time after a synchronize."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def _time(fn, device, repeats: int) -> list[float]:
+    clock = _clock(device)
     out = []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         _sync(device)
-        out.append(time.perf_counter() - t0)
+        out.append(clock() - t0)
     return out
 
 
@@ -145,8 +152,9 @@ def overhead_bench(device: torch.device, batch: int, shape: tuple, steps: int, r
 
 
 def print_overhead(rows, device, batch, shape, steps):
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
     print(f"\n## Per-step overhead vs k-diffusion {rows[0]['k_diffusion']} ({device}, batch {batch}x{'x'.join(map(str, shape))}, "
-          f"{steps} steps, float32, denoiser {rows[0]['denoiser_us']:.1f} us/call)")
+          f"{steps} steps, float32, {clock}, denoiser {rows[0]['denoiser_us']:.1f} us/call)")
     print(f"| solver | ours us/step | k-diffusion us/step | ours overhead us/step | k-diffusion overhead us/step "
           f"| time ratio | overhead ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
