@@ -5,7 +5,8 @@
     .venv/bin/python bench/eval_registry.py register --candidates 4
 
 fid: images/s through the FID Inception (random weights have the real network's cost), uint8 CIFAR-sized
-inputs resized to 299 (TF1 rule), ``torch.get_num_threads()`` threads; first batch excluded (warm-up).
+inputs resized to 299 (TF1 rule), ``torch.get_num_threads()`` threads; first batch excluded (warm-up);
+also CPU seconds per image (process time: less sensitive to other load on the machine) and the load average.
 fd: seconds for one 2048-d Frechet distance (amed_core.metrics, eigh-based) and for scipy.linalg.sqrtm's
 formula (EDM fid.py / pytorch-fid), and their difference, on covariances of 5000 random features.
 register: ``flows.registry.log_sweep`` on a fresh SQLite database in a temp folder (digits-gmm teacher,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -38,14 +40,17 @@ def bench_fid(batch: int, batches: int, size: int) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
     net(x[:2])  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(batches):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         net(x)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     med = statistics.median(times)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"batch": batch, "input_size": size, "threads": torch.get_num_threads(), "images_per_s": batch / med,
-            "seconds_per_batch": med, "hours_for_50k": 50_000 / (batch / med) / 3600}
+            "seconds_per_batch": med, "cpu_seconds_per_image": statistics.median(cpu) / batch,
+            "hours_for_50k": 50_000 / (batch / med) / 3600, "load_average_1min": load}
 
 
 def bench_fd(dim: int) -> dict:
