@@ -10,6 +10,7 @@ database under the output folder), a local Ray on 127.0.0.1 started and stopped 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -25,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--store", dest="store_url", default=None, help="store URL (default: <out>/store, or the sweep's)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
     p.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead of starting one")
+    p.add_argument("--summary-json", default=None, help="also write the run summary (results, timings) as JSON here")
     p.set_defaults(func=run)
 
 
@@ -68,6 +70,7 @@ def run(args) -> int:
 
     # Start the ephemeral Prefect API (a thread) while the local Ray starts (this thread).
     warm_err: list[BaseException] = []
+    marks = {"start": time.time()}
 
     def warm_prefect() -> None:
         try:
@@ -75,6 +78,7 @@ def run(args) -> int:
 
             with get_client(sync_client=True) as client:
                 client.hello()
+            marks["prefect_ready"] = time.time()
         except BaseException as e:  # noqa: BLE001 - reported below
             warm_err.append(e)
 
@@ -83,13 +87,19 @@ def run(args) -> int:
     from flows import ray_glue
 
     with ray_glue.ray_session(cfg.compute) as ray_info:
+        marks["ray_ready"] = time.time()
         warm.join()
         if warm_err:
             raise warm_err[0]
         from flows.distill import distill
 
+        marks["flow_start"] = time.time()
         summary = distill(cfg)
+        marks["flow_end"] = time.time()
+    marks["end"] = time.time()
     wall = time.perf_counter() - t0
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps({**summary, "marks": marks, "wall_seconds_cli": wall}, indent=1))
 
     print()
     print(_table(summary["table"]))

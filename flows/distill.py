@@ -386,6 +386,31 @@ def _img(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
+def _warm_registry(cfg: SweepConfig) -> Optional[threading.Thread]:
+    """Import MLflow and create its tables while Ray computes, so the register stage starts warm."""
+    if not cfg.register_models:
+        return None
+
+    def warm() -> None:
+        try:
+            import mlflow
+
+            from flows.registry import resolve_tracking_uri
+
+            uri = resolve_tracking_uri(config=cfg)
+            if uri.startswith("sqlite:///"):
+                from pathlib import Path
+
+                Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001 - the register stage reports real problems
+            log.debug("registry warm-up skipped: %s", e)
+
+    t = threading.Thread(target=warm, name="mlflow-warmup", daemon=True)
+    t.start()
+    return t
+
+
 # ---------------------------------------------------------------------------------------------
 # The flow.
 
@@ -399,6 +424,7 @@ def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
     compute = cfg.compute.model_dump(mode="json")
     logger.info("sweep %s: %d dataset(s), %d candidate(s), %d base solver run(s); store %s", cfg.name,
                 len(plan["teachers"]), len(plan["candidates"]), len(plan["baselines"]), plan["store_url"])
+    warm = _warm_registry(cfg)
     with ray_glue.ray_session(cfg.compute) as ray_info:
         logger.info("Ray at %s (%s, %.1f s): %s", ray_info.address, "started here" if ray_info.started_here else
                     "existing", ray_info.seconds, {k: v for k, v in ray_info.resources.items() if "node" not in k})
@@ -422,6 +448,8 @@ def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
         scores.update({plan_c["eval"]["id"]: ev_fut[plan_c["id"]].result() for plan_c in plan["candidates"]})
     for t in plan["teachers"]:
         teachers[t["name"]]["nfe_total"] = teachers[t["name"]].get("nfe", 0)
+    if warm is not None:
+        warm.join()
     reg = register_stage(cfg.model_dump(mode="json"), plan, trained, scores, teachers)
     wall = time.perf_counter() - t_flow
     work = {"teacher_shards_written": sum(t["shards_written"] for t in teachers.values()),

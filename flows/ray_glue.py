@@ -82,11 +82,28 @@ def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionI
         ray.init(num_cpus=num_cpus, object_store_memory=compute.object_store_memory, include_dashboard=False,
                  log_to_driver=log_to_driver, runtime_env=env, configure_logging=False)
     info = RaySessionInfo(_address(), True, time.perf_counter() - t0, dict(ray.cluster_resources()))
+    if not address:
+        prewarm(int(info.resources.get("CPU", 1)))
     try:
         yield info
     finally:
         if info.started_here:
             ray.shutdown()
+
+
+def _import_work_modules() -> int:
+    import amed_core.amed.train  # noqa: F401  (torch, solvers, AMED)
+    import flows.store  # noqa: F401  (fsspec, safetensors)
+
+    return os.getpid()
+
+
+def prewarm(n: int) -> list:
+    """Fire-and-forget: make ``n`` idle Ray workers import torch/amed_core while the caller does other startup."""
+    import ray
+
+    fn = ray.remote(num_cpus=1)(_import_work_modules)
+    return [fn.remote() for _ in range(max(1, n))]
 
 
 def _address() -> str:
