@@ -47,11 +47,19 @@ def register(subparsers) -> None:
     p.add_argument("--reference-steps", type=int, default=500, help="grid points of the near-exact solution")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--grid-per-row", type=int, default=16, help="samples per solver in samples.png")
+    p.add_argument("--predictor", default=None, metavar="DIR",
+                   help="a trained AMED checkpoint (amed train --out DIR): score it next to its base solver at the "
+                        "same NFE, write predictor-samples.png and policy.png (learned r/scales per step)")
+    p.add_argument("--out", default=None, metavar="FILE.npz", help="with --predictor: save the samples as 'samples' (n, C, H, W)")
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args) -> int:
-    """Dispatch on the mode (base solvers today; learned samplers get their own function)."""
+    """Dispatch on the mode: a learned AMED sampler (--predictor) or the training-free solvers."""
+    if getattr(args, "predictor", None):
+        return run_predictor(args)
+    if getattr(args, "out", None):
+        raise ValueError("--out saves a learned sampler's samples: use it with --predictor DIR")
     return run_base_solvers(args)
 
 
@@ -159,4 +167,55 @@ def run_base_solvers(args) -> int:
     evaluate.save_grid_png(torch.cat(rows), out_dir / "samples.png", nrow=k)
     print(f"\nwrote {out_dir / 'quality.json'}, {out_dir / 'quality.png'}, {out_dir / 'samples.png'} "
           f"(rows: {', '.join(solvers)} at NFE {max(nfes)}, then exact samples)")
+    return 0
+
+
+def run_predictor(args) -> int:
+    """A learned AMED sampler next to its base solver at the same NFE (amed_core.amed.evaluation)."""
+    import numpy as np
+
+    from amed_core import evaluate
+    from amed_core.amed import load_sampler
+    from amed_core.amed.evaluation import compare_with_base, policy_trace, save_policy_plot
+    from amed_core.denoisers import load_teacher
+
+    if args.n < 2:
+        raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {args.n}")
+    sampler = load_sampler(args.predictor)
+    spec = sampler.spec
+    denoiser = load_teacher(args.teacher)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"amed sample: {args.predictor} = {spec.solver} at NFE {spec.nfe} (N={spec.num_steps}, afs={spec.afs}, "
+          f"{spec.schedule.schedule_type}) on {args.teacher}, n={args.n}, seed={args.seed}", flush=True)
+    rows, run = compare_with_base(sampler, denoiser, args.n, args.seed, rmse_samples=args.rmse_samples,
+                                  batch_size=args.batch_size, reference_steps=args.reference_steps)
+    print(f"\n{'sampler':<18} {'NFE':>4} {'FD':>9} {'RMSE':>9} {'seconds':>8}")
+    for r in rows:
+        print(f"{r.name:<18} {r.nfe:>4} {r.fd:>9.4f} {r.rmse:>9.5f} {r.seconds:>8.2f}")
+    trace = policy_trace(sampler, denoiser, evaluate.seeded_noise(range(args.seed, args.seed + min(args.n, 256)), denoiser.shape))
+    for i, (r_m, r_s, c_m, a_m) in enumerate(zip(trace["r_mean"], trace["r_std"], trace["scale_dir_mean"], trace["scale_time_mean"])):
+        print(f"  step {i}: t {trace['t_cur'][i]:.4g} -> {trace['t_next'][i]:.4g}, r {r_m:.3f} +- {r_s:.3f}, "
+              f"scale_dir {c_m:.4f}, scale_time {a_m:.4f}")
+    k = max(1, min(args.grid_per_row, args.n))
+    evaluate.save_grid_png(run.x[: k * min(k, max(1, args.n // k))], out_dir / "predictor-samples.png", nrow=k)
+    save_policy_plot(trace, out_dir / "policy.png", title=f"{spec.solver}, NFE {spec.nfe}: learned policy per step")
+    _write_json(out_dir / "predictor-quality.json", {"predictor": str(args.predictor), "spec": spec.to_dict(),
+                                                     "teacher": args.teacher, "n": args.n, "seed": args.seed,
+                                                     "rows": [r.to_dict() for r in rows], "policy": trace})
+    written = [out_dir / "predictor-quality.json", out_dir / "predictor-samples.png", out_dir / "policy.png"]
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, samples=run.x.numpy())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        written.append(path)
+    print(f"\nwrote {', '.join(map(str, written))}")
     return 0

@@ -57,7 +57,8 @@ def test_predictor_default_size_matches_reference_architecture():
 def test_predictor_output_ranges_and_disabled_heads():
     feats = 5 * torch.randn(64, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     p = AMEDPredictor(PredictorConfig(scale_dir=0.05, scale_time=0.2), seed=3)
-    r, sd, st = p(feats, torch.tensor(80.0), torch.tensor(10.0))
+    with torch.no_grad():
+        r, sd, st = p(feats, torch.tensor(80.0), torch.tensor(10.0))
     assert r.shape == sd.shape == st.shape == (64,)
     assert torch.all((r > 0) & (r < 1)) and float(r.std()) > 0
     assert torch.all((sd >= 0.95) & (sd <= 1.05)) and torch.all((st >= 0.8) & (st <= 1.2))
@@ -106,6 +107,21 @@ def test_fixed_policy_r_one_is_heun_like_euler_plugin(teacher):
     torch.testing.assert_close(a.x, b.x)
 
 
+def test_afs_out_of_history_makes_the_first_ipndm_step_an_euler_plugin_step(teacher):
+    sigmas = ScheduleSpec().grid(4)
+    x = _noise(4, teacher.shape) * sigmas[0]
+    pol = FixedPolicy([0.3, 0.6, 0.4], [1.01, 0.99, 1.0], [1.1, 0.9, 1.0])
+    run = lambda name, **kw: solvers.solve(name, teacher, x, sigmas, policy=pol, afs=True, return_trajectory=True, **kw)
+    ref, out, eul = run("amed+ipndm"), run("amed+ipndm", afs_in_history=False), run("amed+euler")
+    torch.testing.assert_close(out.trajectory[1], eul.trajectory[1])  # history empty after AFS: order 1 twice
+    assert not torch.allclose(ref.trajectory[1], out.trajectory[1])   # the reference extrapolates from the AFS d
+    assert out.nfe == ref.nfe == 5
+    # without AFS the option changes nothing
+    a = solvers.solve("amed+dpmpp", teacher, x, sigmas, policy=pol, afs_in_history=False)
+    b = solvers.solve("amed+dpmpp", teacher, x, sigmas, policy=pol)
+    assert torch.equal(a.x, b.x)
+
+
 def test_bad_options_raise_value_error(teacher):
     sigmas = ScheduleSpec().grid(3)
     x = _noise(1, teacher.shape) * sigmas[0]
@@ -122,6 +138,8 @@ def test_bad_options_raise_value_error(teacher):
         solvers.solve("amed", teacher, x, sigmas, policy=pol, max_order=2)
     with pytest.raises(ValueError, match="steps"):
         solvers.solve("amed", teacher, x, ScheduleSpec().grid(5), policy=pol)
+    with pytest.raises(ValueError, match="afs_in_history"):
+        SamplerSpec.create("amed", 5, afs_in_history=False)
     with pytest.raises(ValueError, match="scale_dir"):
         PredictorConfig(scale_dir=1.5)
     with pytest.raises(ValueError, match="restart"):

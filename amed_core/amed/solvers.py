@@ -14,6 +14,10 @@ evaluated between the two, on the features captured during the evaluation at t_c
   end with lower_order_final), the step into t_next scaled by c; with predict_x0 the data predictions
   are dynamically thresholded, as in the reference.
 
+Multistep plugins take ``afs_in_history`` (default True, the reference): False keeps the AFS estimate
+out of the history, so later sub-steps never extrapolate from it (it is biased whenever the data are not
+zero-mean with unit variance, e.g. digits in [-1, 1]; see BENCHMARKS.md "AMED quality").
+
 Each step is a pure function ``step(ctx, x_cur, i, history) -> StepOut`` so that sampling (the loops
 below, registered as solvers) and training (:mod:`amed_core.amed.train`, one interval per optimiser
 step) run the same arithmetic. History entries are detached, as in the reference.
@@ -163,7 +167,8 @@ def step_ipndm(ctx: StepContext, x_cur, i, history: History) -> StepOut:
     hist = list(history.models)
     order = min(max_order, len(hist) + 1)
     y = x_cur + (s - t_cur) * ipndm_combination(d_cur, hist, order)
-    hist = list(_push(tuple(hist), d_cur, keep))
+    if not (ctx.afs and i == 0) or ctx.options["afs_in_history"]:
+        hist = list(_push(tuple(hist), d_cur, keep))
     order = min(max_order, len(hist) + 1)
     denoised = ctx.D(y, (a * s).reshape(-1))
     g = (y - denoised) / s
@@ -196,20 +201,25 @@ def step_dpmpp(ctx: StepContext, x_cur, i, history: History) -> StepOut:
     y = dpmpp_update(x_cur, models, times, s, _dpmpp_order(step_cur, max_order, total, lof), predict_x0=predict_x0)
     # s -> t_next
     step_cur += 1
+    if ctx.afs and i == 0 and not o["afs_in_history"]:
+        models, times = [], []  # the AFS estimate is not extrapolated from
     den_mid = ctx.D(y, (a * s).reshape(-1))
     models.append(thr(den_mid) if predict_x0 else (y - den_mid) / s)
     times.append(s)
-    x_next = dpmpp_update(y, models, times, t_next, _dpmpp_order(step_cur, max_order, total, lof),
-                          predict_x0=predict_x0, scale=c)
+    order = min(_dpmpp_order(step_cur, max_order, total, lof), len(models))
+    x_next = dpmpp_update(y, models, times, t_next, order, predict_x0=predict_x0, scale=c)
     hist = History(tuple(m.detach() for m in models[-3:]), tuple(t.detach() for t in times[-3:]))
     return StepOut(x_next, hist, r, c, a, den_mid)
 
 
 # -- option handling and the solver loops ---------------------------------------------------------
 
-def _options(name: str, max_order, predict_x0, lower_order_final, dynamic_thresholding) -> dict:
+def _options(name: str, max_order, predict_x0, lower_order_final, dynamic_thresholding, afs_in_history=True) -> dict:
+    if name in MULTISTEP and not isinstance(afs_in_history, bool):
+        raise ValueError(f"afs_in_history must be true or false, got {afs_in_history!r}")
     if name == "amed+ipndm":
-        return {"max_order": check_int_option("max_order", 4 if max_order is None else max_order, 1, 4)}
+        return {"max_order": check_int_option("max_order", 4 if max_order is None else max_order, 1, 4),
+                "afs_in_history": afs_in_history}
     if name == "amed+dpmpp":
         mo = check_int_option("max_order", 3 if max_order is None else max_order, 1, 3)
         px0 = True if predict_x0 is None else predict_x0
@@ -219,7 +229,8 @@ def _options(name: str, max_order, predict_x0, lower_order_final, dynamic_thresh
                 raise ValueError(f"{k} must be true or false, got {v!r}")
         if dt and not px0:
             raise ValueError("dynamic_thresholding applies to data predictions only: set predict_x0=True or dynamic_thresholding=False")
-        return {"max_order": mo, "predict_x0": px0, "lower_order_final": lower_order_final, "dynamic_thresholding": dt}
+        return {"max_order": mo, "predict_x0": px0, "lower_order_final": lower_order_final, "dynamic_thresholding": dt,
+                "afs_in_history": afs_in_history}
     return {}
 
 
@@ -230,7 +241,7 @@ MULTISTEP = frozenset({"amed+ipndm", "amed+dpmpp"})
 
 
 def make_context(name: str, denoiser, x, sigmas, *, policy, class_labels=None, afs=False, max_order=None,
-                 predict_x0=None, lower_order_final=True, dynamic_thresholding=None) -> StepContext:
+                 predict_x0=None, lower_order_final=True, dynamic_thresholding=None, afs_in_history=None) -> StepContext:
     """Validate options and build the per-run context of solver ``name`` (shared by sampling and training)."""
     if name not in STEPS:
         raise ValueError(f"unknown AMED solver {name!r}; choose one of {sorted(STEPS)}")
@@ -240,7 +251,10 @@ def make_context(name: str, denoiser, x, sigmas, *, policy, class_labels=None, a
         raise ValueError(f"max_order does not apply to {name!r} (only amed+ipndm, amed+dpmpp)")
     if name != "amed+dpmpp" and (predict_x0 is not None or dynamic_thresholding is not None):
         raise ValueError(f"predict_x0 / dynamic_thresholding apply to amed+dpmpp only, not {name!r}")
-    opts = _options(name, max_order, predict_x0, lower_order_final, dynamic_thresholding)
+    if name not in MULTISTEP and afs_in_history is not None:
+        raise ValueError(f"afs_in_history applies to amed+ipndm / amed+dpmpp only, not {name!r}")
+    opts = _options(name, max_order, predict_x0, lower_order_final, dynamic_thresholding,
+                    True if afs_in_history is None else afs_in_history)
     t_steps = prepare(x, sigmas)
     return StepContext(Counter(denoiser, class_labels), t_steps, policy, bool(afs), opts)
 
@@ -284,21 +298,28 @@ def amed_dpm(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoi
 
 
 def amed_ipndm(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoise_to_zero=False,
-               return_trajectory=False, callback: Callback | None = None, max_order=4) -> SolveResult:
-    """AMED-Plugin on iPNDM (arXiv 2312.00094, sec. 3.4) with max_order in 1..4."""
+               return_trajectory=False, callback: Callback | None = None, max_order=4, afs_in_history=True) -> SolveResult:
+    """AMED-Plugin on iPNDM (arXiv 2312.00094, sec. 3.4) with max_order in 1..4.
+
+    afs_in_history=False keeps the AFS direction out of the Adams-Bashforth history (it is used for the
+    first sub-step only); True is the reference's behaviour.
+    """
     return _run("amed+ipndm", denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs,
                 denoise_to_zero=denoise_to_zero, return_trajectory=return_trajectory, callback=callback,
-                max_order=max_order)
+                max_order=max_order, afs_in_history=afs_in_history)
 
 
 def amed_dpmpp(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoise_to_zero=False,
                return_trajectory=False, callback: Callback | None = None, max_order=3, predict_x0=True,
-               lower_order_final=True, dynamic_thresholding=None) -> SolveResult:
-    """AMED-Plugin on multistep DPM-Solver++ (arXiv 2312.00094, sec. 3.4); dynamic_thresholding None = predict_x0."""
+               lower_order_final=True, dynamic_thresholding=None, afs_in_history=True) -> SolveResult:
+    """AMED-Plugin on multistep DPM-Solver++ (arXiv 2312.00094, sec. 3.4); dynamic_thresholding None = predict_x0.
+
+    afs_in_history=False: the AFS data estimate serves the first sub-step only (True: the reference).
+    """
     return _run("amed+dpmpp", denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs,
                 denoise_to_zero=denoise_to_zero, return_trajectory=return_trajectory, callback=callback,
                 max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
-                dynamic_thresholding=dynamic_thresholding)
+                dynamic_thresholding=dynamic_thresholding, afs_in_history=afs_in_history)
 
 
 AMED_SOLVERS: dict[str, Callable[..., SolveResult]] = {

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..schedules import ScheduleSpec
 from .predictor import PredictorConfig
-from .solvers import BASE_SOLVER, STEPS
+from .solvers import BASE_SOLVER, MULTISTEP, STEPS, _options
 
 __all__ = ["SamplerSpec", "num_steps_for", "nfe_for", "SPEC_VERSION"]
 
@@ -51,6 +51,7 @@ class SamplerSpec:
 
     solver: ``amed`` or ``amed+{euler,dpm,ipndm,dpmpp}``; num_steps N with nfe = 2 (N - 1) - afs.
     max_order / predict_x0 / lower_order_final / dynamic_thresholding: plugin options (None = not applicable).
+    afs_in_history: multistep plugins: whether the AFS estimate joins the history (True = the reference).
     predictor: the AMEDPredictor's PredictorConfig (its scale_dir / scale_time are the scale ranges).
     feature_source: where the per-sample features come from (the denoiser's ``feature_source``).
     teacher: the denoiser's ``identity()`` (adapter, name, content hash) - sampling checks it.
@@ -66,6 +67,7 @@ class SamplerSpec:
     predict_x0: bool | None = None
     lower_order_final: bool | None = None
     dynamic_thresholding: bool | None = None
+    afs_in_history: bool | None = None
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     feature_source: str = "denoised-channel-mean"
     teacher: dict = field(default_factory=dict)
@@ -92,15 +94,17 @@ class SamplerSpec:
             raise ValueError(f"SamplerSpec.max_order applies to amed+ipndm / amed+dpmpp only, not {self.solver!r}")
         if self.solver != "amed+dpmpp" and any(v is not None for v in (self.predict_x0, self.lower_order_final, self.dynamic_thresholding)):
             raise ValueError("SamplerSpec.predict_x0 / lower_order_final / dynamic_thresholding apply to amed+dpmpp only")
+        if self.solver not in MULTISTEP and self.afs_in_history is not None:
+            raise ValueError("SamplerSpec.afs_in_history applies to amed+ipndm / amed+dpmpp only")
         # Let the solver validate its own options once (ranges, combinations).
-        from .solvers import _options
         _options(self.solver, self.max_order, self.predict_x0, True if self.lower_order_final is None else self.lower_order_final,
-                 self.dynamic_thresholding)
+                 self.dynamic_thresholding, True if self.afs_in_history is None else self.afs_in_history)
 
     @classmethod
     def create(cls, solver: str, nfe: int, *, afs: bool = True, schedule: ScheduleSpec | None = None,
                predictor: PredictorConfig | None = None, max_order: int | None = None, predict_x0: bool | None = None,
-               lower_order_final: bool | None = None, dynamic_thresholding: bool | None = None, denoiser=None) -> "SamplerSpec":
+               lower_order_final: bool | None = None, dynamic_thresholding: bool | None = None,
+               afs_in_history: bool | None = None, denoiser=None) -> "SamplerSpec":
         """Spec for ``solver`` at ``nfe`` (N derived); plugin defaults filled in; teacher/feature source from ``denoiser``."""
         if solver not in STEPS:
             raise ValueError(f"solver must be one of {sorted(STEPS)}, got {solver!r}")
@@ -108,6 +112,8 @@ class SamplerSpec:
             schedule = ScheduleSpec()
             if denoiser is not None:
                 schedule = replace(schedule, sigma_min=float(denoiser.sigma_min), sigma_max=float(denoiser.sigma_max))
+        if solver in MULTISTEP:
+            afs_in_history = True if afs_in_history is None else afs_in_history
         if solver == "amed+ipndm":
             max_order = 4 if max_order is None else max_order
         if solver == "amed+dpmpp":
@@ -120,7 +126,8 @@ class SamplerSpec:
             extra = dict(teacher=denoiser.identity(), feature_source=str(getattr(denoiser, "feature_source", "")))
         return cls(solver=solver, nfe=nfe, num_steps=num_steps_for(solver, nfe, afs), schedule=schedule, afs=afs,
                    max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
-                   dynamic_thresholding=dynamic_thresholding, predictor=predictor or PredictorConfig(), **extra)
+                   dynamic_thresholding=dynamic_thresholding, afs_in_history=afs_in_history,
+                   predictor=predictor or PredictorConfig(), **extra)
 
     @property
     def base_solver(self) -> str:
@@ -139,6 +146,8 @@ class SamplerSpec:
         if self.solver == "amed+dpmpp":
             opts.update(max_order=self.max_order, predict_x0=self.predict_x0, lower_order_final=self.lower_order_final,
                         dynamic_thresholding=self.dynamic_thresholding)
+        if self.solver in MULTISTEP and self.afs_in_history is not None:
+            opts["afs_in_history"] = self.afs_in_history
         return opts
 
     def to_dict(self) -> dict:

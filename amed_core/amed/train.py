@@ -101,6 +101,18 @@ class TrainConfig:
         """The reference implementation's recipe (the default)."""
         return cls(**overrides)
 
+    @classmethod
+    def improved(cls, solver: str = "amed", **overrides) -> "TrainConfig":
+        """Our recipe: the reference's, with every student step weighted alike (loss_weighting="relative").
+
+        Why: the first (AFS) step's errors are orders of magnitude larger than later steps'; with a plain sum
+        they dominate the shared predictor, which saturates r towards 0 for every step (see BENCHMARKS.md).
+        For multistep plugins, pair it with ``SamplerSpec.create(..., afs_in_history=False)``.
+        """
+        if solver not in STEPS:
+            raise ValueError(f"solver must be one of {sorted(STEPS)}, got {solver!r}")
+        return cls(**{"loss_weighting": "relative", **overrides})
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -1,0 +1,143 @@
+"""Scoring learned AMED samplers next to training-free solvers at the same NFE (arXiv 2312.00094, Tables 1-3 style).
+
+- ``sample_amed(sampler, denoiser, n, seed)``: samples from per-sample seeded noise (``seeded_noise``), batched.
+- ``policy_trace(sampler, denoiser, noise)``: the learned r / scale_dir / scale_time per step (mean, std over samples).
+- ``compare_with_base(sampler, denoiser, n, seed)``: FD to exact mixture samples and RMSE to the near-exact ODE
+  solution, for the sampler and its base solver at the same NFE (``amed_core.evaluate`` does the base runs).
+- ``save_policy_plot(trace, path)``: PNG of the per-step policy (matplotlib, Agg).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..evaluate import _exact_samples, reference_solution, sample_solver, seeded_noise
+from ..metrics import fd_to_samples, rmse
+from .checkpoint import Sampler
+
+__all__ = ["AmedRun", "sample_amed", "policy_trace", "compare_with_base", "save_policy_plot", "Scores"]
+
+
+@dataclass
+class AmedRun:
+    x: torch.Tensor
+    nfe: int
+    seconds: float
+
+
+def sample_amed(sampler: Sampler, denoiser, n: int, seed: int, *, batch_size: int = 1024, noise: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float64) -> AmedRun:
+    """``n`` samples from noise seeds ``seed .. seed + n - 1`` (or the given noise), in batches."""
+    if n < 1:
+        raise ValueError(f"n (number of samples) must be >= 1, got {n}")
+    if noise is None:
+        noise = seeded_noise(range(seed, seed + n), denoiser.shape, dtype=dtype)
+    out, nfe = [], 0
+    t0 = time.perf_counter()
+    for lo in range(0, noise.shape[0], batch_size):
+        res = sampler(denoiser, noise[lo:lo + batch_size].to(dtype))
+        out.append(res.x)
+        nfe = res.nfe
+    return AmedRun(torch.cat(out), nfe, time.perf_counter() - t0)
+
+
+class _Recording:
+    def __init__(self, policy):
+        self.policy, self.rows = policy, []
+
+    def __call__(self, features, t_cur, t_next, step_idx):
+        r, sd, st = self.policy(features, t_cur, t_next, step_idx)
+        self.rows.append((step_idx, float(t_cur), float(t_next), r.detach(), sd.detach(), st.detach()))
+        return r, sd, st
+
+
+def policy_trace(sampler: Sampler, denoiser, noise: torch.Tensor) -> dict[str, list[float]]:
+    """Per step i: t_cur, t_next, mean/std over samples of r, scale_dir, scale_time (and the intermediate time s)."""
+    rec = _Recording(sampler.predictor)
+    sampler(denoiser, noise, policy=rec)
+    out: dict[str, list[float]] = {k: [] for k in ("t_cur", "t_next", "s_mean", "r_mean", "r_std", "scale_dir_mean",
+                                                   "scale_dir_std", "scale_time_mean", "scale_time_std")}
+    for _, tc, tn, r, sd, st in rec.rows:
+        out["t_cur"].append(tc)
+        out["t_next"].append(tn)
+        out["s_mean"].append(float((tn ** r * tc ** (1 - r)).mean()))
+        for name, v in (("r", r), ("scale_dir", sd), ("scale_time", st)):
+            out[f"{name}_mean"].append(float(v.mean()))
+            out[f"{name}_std"].append(float(v.std()) if v.numel() > 1 else 0.0)
+    return out
+
+
+@dataclass
+class Scores:
+    name: str
+    nfe: int
+    fd: float
+    rmse: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_with_base(sampler: Sampler, denoiser, n: int, seed: int, *, base_solver: str | None = None,
+                      base_afs: bool | None = None, rmse_samples: int = 512, exact: torch.Tensor | None = None,
+                      batch_size: int = 1024, reference_steps: int = 500) -> tuple[list[Scores], AmedRun]:
+    """FD (n samples vs n exact mixture samples) and RMSE (first ``rmse_samples`` vs the near-exact ODE solution)
+    of the sampler and of ``base_solver`` (default: the plugin's base, heun for the AMED-Solver) at the same NFE."""
+    spec = sampler.spec
+    noise = seeded_noise(range(seed, seed + n), denoiser.shape)
+    exact = exact if exact is not None else _exact_samples(denoiser, n, seed)
+    m = min(rmse_samples, n)
+    ref = reference_solution(denoiser, noise[:m], spec.schedule, num_steps=reference_steps)
+    run = sample_amed(sampler, denoiser, n, seed, noise=noise, batch_size=batch_size)
+    rows = [Scores(f"{spec.solver}", run.nfe, fd_to_samples(run.x, exact), rmse(run.x[:m], ref), run.seconds)]
+    base = base_solver or spec.base_solver
+    try:
+        b = sample_solver(denoiser, base, spec.nfe, n, seed, noise=noise, afs=base_afs, batch_size=batch_size)
+        label = f"{base}{' (afs)' if b.afs else ''}"
+        rows.append(Scores(label, b.nfe, fd_to_samples(b.x, exact), rmse(b.x[:m], ref), b.seconds))
+    except ValueError:
+        pass  # the base solver cannot spend exactly this NFE (e.g. heun at an odd NFE without AFS)
+    return rows, run
+
+
+def save_policy_plot(trace: dict, path: str | os.PathLike, *, title: str = "") -> Path:
+    """Plot r and the scales per step (mean with a +-std band) into a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps = np.arange(len(trace["r_mean"]))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, name in zip(axes, ("r", "scale_dir", "scale_time")):
+        mu, sd = np.asarray(trace[f"{name}_mean"]), np.asarray(trace[f"{name}_std"])
+        ax.plot(steps, mu, "o-")
+        ax.fill_between(steps, mu - sd, mu + sd, alpha=0.25)
+        ax.set_xlabel("step i")
+        ax.set_title(name)
+        ax.set_xticks(steps)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
