@@ -207,6 +207,27 @@ def _setup_worker(torch_threads: int) -> None:
     torch.set_num_threads(torch_threads)
 
 
+def _device():
+    """The GPU Ray assigned to this task/actor, else the CPU."""
+    import ray
+    import torch
+
+    try:
+        gpus = ray.get_gpu_ids()
+    except Exception:  # noqa: BLE001 - not inside Ray
+        gpus = []
+    return torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _to_device(batches, device):
+    from amed_core.teacher import TeacherBatch
+
+    for b in batches:
+        yield b if device.type == "cpu" else TeacherBatch(
+            noise=b.noise.to(device), states=b.states.to(device),
+            class_labels=None if b.class_labels is None else b.class_labels.to(device))
+
+
 def _load_teacher(dataset: dict):
     from amed_core.denoisers import load_teacher
 
@@ -253,7 +274,8 @@ class TeacherWorker:
 
     def __init__(self, dataset: dict, store_url: str, storage_options: dict, torch_threads: int = 1):
         _setup_worker(torch_threads)
-        self.denoiser = _load_teacher(dataset)
+        self.device = _device()
+        self.denoiser = _load_teacher(dataset).to(self.device)
         self.store_url, self.storage_options = store_url, storage_options
 
     def pid(self) -> int:
@@ -271,7 +293,7 @@ class TeacherWorker:
         compute, nfe, span = 0.0, 0, []
         if entry is None:
             c0 = time.time()
-            shard = generate_shard(self.denoiser, spec, index)
+            shard = generate_shard(self.denoiser, spec, index, device=self.device)
             compute = time.time() - c0
             span = [[c0, c0 + compute]]
             nfe = shard.nfe * shard.num_samples
@@ -320,9 +342,12 @@ def train_job(job: dict) -> dict:
     from flows.store import TeacherStore
 
     t_start = time.perf_counter()
+    from amed_core.amed import AMEDPredictor
+
     _setup_worker(job["torch_threads"])
+    device = _device()
     store = RunStore(job["store_url"], job["storage_options"])
-    denoiser = _load_teacher(job["dataset"])
+    denoiser = _load_teacher(job["dataset"]).to(device)
     spec = SamplerSpec.from_dict(job["sampler_spec"])
     cfg = TrainConfig.from_dict(job["train"])
     tstore = TeacherStore(job["store_url"], storage_options=job["storage_options"])
@@ -334,9 +359,10 @@ def train_job(job: dict) -> dict:
         progress.update(int(p.trajectories), p.loss)
 
     c0 = time.time()
-    result = train_amed(denoiser, spec, cfg, batches, callback=callback)
+    predictor = AMEDPredictor(spec.predictor, seed=cfg.seed).to(device)
+    result = train_amed(denoiser, spec, cfg, _to_device(batches, device), callback=callback, predictor=predictor)
     c1 = time.time()
-    files = checkpoint_files(result.predictor, spec)
+    files = checkpoint_files(result.predictor.cpu(), spec)
     record = {"id": job["id"], "files": {name: sha256(data) for name, data in files.items()},
               "loss_history": [float(sum(b)) for b in result.losses], "train_seconds": float(result.seconds),
               "compute_seconds": float(result.seconds), "updates": int(result.updates),
@@ -366,8 +392,9 @@ def eval_job(job: dict) -> dict:
 
     t_start = time.perf_counter()
     _setup_worker(job["torch_threads"])
+    device = _device()
     store = RunStore(job["store_url"], job["storage_options"])
-    denoiser = _load_teacher(job["dataset"])
+    denoiser = _load_teacher(job["dataset"]).to(device)
     proto = job["protocol"]
     dtype = torch.float64
     label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
@@ -381,6 +408,7 @@ def eval_job(job: dict) -> dict:
             if sha256(files[name]) != digest:
                 raise RuntimeError(f"{job['checkpoint']}/{name}: sha256 differs from train.json (corrupted)")
         sampler = sampler_from_files(files)
+        sampler.predictor.to(device)
 
         def run(noise, labels):
             return sampler(denoiser, noise, class_labels=labels)
@@ -400,19 +428,20 @@ def eval_job(job: dict) -> dict:
     for lo in range(0, len(seeds), proto["batch_size"]):
         noise, labels = trajectory_inputs(seeds[lo:lo + proto["batch_size"]], denoiser.shape,
                                           label_policy="uniform" if label_dim else "none", label_dim=label_dim)
-        noise = noise.to(dtype)
-        onehot = torch.nn.functional.one_hot(labels, label_dim).to(dtype) if labels is not None else None
+        noise = noise.to(device=device, dtype=dtype)
+        onehot = (torch.nn.functional.one_hot(labels, label_dim).to(device=device, dtype=dtype)
+                  if labels is not None else None)
         with torch.no_grad():
             res = run(noise, onehot)
-            x = res.x.to(torch.float64)
+            x = res.x.to(device="cpu", dtype=torch.float64)
             if ref_sigmas is not None:
                 ref = solve(job["reference_solver"], denoiser, noise * ref_sigmas[0], ref_sigmas, class_labels=onehot).x
-                err2 += float(((x - ref.to(torch.float64)) ** 2).sum())
+                err2 += float(((x - ref.to(device="cpu", dtype=torch.float64)) ** 2).sum())
         nfe = res.nfe
         xs.append(x)
     x = torch.cat(xs)
     if proto["metric"] == "fd_exact":
-        value = metrics.fd_exact_gmm(x, denoiser)
+        value = metrics.fd_exact_gmm(x, denoiser.cpu())
     elif proto["metric"] == "rmse":
         value = (err2 / x.numel()) ** 0.5
     else:
