@@ -34,6 +34,19 @@ def register(subparsers) -> None:
     q.add_argument("--device", default="cpu")
     q.set_defaults(func=_fid_ref)
 
+    r = subparsers.add_parser(
+        "fid", help="FID of an image folder/zip against reference statistics (.npz path or URL)",
+        description="FID of the images against reference statistics (e.g. EDM's fid-refs .npz, or `amed fid-ref` "
+                    "output), with the same Inception features as `amed fid-ref`. Nothing is downloaded unless "
+                    "--ref / --weights are URLs you give.")
+    r.add_argument("--images", required=True, help="folder (recursive) or .zip of PNG/JPEG images")
+    r.add_argument("--ref", required=True, help="reference statistics: .npz with mu, sigma (path or fsspec URL)")
+    r.add_argument("--weights", required=True, help="Inception weights: path or fsspec URL")
+    r.add_argument("--batch", type=int, default=64)
+    r.add_argument("--resize", choices=["tf1", "pytorch-fid"], default="tf1")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=_fid)
+
 
 def _fetch(args: argparse.Namespace) -> int:
     from flows.registry import fetch
@@ -43,15 +56,15 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_bytes(url: str) -> bytes:
-    """Bytes of a local path or fsspec URL (the weights are the user's own copy)."""
+def _read_bytes(url: str, what: str = "--weights") -> bytes:
+    """Bytes of a local path or fsspec URL (weights and statistics are the user's own copies)."""
     import fsspec
 
     try:
         with fsspec.open(url, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise ValueError(f"--weights: nothing at {url!r}; give the path or URL of your copy of the Inception weights") from None
+        raise ValueError(f"{what}: nothing at {url!r}; give the path or URL of your copy") from None
 
 
 def _fid_ref(args: argparse.Namespace) -> int:
@@ -67,4 +80,18 @@ def _fid_ref(args: argparse.Namespace) -> int:
     save_stats(args.out, stats.mu, stats.sigma)
     log.info("fid-ref: %d images, %.1f images/s -> %s", stats.n, stats.n / (time.perf_counter() - t0), args.out)
     print(args.out)
+    return 0
+
+
+def _fid(args: argparse.Namespace) -> int:
+    from amed_core.fid import iter_images, load_inception, load_reference_stats, stats_from_images
+
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    mu_ref, sigma_ref = load_reference_stats(_read_bytes(args.ref, "--ref"))
+    net = load_inception(_read_bytes(args.weights), resize=args.resize, device=args.device)
+    stats = stats_from_images(net, iter_images(args.images), batch_size=args.batch, progress=True)
+    value = stats.fid(mu_ref, sigma_ref)
+    log.info("fid: %d images against %s", stats.n, args.ref)
+    print(f"{value:.6g}")
     return 0

@@ -155,7 +155,7 @@ def test_to_uint8_is_edms_quantisation():
     assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
 
 
-def test_fid_ref_cli_from_folder_and_zip(tmp_path, weights, features):
+def test_fid_ref_cli_from_folder_and_zip(tmp_path, weights, features, capsys):
     import PIL.Image
 
     from flows.cli import main
@@ -176,6 +176,9 @@ def test_fid_ref_cli_from_folder_and_zip(tmp_path, weights, features):
     mu, sigma = load_reference_stats(out)
     np.testing.assert_allclose(mu, features.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-4, atol=1e-5)
+    # `amed fid` of the same images against those statistics (as a file:// URL) is ~0
+    assert main(["fid", "--images", str(folder), "--ref", f"file://{out}", "--weights", str(weights[0]), "--batch", "2"]) == 0
+    assert abs(float(capsys.readouterr().out.strip().splitlines()[-1])) < 1e-2
 
     # bad input names the field
     assert main(["fid-ref", "--images", str(tmp_path / "missing"), "--weights", str(weights[0]), "--out", str(out)]) == 2
