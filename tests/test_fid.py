@@ -27,19 +27,26 @@ from amed_core.fid import (
 from amed_core.metrics import frechet_distance
 
 
-def _import_torch_fidelity():
-    """torch-fidelity's Inception module, unchanged. Its package ``__init__`` also imports the CLIP /
-    VGG extractors, which need torchvision (not importable next to torch 2.13 here); the Inception
-    module and everything it imports do not, so the package is registered without running ``__init__``."""
+def _register_torch_fidelity() -> bool:
+    """Make torch-fidelity's Inception module importable, unchanged. Its package ``__init__`` also imports
+    the CLIP / VGG extractors, which need torchvision (not importable next to torch 2.13 here); the Inception
+    module and everything it imports do not, so the package is registered without running ``__init__``.
+    Returns False when torch-fidelity is not installed."""
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None:
-        pytest.skip("torch-fidelity not installed: pip install --no-deps torch-fidelity==0.4.0 "
-                    "(its torchvision dependency does not import next to torch 2.13)")
+        return False
     if "torch_fidelity" not in sys.modules:
         pkg = types.ModuleType("torch_fidelity")
         pkg.__path__ = list(spec.submodule_search_locations)
         pkg.__spec__ = spec
         sys.modules["torch_fidelity"] = pkg
+    return True
+
+
+def _import_torch_fidelity():
+    if not _register_torch_fidelity():
+        pytest.skip("torch-fidelity not installed: pip install --no-deps torch-fidelity==0.4.0 "
+                    "(its torchvision dependency does not import next to torch 2.13)")
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     return FeatureExtractorInceptionV3
@@ -104,7 +111,7 @@ def test_frechet_distance_matches_scipy_and_torchmetrics():
     scipy_fd = float(np.real(np.square(mu1 - mu2).sum() + np.trace(s1 + s2 - 2 * covmean)))
     assert ours == pytest.approx(scipy_fd, rel=1e-9, abs=1e-9)
 
-    _import_torch_fidelity()  # torchmetrics' FID module imports torch-fidelity's Inception first
+    _register_torch_fidelity()  # torchmetrics' FID module imports torch-fidelity's Inception when installed
     from torchmetrics.image.fid import _compute_fid
 
     tm = float(_compute_fid(*(torch.from_numpy(v) for v in (mu1, s1, mu2, s2))))
