@@ -19,8 +19,6 @@ from ._common import Callback, Counter, SolveResult, StepInfo, afs_direction, ch
 __all__ = ["ipndm", "ipndm_v", "dpmpp", "dpmpp_update", "dpmpp_coefficients", "ipndm_combination",
            "ipndm_v_coefficients", "combine", "IPNDM_COEFFS"]
 
-Scalar = "float | torch.Tensor"
-
 # Adams-Bashforth weights for a constant step (iPNDM, Zhang & Chen 2023): newest direction first.
 IPNDM_COEFFS: dict[int, tuple[float, ...]] = {
     1: (1.0,),
@@ -83,15 +81,11 @@ def ipndm_combination(d_cur: torch.Tensor, history: Sequence[torch.Tensor], orde
     return combine(None, 1.0, [(w[0], d_cur)] + [(w[j], history[-j]) for j in range(1, order)])
 
 
-def _check_common(max_order, lo, hi, name="max_order"):
-    check_int_option(name, max_order, lo, hi)
-
-
 def ipndm(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=False, return_trajectory=False,
           callback: Callback | None = None, max_order: int = 4) -> SolveResult:
     """Improved PNDM (Zhang & Chen 2023, "Fast sampling of diffusion models with exponential integrator"):
     x_{n+1} = x_n + (t_{n+1} - t_n) * sum_j w^k_j d_{n-j}, k = min(max_order, n + 1) (order 1 = Euler)."""
-    _check_common(max_order, 1, 4)
+    check_int_option("max_order", max_order, 1, 4)
     t_steps = prepare(x, sigmas)
     ts = t_steps.tolist()
     D = Counter(denoiser, class_labels)
@@ -160,7 +154,7 @@ def ipndm_v(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zer
             callback: Callback | None = None, max_order: int = 4) -> SolveResult:
     """Variable-step iPNDM: Adams-Bashforth with weights for the grid's actual step sizes
     (the form used by the AMED paper's baselines, Zhou et al. 2024, arXiv 2312.00094)."""
-    _check_common(max_order, 2, 4)
+    check_int_option("max_order", max_order, 2, 4)
     t_steps = prepare(x, sigmas)
     ts = t_steps.tolist()
     D = Counter(denoiser, class_labels)

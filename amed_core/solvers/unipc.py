@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from ._common import Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option, dynamic_threshold, finish, prepare
 from .multistep import _check_thresholding, combine
