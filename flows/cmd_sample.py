@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--reference-steps", type=int, default=500, help="grid points of the near-exact solution")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--grid-per-row", type=int, default=16, help="samples per solver in samples.png")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's default; 1 is faster on a busy shared machine)")
     p.add_argument("--predictor", default=None, metavar="DIR",
                    help="a trained AMED checkpoint (amed train --out DIR): score it next to its base solver at the "
                         "same NFE, write predictor-samples.png and policy.png (learned r/scales per step)")
@@ -56,6 +58,12 @@ def register(subparsers) -> None:
 
 def cmd_sample(args) -> int:
     """Dispatch on the mode: a learned AMED sampler (--predictor) or the training-free solvers."""
+    if getattr(args, "threads", 0):
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if getattr(args, "predictor", None):
         return run_predictor(args)
     if getattr(args, "out", None):
