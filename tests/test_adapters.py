@@ -34,6 +34,15 @@ from amed_core.tiny_unet import TinyUNet, TinyUNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These networks are tiny: one torch thread is as fast and avoids oversubscribing a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # -- a stand-in EDM checkout -----------------------------------------------------------------------------------
 # NVlabs' training/networks.py defines persistent precond modules (EDMPrecond, VPPrecond, VEPrecond) around
 # SongUNet/DhariwalUNet and records constructor kwargs (init_kwargs). This stand-in follows EDM's published

@@ -15,6 +15,8 @@ Pure torch: diffusers / transformers are imported lazily inside the diffusers ad
 
 from __future__ import annotations
 
+import os
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -46,7 +48,7 @@ __all__ = [
 
 _NETWORK_OPTIONS = ("edm_code_dir", "feature_layer", "sigma_min", "sigma_max", "device", "dtype")
 _PICKLE_OPTIONS = ("trust_pickle", "edm_code_dir", "key", "sigma_min", "sigma_max", "feature_layer", "device")
-_DIFFUSERS_OPTIONS = ("subfolder", "guidance_scale", "prompts", "negative_prompt", "prompt_embeds", "negative_prompt_embeds",
+_DIFFUSERS_OPTIONS = ("subfolder", "guidance_scale", "prompts", "max_prompts", "negative_prompt", "prompt_embeds", "negative_prompt_embeds",
                       "prediction_type", "feature_layer", "local_files_only", "cache_dir", "device", "dtype", "epsilon_t",
                       "sigma_min", "sigma_max")
 
@@ -64,6 +66,20 @@ def builtin_network_dir(name: str) -> Path:
     return Path(str(resources.files("amed_core") / "data" / BUILTIN_NETWORKS[name]))
 
 
+_PATH_OPTIONS = ("edm_code_dir", "cache_dir", "prompt_embeds", "prompts")
+
+
+def _expand(field: str, value):
+    """``~`` and ``$VARS`` in paths (sweep files name checkpoints through environment variables)."""
+    if not isinstance(value, str):
+        return value
+    out = os.path.expandvars(value)
+    missing = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", out)
+    if missing:
+        raise ValueError(f"{field}: environment variable {missing[0]} is not set (export it, e.g. to your checkpoint's path)")
+    return os.path.expanduser(out) if not out.startswith(("http://", "https://", "s3://", "gs://")) else out
+
+
 def load_adapter(spec: str, **options):
     """Resolve ``prefix:ARG`` (see the module docstring) or a built-in network name to a denoiser.
 
@@ -73,11 +89,13 @@ def load_adapter(spec: str, **options):
         check_options(f"teacher {spec!r}", options, _NETWORK_OPTIONS)
         return load_network(builtin_network_dir(spec), **options)
     prefix, _, arg = spec.partition(":")
+    arg = _expand("teacher", arg)
+    options = {k: _expand(k, v) if k in _PATH_OPTIONS else v for k, v in options.items()}
     weights_url = options.pop("weights_url", None)
     if weights_url is not None:  # SweepConfig's datasets[].weights_url: the checkpoint as a parameter
         if arg:
             raise ValueError(f"teacher {spec!r} already names its weights; drop weights_url or use the bare name {prefix!r}")
-        weights_url = str(weights_url)
+        weights_url = _expand("weights_url", str(weights_url))
         if weights_url.startswith("file://"):
             weights_url = weights_url[len("file://"):]
         if "://" in weights_url:

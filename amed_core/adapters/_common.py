@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["state_dict_sha256", "atomic_write_bytes", "atomic_write_json", "check_options", "first_tensor", "module_dtype"]
+__all__ = ["state_dict_sha256", "cached_state_dict_sha256", "atomic_write_bytes", "atomic_write_json", "check_options", "first_tensor", "module_dtype"]
 
 
 def state_dict_sha256(module: torch.nn.Module) -> str:
@@ -27,6 +27,19 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def cached_state_dict_sha256(owner, module: torch.nn.Module) -> str:
+    """:func:`state_dict_sha256`, recomputed only when a tensor changed (tensor version counters as the key).
+
+    Samplers check the teacher's identity on every call; hashing a multi-GB UNet each time would dominate.
+    """
+    key = tuple((name, t.data_ptr(), t._version) for name, t in module.state_dict(keep_vars=True).items())
+    cached = getattr(owner, "_sha256_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, state_dict_sha256(module))
+        object.__setattr__(owner, "_sha256_cache", cached)
+    return cached[1]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

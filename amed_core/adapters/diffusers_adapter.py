@@ -11,6 +11,8 @@ With a = 1/sqrt(1+s^2) (= alpha) and b = s/sqrt(1+s^2) (= sigma^VP), each parame
     v_prediction:  D = a^2 x - b v          (v = a eps - b x0)
     sample:        D = x0_pred
 
+UNets with learned variance (ADM / guided-diffusion conversions, ``out_channels = 2 C``) keep the first C channels.
+
 Classifier-free guidance (Ho & Salimans 2022): out = out_u + w (out_c - out_u), conditional and
 unconditional halves in one batched call ``[uncond; cond]``; AMED (Zhou et al. 2024, arXiv 2312.00094)
 reads its features from the conditional half, as the reference does. Prompts are a bank of P embeddings;
@@ -34,9 +36,9 @@ import torch
 
 from ..denoisers import BaseDenoiser, pool_features
 from ..schedules import DiscreteVP
-from ._common import first_tensor, module_dtype, state_dict_sha256
+from ._common import cached_state_dict_sha256, first_tensor, module_dtype, state_dict_sha256
 
-__all__ = ["DiffusersDenoiser", "load_diffusers", "PREDICTION_TYPES", "alphas_cumprod_from_scheduler_config"]
+__all__ = ["DiffusersDenoiser", "load_diffusers", "read_prompts", "PREDICTION_TYPES", "alphas_cumprod_from_scheduler_config"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -212,6 +214,8 @@ class DiffusersDenoiser(BaseDenoiser):
         dtype = module_dtype(self.unet)
         timestep = self.timestep(sigma).to(dtype=torch.float32)
         out = self._model_output((c_in * x).to(dtype), timestep, class_labels).to(x.dtype)
+        if out.shape[1] == 2 * x.shape[1]:  # learned variance (ADM / guided-diffusion): the first C channels are the mean's
+            out = out[:, : x.shape[1]]
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":
@@ -241,7 +245,7 @@ class DiffusersDenoiser(BaseDenoiser):
             "unet_class": type(self.unet).__name__,
             "prediction_type": self.prediction_type,
             "feature_layer": self.feature_layer,
-            "content_sha256": state_dict_sha256(self.unet),
+            "content_sha256": cached_state_dict_sha256(self, self.unet),
             "shape": list(self.shape),
         }
         if self.text_conditional:
@@ -316,6 +320,30 @@ def _read_json(p: Path) -> dict:
         raise ValueError(f"cannot read {p}: {e}") from None
 
 
+def read_prompts(path: str | Path, max_prompts: int | None = None) -> list[str]:
+    """Prompts from a text file (one per line) or a CSV with a ``caption`` / ``text`` / ``prompt`` column (e.g. the
+    reference's MS-COCO_val2014_30k_captions.csv); the first ``max_prompts``, in file order."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompts file {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise ValueError(f"prompts file {path} has no rows")
+        col = next((c for c in ("caption", "text", "prompt") if c in rows[0]), None)
+        if col is None:
+            raise ValueError(f"prompts CSV {path} needs a 'caption', 'text' or 'prompt' column (has {sorted(rows[0])})")
+        prompts = [r[col].strip() for r in rows if r[col] and r[col].strip()]
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts[:max_prompts] if max_prompts else prompts
+
+
 def _encode_prompts(root: Path, prompts: Sequence[str], negative_prompt: str, *, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP text embeddings (P, 77, E) and the negative/unconditional one (1, 77, E) from the pipeline's encoder."""
     try:
@@ -339,6 +367,7 @@ def load_diffusers(
     subfolder: str | None = None,
     guidance_scale: float = 1.0,
     prompts: Sequence[str] | str | None = None,
+    max_prompts: int | None = 1024,
     negative_prompt: str = "",
     prompt_embeds: torch.Tensor | str | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
@@ -356,7 +385,9 @@ def load_diffusers(
     or a bare UNet folder (``config.json`` + ``scheduler_config.json`` beside it, or in ``scheduler/``).
 
     ``prompt_embeds`` may be a tensor or a safetensors file with ``prompt_embeds`` (P, L, E) and
-    ``negative_prompt_embeds`` (1, L, E); ``prompts`` needs transformers and the pipeline's text encoder.
+    ``negative_prompt_embeds`` (1, L, E); ``prompts`` (a list, one prompt, or a .txt/.csv file, first
+    ``max_prompts`` kept) needs transformers and the pipeline's text encoder. Each sample's prompt is picked by its
+    class label (the teacher draws them uniformly), so P prompts act as P classes.
     """
     diffusers = _import_diffusers()
     root = _resolve_root(path_or_id, local_files_only=local_files_only, cache_dir=cache_dir)
@@ -382,16 +413,20 @@ def load_diffusers(
     alphas_cumprod, pred = alphas_cumprod_from_scheduler_config(sched_cfg)
     vae_loader = None
     scaling = None
-    if is_pipeline and (root / "vae" / "config.json").is_file():
-        vae_cfg = _read_json(root / "vae" / "config.json")
-        scaling = float(vae_cfg.get("scaling_factor", 0.18215))
+    vae_dir = next((root / n for n in ("vae", "vqvae") if (root / n / "config.json").is_file()), None) if is_pipeline else None
+    if vae_dir is not None:  # latent model: AutoencoderKL (Stable Diffusion) or VQModel (LDM), loaded on first decode
+        vae_cfg = _read_json(vae_dir / "config.json")
+        scaling = float(vae_cfg.get("scaling_factor", 0.18215 if vae_dir.name == "vae" else 1.0))
         vae_cls = getattr(diffusers, vae_cfg.get("_class_name", "AutoencoderKL"), diffusers.AutoencoderKL)
 
         def vae_loader():
-            return vae_cls.from_pretrained(str(root / "vae"), local_files_only=True, torch_dtype=dtype).requires_grad_(False).eval()
+            return vae_cls.from_pretrained(str(vae_dir), local_files_only=True, torch_dtype=dtype).requires_grad_(False).eval()
 
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    if isinstance(prompts, (str, Path)):
+        p = Path(prompts).expanduser()
+        prompts = read_prompts(p, max_prompts) if p.suffix.lower() in (".txt", ".csv") else [str(prompts)]
+    elif prompts is not None:
+        prompts = list(prompts)[:max_prompts] if max_prompts else list(prompts)
     if isinstance(prompt_embeds, (str, Path)):
         from safetensors.torch import load_file
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..denoisers import BaseDenoiser, pool_features
-from ._common import atomic_write_bytes, atomic_write_json, check_options, first_tensor, module_dtype, state_dict_sha256
+from ._common import cached_state_dict_sha256, atomic_write_bytes, atomic_write_json, check_options, first_tensor, module_dtype, state_dict_sha256
 
 __all__ = [
     "PRECOND_KINDS",
@@ -276,7 +276,7 @@ class PreconditionedDenoiser(_FeatureHookMixin, BaseDenoiser):
             "arch": self.config.arch,
             "precond": self.config.precond.kind,
             "feature_layer": self.feature_layer,
-            "content_sha256": state_dict_sha256(self.net),
+            "content_sha256": cached_state_dict_sha256(self, self.net),
             "shape": list(self.shape),
         }
 
@@ -395,7 +395,7 @@ class EDMPickleDenoiser(_FeatureHookMixin, BaseDenoiser):
 
     def identity(self) -> dict:
         return {"adapter": "edm-pickle", "name": self.name, "precond": type(self.net).__name__,
-                "feature_layer": self.feature_layer, "content_sha256": state_dict_sha256(self.net.model),
+                "feature_layer": self.feature_layer, "content_sha256": cached_state_dict_sha256(self, self.net.model),
                 "shape": list(self.shape)}
 
 
