@@ -49,12 +49,22 @@ def spec_for(denoiser, variant: str, nfe: int, preset: str) -> SamplerSpec:
     return SamplerSpec.create(
         variant, nfe, afs=True, schedule=SCHEDULES.get(variant, ScheduleSpec("polynomial", rho=7.0)),
         predictor=PredictorConfig(scale_dir=0.01, scale_time=SCALE_TIME.get(variant, 0.0)),
-        afs_in_history=(preset == "reference") if multistep else None, denoiser=denoiser)
+        afs_in_history=PRESETS[preset][1] if multistep else None, denoiser=denoiser)
+
+
+# preset -> (training recipe, afs_in_history for multistep plugins); the last two are ablations of "improved".
+PRESETS = {
+    "reference": ("reference", True),
+    "improved": ("improved", False),
+    "relative-only": ("improved", True),
+    "history-only": ("reference", False),
+}
 
 
 def config_for(variant: str, preset: str, seed: int, trajectories: int) -> TrainConfig:
-    base = TrainConfig.reference if preset == "reference" else (lambda **kw: TrainConfig.improved(variant, **kw))
-    return base(seed=seed, num_trajectories=trajectories)
+    if PRESETS[preset][0] == "reference":
+        return TrainConfig.reference(seed=seed, num_trajectories=trajectories)
+    return TrainConfig.improved(variant, seed=seed, num_trajectories=trajectories)
 
 
 def main(argv=None) -> int:
@@ -62,7 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["amed:5,7", "amed+ipndm:3,5,7"],
                     help="VARIANT:NFE,NFE,... (NFE odd: AFS is on, as in the reference); e.g. amed+dpm:3,5,7,9")
     ap.add_argument("--seeds", default="0,1,2", help="training seeds")
-    ap.add_argument("--preset", default="improved", help="comma-separated: improved, reference")
+    ap.add_argument("--preset", default="improved",
+                    help="comma-separated: improved, reference, relative-only, history-only (ablations)")
     ap.add_argument("--trajectories", type=int, default=10_000, help="teacher trajectories per training run")
     ap.add_argument("--baselines", default=",".join(BASELINES), help="training-free solvers at the same NFEs")
     ap.add_argument("--n", type=int, default=4096)
@@ -84,6 +95,9 @@ def main(argv=None) -> int:
     db["meta"] = {"teacher": "digits-gmm", "n": args.n, "sample_seed": args.sample_seed, "rmse_samples": m,
                   "fd_floor": fd_to_samples(_exact_samples(teacher, args.n, args.sample_seed + 1), exact)}
 
+    for p in args.preset.split(","):
+        if p not in PRESETS:
+            raise SystemExit(f"--preset: unknown {p!r}; choose from {', '.join(PRESETS)}")
     plan = []
     for item in args.variants:
         variant, _, nfes = item.partition(":")

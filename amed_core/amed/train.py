@@ -103,15 +103,19 @@ class TrainConfig:
 
     @classmethod
     def improved(cls, solver: str = "amed", **overrides) -> "TrainConfig":
-        """Our recipe: the reference's, with every student step weighted alike (loss_weighting="relative").
+        """Our recipe: the reference's, with every student step weighted alike (loss_weighting="relative") and,
+        for the AMED-Solver, a finer Heun teacher (M=3 instead of 1).
 
         Why: the first (AFS) step's errors are orders of magnitude larger than later steps'; with a plain sum
-        they dominate the shared predictor, which saturates r towards 0 for every step (see BENCHMARKS.md).
-        For multistep plugins, pair it with ``SamplerSpec.create(..., afs_in_history=False)``.
+        they dominate the shared predictor, which saturates r towards 0 for every step (see BENCHMARKS.md,
+        "AMED quality"). For multistep plugins, pair it with ``SamplerSpec.create(..., afs_in_history=False)``.
         """
         if solver not in STEPS:
             raise ValueError(f"solver must be one of {sorted(STEPS)}, got {solver!r}")
-        return cls(**{"loss_weighting": "relative", **overrides})
+        base = {"loss_weighting": "relative"}
+        if solver == "amed":
+            base["teacher_M"] = 3
+        return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
