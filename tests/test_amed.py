@@ -236,3 +236,13 @@ def test_sampler_refuses_another_teacher(teacher):
     with pytest.raises(ValueError, match="teacher"):
         sampler(other, _noise(2, teacher.shape))
     assert sampler(other, _noise(2, teacher.shape), check_teacher=False).x.shape == (2, 1, 8, 8)
+
+
+def test_epochs_revisit_given_batches(teacher):
+    spec = SamplerSpec.create("amed", 3, denoiser=teacher)
+    cfg = TrainConfig(num_trajectories=16, batch_size=16, epochs=3)
+    stored = list(teacher_batches(teacher, spec, cfg))
+    res = train_amed(teacher, spec, cfg, batches=stored)
+    assert res.updates == 3 * (spec.num_steps - 1) and res.trajectories == 48
+    once = train_amed(teacher, spec, TrainConfig(num_trajectories=16, batch_size=16), batches=iter(stored))
+    assert once.updates == spec.num_steps - 1

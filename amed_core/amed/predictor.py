@@ -38,7 +38,7 @@ class Policy(Protocol):
 
 @dataclass(frozen=True)
 class PredictorConfig:
-    """Sizes of the AMED predictor. The defaults are the reference's (8,929 parameters with r and one scale head).
+    """Sizes of the AMED predictor. The defaults are the reference's: 8,929 parameters for r, +21 per scale head.
 
     scale_dir / scale_time: half-widths s_d / s_t of the scale heads' ranges (0 disables the head and fixes
     the scale at 1).

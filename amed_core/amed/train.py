@@ -49,8 +49,9 @@ class TrainConfig:
     teacher_afs: whether the on-the-fly teacher uses AFS (False in the reference).
     restart: student input at each step: "teacher" (the teacher state), "own" (own detached output and
       history), or None = the reference's choice (teacher for single-step, own for multistep students).
-    epochs: passes over the on-the-fly teacher's trajectories (1 in the reference; regenerated noise each pass is
-      NOT used: the same trajectories are revisited, as a stored teacher would be).
+    epochs: passes over the same trajectories (1 in the reference): given batches are iterated again when
+      re-iterable, else (and for the on-the-fly teacher) cached in memory. Training stops after
+      num_trajectories * epochs trajectories or when the batches run out.
     dtype: arithmetic of the student (and on-the-fly teacher).
     loss_weighting: "sum" (the reference: sum_b ||err_b||^2 / B) or "relative" (divided by the batch's
       sum_b ||x_{i+1} - x_i||^2 of the teacher, so every student step weighs alike in the shared predictor).
@@ -228,15 +229,19 @@ def train_amed(denoiser, spec: SamplerSpec, cfg: TrainConfig | None = None, batc
     nfe_log: list[int] = []
 
     def epochs_of(source):
-        if batches is not None or cfg.epochs == 1:
+        if cfg.epochs == 1:
             yield from source
+            return
+        if batches is not None and not isinstance(batches, Iterator):  # re-iterable (a list, a store view)
+            for _ in range(cfg.epochs):
+                yield from batches
             return
         cached = list(source)  # the same trajectories, revisited
         for _ in range(cfg.epochs):
             yield from cached
 
     source = batches if batches is not None else teacher_batches(denoiser, spec, cfg, nfe_out=nfe_log)
-    total = cfg.num_trajectories * (cfg.epochs if batches is None else 1)
+    total = cfg.num_trajectories * cfg.epochs
     result = TrainResult(predictor=predictor, spec=spec, config=cfg)
     t0 = time.perf_counter()
     seen = 0
