@@ -8,4 +8,4 @@ from flows.env import apply_safe_defaults
 
 apply_safe_defaults()
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # small tensors: threads only add sync cost on a 2-core machine
