@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (0: torch's default). The mixture's small batched ops gain little "
                         "from threads; on a busy 2-core machine 1 thread ran the default table in 1m16s, 2 in 4m49s")
-    p.add_argument("--predictor", default=None, metavar="DIR",
+    p.add_argument("--predictor", default=None, metavar="DIR|URL|models:/NAME@ALIAS",
                    help="a trained AMED checkpoint (amed train --out DIR): score it next to its base solver at the "
                         "same NFE, write predictor-samples.png and policy.png (learned r/scales per step)")
     p.add_argument("--out", default=None, metavar="FILE.npz", help="with --predictor: save the samples as 'samples' (n, C, H, W)")
@@ -184,12 +184,13 @@ def run_predictor(args) -> int:
     import numpy as np
 
     from amed_core import evaluate
-    from amed_core.amed import load_sampler
     from amed_core.amed.evaluation import compare_with_base, policy_trace, save_policy_plot
     from amed_core.denoisers import load_teacher
 
     if args.n < 2:
         raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {args.n}")
+    from flows.registry import load_sampler  # a folder, an fsspec URL or models:/NAME@ALIAS
+
     sampler = load_sampler(args.predictor)
     spec = sampler.spec
     denoiser = load_teacher(args.teacher)
