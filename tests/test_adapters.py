@@ -424,3 +424,109 @@ def test_hub_id_never_downloads(tmp_path, monkeypatch):
         load_teacher("diffusers:someone/not-cached-model", cache_dir=str(tmp_path / "empty-cache"))
     with pytest.raises(ValueError, match="neither a local folder"):
         load_teacher(f"diffusers:{tmp_path / 'missing' / 'folder'}")
+
+
+# -- the paper's presets ------------------------------------------------------------------------------------------
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs" / "presets").glob("*.yaml"))
+
+
+def test_presets_validate_and_follow_the_reference():
+    from flows.config import load_sweep
+
+    names = {p.stem for p in PRESETS}
+    assert {"cifar10", "ffhq64", "imagenet64", "lsun_bedroom", "stable-diffusion"} <= names
+    for p in PRESETS:
+        cfg = load_sweep(p)
+        d = cfg.datasets[0]
+        assert d.weights_url.startswith("${AMED_") and d.teacher in ("edm-safetensors", "diffusers"), p.name
+        assert cfg.evaluation.metric != "fd_exact" and cfg.sampler.afs is True
+    sd = load_sweep(PRESETS[[p.stem for p in PRESETS].index("stable-diffusion")])
+    assert sd.datasets[0].options["guidance_scale"] == 7.5 and sd.sampler.schedule_type == "discrete"
+    assert (sd.sampler.max_order, sd.sampler.predict_x0, sd.sampler.scale_dir, sd.sampler.scale_time) == (2, False, 0.0, 0.2)
+    assert (sd.train.batch_size, sd.teacher.num_trajectories, sd.teacher.M) == (32, 5000, 2)
+    c10 = load_sweep(PRESETS[[p.stem for p in PRESETS].index("cifar10")])
+    assert (c10.sampler.schedule_type, c10.sampler.schedule_rho, c10.teacher.solver, c10.teacher.M) == ("time_uniform", 1.0, "heun", 1)
+
+
+def _spec_for(cfg, den, solver, nfe):
+    """What the pipeline builds from a preset (with the model's VP table for discrete schedules)."""
+    from amed_core.amed import SamplerSpec
+    from amed_core.amed.predictor import PredictorConfig
+    from amed_core.schedules import ScheduleSpec
+
+    sc = cfg.sampler_for(solver)
+    schedule = ScheduleSpec(sc.schedule_type, rho=sc.schedule_rho, sigma_min=float(den.sigma_min),
+                            sigma_max=float(den.sigma_max), alphas_cumprod=getattr(den, "alphas_cumprod", None)
+                            if sc.schedule_type == "discrete" else None)
+    plugin = {}
+    if solver in ("amed+ipndm", "amed+dpmpp"):
+        plugin["max_order"] = sc.max_order
+    if solver == "amed+dpmpp":
+        plugin.update(predict_x0=sc.predict_x0, lower_order_final=sc.lower_order_final)
+    return SamplerSpec.create(solver, nfe, afs=sc.afs_for(nfe), schedule=schedule, denoiser=den,
+                              predictor=PredictorConfig(scale_dir=sc.scale_dir, scale_time=sc.scale_time), **plugin)
+
+
+def test_presets_resolve_small_random_networks_of_the_same_classes(edm_checkout, tmp_path, monkeypatch):
+    """Each preset's teacher entry loads a small random network of its class through $AMED_* and samples with AMED."""
+    from safetensors.torch import save_file
+
+    from amed_core.amed import AMEDPredictor
+    from amed_core.amed.checkpoint import Sampler
+    from flows.config import load_sweep
+
+    # EDM presets: a converted (nvlabs-arch) network; the EDM code found on sys.path, as PYTHONPATH would provide
+    pkl = _edm_pickle(edm_checkout, tmp_path, "VPPrecond")
+    convert_edm_pickle(pkl, tmp_path / "edm", trust_pickle=True, edm_code_dir=edm_checkout)
+    # LDM preset: unet/ + vqvae/ + scheduler/; SD preset: a pipeline folder + a prompts file encoded ... by embeddings
+    ldm = tmp_path / "ldm"
+    _small_unet().save_pretrained(ldm / "unet")
+    diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
+                            beta_schedule="scaled_linear").save_pretrained(ldm / "scheduler")
+    diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8,), norm_num_groups=4,
+                      num_vq_embeddings=16, vq_embed_dim=3).save_pretrained(ldm / "vqvae")
+    (ldm / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline"}))
+    sd = tmp_path / "sd"
+    _small_unet(cond=True).save_pretrained(sd / "unet")
+    diffusers.PNDMScheduler(**SCHED).save_pretrained(sd / "scheduler")
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    emb = tmp_path / "coco.safetensors"
+    save_file({"prompt_embeds": torch.randn(3, 5, 8), "negative_prompt_embeds": torch.randn(1, 5, 8)}, str(emb))
+    for var in ("CIFAR10", "FFHQ64", "IMAGENET64"):
+        monkeypatch.setenv(f"AMED_{var}_WEIGHTS", str(tmp_path / "edm"))
+    monkeypatch.setenv("AMED_LSUN_BEDROOM_WEIGHTS", str(ldm))
+    monkeypatch.setenv("AMED_SD_WEIGHTS", str(sd))
+    sys.path.insert(0, str(edm_checkout))
+    noise = torch.randn(2, 1, 1, 1)
+    for p in PRESETS:
+        cfg = load_sweep(p)
+        d = cfg.datasets[0]
+        opts = d.load_kwargs()
+        if p.stem == "stable-diffusion":  # prompts come from a file the test cannot ship: same bank as embeddings
+            opts.pop("prompts")
+            opts.pop("max_prompts")
+            opts.update(prompt_embeds=str(emb), dtype="float32")
+        den = load_teacher(d.teacher, **opts)
+        for solver in cfg.solvers:
+            spec = _spec_for(cfg, den, solver, 5)
+            sampler = Sampler(spec, AMEDPredictor(spec.predictor, seed=0))
+            labels = torch.nn.functional.one_hot(torch.tensor([0, 2]), den.label_dim).float() if den.label_dim else None
+            out = sampler(den, noise * torch.randn(2, *den.shape), labels)
+            assert out.nfe == 5 and out.x.shape == (2, *den.shape) and torch.isfinite(out.x).all(), p.name
+    monkeypatch.delenv("AMED_SD_WEIGHTS")
+    with pytest.raises(ValueError, match="AMED_SD_WEIGHTS is not set"):
+        load_teacher("diffusers", weights_url="${AMED_SD_WEIGHTS}")
+
+
+def test_read_prompts(tmp_path):
+    from amed_core.adapters.diffusers_adapter import read_prompts
+
+    (tmp_path / "p.csv").write_text('id,text\n1,"a cat, sitting"\n2,a dog\n3,\n4,a bird\n')
+    assert read_prompts(tmp_path / "p.csv") == ["a cat, sitting", "a dog", "a bird"]
+    assert read_prompts(tmp_path / "p.csv", 2) == ["a cat, sitting", "a dog"]
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    assert read_prompts(tmp_path / "p.txt") == ["one", "two"]
+    (tmp_path / "bad.csv").write_text("id,words\n1,x\n")
+    with pytest.raises(ValueError, match="caption"):
+        read_prompts(tmp_path / "bad.csv")

@@ -36,6 +36,7 @@ __all__ = [
     "TEACHER_PREFIXES",
     "BUILTIN_NETWORKS",
     "load_adapter",
+    "builtin_network_dir",
     "EDMPickleDenoiser",
     "NetworkConfig",
     "Preconditioning",
