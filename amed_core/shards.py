@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TeacherShard", "STORAGE_DTYPES", "SHARD_FORMAT", "SHARD_VERSION", "storage_dtype"]
+__all__ = ["TeacherShard", "STORAGE_DTYPES", "SHARD_FORMAT", "SHARD_VERSION", "storage_dtype", "write_safetensors",
+           "read_safetensors"]
 
 SHARD_FORMAT = "amed.teacher_shard"
 SHARD_VERSION = 1
@@ -41,6 +42,85 @@ def storage_dtype(name: str) -> torch.dtype:
         return STORAGE_DTYPES[name]
     except KeyError:
         raise ValueError(f"dtype {name!r} is not a storage dtype; use one of {sorted(STORAGE_DTYPES)}") from None
+
+
+_ST_CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+_ST_DTYPES = {v: k for k, v in _ST_CODES.items()}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytearray:
+    """Serialise to the safetensors format (8-byte little-endian header length, JSON header padded to 8 bytes,
+    then the raw little-endian tensor bytes), ordered by element size then name so every tensor is aligned.
+
+    Byte-compatible with ``safetensors.torch.load``; written here so each tensor is copied exactly once.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        if t.dtype not in _ST_CODES:
+            raise ValueError(f"tensor {k!r} has dtype {t.dtype}; storable dtypes: {sorted(map(str, _ST_CODES))}")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = dict(metadata)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    base = 8 + len(head)
+    buf = bytearray(base + offset)
+    buf[:8] = len(head).to_bytes(8, "little")
+    buf[8:base] = head
+    for k in order:
+        t = tensors[k].detach().to("cpu").contiguous().reshape(-1)
+        start, end = header[k]["data_offsets"]
+        if end > start:
+            torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=base + start).copy_(t.view(torch.uint8))
+    return buf
+
+
+def read_safetensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict]:
+    """Parse safetensors bytes into tensors viewing one writable buffer (no pickle); ValueError on any inconsistency."""
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    size = len(buf)
+    n = int.from_bytes(bytes(buf[:8]), "little")
+    if size < 8 or n < 2 or 8 + n > size:
+        raise ValueError("not a valid safetensors teacher shard: header length out of range (truncated?)")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not a valid safetensors teacher shard: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a valid safetensors teacher shard: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    spans, tensors = [], {}
+    for name, info in header.items():
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"not a valid safetensors teacher shard: bad entry for tensor {name!r}: {info!r}") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = 1
+        for d in shape:
+            count *= d
+        if min(shape, default=1) < 0 or end - start != count * itemsize or start < 0 or base + end > size:
+            raise ValueError(f"not a valid safetensors teacher shard: tensor {name!r} offsets {start}..{end} do not fit "
+                             f"shape {shape} x {itemsize} bytes in a {size - base}-byte body (truncated?)")
+        spans.append((start, end))
+        tensors[name] = (torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start) if count
+                         else torch.empty(0, dtype=dtype)).reshape(shape)
+    spans.sort()
+    pos = 0
+    for start, end in spans:
+        if start != pos:
+            raise ValueError("not a valid safetensors teacher shard: tensor data overlaps or leaves gaps")
+        pos = end
+    if base + pos != size:
+        raise ValueError(f"not a valid safetensors teacher shard: {size - base - pos} trailing bytes")
+    return tensors, meta
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -135,33 +215,26 @@ class TeacherShard:
         }
 
     # -- bytes ----------------------------------------------------------------------------------
+    def to_buffer(self) -> bytearray:
+        """The shard's safetensors bytes, built in one buffer (one copy of each tensor; see :func:`write_safetensors`)."""
+        tensors = {"seeds": self.seeds, "sigmas": self.sigmas, "noise": self.noise, "states": self.states}
+        if self.labels is not None:
+            tensors["labels"] = self.labels
+        return write_safetensors(tensors, {SHARD_FORMAT: json.dumps(self.header(), sort_keys=True)})
+
     def to_bytes(self) -> bytes:
         """safetensors bytes with the JSON header as metadata (deterministic for equal content)."""
-        from safetensors.torch import save
-
-        tensors = {
-            "seeds": self.seeds.contiguous(),
-            "sigmas": self.sigmas.contiguous(),
-            "noise": self.noise.contiguous(),
-            "states": self.states.contiguous(),
-        }
-        if self.labels is not None:
-            tensors["labels"] = self.labels.contiguous()
-        return save(tensors, metadata={SHARD_FORMAT: json.dumps(self.header(), sort_keys=True)})
+        return bytes(self.to_buffer())
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, expect_spec_hash: str | None = None, expect_index: int | None = None) -> "TeacherShard":
-        """Parse and validate shard bytes; ValueError saying what is wrong (never unpickles)."""
-        from safetensors.torch import load
+    def from_bytes(cls, data: bytes | bytearray, *, expect_spec_hash: str | None = None, expect_index: int | None = None) -> "TeacherShard":
+        """Parse and validate shard bytes; ValueError saying what is wrong (never unpickles).
 
+        A ``bytearray`` is used in place (the tensors view it, no copy); ``bytes`` are copied once.
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
             raise ValueError("teacher shard bytes are empty or truncated")
-        try:
-            tensors = load(bytes(data))
-            header_len = int.from_bytes(bytes(data[:8]), "little")
-            meta = json.loads(bytes(data[8:8 + header_len])).get("__metadata__") or {}
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"not a valid safetensors teacher shard: {e}") from None
+        tensors, meta = read_safetensors(data)
         if SHARD_FORMAT not in meta:
             raise ValueError(f"safetensors file has no {SHARD_FORMAT!r} header: not a teacher shard")
         try:

@@ -35,6 +35,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional
@@ -173,14 +174,18 @@ def _sha256(data: bytes) -> str:
 _HASHER = None
 
 
-def _sha256_async(data: bytes):
-    """SHA-256 on a helper thread (hashlib releases the GIL), so hashing overlaps the write or the parse."""
+def _hash_executor():
     global _HASHER
     if _HASHER is None:
         from concurrent.futures import ThreadPoolExecutor
 
         _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-sha256")
-    return _HASHER.submit(_sha256, data)
+    return _HASHER
+
+
+def _sha256_async(data: bytes | bytearray):
+    """SHA-256 on a helper thread (hashlib releases the GIL), so hashing overlaps the write."""
+    return _hash_executor().submit(_sha256, data)
 
 
 class TeacherStore:
@@ -283,6 +288,18 @@ class TeacherStore:
         with self._errors(f"read {path}"):
             return self.fs.cat_file(path)
 
+    def _cat_existing(self, path: str, attempts: int = 6) -> bytes:
+        """Read an object we know exists (listed, or refused as already present): a not-found is a transient
+        read-after-write gap (moto's conditional PUT is not atomic under concurrency), so retry with backoff."""
+        for k in range(attempts):
+            try:
+                return self._cat(path)
+            except FileNotFoundError:
+                if k == attempts - 1:
+                    raise
+                time.sleep(0.02 * 2**k)
+        raise AssertionError("unreachable")
+
     def _exists(self, path: str) -> bool:
         with self._errors(f"look up {path}"):
             return self.fs.exists(path)
@@ -357,7 +374,11 @@ class TeacherStore:
             if self.fs.exists(f"{d}/manifest.d"):
                 paths = [p for p in self.fs.ls(f"{d}/manifest.d", detail=False) if p.endswith(".json")]
                 if paths:
-                    for p, raw in self.fs.cat(paths, on_error="raise").items():
+                    for p, raw in self.fs.cat(paths, on_error="return").items():
+                        if isinstance(raw, FileNotFoundError):
+                            raw = self._cat_existing(p)
+                        elif isinstance(raw, Exception):
+                            raise raw
                         add(json.loads(raw), p.rsplit("/", 1)[-1])
         return dict(sorted(entries.items()))
 
@@ -374,7 +395,11 @@ class TeacherStore:
                 new = [p for p in self.fs.ls(f"{d}/manifest.d", detail=False)
                        if p.endswith(".json") and int(p.rsplit("-", 1)[-1][:-5]) not in entries]
                 if new:
-                    for raw in self.fs.cat(new, on_error="raise").values():
+                    for p, raw in self.fs.cat(new, on_error="return").items():
+                        if isinstance(raw, FileNotFoundError):
+                            raw = self._cat_existing(p)
+                        elif isinstance(raw, Exception):
+                            raise raw
                         e = json.loads(raw)
                         entries[int(e["index"])] = e
         body = {
@@ -403,7 +428,7 @@ class TeacherStore:
     def _commit_entry(self, spec: TeacherSpec, entry: dict, update_manifest: bool = True) -> dict:
         path = self._entry_path(spec.spec_hash, entry["index"])
         if not self._put_once(path, json.dumps(entry, sort_keys=True).encode()):
-            other = json.loads(self._cat(path))
+            other = json.loads(self._cat_existing(path))
             if (other["sha256"], other["bytes"]) != (entry["sha256"], entry["bytes"]):
                 raise ShardVerificationError(f"shard {entry['index']} of {spec.spec_hash}: another writer recorded "
                                              f"sha256 {other['sha256']} for the object we read as {entry['sha256']}")
@@ -412,11 +437,12 @@ class TeacherStore:
             self._write_manifest(spec)
         return entry
 
-    def adopt_shard(self, spec: TeacherSpec, index: int, *, update_manifest: bool = True) -> Optional[dict]:
+    def adopt_shard(self, spec: TeacherSpec, index: int, *, update_manifest: bool = True,
+                    known_to_exist: bool = False) -> Optional[dict]:
         """Commit a shard object that exists without an entry (a writer died before its entry); None if absent/bad."""
         path = self.shard_path(spec.spec_hash, index)
         try:
-            data = self._cat(path)
+            data = self._cat_existing(path) if known_to_exist else self._cat(path)
         except FileNotFoundError:
             return None
         try:
@@ -436,15 +462,22 @@ class TeacherStore:
         """
         if shard.spec_hash != spec.spec_hash:
             raise ValueError(f"shard belongs to spec {shard.spec_hash}, not {spec.spec_hash}")
-        data = shard.to_bytes()
+        data = shard.to_buffer()
         path = self.shard_path(spec.spec_hash, shard.index)
         digest = _sha256_async(data)
         if self._put_once(path, data):
             entry = {"index": shard.index, "path": self.shard_name(shard.index), "bytes": len(data),
                      "sha256": digest.result(), "num_samples": shard.num_samples, "nfe": shard.nfe}
             return self._commit_entry(spec, entry, update_manifest)
-        # Another writer (or a killed one) created this object first: adopt what is there.
-        entry = self.adopt_shard(spec, shard.index, update_manifest=update_manifest)
+        # Another writer (or a killed one) created this object first: take its entry, or adopt what is there.
+        try:
+            entry = json.loads(self._cat(self._entry_path(spec.spec_hash, shard.index)))
+            if update_manifest:
+                self._write_manifest(spec)
+            return entry
+        except FileNotFoundError:
+            pass
+        entry = self.adopt_shard(spec, shard.index, update_manifest=update_manifest, known_to_exist=True)
         if entry is None:  # it was unreadable and has been removed: write ours
             if not self._put_once(path, data):
                 raise ShardVerificationError(f"{path}: concurrent writers keep replacing an unreadable shard")
@@ -462,23 +495,81 @@ class TeacherStore:
                 raise ShardVerificationError(f"shard {index} of teacher {spec_hash} is not committed in {self.url}")
         path = self.shard_path(spec_hash, index)
         try:
-            data = self._cat(path)
+            data, digest = self._fetch_hashed(path)
         except FileNotFoundError:
             raise ShardVerificationError(f"{path} is listed in the manifest but missing") from None
         if len(data) != entry["bytes"]:
             raise ShardVerificationError(f"{path}: {len(data)} bytes, manifest says {entry['bytes']} (truncated or replaced)")
-        pending = _sha256_async(data)  # hash while parsing; the parsed shard is returned only if the hash matches
-        try:
-            shard = TeacherShard.from_bytes(data, expect_spec_hash=spec_hash, expect_index=index)
-            problem = None
-        except ValueError as e:
-            shard, problem = None, str(e)
-        digest = pending.result()
         if digest != entry["sha256"]:
             raise ShardVerificationError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} (corrupted)")
-        if problem is not None:
-            raise ShardVerificationError(f"{path}: {problem}")
-        return shard
+        try:
+            return TeacherShard.from_bytes(data, expect_spec_hash=spec_hash, expect_index=index)
+        except ValueError as e:
+            raise ShardVerificationError(f"{path}: {e}") from None
+
+    _CHUNK = 8 << 20
+
+    def _fetch_hashed(self, path: str) -> tuple[bytearray, str]:
+        """The object's bytes (in a bytearray the shard's tensors can view) and their SHA-256, hashing each chunk
+        on a helper thread while the next one is read (local files, S3); other filesystems: read, then hash."""
+        with self._errors(f"read {path}"):
+            if self._local:
+                size = os.path.getsize(path)
+                buf = bytearray(size)
+                view = memoryview(buf)
+                h = hashlib.sha256()
+                pending = None
+                pos = 0
+                with open(path, "rb") as f:
+                    while pos < size:
+                        got = f.readinto(view[pos:pos + self._CHUNK])
+                        if not got:
+                            break
+                        if pending is not None:
+                            pending.result()
+                        pending = _hash_executor().submit(h.update, view[pos:pos + got])
+                        pos += got
+                if pending is not None:
+                    pending.result()
+                return buf[:pos] if pos != size else buf, h.hexdigest()
+            if self.protocol in ("s3", "s3a") and hasattr(self.fs, "_call_s3"):
+                from fsspec.asyn import sync
+
+                return sync(self.fs.loop, self._s3_fetch_hashed, path)
+            data = bytearray(self.fs.cat_file(path))
+            return data, _sha256(data)
+
+    async def _s3_fetch_hashed(self, path: str) -> tuple[bytearray, str]:
+        import asyncio
+
+        bucket, key, version = self.fs.split_path(path)
+        kw = {"VersionId": version} if version else {}
+        resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **kw)
+        body = resp["Body"]
+        size = int(resp["ContentLength"])
+        buf = bytearray(size)
+        view = memoryview(buf)
+        h = hashlib.sha256()
+        loop = asyncio.get_running_loop()
+        pending = None
+        pos = 0
+        try:
+            while True:
+                chunk = await body.read(self._CHUNK)
+                if not chunk:
+                    break
+                if pos + len(chunk) > size:
+                    raise ShardVerificationError(f"{path}: more bytes than its Content-Length {size}")
+                view[pos:pos + len(chunk)] = chunk
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(_hash_executor(), h.update, view[pos:pos + len(chunk)])
+                pos += len(chunk)
+            if pending is not None:
+                await pending
+        finally:
+            body.close()
+        return (buf if pos == size else buf[:pos]), h.hexdigest()
 
     def verify(self, spec_hash: str) -> VerifyReport:
         """Check every shard of a spec: present in the manifest, object present, size, sha256, parse."""
