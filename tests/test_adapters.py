@@ -530,3 +530,39 @@ def test_read_prompts(tmp_path):
     (tmp_path / "bad.csv").write_text("id,words\n1,x\n")
     with pytest.raises(ValueError, match="caption"):
         read_prompts(tmp_path / "bad.csv")
+
+
+def test_prompts_are_encoded_by_the_pipelines_text_encoder(tmp_path):
+    """prompts=[...] (or a .txt/.csv) go through the pipeline's own CLIP tokenizer + text encoder, once."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path / "sd"
+    _small_unet(cond=True).save_pretrained(root / "unet")
+    diffusers.DDPMScheduler(**SCHED).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (root / "tokenizer").mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (root / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
+                                     model_max_length=5)
+    tok.save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    enc = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=5, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    enc.save_pretrained(root / "text_encoder")
+    (tmp_path / "prompts.txt").write_text("a cat\nred dog\nthird one\n")
+    den = load_teacher(f"diffusers:{root}", prompts=str(tmp_path / "prompts.txt"), max_prompts=2, guidance_scale=3.0)
+    assert den.prompts == ("a cat", "red dog") and den.label_dim == 2
+    with torch.no_grad():
+        ids = tok(["a cat", "red dog", ""], padding="max_length", max_length=5, truncation=True, return_tensors="pt").input_ids
+        want = enc(ids)[0]
+    torch.testing.assert_close(den.prompt_embeds, want[:2])
+    torch.testing.assert_close(den.negative_prompt_embeds, want[2:])
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.isfinite(den(x, 1.0, torch.tensor([1, 0]))).all()
+    assert den.identity()["prompts"] == ["a cat", "red dog"]
