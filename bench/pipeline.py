@@ -58,7 +58,7 @@ def quickstart(tmp: Path) -> dict:
     first, last = min(a for a, _ in spans), max(b for _, b in spans)
     return {
         "wall": wall, "compute": compute, "orchestration": wall - compute,
-        "compute_task_seconds": s["compute_seconds"],
+        "compute_task_seconds": s["compute_seconds"], "compute_cpu_seconds": s.get("compute_cpu_seconds", 0.0),
         "phases": {
             "process start, imports, config": m["start"] - t_launch,
             "Ray + Prefect API start (concurrent)": m["flow_start"] - m["start"],
@@ -114,7 +114,9 @@ def report(q: dict, sc: dict, load: tuple) -> str:
              f"of which compute {q['compute']:.0f} s ({100 * q['compute'] / q['wall']:.0f}%) and orchestration "
              f"{q['orchestration']:.0f} s ({100 * q['orchestration'] / q['wall']:.0f}%). Compute = union of the intervals in "
              "which a Ray task did denoiser/predictor work (timed inside the tasks); task-seconds: " +
-             ", ".join(f"{k} {v:.0f}" for k, v in q["compute_task_seconds"].items()) + ".", "",
+             ", ".join(f"{k} {v:.0f}" for k, v in q["compute_task_seconds"].items()) +
+             f" (CPU-seconds inside those intervals: {q['compute_cpu_seconds']:.0f} of "
+             f"{sum(q['compute_task_seconds'].values()):.0f}; the gap is time the tasks waited for a core).", "",
              "| phase (wall) | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in q["phases"].items()]
     lines += [f"| compute (union of task intervals) | {q['compute']:.1f} |", "",

@@ -63,6 +63,7 @@ def run(args) -> int:
     cfg = load_sweep(cfg, **overrides)
     # Prefect and MLflow keep their state under the output folder (set before prefect is imported).
     os.environ.setdefault("PREFECT_HOME", str(out / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.mlflow_tracking_uri)
     server = os.environ.get("PREFECT_API_URL")

@@ -198,6 +198,19 @@ def _done_key(marker: str, stage: str):
 # ---------------------------------------------------------------------------------------------
 # Stages.
 
+_NO_RETRY = (ValueError, TypeError, NameError, AttributeError, KeyError, ImportError, NotImplementedError)
+
+
+def _retry_infra_only(task, task_run, state) -> bool:
+    """Retry lost workers, network and storage hiccups; not bugs or bad input (they would fail the same way)."""
+    try:
+        state.result()
+    except Exception as e:  # noqa: BLE001 - classifying the failure
+        cause = getattr(e, "cause", None) or e  # RayTaskError wraps the task's own exception
+        return not isinstance(cause, _NO_RETRY) and not isinstance(e, _NO_RETRY)
+    return True
+
+
 _SLOTS: dict[str, threading.BoundedSemaphore] = {}
 
 
@@ -210,7 +223,7 @@ def _slot(max_parallel: int) -> threading.BoundedSemaphore:
     return _SLOTS.setdefault(key, threading.BoundedSemaphore(max_parallel))
 
 
-@task(name="teacher", retries=2, retry_delay_seconds=1, cache_key_fn=_teacher_key, persist_result=True,
+@task(name="teacher", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_teacher_key, persist_result=True,
       result_serializer="json")
 def teacher_stage(teacher: dict, compute: dict) -> dict:
     """Generate the dataset's missing teacher shards on Ray actors (each loads the model once)."""
@@ -245,7 +258,8 @@ def teacher_stage(teacher: dict, compute: dict) -> dict:
     if still:
         raise RuntimeError(f"teacher {spec.spec_hash[:12]}: shards {still} still missing after generation")
     out.update(compute_seconds=sum(r["compute_seconds"] for r in recs), nfe=sum(r["nfe"] for r in recs),
-               seconds=time.perf_counter() - t0, compute_spans=[s for r in recs for s in r["compute_spans"]])
+               seconds=time.perf_counter() - t0, compute_spans=[s for r in recs for s in r["compute_spans"]],
+               cpu_seconds=sum(r.get("cpu_seconds", 0.0) for r in recs))
     return out
 
 
@@ -264,7 +278,7 @@ def _committed_checkpoint(store: ray_glue.RunStore, job: dict) -> Optional[dict]
     return rec
 
 
-@task(name="train", retries=2, retry_delay_seconds=1, cache_key_fn=_done_key("train", "train"), persist_result=True,
+@task(name="train", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_done_key("train", "train"), persist_result=True,
       result_serializer="json")
 def train_stage(job: dict, compute: dict) -> dict:
     """Train one predictor as a Ray task (GPU when the cluster has one); skip when its checkpoint is committed."""
@@ -288,7 +302,7 @@ def train_stage(job: dict, compute: dict) -> dict:
     return {**rec, "skipped": False}
 
 
-@task(name="evaluate", retries=2, retry_delay_seconds=1, cache_key_fn=_done_key("result_key", "eval"),
+@task(name="evaluate", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_done_key("result_key", "eval"),
       persist_result=True, result_serializer="json")
 def evaluate_stage(job: dict, compute: dict, expected_files: Optional[dict] = None) -> dict:
     """Score a candidate checkpoint or a base solver as a Ray task; skip when its score is in the store."""
@@ -455,6 +469,8 @@ def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
     work = {"teacher_shards_written": sum(t["shards_written"] for t in teachers.values()),
             "trained": sum(not r.get("skipped") for r in trained.values()),
             "evaluated": sum(not r.get("skipped") for r in scores.values())}
+    cpu_s = sum(t.get("cpu_seconds", 0.0) for t in teachers.values()) + sum(
+        r.get("cpu_seconds", 0.0) for r in list(trained.values()) + list(scores.values()) if not r.get("skipped"))
     compute_s = {"teacher": sum(t.get("compute_seconds", 0.0) for t in teachers.values()),
                  "train": sum(r.get("compute_seconds", 0.0) for r in trained.values() if not r.get("skipped")),
                  "evaluate": sum(r.get("compute_seconds", 0.0) for r in scores.values() if not r.get("skipped"))}
@@ -465,5 +481,5 @@ def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
     return {"sweep": cfg.name, "store_url": plan["store_url"], "results_url": reg["results_url"],
             "champions": reg["champions"], "results": reg["results"], "table": results_table(
                 [CandidateResult.model_validate(r) for r in reg["results"]]),
-            "work": work, "compute_seconds": compute_s, "compute_spans": spans, "ray_start_seconds": ray_info.seconds,
+            "work": work, "compute_seconds": compute_s, "compute_cpu_seconds": cpu_s, "compute_spans": spans, "ray_start_seconds": ray_info.seconds,
             "wall_seconds": wall, "flow_started": t_epoch}

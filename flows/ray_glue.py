@@ -290,16 +290,17 @@ class TeacherWorker:
         store = TeacherStore(self.store_url, storage_options=self.storage_options)
         t0 = time.perf_counter()
         entry = store.adopt_shard(spec, index)  # a killed writer may have left a complete object behind
-        compute, nfe, span = 0.0, 0, []
+        compute, nfe, span, cpu = 0.0, 0, [], 0.0
         if entry is None:
-            c0 = time.time()
+            c0, cpu0 = time.time(), time.process_time()
             shard = generate_shard(self.denoiser, spec, index, device=self.device)
+            cpu = time.process_time() - cpu0
             compute = time.time() - c0
             span = [[c0, c0 + compute]]
             nfe = shard.nfe * shard.num_samples
             entry = store.commit_shard(spec, shard)
         return {"index": index, "compute_seconds": compute, "seconds": time.perf_counter() - t0, "nfe": nfe,
-                "entry": entry, "pid": os.getpid(), "compute_spans": span}
+                "entry": entry, "pid": os.getpid(), "compute_spans": span, "cpu_seconds": cpu}
 
 
 def generate_teacher(dataset: dict, spec_json: str, missing: Sequence[int], *, store_url: str,
@@ -358,7 +359,7 @@ def train_job(job: dict) -> dict:
     def callback(p) -> None:
         progress.update(int(p.trajectories), p.loss)
 
-    c0 = time.time()
+    c0, cpu0 = time.time(), time.process_time()
     predictor = AMEDPredictor(spec.predictor, seed=cfg.seed).to(device)
     result = train_amed(denoiser, spec, cfg, _to_device(batches, device), callback=callback, predictor=predictor)
     c1 = time.time()
@@ -367,7 +368,7 @@ def train_job(job: dict) -> dict:
               "loss_history": [float(sum(b)) for b in result.losses], "train_seconds": float(result.seconds),
               "compute_seconds": float(result.seconds), "updates": int(result.updates),
               "trajectories": int(result.trajectories), "pid": os.getpid(), "attempt": progress.state["attempt"],
-              "compute_spans": [[c0, c1]]}
+              "compute_spans": [[c0, c1]], "cpu_seconds": time.process_time() - cpu0}
     for name, data in files.items():
         store.put(f"{job['checkpoint']}/{name}", data)
     store.put_json(f"{job['checkpoint']}/train.json", record)  # the commit marker, written last
@@ -422,7 +423,7 @@ def eval_job(job: dict) -> dict:
     if proto["metric"] == "rmse":
         ref_sigmas = ScheduleSpec.from_dict(job["schedule"]).grid(proto["reference_steps"])
     t0 = time.perf_counter()
-    c0 = time.time()
+    c0, cpu0 = time.time(), time.process_time()
     xs, err2, nfe = [], 0.0, None
     seeds = list(range(proto["seed"], proto["seed"] + proto["num_samples"]))
     for lo in range(0, len(seeds), proto["batch_size"]):
@@ -448,7 +449,7 @@ def eval_job(job: dict) -> dict:
         raise ValueError(f"evaluation.metric {proto['metric']!r} is not available in this build (use fd_exact or rmse)")
     compute = time.perf_counter() - t0
     record = {"id": job["id"], "value": float(value), "nfe": int(nfe), "compute_seconds": compute,
-              "compute_spans": [[c0, c0 + compute]],
+              "compute_spans": [[c0, c0 + compute]], "cpu_seconds": time.process_time() - cpu0,
               "num_samples": int(x.shape[0]), "finite": bool(torch.isfinite(x).all())}
     if proto["metric"] == "rmse":
         record["rmse"] = float(value)
