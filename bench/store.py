@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/store.py throughput            # local disk and S3 (moto on 127.0.0.1)
     .venv/bin/python bench/store.py nfe                   # exact counts, instant
-    .venv/bin/python bench/store.py fd --trajectories 1024 --samples 2048 --seeds 1
+    .venv/bin/python bench/store.py fd --trajectories 1024 --samples 2048 --seeds 3
+    .venv/bin/python bench/store.py teachers --samples 2048   # each teacher's own FD at sigma_min
     .venv/bin/python bench/store.py all --json out.json
 
-throughput: shard write = ``TeacherStore.commit_shard`` (serialise, sha256, write-once put, manifest entry) plus
-the final manifest flush; read = ``read_shard`` (get, size + sha256 check, parse). The baseline is a plain
+throughput: shard write = ``TeacherStore.commit_many`` (per shard: serialise, sha256, write-once put, manifest
+entry - the entry of shard i is written while shard i+1 uploads) plus the final manifest.json; read = ``read_shard`` (get, size + sha256 check, parse). The baseline is a plain
 fsspec ``pipe_file`` / ``cat_file`` of the very same bytes to the same filesystem. Ratio = store throughput /
 plain throughput (1.0 = no overhead). Median of repeats, alternating store and plain.
 
@@ -89,9 +90,7 @@ def throughput(url: str, shape=(1, 8, 8), per_shard=250, k=8, dtype="float32", r
         store.put_spec(spec)
 
         def store_write():
-            for s in shards:
-                store.commit_shard(spec, s, update_manifest=False)
-            store.flush_manifest(spec)
+            store.commit_many(spec, shards)  # objects, entries (pipelined), then manifest.json
 
         def plain_write():
             for i, b in enumerate(blobs):
@@ -124,28 +123,50 @@ def throughput(url: str, shape=(1, 8, 8), per_shard=250, k=8, dtype="float32", r
     }
 
 
-def run_throughput(repeats: int) -> list[dict]:
-    from moto.server import ThreadedMotoServer
+def _moto_process():
+    """moto's S3 server in its own process on 127.0.0.1 (so it does not share our GIL, like a real server)."""
+    import socket
+    import subprocess
+    import urllib.request
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.1)
+    return proc, endpoint
+
+
+def run_throughput(repeats: int) -> list[dict]:
     import s3fs
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    proc, endpoint = _moto_process()
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"})
-    s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}).mkdir("bench")
+                       "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"})
+    s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": endpoint}).mkdir("bench")
     out = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for shape, dtype in (((1, 8, 8), "float32"), ((3, 32, 32), "float16")):
                 for url in (tmp, "s3://bench/store"):
                     row = throughput(url, shape=shape, dtype=dtype, repeats=repeats)
-                    row["backend"] = "local" if url == tmp else "s3 (moto, loopback)"
+                    row["backend"] = "local" if url == tmp else "s3 (moto server process, loopback)"
                     print(json.dumps(row), flush=True)
                     out.append(row)
     finally:
-        server.stop()
+        proc.terminate()
+        proc.wait(timeout=30)
     return out
 
 
@@ -225,9 +246,38 @@ def run_fd(trajectories: int, samples: int, seeds, shared_M: int, nfes=NFES, sol
             "shared_nfe_per_trajectory": summary.nfe_per_trajectory, "rows": rows}
 
 
+def teacher_accuracy(samples: int, shared_M: int = 1, nfes=NFES, solvers=SOLVERS) -> dict:
+    """FD (to the exact mixture moments) of each teacher's own final states at sigma_min: how accurate it is."""
+    from amed_core.amed import SamplerSpec, TrainConfig
+    from amed_core.amed.train import default_teacher
+    from amed_core.denoisers import load_teacher
+    from amed_core.metrics import fd_exact_gmm
+    from amed_core.solvers import solve
+
+    teacher = load_teacher("digits-gmm")
+    noise = torch.randn(samples, *teacher.shape, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
+    out = {"regen": []}
+    for solver in solvers:
+        for nfe in nfes:
+            sampler = SamplerSpec.create(solver, nfe, afs=nfe % 2 == 1, denoiser=teacher)
+            name, M, opts = default_teacher(sampler, TrainConfig())
+            fine = sampler.schedule.grid((M + 1) * (sampler.num_steps - 1) + 1)
+            with torch.no_grad():
+                res = solve(name, teacher, noise * fine[0], fine, **opts)
+            out["regen"].append({"solver": solver, "nfe": nfe, "teacher": f"{name} M={M}", "nfe_per_trajectory": res.nfe,
+                                 "fd": round(fd_exact_gmm(res.x, teacher), 4)})
+    grid_for = ";".join(f"{s}:{','.join(map(str, nfes))}" for s in solvers)
+    spec = TeacherSpec.for_denoiser(teacher, student_grids_for(grid_for), num_trajectories=1, sub_steps=shared_M)
+    with torch.no_grad():
+        res = solve(spec.solver, teacher, noise * spec.teacher_grid()[0], spec.teacher_grid())
+    out["shared"] = {"teacher": f"{spec.solver} M={shared_M} on the union grid", "nfe_per_trajectory": res.nfe,
+                     "fd": round(fd_exact_gmm(res.x, teacher), 4)}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("throughput", "nfe", "fd", "all"))
+    p.add_argument("what", choices=("throughput", "nfe", "fd", "teachers", "all"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--trajectories", type=int, default=10_000, help="per training (nfe); fd default 1024")
     p.add_argument("--samples", type=int, default=2048)
@@ -243,6 +293,9 @@ def main(argv=None) -> int:
         results["nfe"] = sweep_nfe(args.trajectories, args.shared_M)
         r = results["nfe"]
         print(json.dumps({k: v for k, v in r.items() if k != "per_run"}))
+    if args.what in ("teachers", "all"):
+        results["teachers"] = teacher_accuracy(args.samples, args.shared_M)
+        print(json.dumps(results["teachers"]))
     if args.what in ("fd", "all"):
         t = args.trajectories if args.what == "fd" else 1024
         results["fd"] = run_fd(t, args.samples, list(range(args.seeds)), args.shared_M)
