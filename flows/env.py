@@ -16,6 +16,8 @@ SAFE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # Artifact transfers of a few small files: a progress bar per file is noise in logs.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # Never reach a model hub at run time.
     "HF_HUB_OFFLINE": "1",
 }
