@@ -81,8 +81,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rmse-samples", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     ap.add_argument("--json", default="bench/amed_quality.json")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the merged table of these result files")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.table:
+        merged = {"runs": {}, "baselines": {}}
+        for f in args.table:
+            d = json.loads(Path(f).read_text())
+            merged["runs"].update(d["runs"])
+            merged["baselines"].update(d["baselines"])
+            merged.setdefault("meta", d.get("meta", {}))
+        print(format_table(merged))
+        return 0
 
     teacher = load_teacher("digits-gmm")
     path = Path(args.json)

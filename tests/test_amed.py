@@ -116,6 +116,10 @@ def test_afs_out_of_history_makes_the_first_ipndm_step_an_euler_plugin_step(teac
     torch.testing.assert_close(out.trajectory[1], eul.trajectory[1])  # history empty after AFS: order 1 twice
     assert not torch.allclose(ref.trajectory[1], out.trajectory[1])   # the reference extrapolates from the AFS d
     assert out.nfe == ref.nfe == 5
+    # amed+dpmpp runs with the shorter history (orders capped by what it holds)
+    d = solvers.solve("amed+dpmpp", teacher, x, ScheduleSpec("logsnr").grid(6), policy=FixedPolicy([0.5] * 5), afs=True,
+                      afs_in_history=False)
+    assert d.nfe == 9 and torch.isfinite(d.x).all()
     # without AFS the option changes nothing
     a = solvers.solve("amed+dpmpp", teacher, x, sigmas, policy=pol, afs_in_history=False)
     b = solvers.solve("amed+dpmpp", teacher, x, sigmas, policy=pol)

@@ -198,7 +198,8 @@ def step_dpmpp(ctx: StepContext, x_cur, i, history: History) -> StepOut:
     s = _mid(t_cur, t_next, r)
     # t_cur -> s
     step_cur = 2 * i + 1
-    y = dpmpp_update(x_cur, models, times, s, _dpmpp_order(step_cur, max_order, total, lof), predict_x0=predict_x0)
+    order = min(_dpmpp_order(step_cur, max_order, total, lof), len(models))  # (shorter history without AFS entry)
+    y = dpmpp_update(x_cur, models, times, s, order, predict_x0=predict_x0)
     # s -> t_next
     step_cur += 1
     if ctx.afs and i == 0 and not o["afs_in_history"]:

@@ -104,18 +104,24 @@ class TrainConfig:
 
     @classmethod
     def improved(cls, solver: str = "amed", **overrides) -> "TrainConfig":
-        """Our recipe: the reference's, with every student step weighted alike (loss_weighting="relative") and,
-        for the AMED-Solver, a finer Heun teacher (M=3 instead of 1).
+        """Our recipe, per solver (measured on digits-gmm, BENCHMARKS.md "AMED quality"):
 
-        Why: the first (AFS) step's errors are orders of magnitude larger than later steps'; with a plain sum
-        they dominate the shared predictor, which saturates r towards 0 for every step (see BENCHMARKS.md,
-        "AMED quality"). For multistep plugins, pair it with ``SamplerSpec.create(..., afs_in_history=False)``.
+        - every student step weighted alike (loss_weighting="relative"): the first (AFS) step's errors are orders
+          of magnitude larger than later steps'; with a plain sum they dominate the shared predictor, which can
+          saturate r towards 0 for every step;
+        - ``amed``: a finer Heun teacher (M=3 instead of 1);
+        - ``amed+ipndm``: Adam lr 2e-3 (5e-3 left one seed of three in a poor optimum at NFE 5);
+        - ``amed+dpm``: the reference recipe unchanged (with relative weighting r drifts to 1, i.e. Heun, which is
+          poor at these NFEs on this teacher).
+        For multistep plugins, pair it with ``SamplerSpec.create(..., afs_in_history=False)``.
         """
         if solver not in STEPS:
             raise ValueError(f"solver must be one of {sorted(STEPS)}, got {solver!r}")
-        base = {"loss_weighting": "relative"}
+        base: dict = {} if solver == "amed+dpm" else {"loss_weighting": "relative"}
         if solver == "amed":
             base["teacher_M"] = 3
+        if solver == "amed+ipndm":
+            base["lr"] = 2e-3
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
