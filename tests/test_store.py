@@ -205,8 +205,9 @@ def test_cli_generate_killed_then_resumed(backend, tmp_path, request, capsys):
     """A real `amed teacher generate` process is SIGKILLed after some shards commit; the rerun finishes the rest."""
     url = str(tmp_path / "cli") if backend == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/cli"
     cmd = [sys.executable, "-m", "flows.cli", "teacher", "generate", "--teacher", "digits-gmm", "--grid-for", GRID_FOR,
-           "--n", "40", "--shard-size", "4", "--sub-steps", "0", "--store", url, "--no-progress"]
-    # The killed run computes one trajectory at a time (--batch-size 1); content does not depend on it.
+           "--n", "40", "--shard-size", "4", "--sub-steps", "8", "--store", url, "--no-progress"]
+    # The killed run computes one trajectory at a time (--batch-size 1; content does not depend on it) with
+    # M=8, so each shard takes far longer than one poll here: the kill always lands mid-run.
     proc = subprocess.Popen(cmd + ["--batch-size", "1"], cwd=REPO, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store = TeacherStore(url)
     deadline = time.time() + 120
