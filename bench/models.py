@@ -3,6 +3,7 @@
     .venv/bin/python bench/models.py                              # CPU, CIFAR-size EDM-wrapped diffusers UNet
     .venv/bin/python bench/models.py --device cuda --batch 128    # a GPU (add --autocast for bf16/fp16)
     .venv/bin/python bench/models.py --json out.json
+    .venv/bin/python bench/models.py --threads 1 --clock cpu   # a shared CPU machine: process CPU time
 
 The network is a randomly initialised diffusers ``UNet2DModel`` with DDPM's CIFAR-10 architecture
 (32x32x3, channels 128-256-256-256, two res blocks per level, attention at 16x16; ~36M parameters) inside
@@ -85,17 +86,30 @@ class Autocast(torch.nn.Module):
         return {**self.den.identity(), "autocast": str(self.dtype)}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, device) -> float:
     sync(device)
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
     sync(device)
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def main(argv=None) -> int:
@@ -108,7 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--autocast", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (steadier on a shared CPU machine; use wall on GPUs)")
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -146,7 +164,7 @@ def main(argv=None) -> int:
             tb.append(timed(run_base, device))
             ta.append(timed(run_amed, device))
         runs[f"{base} vs {student}"] = dict(base=base, base_afs=base_afs, amed=student, nfe=args.nfe, base_s=statistics.median(tb),
-                                            amed_s=statistics.median(ta))
+                                            amed_s=statistics.median(ta), base_runs=tb, amed_runs=ta)
 
     # one evaluation with / without the feature hook; the predictor's own forward per step
     sigma = torch.full((args.batch,), 2.0, device=device)
@@ -177,13 +195,14 @@ def main(argv=None) -> int:
         th.append(timed(hooked, device))
         tq.append(timed(pred, device) / 100)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {platform.processor() or platform.machine()}, "
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}, "
                   f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "torch": torch.__version__, "unet": args.size, "params": params, "batch": args.batch, "autocast": args.autocast,
-        "repeats": args.repeats, "runs": runs,
+        "repeats": args.repeats, "clock": args.clock, "runs": runs,
         "eval_s": statistics.median(tp), "eval_hooked_s": statistics.median(th), "predictor_step_s": statistics.median(tq),
     }
     print(f"# {result['device']} | torch {torch.__version__} | UNet {args.size} ({params / 1e6:.1f}M params) | batch {args.batch}"
+          f" | {args.clock} clock"
           f"{' | autocast ' + str(model.dtype) if args.autocast else ''}")
     print("| pair | NFE | base s/batch | AMED s/batch | AMED / base |")
     print("|---|---|---|---|---|")
