@@ -71,11 +71,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     buf = bytearray(base + offset)
     buf[:8] = len(head).to_bytes(8, "little")
     buf[8:base] = head
+    view = memoryview(buf)
     for k in order:
         t = tensors[k].detach().to("cpu").contiguous().reshape(-1)
         start, end = header[k]["data_offsets"]
-        if end > start:
-            torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=base + start).copy_(t.view(torch.uint8))
+        if end > start:  # one memcpy (numpy has no bfloat16: copy its bits as int16)
+            arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+            view[base + start:base + end] = memoryview(arr).cast("B")
     return buf
 
 

@@ -460,12 +460,39 @@ class TeacherStore:
         update_manifest=False skips the manifest.json rewrite (the entry alone commits the shard; call
         :meth:`flush_manifest` later) - what `generate` does between its periodic flushes.
         """
+        return self._finish_commit(spec, *self._put_shard(spec, shard), update_manifest)
+
+    def commit_many(self, spec: TeacherSpec, shards, *, update_manifest: bool = True) -> list[dict]:
+        """Commit several shards, pipelined: shard i's entry is written while shard i+1's object uploads
+        (each entry still follows its own object). One manifest.json rewrite at the end."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        entries: list[dict] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-commit") as pool:
+            previous = None
+            for shard in shards:
+                put = self._put_shard(spec, shard)
+                if previous is not None:
+                    entries.append(previous.result())
+                previous = pool.submit(self._finish_commit, spec, *put, False)
+            if previous is not None:
+                entries.append(previous.result())
+        if update_manifest:
+            self._write_manifest(spec)
+        return entries
+
+    def _put_shard(self, spec: TeacherSpec, shard: TeacherShard):
         if shard.spec_hash != spec.spec_hash:
             raise ValueError(f"shard belongs to spec {shard.spec_hash}, not {spec.spec_hash}")
         data = shard.to_buffer()
-        path = self.shard_path(spec.spec_hash, shard.index)
         digest = _sha256_async(data)
-        if self._put_once(path, data):
+        created = self._put_once(self.shard_path(spec.spec_hash, shard.index), data)
+        return shard, data, digest, created
+
+    def _finish_commit(self, spec: TeacherSpec, shard: TeacherShard, data, digest, created: bool,
+                       update_manifest: bool) -> dict:
+        path = self.shard_path(spec.spec_hash, shard.index)
+        if created:
             entry = {"index": shard.index, "path": self.shard_name(shard.index), "bytes": len(data),
                      "sha256": digest.result(), "num_samples": shard.num_samples, "nfe": shard.nfe}
             return self._commit_entry(spec, entry, update_manifest)
@@ -735,26 +762,46 @@ def generate(store: TeacherStore, denoiser, spec: TeacherSpec, *, progress: bool
     bar = tqdm(total=spec.num_trajectories, unit="traj", desc=f"teacher {h[:12]}", disable=not progress)
     if shards is None:
         bar.update(sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in range(spec.num_shards) if i not in todo))
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-commit")  # commit i while computing i+1
+    in_flight = None
+
+    def settle():
+        nonlocal in_flight, pending
+        if in_flight is not None:
+            entry = in_flight.result()
+            in_flight = None
+            pending += 1
+            bar.update(entry["num_samples"])
+            if pending >= manifest_every:
+                store.flush_manifest(spec)
+                pending = 0
+
     try:
         for i in todo:
             entry = store.adopt_shard(spec, i, update_manifest=False)  # a killed writer may have left a complete object
             if entry is None:
                 shard = generate_shard(denoiser, spec, i, batch_size=batch_size, device=device)
-                entry = store.commit_shard(spec, shard, update_manifest=False)
+                settle()
+                in_flight = pool.submit(store.commit_shard, spec, shard, update_manifest=False)
                 spent += shard.total_nfe
                 nfe = shard.nfe
                 written += 1
             else:
                 skipped += 1
-            pending += 1
-            if pending >= manifest_every:
-                store.flush_manifest(spec)
-                pending = 0
-            bar.update(entry["num_samples"])
+                pending += 1
+                bar.update(entry["num_samples"])
+        settle()
     finally:
-        bar.close()
-        if pending or not todo:
-            store.flush_manifest(spec)
+        try:
+            if in_flight is not None:
+                in_flight.result()
+        finally:
+            pool.shutdown(wait=True)
+            bar.close()
+            if pending or not todo or written:
+                store.flush_manifest(spec)
     entries = store.manifest(h)
     if nfe is None and entries:
         nfe = next(iter(entries.values()))["nfe"]

@@ -176,3 +176,23 @@ def test_shard_to_batches_slices_the_student_grid(teacher, spec):
     s2 = TeacherSpec.from_dict(spec.to_dict() | {"grids": [g.to_dict() for g in spec.grids] + [lower_start.to_dict()]})
     with pytest.raises(ValueError, match="starts at"):
         next(shard_to_batches(generate_shard(teacher, s2, 2), lower_start.sigmas()))
+
+
+def test_bytes_are_plain_safetensors(teacher, spec):
+    """Our one-copy writer and zero-copy reader agree with the safetensors library both ways."""
+    from safetensors.torch import load, save
+
+    from amed_core.shards import SHARD_FORMAT, read_safetensors
+
+    shard = generate_shard(teacher, TeacherSpec.from_dict(spec.to_dict() | {"dtype": "bfloat16"}), 2)
+    theirs = load(shard.to_bytes())
+    for name in ("seeds", "sigmas", "noise", "states"):
+        assert torch.equal(theirs[name], getattr(shard, name)), name
+    meta = {SHARD_FORMAT: json.dumps(shard.header(), sort_keys=True)}
+    written_by_lib = save({k: getattr(shard, k) for k in ("seeds", "sigmas", "noise", "states")}, metadata=meta)
+    back = TeacherShard.from_bytes(written_by_lib)
+    assert torch.equal(back.states, shard.states) and back.header() == shard.header()
+    tensors, _ = read_safetensors(bytearray(shard.to_bytes()))
+    assert tensors["states"].data_ptr() != shard.states.data_ptr()
+    with pytest.raises(ValueError, match="trailing"):
+        read_safetensors(shard.to_bytes() + b"\0" * 8)
