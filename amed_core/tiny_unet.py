@@ -107,7 +107,7 @@ class ResBlock(nn.Module):
 
 
 class TinyUNet(nn.Module):
-    """Raw network F(x_in, c_noise, class_labels) of a small UNet whose bottom level is 8x8."""
+    """Raw network F(x_in, c_noise, class_labels) of a small UNet with an 8x8 level (AMED reads its last encoder block)."""
 
     def __init__(self, config: TinyUNetConfig | None = None, **kwargs) -> None:
         super().__init__()

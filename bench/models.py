@@ -22,7 +22,6 @@ arithmetic stays float32.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform

@@ -8,7 +8,6 @@ loop, and two separate conditional / unconditional calls for classifier-free gui
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import sys
 import textwrap
@@ -21,7 +20,6 @@ import torch
 from amed_core.adapters import (
     PreconditionedDenoiser,
     convert_edm_pickle,
-    load_adapter,
     load_edm_pickle,
     load_network,
     save_network,

@@ -27,7 +27,6 @@ diffusers (and transformers, for text prompts) are imported only here, inside th
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 

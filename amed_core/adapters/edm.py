@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import math
 import pickle
 import sys
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..denoisers import BaseDenoiser, pool_features
-from ._common import cached_state_dict_sha256, atomic_write_bytes, atomic_write_json, check_options, first_tensor, module_dtype, state_dict_sha256
+from ._common import cached_state_dict_sha256, atomic_write_bytes, atomic_write_json, first_tensor, module_dtype, state_dict_sha256
 
 __all__ = [
     "PRECOND_KINDS",
