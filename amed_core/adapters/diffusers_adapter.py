@@ -307,8 +307,8 @@ def _resolve_root(path_or_id: str, *, local_files_only: bool, cache_dir: str | N
         return Path(snapshot_download(path_or_id, local_files_only=local_files_only, cache_dir=cache_dir))
     except Exception as e:  # LocalEntryNotFoundError and friends
         raise ValueError(
-            f"{path_or_id!r} is not in your Hugging Face cache ({type(e).__name__}); download it yourself first "
-            f"(e.g. `hf download {path_or_id}`) or pass a local folder; amed never downloads weights"
+            f"{path_or_id!r} is not a local folder and not in your Hugging Face cache ({type(e).__name__}); download it "
+            f"yourself first (e.g. `hf download {path_or_id}`) or pass an existing folder; amed never downloads weights"
         ) from None
 
 
