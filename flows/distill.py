@@ -26,6 +26,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any, Optional, Union
@@ -79,12 +80,19 @@ def plan_sweep(cfg: SweepConfig) -> dict:
             raise ValueError(f"datasets[{d.name}].teacher: {e}") from None
         identity = den.identity()
         ds = d.model_dump(mode="json")
+        if ds.get("weights_url"):  # Ray workers may not share the driver's environment: expand here
+            ds["weights_url"] = os.path.expandvars(os.path.expanduser(ds["weights_url"]))
         specs = {}
         for s in cfg.solvers:
             sc = cfg.sampler_for(s)
+            table = getattr(den, "alphas_cumprod", None) if sc.schedule_type == "discrete" else None
+            if sc.schedule_type == "discrete" and table is None:
+                raise ValueError(f"sampler.schedule_type: 'discrete' needs a model with a VP table (alphas_cumprod); "
+                                 f"teacher {d.teacher!r} of dataset {d.name} has none")
             schedule = ScheduleSpec(schedule_type=sc.schedule_type, rho=sc.schedule_rho,
                                     sigma_min=sc.sigma_min or float(den.sigma_min),
-                                    sigma_max=sc.sigma_max or float(den.sigma_max))
+                                    sigma_max=sc.sigma_max or float(den.sigma_max),
+                                    alphas_cumprod=None if table is None else tuple(float(a) for a in table))
             plugin = {}
             if s in ("amed+ipndm", "amed+dpmpp"):
                 plugin["max_order"] = sc.max_order
