@@ -530,28 +530,38 @@ def test_read_prompts(tmp_path):
         read_prompts(tmp_path / "bad.csv")
 
 
-def test_prompts_are_encoded_by_the_pipelines_text_encoder(tmp_path):
-    """prompts=[...] (or a .txt/.csv) go through the pipeline's own CLIP tokenizer + text encoder, once."""
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path / "sd"
-    _small_unet(cond=True).save_pretrained(root / "unet")
-    diffusers.DDPMScheduler(**SCHED).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    (root / "tokenizer").mkdir()
+def _tiny_sd_pipeline(transformers, root: Path):
+    """A tiny random Stable Diffusion pipeline (UNet2DConditionModel, AutoencoderKL, CLIP text encoder + tokenizer)."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in "abcdefghijklmnopqrstuvwxyz":
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    (root / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
+    (root / "tok-src").mkdir(parents=True)
+    (root / "tok-src" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "tok-src" / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(root / "tok-src" / "vocab.json"), str(root / "tok-src" / "merges.txt"),
                                      model_max_length=5)
-    tok.save_pretrained(root / "tokenizer")
     torch.manual_seed(0)
     enc = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=5, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    enc.save_pretrained(root / "text_encoder")
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  norm_num_groups=4, sample_size=32)
+    sched = diffusers.EulerDiscreteScheduler(**SCHED, steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=enc, tokenizer=tok, unet=_small_unet(cond=True, seed=2),
+                                             scheduler=sched, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(root / "sd")
+    return pipe, tok, enc
+
+
+def test_prompts_are_encoded_by_the_pipelines_text_encoder(tmp_path):
+    """prompts=[...] (or a .txt/.csv) go through the pipeline's own CLIP tokenizer + text encoder, once."""
+    transformers = pytest.importorskip("transformers")
+    _, tok, enc = _tiny_sd_pipeline(transformers, tmp_path)
+    root = tmp_path / "sd"
     (tmp_path / "prompts.txt").write_text("a cat\nred dog\nthird one\n")
     den = load_teacher(f"diffusers:{root}", prompts=str(tmp_path / "prompts.txt"), max_prompts=2, guidance_scale=3.0)
     assert den.prompts == ("a cat", "red dog") and den.label_dim == 2
@@ -564,3 +574,21 @@ def test_prompts_are_encoded_by_the_pipelines_text_encoder(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(den(x, 1.0, torch.tensor([1, 0]))).all()
     assert den.identity()["prompts"] == ["a cat", "red dog"]
+
+
+def test_stable_diffusion_pipeline_agrees_with_our_euler(tmp_path):
+    """diffusers' own StableDiffusionPipeline (CFG 5, Euler, 4 steps) == our Euler on the converted denoiser."""
+    transformers = pytest.importorskip("transformers")
+    pipe, _, _ = _tiny_sd_pipeline(transformers, tmp_path)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, 16, 16, generator=g)
+    with torch.no_grad():
+        theirs = pipe(prompt="a cat", timesteps=[999, 700, 400, 100], guidance_scale=5.0, latents=noise.clone(),
+                      height=32, width=32, output_type="latent").images
+    den = load_teacher(f"diffusers:{tmp_path / 'sd'}", prompts=["a cat"], guidance_scale=5.0)
+    assert den.is_latent and den.label_dim == 0
+    sigmas = pipe.scheduler.sigmas[:-1].double()
+    with torch.no_grad():
+        ours = euler(den, noise * sigmas[0].float(), sigmas, denoise_to_zero=True)
+    assert ours.nfe == 4
+    torch.testing.assert_close(ours.x, theirs, rtol=1e-4, atol=1e-4)
