@@ -248,7 +248,12 @@ def teacher_stage(teacher: dict, compute: dict) -> dict:
     missing = store.missing_shards(spec)
     out = {"spec_hash": spec.spec_hash, "shards": spec.num_shards, "shards_written": len(missing),
            "compute_seconds": 0.0, "nfe": 0}
+
+    def total_nfe() -> int:  # denoiser calls the whole stored teacher cost (whoever generated it)
+        return int(sum(e["nfe"] * e["num_samples"] for e in store.manifest(spec.spec_hash).values()))
+
     if not missing:
+        out["nfe_total"] = total_nfe()
         logger.info("teacher %s for %s: all %d shards in the store, nothing to do", spec.spec_hash[:12],
                     teacher["name"], spec.num_shards)
         out["seconds"] = time.perf_counter() - t0
@@ -267,7 +272,7 @@ def teacher_stage(teacher: dict, compute: dict) -> dict:
         raise RuntimeError(f"teacher {spec.spec_hash[:12]}: shards {still} still missing after generation")
     out.update(compute_seconds=sum(r["compute_seconds"] for r in recs), nfe=sum(r["nfe"] for r in recs),
                seconds=time.perf_counter() - t0, compute_spans=[s for r in recs for s in r["compute_spans"]],
-               cpu_seconds=sum(r.get("cpu_seconds", 0.0) for r in recs))
+               cpu_seconds=sum(r.get("cpu_seconds", 0.0) for r in recs), nfe_total=total_nfe())
     return out
 
 
@@ -312,7 +317,7 @@ def train_stage(job: dict, compute: dict) -> dict:
 
 @task(name="evaluate", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_done_key("result_key", "eval"),
       persist_result=True, result_serializer="json")
-def evaluate_stage(job: dict, compute: dict, expected_files: Optional[dict] = None) -> dict:
+def evaluate_stage(job: dict, compute: dict) -> dict:
     """Score a candidate checkpoint or a base solver as a Ray task; skip when its score is in the store."""
     from flows.config import ComputeConfig
 
@@ -322,8 +327,6 @@ def evaluate_stage(job: dict, compute: dict, expected_files: Optional[dict] = No
     if store.exists(job["result_key"]):
         logger.info("evaluate %s: score in the store, skipping", job["id"])
         return {**store.get_json(job["result_key"]), "skipped": True, "seconds": 0.0}
-    if expected_files:
-        job = {**job, "expected_files": expected_files}
     with _slot(cc.max_parallel):
         rec = ray_glue.run_one(ray_glue.eval_job, job, compute=cc, gpu=True, logger=logger, store=store)
     logger.info("evaluate %s: %s = %.5g (NFE %d, %d samples)", job["id"], job["protocol"]["metric"], rec["value"],
@@ -468,8 +471,6 @@ def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
         trained = {k: f.result() for k, f in tr_fut.items()}
         scores = {b: f.result() for b, f in b_fut.items()}
         scores.update({plan_c["eval"]["id"]: ev_fut[plan_c["id"]].result() for plan_c in plan["candidates"]})
-    for t in plan["teachers"]:
-        teachers[t["name"]]["nfe_total"] = teachers[t["name"]].get("nfe", 0)
     if warm is not None:
         warm.join()
     reg = register_stage(cfg.model_dump(mode="json"), plan, trained, scores, teachers)

@@ -99,6 +99,8 @@ def test_rerun_does_no_teacher_or_training_work(first_run):
     assert _checkpoints(cfg.store_url) == before  # same bytes, same modification times
     assert sorted(ray_glue.RunStore(cfg.store_url).fs.find(cfg.store_url + "/teachers")) == teacher_files
     assert [r["value"] for r in again["results"]] == [r["value"] for r in out["results"]]
+    teacher_nfe = [r["teacher_nfe"] for r in again["results"]]
+    assert teacher_nfe == [r["teacher_nfe"] for r in out["results"]] and teacher_nfe[0] > 512  # whole teacher
 
 
 def test_killed_training_worker_is_retried_with_identical_results(first_run, tmp_path):
