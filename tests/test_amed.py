@@ -250,3 +250,16 @@ def test_epochs_revisit_given_batches(teacher):
     assert res.updates == 3 * (spec.num_steps - 1) and res.trajectories == 48
     once = train_amed(teacher, spec, TrainConfig(num_trajectories=16, batch_size=16), batches=iter(stored))
     assert once.updates == spec.num_steps - 1
+
+
+def test_teacher_choice_reference_and_improved(teacher):
+    from amed_core.amed.train import default_teacher
+
+    ip = SamplerSpec.create("amed+ipndm", 5, denoiser=teacher)
+    assert default_teacher(ip, TrainConfig()) == ("ipndm", 2, {"max_order": 4})            # reference: own solver, M=2
+    assert default_teacher(SamplerSpec.create("amed", 5), TrainConfig())[:2] == ("heun", 1)  # reference: Heun, M=1
+    name, M, opts = default_teacher(ip, TrainConfig.improved("amed+ipndm"))
+    assert (name, M, opts) == ("heun", 10, {})                                             # other solver: its defaults
+    assert TrainConfig.improved("amed+dpm") == TrainConfig()
+    with pytest.raises(ValueError, match="solver"):
+        TrainConfig.improved("amed+unipc")

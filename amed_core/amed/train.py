@@ -110,7 +110,8 @@ class TrainConfig:
           of magnitude larger than later steps'; with a plain sum they dominate the shared predictor, which can
           saturate r towards 0 for every step;
         - ``amed``: a finer Heun teacher (M=3 instead of 1);
-        - ``amed+ipndm``: Adam lr 2e-3 (5e-3 left one seed of three in a poor optimum at NFE 5);
+        - ``amed+ipndm``: a near-exact Heun teacher (M=10 instead of iPNDM with M=2) and Adam lr 2e-3 (5e-3 left
+          one seed of three in a poor optimum at NFE 5);
         - ``amed+dpm``: the reference recipe unchanged (with relative weighting r drifts to 1, i.e. Heun, which is
           poor at these NFEs on this teacher).
         For multistep plugins, pair it with ``SamplerSpec.create(..., afs_in_history=False)``.
@@ -121,7 +122,7 @@ class TrainConfig:
         if solver == "amed":
             base["teacher_M"] = 3
         if solver == "amed+ipndm":
-            base["lr"] = 2e-3
+            base.update(lr=2e-3, teacher_solver="heun", teacher_M=10)
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
@@ -173,8 +174,10 @@ def default_teacher(spec: SamplerSpec, cfg: TrainConfig) -> tuple[str, int, dict
     """(solver, M, options) of the on-the-fly teacher: the reference's choice unless cfg overrides it."""
     name = cfg.teacher_solver or ("heun" if spec.solver == "amed" else spec.base_solver)
     M = cfg.teacher_M if cfg.teacher_M is not None else (1 if spec.solver == "amed" else 2)
-    allowed = set(solver_options(name))
-    opts = {k: v for k, v in spec.solver_options().items() if k in allowed and k != "afs" and v is not None}
+    opts: dict = {}
+    if name == spec.base_solver:  # the student's own options (max_order, ...); another teacher runs its defaults
+        allowed = set(solver_options(name))
+        opts = {k: v for k, v in spec.solver_options().items() if k in allowed and k != "afs" and v is not None}
     return name, M, opts
 
 
