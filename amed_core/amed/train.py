@@ -52,7 +52,8 @@ class TrainConfig:
     epochs: passes over the same trajectories (1 in the reference): given batches are iterated again when
       re-iterable, else (and for the on-the-fly teacher) cached in memory. Training stops after
       num_trajectories * epochs trajectories or when the batches run out.
-    dtype: arithmetic of the student (and on-the-fly teacher).
+    dtype: arithmetic of the student (and on-the-fly teacher): "float32", "float64", or None = the denoiser's
+      own floating dtype (float64 for the exact mixtures, float32 for networks).
     loss_weighting: "sum" (the reference: sum_b ||err_b||^2 / B) or "relative" (divided by the batch's
       sum_b ||x_{i+1} - x_i||^2 of the teacher, so every student step weighs alike in the shared predictor).
     """
@@ -69,7 +70,7 @@ class TrainConfig:
     teacher_afs: bool = False
     restart: Optional[str] = None
     epochs: int = 1
-    dtype: str = "float64"
+    dtype: Optional[str] = None
     loss_weighting: str = "sum"
 
     def __post_init__(self):
@@ -94,7 +95,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.restart must be 'teacher', 'own' or null (reference choice), got {self.restart!r}")
         if self.loss_weighting not in ("sum", "relative"):
             raise ValueError(f"TrainConfig.loss_weighting must be 'sum' or 'relative', got {self.loss_weighting!r}")
-        if self.dtype not in _DTYPES:
+        if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
     @classmethod
@@ -170,6 +171,17 @@ class TrainResult:
     teacher_nfe: int = 0  # per trajectory, on-the-fly teacher only (0 for given batches)
 
 
+def compute_dtype(denoiser, cfg: TrainConfig) -> torch.dtype:
+    """cfg.dtype, or the denoiser's first floating parameter/buffer dtype (float32 when it has none)."""
+    if cfg.dtype is not None:
+        return _DTYPES[cfg.dtype]
+    if isinstance(denoiser, torch.nn.Module):
+        for t in list(denoiser.parameters()) + list(denoiser.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float32
+
+
 def default_teacher(spec: SamplerSpec, cfg: TrainConfig) -> tuple[str, int, dict]:
     """(solver, M, options) of the on-the-fly teacher: the reference's choice unless cfg overrides it."""
     name = cfg.teacher_solver or ("heun" if spec.solver == "amed" else spec.base_solver)
@@ -203,7 +215,7 @@ def teacher_batches(denoiser, spec: SamplerSpec, cfg: TrainConfig, *, nfe_out: l
     """The reference's on-the-fly teacher: seeded noise, ceil(num_trajectories / batch_size) batches."""
     name, M, opts = default_teacher(spec, cfg)
     gen = torch.Generator().manual_seed(1_000_003 * (cfg.seed + 1))
-    dtype = _DTYPES[cfg.dtype]
+    dtype = compute_dtype(denoiser, cfg)
     n_batches = math.ceil(cfg.num_trajectories / cfg.batch_size)
     for k in range(n_batches):
         B = min(cfg.batch_size, cfg.num_trajectories - k * cfg.batch_size)
@@ -226,7 +238,7 @@ def train_amed(denoiser, spec: SamplerSpec, cfg: TrainConfig | None = None, batc
     cfg = cfg or TrainConfig()
     if spec.solver not in STEPS:
         raise ValueError(f"spec.solver must be one of {sorted(STEPS)}, got {spec.solver!r}")
-    dtype = _DTYPES[cfg.dtype]
+    dtype = compute_dtype(denoiser, cfg)
     torch.manual_seed(cfg.seed)  # nothing random should remain, but keep stray draws reproducible
     predictor = predictor or AMEDPredictor(spec.predictor, seed=cfg.seed)
     predictor.train().requires_grad_(True)
