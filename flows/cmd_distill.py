@@ -89,13 +89,20 @@ def run(args) -> int:
 
     with ray_glue.ray_session(cfg.compute) as ray_info:
         marks["ray_ready"] = time.time()
+        if not server:  # the API is still starting: begin the work that needs nothing upstream
+            from flows.config import plan_sweep
+
+            ray_glue.prefetch(plan_sweep(cfg), cfg.compute)
         warm.join()
         if warm_err:
             raise warm_err[0]
         from flows.distill import distill
 
         marks["flow_start"] = time.time()
-        summary = distill(cfg)
+        try:
+            summary = distill(cfg)
+        finally:
+            ray_glue.PREFETCH.clear()
         marks["flow_end"] = time.time()
     marks["end"] = time.time()
     wall = time.perf_counter() - t0

@@ -36,6 +36,8 @@ __all__ = [
     "RunStore",
     "TeacherWorker",
     "generate_teacher",
+    "start_teacher",
+    "prefetch",
     "train_job",
     "eval_job",
     "run_one",
@@ -82,8 +84,6 @@ def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionI
         ray.init(num_cpus=num_cpus, object_store_memory=compute.object_store_memory, include_dashboard=False,
                  log_to_driver=log_to_driver, runtime_env=env, configure_logging=False)
     info = RaySessionInfo(_address(), True, time.perf_counter() - t0, dict(ray.cluster_resources()))
-    if not address:
-        prewarm(int(info.resources.get("CPU", 1)))
     try:
         yield info
     finally:
@@ -303,11 +303,35 @@ class TeacherWorker:
                 "entry": entry, "pid": os.getpid(), "compute_spans": span, "cpu_seconds": cpu}
 
 
-def generate_teacher(dataset: dict, spec_json: str, missing: Sequence[int], *, store_url: str,
-                     storage_options: dict, compute, on_shard: Callable[[dict, int, int], None]) -> list[dict]:
-    """Spread the missing shards over ``compute.teacher_actors`` actors (each loads the model once)."""
+@dataclass
+class TeacherRun:
+    """Shards in flight on teacher actors (round robin; equal-size shards keep the actors equally busy)."""
+
+    actors: list
+    refs: list
+    missing: list
+
+    def finish(self, on_shard: Callable[[dict, int, int], None]) -> list[dict]:
+        """Wait for every shard (reporting each as it lands), then release the actors."""
+        import ray
+
+        out, pending = [], list(self.refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                rec = ray.get(ready[0])
+                out.append(rec)
+                on_shard(rec, len(out), len(self.refs))
+        finally:
+            for a in self.actors:
+                ray.kill(a)
+        return out
+
+
+def start_teacher(dataset: dict, spec_json: str, missing: Sequence[int], *, store_url: str, storage_options: dict,
+                  compute) -> TeacherRun:
+    """Start generating the missing shards on ``compute.teacher_actors`` actors (each loads the model once)."""
     import ray
-    from ray.util import ActorPool
 
     n_actors = max(1, min(compute.teacher_actors, len(missing)))
     opts = task_options(compute)
@@ -315,16 +339,48 @@ def generate_teacher(dataset: dict, spec_json: str, missing: Sequence[int], *, s
     actor_cls = ray.remote(TeacherWorker).options(max_restarts=compute.task_retries,
                                                    max_task_retries=compute.task_retries, **actor_opts)
     actors = [actor_cls.remote(dataset, store_url, storage_options, compute.torch_threads) for _ in range(n_actors)]
-    pool = ActorPool(actors)
-    out = []
-    try:
-        for i, rec in enumerate(pool.map_unordered(lambda a, idx: a.generate.remote(spec_json, idx), list(missing))):
-            out.append(rec)
-            on_shard(rec, i + 1, len(missing))
-    finally:
-        for a in actors:
-            ray.kill(a)
-    return out
+    refs = [actors[k % n_actors].generate.remote(spec_json, idx) for k, idx in enumerate(missing)]
+    return TeacherRun(actors, refs, list(missing))
+
+
+def generate_teacher(dataset: dict, spec_json: str, missing: Sequence[int], *, store_url: str,
+                     storage_options: dict, compute, on_shard: Callable[[dict, int, int], None]) -> list[dict]:
+    """Generate the missing shards on teacher actors and wait for them."""
+    return start_teacher(dataset, spec_json, missing, store_url=store_url, storage_options=storage_options,
+                         compute=compute).finish(on_shard)
+
+
+# Work started before the Prefect API is up (see :func:`prefetch`); the flow's tasks adopt it by key.
+PREFETCH: dict[tuple[str, str], Any] = {}
+
+
+def prefetch(plan: dict, compute) -> int:
+    """Start the work that needs nothing upstream (teacher shards, base-solver scores) on Ray right away.
+
+    ``amed distill`` calls this while Prefect's ephemeral API is still starting; the flow's teacher and
+    evaluate tasks then wait for these results instead of submitting the same work again. Returns the
+    number of jobs started.
+    """
+    from amed_core.teacher import TeacherSpec
+    from flows.store import TeacherStore
+
+    n = 0
+    for t in plan["teachers"]:
+        store = TeacherStore(plan["store_url"], storage_options=plan["storage_options"])
+        spec = TeacherSpec.from_json(t["spec_json"])
+        store.put_spec(spec)
+        missing = store.missing_shards(spec)
+        if missing:
+            PREFETCH[("teacher", t["spec_hash"])] = start_teacher(
+                t["dataset"], t["spec_json"], missing, store_url=plan["store_url"],
+                storage_options=plan["storage_options"], compute=compute)
+            n += len(missing)
+    remote = _remote(eval_job, compute, gpu=True)
+    for b in plan["baselines"]:
+        if not RunStore(b["store_url"], b["storage_options"]).exists(b["result_key"]):
+            PREFETCH[("eval", b["id"])] = remote.remote(b)
+            n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +552,17 @@ def _grid_png(x, title: str = "") -> bytes:
 _REMOTES: dict = {}
 
 
+def _remote(fn: Callable[[dict], dict], compute, *, gpu: bool):
+    """``ray.remote(fn)`` with this compute's options, made once per (function, options)."""
+    import ray
+
+    opts = task_options(compute, gpu=gpu)
+    key = (fn.__name__, json.dumps(opts, sort_keys=True))
+    if key not in _REMOTES:
+        _REMOTES[key] = ray.remote(fn).options(**opts)
+    return _REMOTES[key]
+
+
 def run_one(fn: Callable[[dict], dict], job: dict, *, compute, gpu: bool, logger: Optional[logging.Logger] = None,
             store: Optional[RunStore] = None, poll_s: float = 1.0, report_s: float = 10.0) -> dict:
     """Run ``fn(job)`` as one Ray task and wait, logging the progress the job reports to the store.
@@ -505,11 +572,9 @@ def run_one(fn: Callable[[dict], dict], job: dict, *, compute, gpu: bool, logger
     import ray
 
     logger = logger or log
-    opts = task_options(compute, gpu=gpu)
-    key = (fn.__name__, json.dumps(opts, sort_keys=True))
-    if key not in _REMOTES:
-        _REMOTES[key] = ray.remote(fn).options(**opts)
-    ref = _REMOTES[key].remote(job)
+    ref = PREFETCH.pop(("eval" if fn is eval_job else fn.__name__, job["id"]), None)
+    if ref is None:
+        ref = _remote(fn, compute, gpu=gpu).remote(job)
     last = time.perf_counter()
     while True:
         ready, _ = ray.wait([ref], timeout=poll_s)

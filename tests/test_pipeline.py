@@ -147,26 +147,28 @@ def test_killed_training_worker_is_retried_with_identical_results(first_run, tmp
 
 
 def test_amed_distill_cli_prints_results_and_where_things_are(first_run, tmp_path, capsys, monkeypatch):
-    """`amed distill SWEEP --out DIR` in-process (reusing this module's Ray and Prefect); the store of the
-    first run is reused, so this checks the command's plumbing and report, not the work."""
+    """`amed distill SWEEP --out DIR` in-process (reusing this module's Ray and Prefect API). The command
+    starts the teacher and base-solver work on Ray before the flow runs (prefetch); the flow must adopt
+    that work, not redo it or mistake it for a finished earlier run."""
     import yaml
 
     from flows.cli import main
 
-    cfg, _ = first_run
     sweep = tmp_path / "tiny.yaml"
-    sweep.write_text(yaml.safe_dump({k: v for k, v in TINY.items()}))
+    sweep.write_text(yaml.safe_dump({**TINY, "teacher": {"num_trajectories": 256, "shard_size": 128},
+                                     "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 0}}))
     monkeypatch.chdir(tmp_path)
     for key in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
         monkeypatch.setenv(key, "-")  # records the current state, so what the command sets is undone after
         monkeypatch.delenv(key)
-    assert main(["distill", str(sweep), "--out", "out", "--store", cfg.store_url, "--summary-json", "s.json"]) == 0
+    assert main(["distill", str(sweep), "--out", "out", "--summary-json", "s.json"]) == 0
     text = capsys.readouterr().out
     assert "improvement_%" in text and "amed+ipndm" in text and "heun" in text
-    assert f"results       {cfg.store_url}/runs/tiny/results.json" in text
+    assert f"results       {tmp_path / 'out' / 'store'}/runs/tiny/results.json" in text
     assert "prefect server start --host 127.0.0.1" in text and "mlflow ui --backend-store-uri sqlite:///" in text
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["work"] == {"teacher_shards_written": 0, "trained": 0, "evaluated": 0}
+    assert summary["work"] == {"teacher_shards_written": 2, "trained": 2, "evaluated": 4}
+    assert not ray_glue.PREFETCH
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.json", "tiny.yaml"]
     assert main(["distill", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
