@@ -3,7 +3,8 @@
 - ``seeded_noise(seeds, shape)``: one ``torch.Generator`` per sample seed (EDM's convention), so a
   sample depends only on its seed, never on the batch it was drawn in.
 - ``num_steps_for(solver, nfe, afs)``: the grid size N that spends exactly ``nfe`` evaluations
-  (NFE = k (N - 1) - afs, k = 2 for heun/dpm2, 1 otherwise; see DESIGN.md).
+  (NFE = k (N - 1) - afs, k = 2 for heun/dpm2 and the AMED solvers, 1 otherwise; see DESIGN.md). One
+  implementation for every solver: it lives in :mod:`amed_core.amed.spec` and is re-exported here.
 - ``sample_solver(...)``: samples of one solver at one NFE; ``reference_solution(...)``: the
   near-exact ODE solution of the same noise (for RMSE); ``quality_table(...)``: FD to exact
   mixture samples and RMSE to the near-exact solution, per solver and NFE (AMED paper, Zhou et
@@ -27,7 +28,8 @@ import torch
 
 from .metrics import fd_exact_gmm, fd_to_samples, rmse
 from .schedules import ScheduleSpec
-from .solvers import SOLVERS, get_solver, solve, solver_options
+from .solvers import get_solver, solve, solver_options
+from .amed.spec import evals_per_step, num_steps_for  # one NFE <-> N mapping for base and AMED solvers
 
 __all__ = [
     "BASE_SOLVERS",
@@ -51,7 +53,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BASE_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "dpmpp", "unipc", "deis")
-_TWO_EVALS = {"heun", "dpm2"}
 
 # The diff-solvers reference's recommended settings (its launch.sh), used unless the caller overrides.
 DEFAULT_SCHEDULES: dict[str, ScheduleSpec] = {
@@ -86,26 +87,6 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype 
         g.manual_seed(int(s))
         out[i] = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
     return out.to(dtype=dtype, device=device)
-
-
-def evals_per_step(solver: str) -> int:
-    """Denoiser evaluations per step of a training-free solver (2 for heun and dpm2, else 1)."""
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
-    return 2 if solver in _TWO_EVALS else 1
-
-
-def num_steps_for(solver: str, nfe: int, afs: bool = False) -> int:
-    """Grid points N such that the solver spends exactly ``nfe`` evaluations: nfe = k (N - 1) - afs."""
-    k = evals_per_step(solver)
-    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
-        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    steps, rem = divmod(int(nfe) + int(bool(afs)), k)
-    if rem or steps < 1:
-        hint = "use afs=True for an odd nfe (AFS saves one evaluation)" if not afs else "use afs=False for an even nfe"
-        raise ValueError(f"nfe={nfe} is not reachable with {solver!r} (afs={bool(afs)}): it spends {k} evaluations "
-                         f"per step{' minus 1 with AFS' if afs else ''}; {hint}")
-    return steps + 1
 
 
 def pick_afs(solver: str, nfe: int, afs: bool | None) -> bool:

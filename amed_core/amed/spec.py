@@ -7,6 +7,7 @@ time schedules, parallel directions) can live next to AMED in the same store and
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -14,7 +15,7 @@ from ..schedules import ScheduleSpec
 from .predictor import PredictorConfig
 from .solvers import BASE_SOLVER, MULTISTEP, STEPS, _options
 
-__all__ = ["SamplerSpec", "num_steps_for", "nfe_for", "SPEC_VERSION"]
+__all__ = ["SamplerSpec", "evals_per_step", "num_steps_for", "nfe_for", "SPEC_VERSION"]
 
 SPEC_VERSION = 1
 
@@ -23,25 +24,30 @@ _EVALS_PER_STEP = {"euler": 1, "heun": 2, "dpm2": 2, "dpmpp": 1, "unipc": 1, "de
                    **{name: 2 for name in STEPS}}
 
 
+def evals_per_step(solver: str) -> int:
+    """Denoiser evaluations per step: 2 for heun, dpm2 and the AMED solvers, 1 for the other training-free solvers."""
+    try:
+        return _EVALS_PER_STEP[solver]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(_EVALS_PER_STEP)}") from None
+
+
 def nfe_for(solver: str, num_steps: int, afs: bool) -> int:
     """NFE of a run with N = num_steps grid points: k (N - 1) - afs, k evaluations per step."""
-    if solver not in _EVALS_PER_STEP:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(_EVALS_PER_STEP)}")
-    return _EVALS_PER_STEP[solver] * (num_steps - 1) - int(bool(afs))
+    return evals_per_step(solver) * (num_steps - 1) - int(bool(afs))
 
 
-def num_steps_for(solver: str, nfe: int, afs: bool) -> int:
-    """The grid size N that spends exactly ``nfe`` evaluations (AMED: NFE = 2 (N - 1) - afs)."""
-    if solver not in _EVALS_PER_STEP:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(_EVALS_PER_STEP)}")
-    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+def num_steps_for(solver: str, nfe: int, afs: bool = False) -> int:
+    """The grid size N that spends exactly ``nfe`` evaluations: nfe = k (N - 1) - afs, k = :func:`evals_per_step`
+    (AMED, arXiv 2312.00094: NFE = 2 (N - 1) - afs). The single implementation for every solver name."""
+    k = evals_per_step(solver)
+    if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    k = _EVALS_PER_STEP[solver]
-    steps, rem = divmod(nfe + int(bool(afs)), k)
+    steps, rem = divmod(int(nfe) + int(bool(afs)), k)
     if rem or steps < 1:
-        hint = "toggle afs (AFS saves one evaluation)" if k == 2 else "use a larger nfe"
-        raise ValueError(f"nfe={nfe} is not reachable with {solver!r} (afs={bool(afs)}): it spends {k} per step"
-                         f"{' minus 1 with AFS' if afs else ''}; {hint}")
+        hint = "use afs=True for an odd nfe (AFS saves one evaluation)" if not afs else "use afs=False for an even nfe"
+        raise ValueError(f"nfe={nfe} is not reachable with {solver!r} (afs={bool(afs)}): it spends {k} evaluations "
+                         f"per step{' minus 1 with AFS' if afs else ''}; {hint}")
     return steps + 1
 
 
