@@ -9,6 +9,8 @@
   near-exact ODE solution of the same noise (for RMSE); ``quality_table(...)``: FD to exact
   mixture samples and RMSE to the near-exact solution, per solver and NFE (AMED paper, Zhou et
   al. 2024, arXiv 2312.00094, Tables 1-3 report the same kind of table with FID on real data).
+  A teacher that cannot draw exact samples (a network: no ``.sample``; see ``has_exact_samples``)
+  gets RMSE only: its FD fields are None.
 - ``save_grid_png`` / ``save_quality_plot``: the pictures (PIL / matplotlib Agg), written atomically.
 """
 
@@ -48,6 +50,8 @@ __all__ = [
     "save_quality_plot",
     "seeded_noise",
     "format_table",
+    "fmt_score",
+    "has_exact_samples",
 ]
 
 log = logging.getLogger(__name__)
@@ -201,14 +205,16 @@ def reference_solution(denoiser, noise: torch.Tensor, schedule: ScheduleSpec | N
 
 @dataclass
 class QualityRow:
-    """One line of the table: FD to exact mixture samples (and to the exact moments), RMSE to the near-exact ODE solution."""
+    """One line of the table: FD to exact mixture samples (and to the exact moments), RMSE to the near-exact ODE solution.
+
+    ``fd`` / ``fd_exact`` are None for a teacher without exact samples (see :func:`has_exact_samples`)."""
 
     solver: str
     nfe: int
     num_steps: int
     afs: bool
-    fd: float
-    fd_exact: float
+    fd: float | None
+    fd_exact: float | None
     rmse: float
     seconds: float
     schedule: str = ""
@@ -220,22 +226,33 @@ class QualityRow:
 
 @dataclass
 class QualityTable:
-    """Rows plus the context a reader needs: FD of a second exact sample set (the noise floor of ``fd``)."""
+    """Rows plus the context a reader needs: FD of a second exact sample set (the noise floor of ``fd``;
+    None, like every row's FD, for a teacher without exact samples)."""
 
     rows: list[QualityRow]
     n: int
     seed: int
     rmse_samples: int
-    fd_floor: float
+    fd_floor: float | None
     reference: str
+
+    @property
+    def has_fd(self) -> bool:
+        """Whether the rows carry FD (the teacher drew exact samples) or RMSE only."""
+        return self.fd_floor is not None
 
     def to_dict(self) -> dict:
         return {"n": self.n, "seed": self.seed, "rmse_samples": self.rmse_samples, "fd_floor": self.fd_floor,
                 "reference": self.reference, "rows": [r.to_dict() for r in self.rows]}
 
 
+def has_exact_samples(denoiser) -> bool:
+    """Whether the teacher draws exact samples x0 ~ p(x0) (an analytic mixture's ``.sample``): FD needs them."""
+    return callable(getattr(denoiser, "sample", None))
+
+
 def _exact_samples(denoiser, n: int, seed: int) -> torch.Tensor:
-    if not hasattr(denoiser, "sample"):
+    if not has_exact_samples(denoiser):
         raise ValueError("quality_table needs a teacher that draws exact samples (an analytic mixture such as digits-gmm)")
     return denoiser.sample(n, generator=torch.Generator().manual_seed(2**31 + int(seed)), dtype=torch.float64)
 
@@ -250,7 +267,8 @@ def quality_table(denoiser, solvers: Sequence[str], nfes: Sequence[int], n: int,
     fd: Frechet distance between the n samples and n exact mixture samples; fd_exact: FD to the
     mixture's exact mean/covariance; fd_floor: FD between two exact sample sets of size n (what
     ``fd`` reads for a perfect sampler). rmse: to :func:`reference_solution` on the first
-    ``rmse_samples`` samples (a subset keeps the 500-step reference cheap).
+    ``rmse_samples`` samples (a subset keeps the 500-step reference cheap). A teacher without exact
+    samples (a network) gets RMSE only: fd, fd_exact and fd_floor are None.
     """
     if not solvers:
         raise ValueError("solvers must name at least one solver")
@@ -265,8 +283,10 @@ def quality_table(denoiser, solvers: Sequence[str], nfes: Sequence[int], n: int,
     schedules = schedules or {}
     options = options or {}
     noise = seeded_noise(range(seed, seed + n), denoiser.shape, dtype=torch.float64)
-    exact = _exact_samples(denoiser, n, seed)
-    floor = fd_to_samples(_exact_samples(denoiser, n, seed + 1), exact)
+    exact = floor = None
+    if has_exact_samples(denoiser):
+        exact = _exact_samples(denoiser, n, seed)
+        floor = fd_to_samples(_exact_samples(denoiser, n, seed + 1), exact)
     m = min(rmse_samples, n)
     sched0 = schedules.get(solvers[0]) or default_schedule(solvers[0])
     t0 = time.perf_counter()
@@ -280,8 +300,9 @@ def quality_table(denoiser, solvers: Sequence[str], nfes: Sequence[int], n: int,
             if (run.schedule.sigma_min, run.schedule.sigma_max) != (sched0.sigma_min, sched0.sigma_max):
                 raise ValueError("all schedules must share sigma_min and sigma_max (one reference solution serves them all)")
             x = run.x.double()
-            row = QualityRow(s, v, run.num_steps, run.afs, fd_to_samples(x, exact), fd_exact_gmm(x, denoiser),
-                             rmse(x[:m], ref), run.seconds, _schedule_label(run.schedule), run.options)
+            fd, fd_exact = (None, None) if exact is None else (fd_to_samples(x, exact), fd_exact_gmm(x, denoiser))
+            row = QualityRow(s, v, run.num_steps, run.afs, fd, fd_exact, rmse(x[:m], ref), run.seconds,
+                             _schedule_label(run.schedule), run.options)
             rows.append(row)
             if progress is not None:
                 progress(row)
@@ -292,15 +313,21 @@ def _schedule_label(s: ScheduleSpec) -> str:
     return s.schedule_type + (f"(rho={s.rho:g})" if s.schedule_type in ("polynomial", "time_uniform", "discrete") else "")
 
 
+def fmt_score(value: float | None, digits: int = 4, width: int = 9) -> str:
+    """A score right-aligned in ``width`` columns, or ``n/a`` (FD of a teacher without exact samples)."""
+    return f"{'n/a':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
+
+
 def format_table(table: QualityTable) -> str:
-    """The table as aligned text (one line per solver x NFE)."""
+    """The table as aligned text (one line per solver x NFE); FD columns read ``n/a`` without exact samples."""
     head = f"{'solver':8s} {'NFE':>4s} {'N':>3s} {'AFS':>3s} {'FD':>9s} {'FD-exact':>9s} {'RMSE':>9s} {'sec':>6s}  schedule"
     lines = [head, "-" * len(head)]
     for r in table.rows:
-        lines.append(f"{r.solver:8s} {r.nfe:4d} {r.num_steps:3d} {'yes' if r.afs else 'no':>3s} {r.fd:9.4f} "
-                     f"{r.fd_exact:9.4f} {r.rmse:9.5f} {r.seconds:6.2f}  {r.schedule}")
-    lines.append(f"(n={table.n}, seed={table.seed}; FD floor of exact samples = {table.fd_floor:.4f}; RMSE on "
-                 f"{table.rmse_samples} samples vs {table.reference})")
+        lines.append(f"{r.solver:8s} {r.nfe:4d} {r.num_steps:3d} {'yes' if r.afs else 'no':>3s} {fmt_score(r.fd)} "
+                     f"{fmt_score(r.fd_exact)} {r.rmse:9.5f} {r.seconds:6.2f}  {r.schedule}")
+    floor = (f"FD floor of exact samples = {table.fd_floor:.4f}" if table.has_fd
+             else "FD n/a: the teacher draws no exact samples")
+    lines.append(f"(n={table.n}, seed={table.seed}; {floor}; RMSE on {table.rmse_samples} samples vs {table.reference})")
     return "\n".join(lines)
 
 
@@ -353,23 +380,27 @@ def save_grid_png(samples: torch.Tensor, path: str | os.PathLike, *, nrow: int |
 
 
 def save_quality_plot(table: QualityTable, path: str | os.PathLike, *, title: str = "") -> Path:
-    """FD and RMSE against NFE, one line per solver (log scale), as a PNG."""
+    """FD and RMSE against NFE, one line per solver (log scale), as a PNG (RMSE only without exact samples)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (["fd"] if table.has_fd else []) + ["rmse"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = list(axes[0])
     solvers = list(dict.fromkeys(r.solver for r in table.rows))
     for s in solvers:
         rs = sorted((r for r in table.rows if r.solver == s), key=lambda r: r.nfe)
-        axes[0].plot([r.nfe for r in rs], [r.fd for r in rs], marker="o", label=s)
-        axes[1].plot([r.nfe for r in rs], [r.rmse for r in rs], marker="o", label=s)
+        for ax, key in zip(axes, panels):
+            ax.plot([r.nfe for r in rs], [getattr(r, key) for r in rs], marker="o", label=s)
     nfes = sorted({r.nfe for r in table.rows})
     for ax in axes:
         ax.set_xticks(nfes)
-    axes[0].axhline(table.fd_floor, color="gray", ls="--", lw=1, label="exact samples")
-    for ax, name in zip(axes, ("FD to exact samples", "RMSE to near-exact ODE solution")):
+    if table.has_fd:
+        axes[0].axhline(table.fd_floor, color="gray", ls="--", lw=1, label="exact samples")
+    names = {"fd": "FD to exact samples", "rmse": "RMSE to near-exact ODE solution"}
+    for ax, name in zip(axes, (names[k] for k in panels)):
         ax.set_xlabel("NFE")
         ax.set_ylabel(name)
         ax.set_yscale("log")

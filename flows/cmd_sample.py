@@ -2,6 +2,8 @@
 
 Writes into --out-dir: ``quality.json`` (the table), ``quality.png`` (FD and RMSE against NFE) and
 ``samples.png`` (one row per solver at the largest NFE, the last row exact mixture samples).
+Any teacher works: one that cannot draw exact samples (a network such as digits-tiny-unet) is scored by
+RMSE to the near-exact ODE solution only (FD reads n/a, and the header says so).
 The math lives in :mod:`amed_core.evaluate`; this module only parses, prints and writes.
 Each mode is one function (``run_base_solvers``); a learned-sampler mode plugs in next to it.
 """
@@ -27,9 +29,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "sample", help="sample with training-free solvers and print quality vs NFE",
         description="Sample a teacher with training-free ODE solvers at several NFEs; print FD to exact "
-                    "samples and RMSE to a near-exact ODE solution; write PNGs and a JSON table.",
+                    "samples and RMSE to a near-exact ODE solution; write PNGs and a JSON table. A teacher "
+                    "without exact samples (a network) gets RMSE only (FD n/a).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default="digits-gmm", help="digits-gmm or gmm:PATH.npz (an analytic mixture)")
+    p.add_argument("--teacher", default=None,
+                   help="digits-gmm, gmm:PATH.npz (mixtures: FD and RMSE), digits-tiny-unet, tiny-unet:DIR, "
+                        "edm-safetensors:DIR, ... (networks: RMSE only). Default: digits-gmm; with --predictor the "
+                        "built-in teacher the checkpoint was trained for")
     p.add_argument("--solvers", default=DEFAULT_SOLVERS, help="comma-separated solver names")
     p.add_argument("--nfe", default=DEFAULT_NFES, help="comma-separated NFE budgets")
     p.add_argument("--n", type=int, default=4096, help="samples per (solver, NFE)")
@@ -69,7 +75,60 @@ def cmd_sample(args) -> int:
         return run_predictor(args)
     if getattr(args, "out", None):
         raise ValueError("--out saves a learned sampler's samples: use it with --predictor DIR")
+    if getattr(args, "teacher", None) is None:
+        args.teacher = "digits-gmm"
     return run_base_solvers(args)
+
+
+def _fd_scored(args, denoiser) -> bool:
+    """Whether FD can be scored (the teacher draws exact samples); --n checked against what is scored."""
+    from amed_core.evaluate import has_exact_samples
+
+    exact = has_exact_samples(denoiser)
+    if args.n < (2 if exact else 1):
+        raise ValueError(f"--n must be at least {2 if exact else 1}"
+                         f"{' (FD needs a covariance)' if exact else ''}, got {args.n}")
+    return exact
+
+
+def _score_note(teacher: str, exact: bool) -> str:
+    """The header line saying what the scores are."""
+    if exact:
+        return "scores: FD to exact samples, RMSE to the near-exact ODE solution"
+    return (f"scores: RMSE to the near-exact ODE solution only; FD n/a ({teacher} cannot draw exact samples, "
+            "only an analytic mixture such as digits-gmm can)")
+
+
+def _checkpoint_teacher(args, spec):
+    """(name, denoiser) for --predictor: --teacher when given (it must be the checkpoint's teacher: same content
+    hash), else the built-in teacher (digits-gmm, digits-tiny-unet, ...) whose hash ``spec.teacher`` records."""
+    from amed_core import adapters
+    from amed_core.denoisers import BUILTIN_TEACHERS, load_teacher
+
+    ident = dict(spec.teacher or {})
+    want, name = ident.get("content_sha256"), ident.get("name")
+    label = f"{name!r}" + (f" (sha256 {want[:12]}...)" if want else "")
+    if args.teacher:
+        denoiser = load_teacher(args.teacher)
+        have = denoiser.identity().get("content_sha256") if hasattr(denoiser, "identity") else None
+        if want and have and have != want:
+            raise ValueError(f"--teacher {args.teacher!r} (sha256 {have[:12]}...) is not the teacher this checkpoint "
+                             f"was trained for: {label}; omit --teacher to use the checkpoint's own teacher, or "
+                             "pass that one")
+        return args.teacher, denoiser
+    builtins = sorted(BUILTIN_TEACHERS) + sorted(adapters.BUILTIN_NETWORKS)
+    if not want:  # a spec without a teacher hash: its named built-in, else the historical default
+        pick = name if name in builtins else "digits-gmm"
+        log.warning("checkpoint records no teacher hash; using --teacher %s", pick)
+        return pick, load_teacher(pick)
+    # the named one first, then built-ins of the same family (mixture / network): usually one load
+    mixture = ident.get("adapter") == "gmm"
+    for cand in sorted(builtins, key=lambda b: (b != name, (b in BUILTIN_TEACHERS) != mixture)):
+        denoiser = load_teacher(cand)
+        if denoiser.identity().get("content_sha256") == want:
+            return cand, denoiser
+    raise ValueError(f"--teacher: this checkpoint was trained for {label}, which is none of the built-in teachers "
+                     f"({', '.join(builtins)}); pass it as --teacher NAME (e.g. gmm:PATH.npz, tiny-unet:DIR)")
 
 
 def _parse_list(text: str, name: str, cast=str) -> list:
@@ -128,9 +187,8 @@ def run_base_solvers(args) -> int:
     nfes = _parse_list(args.nfe, "--nfe", int)
     if any(v < 1 for v in nfes):
         raise ValueError(f"--nfe values must be positive, got {nfes}")
-    if args.n < 2:
-        raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {args.n}")
     denoiser = load_teacher(args.teacher)
+    exact = _fd_scored(args, denoiser)
     afs = {"auto": None, "on": True, "off": False}[args.afs]
     for s in solvers:                       # fail before any work when an NFE is unreachable
         for v in nfes:
@@ -145,14 +203,14 @@ def run_base_solvers(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     print(f"amed sample: {args.teacher}, solvers {','.join(solvers)}, NFE {','.join(map(str, nfes))}, "
-          f"n={args.n}, seed={args.seed}", flush=True)
+          f"n={args.n}, seed={args.seed}\n{_score_note(args.teacher, exact)}", flush=True)
     total = len(solvers) * len(nfes)
     done = []
 
     def progress(row):
         done.append(row)
-        print(f"  [{len(done)}/{total}] {row.solver} NFE {row.nfe}: FD {row.fd:.4f}, RMSE {row.rmse:.5f} "
-              f"({row.seconds:.1f} s)", flush=True)
+        print(f"  [{len(done)}/{total}] {row.solver} NFE {row.nfe}: FD {evaluate.fmt_score(row.fd, width=0)}, "
+              f"RMSE {row.rmse:.5f} ({row.seconds:.1f} s)", flush=True)
 
     schedules = _schedules(args, solvers, denoiser)
     table = evaluate.quality_table(denoiser, solvers, nfes, args.n, args.seed, schedules=schedules,
@@ -163,8 +221,9 @@ def run_base_solvers(args) -> int:
 
     record = {"teacher": args.teacher, "teacher_identity": denoiser.identity(), **table.to_dict()}
     _write_json(out_dir / "quality.json", record)
-    evaluate.save_quality_plot(table, out_dir / "quality.png", title=f"{args.teacher}: quality vs NFE (n={args.n})")
-    # samples.png: the first samples of each solver at its largest NFE, then exact mixture samples.
+    evaluate.save_quality_plot(table, out_dir / "quality.png", title=f"{args.teacher}: quality vs NFE (n={args.n}"
+                                                                     f"{'' if exact else '; RMSE only, no exact samples'})")
+    # samples.png: the first samples of each solver at its largest NFE, then exact mixture samples (if any).
     k = max(1, min(args.grid_per_row, args.n))
     seeds = range(args.seed, args.seed + k)
     rows = []
@@ -172,10 +231,11 @@ def run_base_solvers(args) -> int:
         run = evaluate.sample_solver(denoiser, s, max(nfes), k, args.seed, schedules[s], options.get(s),
                                      afs=afs, noise=evaluate.seeded_noise(seeds, denoiser.shape))
         rows.append(run.x)
-    rows.append(denoiser.sample(k, generator=torch.Generator().manual_seed(args.seed)))
+    if exact:
+        rows.append(denoiser.sample(k, generator=torch.Generator().manual_seed(args.seed)))
     evaluate.save_grid_png(torch.cat(rows), out_dir / "samples.png", nrow=k)
     print(f"\nwrote {out_dir / 'quality.json'}, {out_dir / 'quality.png'}, {out_dir / 'samples.png'} "
-          f"(rows: {', '.join(solvers)} at NFE {max(nfes)}, then exact samples)")
+          f"(rows: {', '.join(solvers)} at NFE {max(nfes)}{', then exact samples' if exact else ''})")
     return 0
 
 
@@ -185,24 +245,23 @@ def run_predictor(args) -> int:
 
     from amed_core import evaluate
     from amed_core.amed.evaluation import compare_with_base, policy_trace, save_policy_plot
-    from amed_core.denoisers import load_teacher
-
-    if args.n < 2:
-        raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {args.n}")
     from flows.registry import load_sampler  # a folder, an fsspec URL or models:/NAME@ALIAS
 
     sampler = load_sampler(args.predictor)
     spec = sampler.spec
-    denoiser = load_teacher(args.teacher)
+    args.teacher, denoiser = _checkpoint_teacher(args, spec)
+    exact = _fd_scored(args, denoiser)
+    sampler.check_denoiser(denoiser)  # the loader's own guard (content hash), before any work
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"amed sample: {args.predictor} = {spec.solver} at NFE {spec.nfe} (N={spec.num_steps}, afs={spec.afs}, "
-          f"{spec.schedule.schedule_type}) on {args.teacher}, n={args.n}, seed={args.seed}", flush=True)
+          f"{spec.schedule.schedule_type}) on {args.teacher}, n={args.n}, seed={args.seed}\n"
+          f"{_score_note(args.teacher, exact)}", flush=True)
     rows, run = compare_with_base(sampler, denoiser, args.n, args.seed, rmse_samples=args.rmse_samples,
                                   batch_size=args.batch_size, reference_steps=args.reference_steps)
     print(f"\n{'sampler':<18} {'NFE':>4} {'FD':>9} {'RMSE':>9} {'seconds':>8}")
     for r in rows:
-        print(f"{r.name:<18} {r.nfe:>4} {r.fd:>9.4f} {r.rmse:>9.5f} {r.seconds:>8.2f}")
+        print(f"{r.name:<18} {r.nfe:>4} {evaluate.fmt_score(r.fd)} {r.rmse:>9.5f} {r.seconds:>8.2f}")
     trace = policy_trace(sampler, denoiser, evaluate.seeded_noise(range(args.seed, args.seed + min(args.n, 256)), denoiser.shape))
     for i, (r_m, r_s, c_m, a_m) in enumerate(zip(trace["r_mean"], trace["r_std"], trace["scale_dir_mean"], trace["scale_time_mean"])):
         print(f"  step {i}: t {trace['t_cur'][i]:.4g} -> {trace['t_next'][i]:.4g}, r {r_m:.3f} +- {r_s:.3f}, "

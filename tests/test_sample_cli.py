@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -143,3 +144,86 @@ def test_amed_sample_cli_rejects_bad_input(tmp_path, capsys, argv, message):
     rc = main(["sample", "--out-dir", str(tmp_path / "o"), *argv])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# A neural teacher (no exact samples): RMSE only, FD n/a, in both modes.
+
+@pytest.fixture(scope="module")
+def unet():
+    return load_teacher("digits-tiny-unet")
+
+
+def test_quality_table_without_exact_samples_is_rmse_only(unet):
+    assert not evaluate.has_exact_samples(unet) and evaluate.has_exact_samples(load_teacher("digits-gmm"))
+    tab = evaluate.quality_table(unet, ["euler"], [3, 9], 8, seed=0, rmse_samples=8, reference_steps=60)
+    assert not tab.has_fd and tab.fd_floor is None
+    assert [r.fd for r in tab.rows] == [None, None] and [r.fd_exact for r in tab.rows] == [None, None]
+    assert tab.rows[1].rmse < tab.rows[0].rmse                           # more NFE, closer to the ODE solution
+    assert json.loads(json.dumps(tab.to_dict()))["rows"][0]["fd"] is None
+    assert "FD n/a" in evaluate.format_table(tab) and "n/a" in evaluate.format_table(tab).splitlines()[2]
+
+
+def test_amed_sample_cli_neural_teacher(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["sample", "--teacher", "digits-tiny-unet", "--solvers", "euler,ipndm", "--nfe", "3,5", "--n", "16",
+               "--out-dir", str(out), "--rmse-samples", "8", "--reference-steps", "60", "--grid-per-row", "4"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "RMSE to the near-exact ODE solution only; FD n/a" in text.splitlines()[1]   # the header says so
+    lines = [ln.split() for ln in text.splitlines() if ln.split() and ln.split()[0] in ("euler", "ipndm")]
+    assert len(lines) == 4 and all(ln[4:6] == ["n/a", "n/a"] for ln in lines)
+    record = json.loads((out / "quality.json").read_text())
+    assert record["teacher"] == "digits-tiny-unet" and record["fd_floor"] is None
+    assert all(r["fd"] is None and np.isfinite(r["rmse"]) for r in record["rows"])
+    by = {(r["solver"], r["nfe"]): r["rmse"] for r in record["rows"]}
+    assert by["euler", 5] < by["euler", 3] and by["ipndm", 5] < by["ipndm", 3]
+    assert Image.open(out / "samples.png").size == (8 * (4 * 9 + 1), 8 * (2 * 9 + 1))  # 4 x 2 rows: no exact row
+    assert Image.open(out / "quality.png").format == "PNG"
+
+
+@pytest.fixture(scope="module")
+def unet_checkpoint(tmp_path_factory, unet):
+    """An (untrained) amed+ipndm checkpoint for the tiny UNet: sampling does not care how good it is."""
+    from amed_core.amed import AMEDPredictor, SamplerSpec, save_checkpoint
+    from amed_core.schedules import ScheduleSpec
+
+    spec = SamplerSpec.create("amed+ipndm", 3, afs=True, denoiser=unet,
+                              schedule=ScheduleSpec("polynomial", rho=7.0, sigma_min=unet.sigma_min, sigma_max=unet.sigma_max))
+    return save_checkpoint(tmp_path_factory.mktemp("unet-ckpt"), AMEDPredictor(spec.predictor, seed=0), spec)
+
+
+def test_amed_sample_predictor_neural_teacher_from_checkpoint(tmp_path, capsys, unet_checkpoint):
+    out = tmp_path / "eval"
+    rc = main(["sample", "--predictor", str(unet_checkpoint), "--n", "12", "--rmse-samples", "6",
+               "--reference-steps", "40", "--out-dir", str(out), "--grid-per-row", "4"])   # no --teacher: the checkpoint's
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "on digits-tiny-unet" in text.splitlines()[0] and "FD n/a" in text.splitlines()[1]
+    rows = [ln.split() for ln in text.splitlines() if ln.split()[:1] in (["amed+ipndm"], ["ipndm"])]
+    assert [r[:3] for r in rows] == [["amed+ipndm", "3", "n/a"], ["ipndm", "3", "n/a"]]
+    record = json.loads((out / "predictor-quality.json").read_text())
+    assert record["teacher"] == "digits-tiny-unet"
+    assert [r["fd"] for r in record["rows"]] == [None, None] and all(np.isfinite(r["rmse"]) for r in record["rows"])
+    assert (out / "predictor-samples.png").stat().st_size > 0 and (out / "policy.png").stat().st_size > 0
+
+
+def test_amed_sample_predictor_refuses_another_teacher(tmp_path, capsys, unet_checkpoint):
+    rc = main(["sample", "--predictor", str(unet_checkpoint), "--teacher", "digits-gmm", "--n", "4",
+               "--out-dir", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--teacher 'digits-gmm'" in err and "not the teacher this checkpoint was trained for" in err
+    assert not (tmp_path / "o" / "predictor-quality.json").exists()
+
+
+def test_amed_sample_predictor_unknown_teacher_needs_teacher_flag(tmp_path, capsys, unet_checkpoint):
+    from amed_core.amed import load_sampler, save_checkpoint
+
+    sampler = load_sampler(unet_checkpoint)
+    spec = dataclasses.replace(sampler.spec, teacher={"adapter": "edm-network", "name": "elsewhere", "content_sha256": "0" * 64})
+    ckpt = save_checkpoint(tmp_path / "ck", sampler.predictor, spec)
+    rc = main(["sample", "--predictor", str(ckpt), "--n", "4", "--out-dir", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'elsewhere'" in err and "none of the built-in teachers" in err and "--teacher NAME" in err

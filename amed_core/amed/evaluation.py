@@ -3,7 +3,8 @@
 - ``sample_amed(sampler, denoiser, n, seed)``: samples from per-sample seeded noise (``seeded_noise``), batched.
 - ``policy_trace(sampler, denoiser, noise)``: the learned r / scale_dir / scale_time per step (mean, std over samples).
 - ``compare_with_base(sampler, denoiser, n, seed)``: FD to exact mixture samples and RMSE to the near-exact ODE
-  solution, for the sampler and its base solver at the same NFE (``amed_core.evaluate`` does the base runs).
+  solution, for the sampler and its base solver at the same NFE (``amed_core.evaluate`` does the base runs);
+  a teacher without exact samples (a network) gets RMSE only (``fd`` None).
 - ``save_policy_plot(trace, path)``: PNG of the per-step policy (matplotlib, Agg).
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluate import _exact_samples, reference_solution, sample_solver, seeded_noise
+from ..evaluate import _exact_samples, has_exact_samples, reference_solution, sample_solver, seeded_noise
 from ..metrics import fd_to_samples, rmse
 from .checkpoint import Sampler
 
@@ -76,9 +77,11 @@ def policy_trace(sampler: Sampler, denoiser, noise: torch.Tensor) -> dict[str, l
 
 @dataclass
 class Scores:
+    """One sampler's scores at its NFE; ``fd`` is None when the teacher draws no exact samples."""
+
     name: str
     nfe: int
-    fd: float
+    fd: float | None
     rmse: float
     seconds: float
 
@@ -90,19 +93,24 @@ def compare_with_base(sampler: Sampler, denoiser, n: int, seed: int, *, base_sol
                       base_afs: bool | None = None, rmse_samples: int = 512, exact: torch.Tensor | None = None,
                       batch_size: int = 1024, reference_steps: int = 500) -> tuple[list[Scores], AmedRun]:
     """FD (n samples vs n exact mixture samples) and RMSE (first ``rmse_samples`` vs the near-exact ODE solution)
-    of the sampler and of ``base_solver`` (default: the plugin's base, heun for the AMED-Solver) at the same NFE."""
+    of the sampler and of ``base_solver`` (default: the plugin's base, heun for the AMED-Solver) at the same NFE.
+    Without exact samples (``exact`` not given and the teacher has no ``.sample``) FD is None: RMSE only."""
     spec = sampler.spec
     noise = seeded_noise(range(seed, seed + n), denoiser.shape)
-    exact = exact if exact is not None else _exact_samples(denoiser, n, seed)
+    if exact is None and has_exact_samples(denoiser):
+        exact = _exact_samples(denoiser, n, seed)
     m = min(rmse_samples, n)
     ref = reference_solution(denoiser, noise[:m], spec.schedule, num_steps=reference_steps)
+
+    def scores(name: str, x: torch.Tensor, nfe: int, seconds: float) -> Scores:
+        return Scores(name, nfe, None if exact is None else fd_to_samples(x, exact), rmse(x[:m], ref), seconds)
+
     run = sample_amed(sampler, denoiser, n, seed, noise=noise, batch_size=batch_size)
-    rows = [Scores(f"{spec.solver}", run.nfe, fd_to_samples(run.x, exact), rmse(run.x[:m], ref), run.seconds)]
+    rows = [scores(spec.solver, run.x, run.nfe, run.seconds)]
     base = base_solver or spec.base_solver
     try:
         b = sample_solver(denoiser, base, spec.nfe, n, seed, noise=noise, afs=base_afs, batch_size=batch_size)
-        label = f"{base}{' (afs)' if b.afs else ''}"
-        rows.append(Scores(label, b.nfe, fd_to_samples(b.x, exact), rmse(b.x[:m], ref), b.seconds))
+        rows.append(scores(f"{base}{' (afs)' if b.afs else ''}", b.x, b.nfe, b.seconds))
     except ValueError:
         pass  # the base solver cannot spend exactly this NFE (e.g. heun at an odd NFE without AFS)
     return rows, run
