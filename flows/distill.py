@@ -4,7 +4,7 @@ A sweep (``flows.config.SweepConfig``) is datasets x solvers x NFEs x seeds; eac
 one AMED predictor (Zhou et al., arXiv 2312.00094) against a teacher shared by its dataset, and is
 scored next to its training-free base solver at the same NFE.
 
-- **plan** (in the flow, before any work): load every teacher, build the SamplerSpecs, the shared
+- **plan** (``flows.config.plan_sweep``, before any work): load every teacher, build the SamplerSpecs, the shared
   TeacherSpec per dataset and content-addressed ids for every checkpoint and score; any bad input
   fails the run here.
 - **teacher** (one task per dataset): missing shards spread over Ray actors that load the model once.
@@ -271,14 +271,17 @@ def _artifacts(cfg, results, scores, plan, results_url, champions) -> None:
     if champions:
         lines += ["## Champions", ""] + [f"- `{n}` -> `{u}`" for n, u in champions.items()] + [""]
     lines += ["## Samples", ""]
-    for c in plan["candidates"]:
-        for title, job_id, key_ in ((c["eval"]["title"], c["eval"]["id"], c["eval"]["grid_key"]),):
-            if scores.get(job_id, {}).get("grid_url") and store.exists(key_):
-                lines += [f"### {title} (seed {c['seed']})", "", _img(store.get(key_), title), ""]
-    for b in plan["baselines"]:
-        if scores.get(b["id"], {}).get("grid_url") and store.exists(b["grid_key"]):
-            lines += [f"### {b['title']} (base solver)", "", _img(store.get(b["grid_key"]), b["title"]), ""]
+    grids = [(f"{c['eval']['title']} (seed {c['seed']})", c["eval"]["id"], c["eval"]["grid_key"]) for c in plan["candidates"]]
+    grids += [(f"{b['title']} (base solver)", b["id"], b["grid_key"]) for b in plan["baselines"]]
+    grids = [g for g in grids if scores.get(g[1], {}).get("grid_url") and store.exists(g[2])]
+    for title, _, key_ in grids[:_MAX_INLINE_GRIDS]:  # inline PNGs keep the artifact self-contained
+        lines += [f"### {title}", "", _img(store.get(key_), title), ""]
+    for title, _, key_ in grids[_MAX_INLINE_GRIDS:]:
+        lines += [f"- {title}: `{store.url_of(key_)}`"]
     create_markdown_artifact(markdown="\n".join(lines), key=f"{key}-samples", description="sample grids")
+
+
+_MAX_INLINE_GRIDS = 24
 
 
 def _img(png: bytes, alt: str) -> str:
