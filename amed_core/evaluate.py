@@ -35,6 +35,7 @@ from .amed.spec import evals_per_step, num_steps_for  # one NFE <-> N mapping fo
 
 __all__ = [
     "BASE_SOLVERS",
+    "atomic_write",
     "DEFAULT_OPTIONS",
     "DEFAULT_SCHEDULES",
     "QualityRow",
@@ -46,6 +47,7 @@ __all__ = [
     "quality_table",
     "reference_solution",
     "sample_solver",
+    "save_figure_png",
     "save_grid_png",
     "save_quality_plot",
     "seeded_noise",
@@ -160,18 +162,25 @@ def sample_solver(denoiser, solver: str, nfe: int, n: int, seed: int, schedule: 
     sigmas = schedule.grid(N)
     if noise is None:
         noise = seeded_noise(range(seed, seed + n), denoiser.shape, dtype=dtype)
-    noise = noise.to(dtype)
-    out = []
     t0 = time.perf_counter()
+    x = _solve_batches(solver, denoiser, noise[:n].to(dtype) * sigmas[0].to(dtype), sigmas, batch_size=batch_size,
+                       class_labels=class_labels, nfe=nfe, afs=use_afs, **opts)
+    return SampleRun(solver, nfe, N, use_afs, schedule, opts, x, time.perf_counter() - t0)
+
+
+def _solve_batches(solver: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, batch_size: int, class_labels=None,
+                   nfe: int | None = None, **options) -> torch.Tensor:
+    """``solve`` from the starting points ``x`` in batches (rows are independent), without autograd, concatenated;
+    ``nfe``: the evaluations every batch must spend (a mismatch is an accounting bug)."""
+    out = []
     with torch.no_grad():
-        for lo, hi in _batched(n, batch_size):
+        for lo, hi in _batched(x.shape[0], batch_size):
             labels = None if class_labels is None else class_labels[lo:hi]
-            res = solve(solver, denoiser, noise[lo:hi] * sigmas[0].to(dtype), sigmas, afs=use_afs,
-                        class_labels=labels, **opts)
-            if res.nfe != nfe:
-                raise RuntimeError(f"{solver} spent {res.nfe} evaluations, expected {nfe}")  # accounting bug
+            res = solve(solver, denoiser, x[lo:hi], sigmas, class_labels=labels, **options)
+            if nfe is not None and res.nfe != nfe:
+                raise RuntimeError(f"{solver} spent {res.nfe} evaluations, expected {nfe}")
             out.append(res.x)
-    return SampleRun(solver, nfe, N, use_afs, schedule, opts, torch.cat(out), time.perf_counter() - t0)
+    return torch.cat(out)
 
 
 REFERENCE_SOLVER = "dpmpp"
@@ -190,14 +199,8 @@ def reference_solution(denoiser, noise: torch.Tensor, schedule: ScheduleSpec | N
     schedule = schedule or ScheduleSpec()
     ref_sched = ScheduleSpec("logsnr", sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max)
     sigmas = ref_sched.grid(num_steps)
-    noise = noise.to(torch.float64)
-    out = []
-    with torch.no_grad():
-        for lo, hi in _batched(noise.shape[0], batch_size):
-            labels = None if class_labels is None else class_labels[lo:hi]
-            out.append(solve(REFERENCE_SOLVER, denoiser, noise[lo:hi] * sigmas[0], sigmas, class_labels=labels,
-                             **REFERENCE_OPTIONS).x)
-    return torch.cat(out)
+    return _solve_batches(REFERENCE_SOLVER, denoiser, noise.to(torch.float64) * sigmas[0], sigmas, batch_size=batch_size,
+                          class_labels=class_labels, **REFERENCE_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +343,9 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder (mode 0666 less the
+    umask), which then replaces ``path``; on any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
@@ -376,7 +381,7 @@ def save_grid_png(samples: torch.Tensor, path: str | os.PathLike, *, nrow: int |
     pil = Image.fromarray(grid[..., 0] if C == 1 else grid, mode="L" if C == 1 else "RGB")
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    return _atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def save_quality_plot(table: QualityTable, path: str | os.PathLike, *, title: str = "") -> Path:
@@ -407,8 +412,15 @@ def save_quality_plot(table: QualityTable, path: str | os.PathLike, *, title: st
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title or f"quality vs NFE (n={table.n}, seed={table.seed})")
+    return save_figure_png(fig, path, dpi=100)
+
+
+def save_figure_png(fig, path: str | os.PathLike, *, dpi: int = 100) -> Path:
+    """Lay out a matplotlib figure, write it as a PNG atomically (:func:`atomic_write`) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
-        return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     finally:
         plt.close(fig)

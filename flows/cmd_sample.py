@@ -14,8 +14,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -159,18 +157,21 @@ def _schedules(args, solvers, denoiser) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from amed_core.evaluate import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    import numpy as np
+
+    from amed_core.evaluate import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name without it
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def run_base_solvers(args) -> int:
@@ -241,8 +242,6 @@ def run_base_solvers(args) -> int:
 
 def run_predictor(args) -> int:
     """A learned AMED sampler next to its base solver at the same NFE (amed_core.amed.evaluation)."""
-    import numpy as np
-
     from amed_core import evaluate
     from amed_core.amed.evaluation import compare_with_base, policy_trace, save_policy_plot
     from flows.registry import load_sampler  # a folder, an fsspec URL or models:/NAME@ALIAS
@@ -274,17 +273,7 @@ def run_predictor(args) -> int:
                                                      "rows": [r.to_dict() for r in rows], "policy": trace})
     written = [out_dir / "predictor-quality.json", out_dir / "predictor-samples.png", out_dir / "policy.png"]
     if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, samples=run.x.numpy())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        written.append(path)
+        _write_npz(Path(args.out), samples=run.x.numpy())
+        written.append(Path(args.out))
     print(f"\nwrote {', '.join(map(str, written))}")
     return 0

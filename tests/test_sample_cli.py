@@ -16,14 +16,6 @@ from amed_core.schedules import ScheduleSpec
 from flows.cli import main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     return load_teacher("digits-gmm")

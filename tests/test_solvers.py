@@ -25,15 +25,6 @@ SIGMA_MAX, SIGMA_MIN = 2.0, 0.5          # a regime where the asymptotic error e
 NO_THRESH = dict(dynamic_thresholding=False)   # thresholding changes the ODE itself; off for convergence
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     return load_teacher("digits-gmm")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluate import _exact_samples, has_exact_samples, reference_solution, sample_solver, seeded_noise
+from ..evaluate import (_batched, _exact_samples, has_exact_samples, reference_solution, sample_solver, save_figure_png,
+                        seeded_noise)
 from ..metrics import fd_to_samples, rmse
 from .checkpoint import Sampler
 
@@ -42,8 +42,8 @@ def sample_amed(sampler: Sampler, denoiser, n: int, seed: int, *, batch_size: in
         noise = seeded_noise(range(seed, seed + n), denoiser.shape, dtype=dtype)
     out, nfe = [], 0
     t0 = time.perf_counter()
-    for lo in range(0, noise.shape[0], batch_size):
-        res = sampler(denoiser, noise[lo:lo + batch_size].to(dtype))
+    for lo, hi in _batched(noise.shape[0], batch_size):
+        res = sampler(denoiser, noise[lo:hi].to(dtype))
         out.append(res.x)
         nfe = res.nfe
     return AmedRun(torch.cat(out), nfe, time.perf_counter() - t0)
@@ -123,8 +123,6 @@ def save_policy_plot(trace: dict, path: str | os.PathLike, *, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     steps = np.arange(len(trace["r_mean"]))
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     for ax, name in zip(axes, ("r", "scale_dir", "scale_time")):
@@ -138,14 +136,4 @@ def save_policy_plot(trace: dict, path: str | os.PathLike, *, title: str = "") -
     axes[0].set_ylim(0, 1)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_figure_png(fig, path, dpi=110)
