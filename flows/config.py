@@ -119,6 +119,9 @@ class SamplerConfig(_Strict):
     lower_order_final: Optional[bool] = Field(default=None, description="amed+dpmpp only (default true)")
     scale_dir: float = Field(default=0.01, ge=0, description="direction scaled in [1 - s, 1 + s]")
     scale_time: float = Field(default=0.0, ge=0, description="evaluation time scaled in [1 - s, 1 + s]")
+    afs_in_history: Optional[bool] = Field(
+        default=None, description="amed+ipndm / amed+dpmpp: keep the AFS estimate in the multistep history "
+                                  "(default true = the reference; false = the improved recipe)")
 
     def afs_for(self, nfe: int) -> bool:
         """AFS for this NFE: AMED spends 2 evaluations per step, so odd NFEs need AFS (NFE = 2 (N - 1) - afs)."""
@@ -138,6 +141,8 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(default=128, ge=1)
     epochs: int = Field(default=1, ge=1, description="passes over the stored teacher trajectories")
     hidden_dim: Optional[int] = Field(default=None, ge=1, description="predictor width (default: amed_core's)")
+    loss_weighting: Literal["sum", "relative"] = Field(
+        default="sum", description="sum (the paper) or relative (every student step weighs alike; the improved recipe)")
 
 
 class EvalConfig(_Strict):
@@ -187,6 +192,8 @@ class SweepConfig(_Strict):
     solver_options: dict[str, SamplerConfig] = Field(
         default_factory=dict, description="per-solver sampler overrides (full SamplerConfig per named solver)")
     train: TrainingConfig = Field(default_factory=TrainingConfig)
+    train_options: dict[str, TrainingConfig] = Field(
+        default_factory=dict, description="per-solver training overrides (full TrainingConfig per named solver)")
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     store_url: Optional[str] = Field(default=None, description="fsspec URL (file path, s3://...); default ./amed-runs/<name>/store")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (no secrets: use AWS_* env)")
@@ -239,15 +246,19 @@ class SweepConfig(_Strict):
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: names must be unique (got {names})")
-        stray = sorted(set(self.solver_options) - set(self.solvers))
-        if stray:
-            raise ValueError(f"solver_options: {stray} are not in solvers {self.solvers}")
+        for field_name in ("solver_options", "train_options"):
+            stray = sorted(set(getattr(self, field_name)) - set(self.solvers))
+            if stray:
+                raise ValueError(f"{field_name}: {stray} are not in solvers {self.solvers}")
+        for s, sc in self.solver_options.items():
+            if s not in ("amed+ipndm", "amed+dpmpp") and sc.afs_in_history is not None:
+                raise ValueError(f"solver_options.{s}.afs_in_history: applies to amed+ipndm / amed+dpmpp only")
         if self.evaluation.metric == "fd_exact":
             exact = [d.name for d in self.datasets if not d.analytic]
             if exact:
                 raise ValueError(f"evaluation.metric: 'fd_exact' needs analytic (gmm) teachers; {exact} are not "
                                  "(use 'rmse' or 'fid')")
-        if self.teacher.num_trajectories < self.train.batch_size:
+        if any(self.teacher.num_trajectories < self.train_for(s).batch_size for s in self.solvers):
             raise ValueError(f"teacher.num_trajectories ({self.teacher.num_trajectories}) must be at least "
                              f"train.batch_size ({self.train.batch_size})")
         for s in self.solvers:
@@ -258,6 +269,9 @@ class SweepConfig(_Strict):
     # -- derived ----------------------------------------------------------------------------------
     def sampler_for(self, solver: str) -> SamplerConfig:
         return self.solver_options.get(solver, self.sampler)
+
+    def train_for(self, solver: str) -> TrainingConfig:
+        return self.train_options.get(solver, self.train)
 
     def combos(self) -> list[tuple[DatasetConfig, str, int, int]]:
         """Every (dataset, solver, nfe, seed) the sweep trains, in a stable order."""
@@ -427,12 +441,12 @@ def plan_sweep(cfg: SweepConfig) -> dict:
                                     alphas_cumprod=None if table is None else tuple(float(a) for a in table))
             plugin = {}
             if s in ("amed+ipndm", "amed+dpmpp"):
-                plugin["max_order"] = sc.max_order
+                plugin.update(max_order=sc.max_order, afs_in_history=sc.afs_in_history)
             if s == "amed+dpmpp":
                 plugin.update(predict_x0=sc.predict_x0, lower_order_final=sc.lower_order_final)
             pc = PredictorConfig(scale_dir=sc.scale_dir, scale_time=sc.scale_time)
-            if cfg.train.hidden_dim:
-                pc = replace(pc, hidden_dim=cfg.train.hidden_dim)
+            if cfg.train_for(s).hidden_dim:
+                pc = replace(pc, hidden_dim=cfg.train_for(s).hidden_dim)
             for nfe in cfg.nfes:
                 try:
                     specs[(s, nfe)] = SamplerSpec.create(s, nfe, afs=sc.afs_for(nfe), schedule=schedule, predictor=pc,
@@ -474,16 +488,17 @@ def plan_sweep(cfg: SweepConfig) -> dict:
                                    "solver_options": bopts, "result_key": f"evals/{bid}.json",
                                    "grid_key": f"evals/{bid}-samples.png", "title": f"{d.name} {base} NFE {nfe}",
                                    "tags": [f"dataset:{d.name}", f"solver:{base}", f"nfe:{nfe}", "baseline"]}
+            tc = cfg.train_for(s)
             for seed in cfg.seeds:
-                train = TrainConfig(num_trajectories=t.num_trajectories * cfg.train.epochs,
-                                    batch_size=cfg.train.batch_size, lr=cfg.train.lr, seed=seed).to_dict()
-                cid = _h({"teacher": tspec.spec_hash, "spec": sp.to_dict(), "train": train, "epochs": cfg.train.epochs})
+                train = TrainConfig(num_trajectories=t.num_trajectories * tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+                                    seed=seed, loss_weighting=tc.loss_weighting).to_dict()
+                cid = _h({"teacher": tspec.spec_hash, "spec": sp.to_dict(), "train": train, "epochs": tc.epochs})
                 name = f"{_slug(d.name)}-{_slug(s)}-nfe{nfe}-seed{seed}"
                 ckpt = f"checkpoints/{name}-{cid[:12]}"
                 eid = _h({"checkpoint": cid, "protocol": proto.hash})
                 candidates.append({
                     **common, "id": f"{name}-{cid[:8]}", "name": name, "dataset": ds, "solver": s, "nfe": nfe,
-                    "seed": seed, "sampler_spec": sp.to_dict(), "train": train, "epochs": cfg.train.epochs,
+                    "seed": seed, "sampler_spec": sp.to_dict(), "train": train, "epochs": tc.epochs,
                     "teacher_hash": tspec.spec_hash, "checkpoint": ckpt, "base_id": baselines[bkey]["id"],
                     "base_solver": base, "protocol": proto.model_dump(),
                     "tags": [f"dataset:{d.name}", f"solver:{s}", f"nfe:{nfe}", f"seed:{seed}"],

@@ -31,6 +31,8 @@ def test_quickstart_and_every_shipped_config_validate():
     qs = load_sweep(quickstart_path())
     assert qs.solvers == ["amed", "amed+ipndm"] and qs.nfes == [3, 5] and qs.datasets[0].teacher == "digits-gmm"
     assert qs.store_url is None  # filled in under the output folder by `amed distill`
+    assert qs.train_for("amed+ipndm").lr == 2e-3 and qs.train_for("amed").lr == 5e-3  # per-solver recipe
+    assert qs.sampler_for("amed+ipndm").afs_in_history is False and qs.sampler_for("amed").afs_in_history is None
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_sweep(path)
 
@@ -68,6 +70,11 @@ def test_errors_name_the_field_and_what_is_allowed():
     assert "storage_options" in msg and "AWS_" in msg
     msg = _error({**MINIMAL, "solver_options": {"amed+dpmpp": {}}})
     assert "solver_options" in msg and "amed+dpmpp" in msg
+    msg = _error({**MINIMAL, "train_options": {"amed+ipndm": {"lr": 1e-3}}})
+    assert "train_options" in msg and "amed+ipndm" in msg
+    msg = _error({**MINIMAL, "solver_options": {"amed": {"afs_in_history": False}}})
+    assert "solver_options.amed.afs_in_history" in msg
+    assert "train.loss_weighting" in _error({**MINIMAL, "train": {"loss_weighting": "mean"}})
     msg = _error({**MINIMAL, "teacher": {"num_trajectories": 10}})
     assert "teacher.num_trajectories" in msg and "train.batch_size" in msg
     msg = _error({"datasets": [{"name": "a b", "teacher": "digits-gmm"}]})
@@ -94,6 +101,10 @@ def test_bad_plan_fails_before_work():
                       "nfes": [3]})
     plan = plan_sweep(cfg)  # a larger sigma_max than the teacher's is allowed (the grid is the user's choice)
     assert len(plan["candidates"]) == 1 and plan["baselines"][0]["solver"] == "euler"
+    qs = plan_sweep(load_sweep(quickstart_path()))
+    by = {c["solver"]: c for c in qs["candidates"] if c["nfe"] == 5}
+    assert by["amed+ipndm"]["sampler_spec"]["afs_in_history"] is False and by["amed+ipndm"]["train"]["lr"] == 2e-3
+    assert by["amed"]["train"]["loss_weighting"] == "relative" and len({c["teacher_hash"] for c in qs["candidates"]}) == 1
     bad = load_sweep({"datasets": [{"name": "d", "teacher": "no-such-model"}], "evaluation": {"metric": "rmse"}})
     with pytest.raises(ValueError, match=r"datasets\[d\]\.teacher: unknown teacher"):
         plan_sweep(bad)
