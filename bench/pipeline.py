@@ -103,8 +103,9 @@ def train_scaling(tmp: Path, epochs: int) -> dict:
     from flows.store import TeacherStore, generate
 
     apply_safe_defaults()
-    cfg = load_sweep(quickstart_path(), store_url=str(tmp / "scaling-store"),
-                     train={**load_sweep(quickstart_path()).train.model_dump(), "epochs": epochs})
+    qs = load_sweep(quickstart_path())
+    cfg = load_sweep(qs, store_url=str(tmp / "scaling-store"), train={**qs.train.model_dump(), "epochs": epochs},
+                     train_options={k: {**v.model_dump(), "epochs": epochs} for k, v in qs.train_options.items()})
     plan = plan_sweep(cfg)
     from amed_core.denoisers import load_teacher
     from amed_core.teacher import TeacherSpec
