@@ -592,3 +592,43 @@ def test_stable_diffusion_pipeline_agrees_with_our_euler(tmp_path):
         ours = euler(den, noise * sigmas[0].float(), sigmas, denoise_to_zero=True)
     assert ours.nfe == 4
     torch.testing.assert_close(ours.x, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_sweep_gives_discrete_schedules_the_models_table(tmp_path):
+    """A diffusers teacher with schedule_type 'discrete' plans with its own VP table (sigma range and grid)."""
+    from amed_core.schedules import ScheduleSpec
+    from flows.config import load_sweep, plan_sweep
+
+    folder = tmp_path / "ddpm"
+    _small_unet().save_pretrained(folder / "unet")
+    diffusers.DDIMScheduler(**SCHED).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    cfg = load_sweep({
+        "name": "discrete-plan",
+        "datasets": [{"name": "ddpm", "teacher": "diffusers", "weights_url": str(folder)}],
+        "solvers": ["amed+dpmpp"], "nfes": [5], "seeds": [0],
+        "sampler": {"schedule_type": "discrete", "schedule_rho": 1.0, "afs": "auto"},
+        "evaluation": {"metric": "rmse", "num_samples": 8},
+        "store_url": str(tmp_path / "store"), "register_models": False,
+    })
+    plan = plan_sweep(cfg)
+    den = load_teacher("diffusers", weights_url=str(folder))
+    job = plan["candidates"][0]
+    schedules = list(_schedules_in(job))
+    assert schedules, "the planned job carries its schedule"
+    expected = ScheduleSpec("discrete", den.sigma_min, den.sigma_max, 1.0,
+                            alphas_cumprod=tuple(float(a) for a in den.alphas_cumprod)).grid(4)
+    for sched in schedules:
+        got = ScheduleSpec.from_dict(sched).grid(4)
+        assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+
+
+def _schedules_in(obj):
+    if isinstance(obj, dict):
+        if obj.get("schedule_type") == "discrete" and obj.get("alphas_cumprod"):
+            yield obj
+        for v in obj.values():
+            yield from _schedules_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _schedules_in(v)
