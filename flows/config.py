@@ -465,6 +465,8 @@ def plan_sweep(cfg: SweepConfig) -> dict:
                                  reference=_reference(ev, reference, t.solver))
             protocol = {"metric": ev.metric, "num_samples": ev.num_samples, "seed": ev.seed,
                         "batch_size": ev.batch_size, "reference_steps": ev.reference_steps}
+            if ev.metric == "fid":  # eval_job reads these (fsspec URLs of the user's copies)
+                protocol.update(fid_stats=ev.fid_stats, inception_weights=ev.inception_weights)
             eval_common = {**common, "dataset": ds, "protocol": protocol, "protocol_hash": proto.hash,
                            "grid_samples": ev.grid_samples, "reference_solver": t.solver,
                            "schedule": sp.schedule.to_dict()}

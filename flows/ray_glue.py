@@ -436,16 +436,18 @@ def train_job(job: dict) -> dict:
 def eval_job(job: dict) -> dict:
     """Score a checkpoint (``job["checkpoint"]``) or a training-free solver under the sweep's protocol.
 
-    Per-sample seeded noise (sample j uses seed ``protocol.seed + j``), so the score never depends on the
-    batch size; candidates and base solvers of one dataset see the same noise. The score is cached in
-    the run store (``job["result_key"]``) and the first ``grid_samples`` samples are drawn into a PNG.
+    The scoring is :func:`amed_core.evaluate.score_run` (per-sample seeded noise: sample j uses seed
+    ``protocol.seed + j``, so the score never depends on the batch size; candidates and base solvers of one
+    dataset see the same noise). This task loads files (checksums checked), the FID inputs (Inception weights
+    and reference ``.npz`` via fsspec) and caches partial FID statistics under ``<result_key>.fid-partial``
+    so an interrupted evaluation resumes. The score is cached in the run store (``job["result_key"]``) and
+    the first ``grid_samples`` samples are drawn into a PNG.
     """
     import torch
 
-    from amed_core import metrics
+    from amed_core.evaluate import score_run
     from amed_core.schedules import ScheduleSpec
     from amed_core.solvers import solve
-    from amed_core.teacher import trajectory_inputs
 
     t_start = time.perf_counter()
     _setup_worker(job["torch_threads"])
@@ -453,7 +455,6 @@ def eval_job(job: dict) -> dict:
     store = RunStore(job["store_url"], job["storage_options"])
     denoiser = _load_teacher(job["dataset"]).to(device)
     proto = job["protocol"]
-    dtype = torch.float64
     label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
     if job.get("checkpoint"):
         from amed_core.amed.checkpoint import sampler_from_files
@@ -475,45 +476,75 @@ def eval_job(job: dict) -> dict:
         def run(noise, labels):
             return solve(job["solver"], denoiser, noise * sigmas[0], sigmas, class_labels=labels, **job["solver_options"])
 
-    ref_sigmas = None
+    reference = None
     if proto["metric"] == "rmse":
         ref_sigmas = ScheduleSpec.from_dict(job["schedule"]).grid(proto["reference_steps"])
+
+        def reference(noise, labels):
+            return solve(job["reference_solver"], denoiser, noise * ref_sigmas[0], ref_sigmas, class_labels=labels)
+
+    fid_kw: dict = {}
+    partial_key = f"{job['result_key']}.fid-partial.safetensors"
+    nonfinite_key = f"{job['result_key']}.fid-partial.nonfinite"
+    if proto["metric"] == "fid":
+        fid_kw = _fid_inputs(job, store, device, partial_key, nonfinite_key)
     t0 = time.perf_counter()
     c0, cpu0 = time.time(), time.process_time()
-    xs, err2, nfe = [], 0.0, None
     seeds = list(range(proto["seed"], proto["seed"] + proto["num_samples"]))
-    for lo in range(0, len(seeds), proto["batch_size"]):
-        noise, labels = trajectory_inputs(seeds[lo:lo + proto["batch_size"]], denoiser.shape,
-                                          label_policy="uniform" if label_dim else "none", label_dim=label_dim)
-        noise = noise.to(device=device, dtype=dtype)
-        onehot = (torch.nn.functional.one_hot(labels, label_dim).to(device=device, dtype=dtype)
-                  if labels is not None else None)
-        with torch.no_grad():
-            res = run(noise, onehot)
-            x = res.x.to(device="cpu", dtype=torch.float64)
-            if ref_sigmas is not None:
-                ref = solve(job["reference_solver"], denoiser, noise * ref_sigmas[0], ref_sigmas, class_labels=onehot).x
-                err2 += float(((x - ref.to(device="cpu", dtype=torch.float64)) ** 2).sum())
-        nfe = res.nfe
-        xs.append(x)
-    x = torch.cat(xs)
-    if proto["metric"] == "fd_exact":
-        value = metrics.fd_exact_gmm(x, denoiser.cpu())
-    elif proto["metric"] == "rmse":
-        value = (err2 / x.numel()) ** 0.5
-    else:
-        raise ValueError(f"evaluation.metric {proto['metric']!r} is not available in this build (use fd_exact or rmse)")
+    res = score_run(run, denoiser, seeds=seeds, batch_size=proto["batch_size"], metric=proto["metric"],
+                    reference=reference, label_dim=label_dim, device=device, keep=job["grid_samples"], **fid_kw)
     compute = time.perf_counter() - t0
-    record = {"id": job["id"], "value": float(value), "nfe": int(nfe), "compute_seconds": compute,
+    record = {"id": job["id"], "value": float(res.value), "nfe": int(res.nfe), "compute_seconds": compute,
               "compute_spans": [[c0, c0 + compute]], "cpu_seconds": time.process_time() - cpu0,
-              "num_samples": int(x.shape[0]), "finite": bool(torch.isfinite(x).all())}
+              "num_samples": int(res.num_samples), "finite": bool(res.finite)}
     if proto["metric"] == "rmse":
-        record["rmse"] = float(value)
+        record["rmse"] = float(res.value)
+    if proto["metric"] == "fid" and fid_kw.get("partial") is not None:
+        record["resumed_from"] = int(fid_kw["partial"].n)
     if job["grid_samples"] > 0:
-        record["grid_url"] = store.put(job["grid_key"], _grid_png(x[: job["grid_samples"]], job.get("title", "")))
+        record["grid_url"] = store.put(job["grid_key"], _grid_png(res.samples, job.get("title", "")))
     store.put_json(job["result_key"], record)
+    if proto["metric"] == "fid":
+        store.delete(partial_key)
+        store.delete(nonfinite_key)
     record["seconds"] = time.perf_counter() - t_start
     return record
+
+
+def _read_url(url: str, what: str) -> bytes:
+    """Bytes of a local path or fsspec URL (the user's own copies; nothing is downloaded from the internet)."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{what}: nothing at {url!r}; give the path or URL of your copy") from None
+
+
+def _fid_inputs(job: dict, store: RunStore, device, partial_key: str, nonfinite_key: str) -> dict:
+    """score_run's FID keywords: the Inception network, reference (mu, sigma), the cached partial statistics of
+    an interrupted run (if any) and a callback that persists them after every batch."""
+    from amed_core.evaluate import FIDSetup
+    from amed_core.fid import FIDStats, load_inception, load_reference_stats
+
+    proto = job["protocol"]
+    if not proto.get("inception_weights") or not proto.get("fid_stats"):
+        raise ValueError("evaluation.metric 'fid' needs evaluation.inception_weights and evaluation.fid_stats")
+    net = load_inception(_read_url(proto["inception_weights"], "evaluation.inception_weights"), device=device)
+    mu, sigma = load_reference_stats(_read_url(proto["fid_stats"], "evaluation.fid_stats"))
+    partial = None
+    if store.exists(partial_key):
+        partial = FIDStats.from_bytes(store.get(partial_key))
+        log.info("%s: resuming FID from %d of %d samples", job["id"], partial.n, proto["num_samples"])
+
+    def on_batch(stats, finite):
+        if not finite and not store.exists(nonfinite_key):  # marker first: a resumed run stays non-finite
+            store.put(nonfinite_key, b"")
+        store.put(partial_key, stats.to_bytes())
+
+    return {"fid": FIDSetup(net, mu, sigma), "partial": partial, "partial_finite": not store.exists(nonfinite_key),
+            "on_batch": on_batch}
 
 
 def _grid_png(x, title: str = "") -> bytes:
