@@ -212,6 +212,8 @@ def _device():
     import ray
     import torch
 
+    if not ray.is_initialized():  # called in-process (tests, CLI): ray.get_gpu_ids() would start a local Ray
+        return torch.device("cpu")
     try:
         gpus = ray.get_gpu_ids()
     except Exception:  # noqa: BLE001 - not inside Ray

@@ -288,15 +288,17 @@ class TeacherStore:
         with self._errors(f"read {path}"):
             return self.fs.cat_file(path)
 
-    def _cat_existing(self, path: str, attempts: int = 6) -> bytes:
+    def _cat_existing(self, path: str, attempts: int = 9) -> bytes:
         """Read an object we know exists (listed, or refused as already present): a not-found is a transient
-        read-after-write gap (moto's conditional PUT is not atomic under concurrency), so retry with backoff."""
+        read-after-write gap (moto's conditional PUT is not atomic under concurrency), so retry with backoff,
+        dropping fsspec's cached listings first (a stale listing would answer not-found without asking)."""
         for k in range(attempts):
             try:
                 return self._cat(path)
             except FileNotFoundError:
                 if k == attempts - 1:
                     raise
+                self.fs.invalidate_cache(path)
                 time.sleep(0.02 * 2**k)
         raise AssertionError("unreachable")
 
