@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ._fields import check_fields
+
 __all__ = [
     "SCHEDULE_TYPES",
     "ScheduleSpec",
@@ -157,9 +159,7 @@ class ScheduleSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScheduleSpec":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown schedule field(s) {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        check_fields(cls, d, "schedule")
         return cls(**d)
 
 

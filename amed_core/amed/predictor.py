@@ -19,12 +19,13 @@ sample (the golden cases, ablations, and a learned predictor's per-step summary)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .._fields import check_fields
 
 __all__ = ["PredictorConfig", "AMEDPredictor", "FixedPolicy", "Policy", "FEATURE_SIZE"]
 
@@ -72,10 +73,7 @@ class PredictorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PredictorConfig":
-        allowed = {f.name for f in fields(cls)}
-        unknown = set(d) - allowed
-        if unknown:
-            raise ValueError(f"unknown PredictorConfig field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        check_fields(cls, d)
         return cls(**d)
 
 

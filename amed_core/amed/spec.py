@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import numbers
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..schedules import ScheduleSpec
 from .predictor import PredictorConfig
 from .solvers import BASE_SOLVER, MULTISTEP, STEPS, _options
+from .._fields import check_fields
 
 __all__ = ["SamplerSpec", "evals_per_step", "num_steps_for", "nfe_for", "SPEC_VERSION"]
 
@@ -167,10 +168,7 @@ class SamplerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerSpec":
-        allowed = {f.name for f in fields(cls)}
-        unknown = set(d) - allowed
-        if unknown:
-            raise ValueError(f"unknown SamplerSpec field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        check_fields(cls, d)
         d = dict(d)
         if d.get("version", SPEC_VERSION) > SPEC_VERSION:
             raise ValueError(f"sampler spec version {d['version']} is newer than this build ({SPEC_VERSION}); upgrade amed-distill")

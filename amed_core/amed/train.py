@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -31,6 +31,7 @@ from ..teacher import TeacherBatch
 from .predictor import AMEDPredictor
 from .solvers import MULTISTEP, STEPS, History, make_context
 from .spec import SamplerSpec
+from .._fields import check_fields
 
 __all__ = ["TrainConfig", "TrainResult", "TrainProgress", "train_amed", "teacher_batches", "teacher_states",
            "default_teacher"]
@@ -131,10 +132,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        allowed = {f.name for f in fields(cls)}
-        unknown = set(d) - allowed
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        check_fields(cls, d)
         return cls(**d)
 
     def restart_mode(self, solver: str) -> str:
