@@ -10,12 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from fid_weights import random_state_dict
 from safetensors.torch import save_file
 
 from amed_core import metrics
 from amed_core.denoisers import load_teacher
 from amed_core.evaluate import FIDSetup, score_run
-from amed_core.fid import FIDStats, InceptionV3Features, load_inception, save_stats, to_uint8
+from amed_core.fid import FIDStats, load_inception, save_stats, to_uint8
 from amed_core.schedules import ScheduleSpec
 from amed_core.solvers import solve
 from amed_core.teacher import trajectory_inputs
@@ -100,28 +101,12 @@ def _fid_lowrank(feats, ref_feats) -> float:
     return float(d @ d + (a * a).sum() + (b * b).sum() - 2 * np.linalg.svd(a @ b.T, compute_uv=False).sum())
 
 
-def _random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random Inception weights (as tests/test_fid.py builds them): activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in InceptionV3Features().state_dict().items():
-        if k.endswith("conv.weight"):
-            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-        elif k.endswith(("bn.weight", "running_var")):
-            sd[k] = 0.5 + torch.rand(v.shape, generator=g)
-        elif k.endswith("num_batches_tracked"):
-            sd[k] = v.clone()
-        else:
-            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
-    return sd
-
-
 @pytest.fixture(scope="module")
 def fid_files(tmp_path_factory, gmm):
     """Random Inception weights (safetensors), the features of 8 exact mixture samples and their
     statistics (npz) as the FID reference."""
     d = tmp_path_factory.mktemp("fid")
-    save_file({k: v.contiguous() for k, v in _random_state_dict().items()}, str(d / "inception.safetensors"))
+    save_file({k: v.contiguous() for k, v in random_state_dict().items()}, str(d / "inception.safetensors"))
     net = load_inception(d / "inception.safetensors")
     exact = gmm.sample(8, generator=torch.Generator().manual_seed(7))
     ref_feats = net(to_uint8(exact))

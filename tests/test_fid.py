@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from fid_weights import random_state_dict
 from safetensors.torch import save_file
 
 from amed_core.fid import (
     FIDStats,
-    InceptionV3Features,
     iter_images,
     load_inception,
     load_reference_stats,
@@ -52,26 +52,10 @@ def _import_torch_fidelity():
     return FeatureExtractorInceptionV3
 
 
-def _random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights with the standard file's keys, scaled so activations stay O(1) through 94 convs."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in InceptionV3Features().state_dict().items():
-        if k.endswith("conv.weight"):
-            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-        elif k.endswith(("bn.weight", "running_var")):
-            sd[k] = 0.5 + torch.rand(v.shape, generator=g)
-        elif k.endswith("num_batches_tracked"):
-            sd[k] = v.clone()
-        else:
-            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
-    return sd
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     d = tmp_path_factory.mktemp("inception")
-    sd = _random_state_dict()
+    sd = random_state_dict()
     torch.save(sd, d / "pt_inception-random.pth")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "inception-random.safetensors"))
     return d / "pt_inception-random.pth", d / "inception-random.safetensors"
