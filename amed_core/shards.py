@@ -82,8 +82,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 
 def read_safetensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict]:
-    """Parse safetensors bytes into tensors viewing one writable buffer (no pickle); ValueError on any inconsistency."""
-    buf = data if isinstance(data, bytearray) else bytearray(data)
+    """Parse safetensors bytes into tensors viewing one writable buffer (no pickle); ValueError on any inconsistency.
+
+    A bytearray or a writable byte memoryview is used in place (the tensors view it); anything else is copied once."""
+    writable_view = isinstance(data, memoryview) and not data.readonly and data.contiguous and data.itemsize == 1
+    buf = data if isinstance(data, bytearray) or writable_view else bytearray(data)
     size = len(buf)
     n = int.from_bytes(bytes(buf[:8]), "little")
     if size < 8 or n < 2 or 8 + n > size:
@@ -232,7 +235,8 @@ class TeacherShard:
     def from_bytes(cls, data: bytes | bytearray, *, expect_spec_hash: str | None = None, expect_index: int | None = None) -> "TeacherShard":
         """Parse and validate shard bytes; ValueError saying what is wrong (never unpickles).
 
-        A ``bytearray`` is used in place (the tensors view it, no copy); ``bytes`` are copied once.
+        A ``bytearray`` or writable byte ``memoryview`` is used in place (the tensors view it, no copy); ``bytes`` are
+        copied once.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
             raise ValueError("teacher shard bytes are empty or truncated")

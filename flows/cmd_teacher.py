@@ -156,7 +156,7 @@ def register(subparsers) -> None:
     store_args(ls)
     ls.set_defaults(func=_guard(cmd_ls))
 
-    v = teacher_subparsers.add_parser("verify", help="check every shard's size and sha256 (exit 1 on any problem)")
+    v = teacher_subparsers.add_parser("verify", help="check every shard's size, SHA-256 and XXH3-128 (exit 1 on any problem)")
     v.add_argument("spec_hash", nargs="?", default=None, help="spec hash or unique prefix (default: every teacher)")
     store_args(v)
     v.set_defaults(func=_guard(cmd_verify))

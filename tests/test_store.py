@@ -87,8 +87,14 @@ def test_generate_resume_verify_and_corruption(store_url, teacher, spec, shards)
     data = bytearray(store.fs.cat_file(path))
     data[len(data) // 2] ^= 0x01
     store.fs.pipe_file(path, bytes(data))
-    with pytest.raises(ShardVerificationError, match="sha256"):
-        store.read_shard(spec.spec_hash, 1)
+    with pytest.raises(ShardVerificationError, match="xxh3_128 .*corrupted"):
+        store.read_shard(spec.spec_hash, 1)  # the default (fast) check
+    with pytest.raises(ShardVerificationError, match="sha256 .*corrupted"):
+        store.read_shard(spec.spec_hash, 1, check="full")
+    full = TeacherStore(store_url, read_check="full")
+    assert torch.equal(full.read_shard(spec.spec_hash, 0).states, shards[0].states)
+    with pytest.raises(ShardVerificationError, match="sha256 .*corrupted"):
+        full.read_shard(spec.spec_hash, 1)
     report = store.verify(spec.spec_hash)
     assert not report.passed and list(report.bad) == [1]
     with pytest.raises(ShardVerificationError, match="corrupted"):
@@ -282,3 +288,55 @@ def test_training_from_store_reproduces_on_the_fly(solver, tmp_path, teacher):
     from amed_core.amed import AMEDPredictor
     init = AMEDPredictor(sampler.predictor, seed=cfg.seed).state_dict()
     assert any(not torch.equal(init[k], v) for k, v in stored.predictor.state_dict().items())
+
+
+def test_checksums_fast_full_and_legacy_entries(tmp_path, spec, shards):
+    """Entries carry SHA-256 and XXH3-128; the fast check uses XXH3, the full one both, an entry without XXH3
+    (written before it existed) falls back to SHA-256; truncation is caught by size; bad options name the field."""
+    import hashlib
+
+    import xxhash
+
+    store = TeacherStore(str(tmp_path / "store"))
+    _fill(store, spec, shards, [0, 1])
+    entries = store.manifest(spec.spec_hash)
+    data = (tmp_path / "store" / "teachers" / spec.spec_hash / store.shard_name(0)).read_bytes()
+    assert entries[0]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entries[0]["xxh3_128"] == xxhash.xxh3_128(data).hexdigest()
+    assert entries[0]["bytes"] == len(data)
+
+    path = tmp_path / "store" / "teachers" / spec.spec_hash / store.shard_name(1)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x80  # the last byte of the last tensor
+    path.write_bytes(bytes(raw))
+    legacy = {k: v for k, v in entries[1].items() if k != "xxh3_128"}
+    with pytest.raises(ShardVerificationError, match="sha256 .*corrupted"):
+        store.read_shard(spec.spec_hash, 1, legacy)
+    with pytest.raises(ShardVerificationError, match="xxh3_128 .*corrupted"):
+        store.read_shard(spec.spec_hash, 1, entries[1])
+    path.write_bytes(bytes(raw[:-3]))
+    with pytest.raises(ShardVerificationError, match="truncated"):
+        store.read_shard(spec.spec_hash, 1)
+    path.write_bytes(b"")
+    with pytest.raises(ShardVerificationError, match="0 bytes"):
+        store.read_shard(spec.spec_hash, 1)
+    with pytest.raises(ValueError, match="read_check must be one of"):
+        TeacherStore(str(tmp_path / "store"), read_check="none")
+    with pytest.raises(ValueError, match="check must be one of"):
+        store.read_shard(spec.spec_hash, 0, check="sha1")
+
+
+def test_local_read_is_a_private_writable_mapping(tmp_path, spec, shards):
+    """Local shards are memory-mapped copy-on-write: the tensors are writable, and writing to them changes
+    neither the file nor a later read."""
+    store = TeacherStore(str(tmp_path / "store"))
+    _fill(store, spec, shards, [0])
+    path = tmp_path / "store" / "teachers" / spec.spec_hash / store.shard_name(0)
+    before = path.read_bytes()
+    got = store.read_shard(spec.spec_hash, 0)
+    assert got.states.untyped_storage().data_ptr() != 0
+    got.states.add_(1.0)  # would raise or crash on a read-only buffer
+    got.noise.zero_()
+    assert path.read_bytes() == before
+    again = store.read_shard(spec.spec_hash, 0)
+    assert torch.equal(again.states, shards[0].states) and torch.equal(again.noise, shards[0].noise)
