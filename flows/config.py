@@ -516,6 +516,6 @@ def plan_sweep(cfg: SweepConfig) -> dict:
 def _reference(ev, reference: str, teacher_solver: str) -> str:
     if ev.metric == "rmse":
         return f"{reference[:16]};{teacher_solver}@{ev.reference_steps}"
-    if ev.metric == "fid":
-        return f"fid:{ev.fid_stats}"
+    if ev.metric == "fid":  # the statistics and the network both define the number
+        return f"fid:{ev.fid_stats};inception:{ev.inception_weights}"
     return f"gmm:{reference[:16]}"

@@ -108,3 +108,19 @@ def test_bad_plan_fails_before_work():
     bad = load_sweep({"datasets": [{"name": "d", "teacher": "no-such-model"}], "evaluation": {"metric": "rmse"}})
     with pytest.raises(ValueError, match=r"datasets\[d\]\.teacher: unknown teacher"):
         plan_sweep(bad)
+
+
+def test_fid_protocol_hash_names_statistics_and_network():
+    """A FID computed with other reference statistics or another Inception network is another protocol: the
+    champion never moves on a comparison between them."""
+    from flows.distill import plan_sweep
+
+    def proto(stats, weights):
+        plan = plan_sweep(load_sweep({**MINIMAL, "solvers": ["amed"], "nfes": [3], "evaluation": {
+            "metric": "fid", "fid_stats": stats, "inception_weights": weights}}))
+        return plan["candidates"][0]["eval"]["protocol_hash"]
+
+    base = proto("s3://b/cifar10.npz", "s3://b/inception-a.pth")
+    assert proto("s3://b/cifar10.npz", "s3://b/inception-a.pth") == base
+    assert proto("s3://b/cifar10.npz", "s3://b/inception-b.pth") != base
+    assert proto("s3://b/other.npz", "s3://b/inception-a.pth") != base
