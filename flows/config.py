@@ -343,9 +343,9 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 
 def quickstart_path() -> Path:
-    """configs/quickstart.yaml of this checkout (or the copy installed next to the flows package)."""
+    """configs/quickstart.yaml of this checkout, or of the installed wheel (flows/configs, a link to ../configs)."""
     here = Path(__file__).resolve().parent
-    for cand in (here.parent / "configs" / "quickstart.yaml", here / "quickstart.yaml"):
+    for cand in (here.parent / "configs" / "quickstart.yaml", here / "configs" / "quickstart.yaml"):
         if cand.is_file():
             return cand
     raise ValueError("configs/quickstart.yaml not found: pass a sweep file (amed distill PATH.yaml)")

@@ -124,3 +124,34 @@ def test_fid_protocol_hash_names_statistics_and_network():
     assert proto("s3://b/cifar10.npz", "s3://b/inception-a.pth") == base
     assert proto("s3://b/cifar10.npz", "s3://b/inception-b.pth") != base
     assert proto("s3://b/other.npz", "s3://b/inception-a.pth") != base
+
+
+def test_wheel_carries_the_configs(tmp_path):
+    """A wheel (not only the editable checkout) ships configs/ as flows/configs, so `amed distill` finds the
+    quickstart after `pip install amed-distill`."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_symlink():
+            (src / name).symlink_to(Path(str((ROOT / name).readlink())))
+        elif (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, src / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("amed_distill-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    assert {"flows/configs/quickstart.yaml", "flows/configs/presets/cifar10.yaml"} <= names
+    code = ("import flows.config as c; p = c.quickstart_path(); assert str(p).startswith(%r), p; "
+            "print(c.load_sweep(p).name)" % str(tmp_path / "site"))
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**__import__("os").environ,
+                         "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "quickstart", run.stderr[-2000:]
