@@ -217,10 +217,12 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14 (
 
 
 def _populate(mm: mmap.mmap, path: str) -> None:
-    """Map the whole file's cached pages (and read the rest) in one call rather than one page fault at a time
-    (MADV_POPULATE_READ); elsewhere, or on older kernels, ask for read-ahead (MADV_WILLNEED)."""
+    """Map the whole file's cached pages (and read the rest, with sequential read-ahead) in one call rather than one
+    page fault at a time (MADV_POPULATE_READ); elsewhere, or on older kernels, ask for read-ahead (MADV_WILLNEED)."""
     if not hasattr(mm, "madvise"):
         return
+    with contextlib.suppress(OSError, AttributeError):
+        mm.madvise(mmap.MADV_SEQUENTIAL)  # large read-ahead when the file is not cached
     if sys.platform.startswith("linux"):
         try:
             mm.madvise(_MADV_POPULATE_READ)
