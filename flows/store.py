@@ -469,16 +469,27 @@ class TeacherStore:
                     add(e, "manifest.json")
             except FileNotFoundError:
                 pass
-            if self.fs.exists(f"{d}/manifest.d"):
-                paths = [p for p in self.fs.ls(f"{d}/manifest.d", detail=False) if p.endswith(".json")]
-                if paths:
-                    for p, raw in self.fs.cat(paths, on_error="return").items():
-                        if isinstance(raw, FileNotFoundError):
-                            raw = self._cat_existing(p)
-                        elif isinstance(raw, Exception):
-                            raise raw
-                        add(json.loads(raw), p.rsplit("/", 1)[-1])
+            for p, e in self._read_entries(self._entry_paths(d)):
+                add(e, p.rsplit("/", 1)[-1])
         return dict(sorted(entries.items()))
+
+    def _entry_paths(self, spec_dir: str) -> list[str]:
+        """The commit records under ``spec_dir``/manifest.d (none when the folder does not exist)."""
+        try:
+            return [p for p in self.fs.ls(f"{spec_dir}/manifest.d", detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return []
+
+    def _read_entries(self, paths: list[str]) -> Iterator[tuple[str, dict]]:
+        """(path, entry) of each listed commit record, fetched together (a listed one not found yet is retried)."""
+        if not paths:
+            return
+        for p, raw in self.fs.cat(paths, on_error="return").items():
+            if isinstance(raw, FileNotFoundError):
+                raw = self._cat_existing(p)
+            elif isinstance(raw, Exception):
+                raise raw
+            yield p, json.loads(raw)
 
     def _write_manifest(self, spec: TeacherSpec, known: list[dict] | None = None) -> dict[int, dict]:
         """Rewrite manifest.json as the union of itself and manifest.d/ (reads only entries it lacks; ``known``:
@@ -491,20 +502,9 @@ class TeacherStore:
             except FileNotFoundError:
                 entries = {}
             entries.update({int(e["index"]): e for e in known or ()})
-            try:
-                listed = self.fs.ls(f"{d}/manifest.d", detail=False)
-            except FileNotFoundError:
-                listed = []
-            if listed:
-                new = [p for p in listed if p.endswith(".json") and int(p.rsplit("-", 1)[-1][:-5]) not in entries]
-                if new:
-                    for p, raw in self.fs.cat(new, on_error="return").items():
-                        if isinstance(raw, FileNotFoundError):
-                            raw = self._cat_existing(p)
-                        elif isinstance(raw, Exception):
-                            raise raw
-                        e = json.loads(raw)
-                        entries[int(e["index"])] = e
+            new = [p for p in self._entry_paths(d) if int(p.rsplit("-", 1)[-1][:-5]) not in entries]
+            for _, e in self._read_entries(new):
+                entries[int(e["index"])] = e
         body = {
             "spec_hash": spec.spec_hash,
             "num_shards": spec.num_shards,
