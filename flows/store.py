@@ -213,7 +213,7 @@ def _uninitialized(size: int) -> memoryview:
     return memoryview(numpy.empty(size, dtype=numpy.uint8))
 
 
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14 (Python >= 3.13 names it)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; older Pythons lack the name
 
 
 def _populate(mm: mmap.mmap, path: str) -> None:
