@@ -55,6 +55,7 @@ __all__ = [
     "sample_solver",
     "save_figure_png",
     "save_grid_png",
+    "to_images",
     "save_quality_plot",
     "seeded_noise",
     "format_table",
@@ -474,6 +475,16 @@ def _inputs(seeds: Sequence[int], denoiser, label_dim: int, device, dtype=torch.
     return noise, onehot
 
 
+def to_images(denoiser, x: torch.Tensor) -> torch.Tensor:
+    """Pictures of final states ``x``: a latent model's decoder output (images in [-1, 1], on x's device and dtype);
+    ``x`` itself for pixel-space models (no ``decode``, or one that is the identity)."""
+    decode = getattr(denoiser, "decode", None)
+    if decode is None:
+        return x
+    with torch.no_grad():
+        return decode(x).to(dtype=x.dtype)
+
+
 def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int, metric: str,
               reference: Callable | None = None, fid: FIDSetup | None = None, label_dim: int = 0,
               device: torch.device | str = "cpu", keep: int = 0, partial: FIDStats | None = None,
@@ -490,13 +501,14 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
       mixture's exact ones (:func:`amed_core.metrics.fd_exact_gmm`; analytic teachers only);
     - ``rmse``: sqrt(sum_j ||x_j - x*_j||^2 / (n d)) to ``reference(noise, labels)`` (the near-exact ODE
       solution of the same noise, a tensor or a result with ``.x``);
-    - ``fid``: FID of the samples (images in [-1, 1], quantised with :func:`amed_core.fid.to_uint8`) against
-      ``fid``'s reference statistics. Pixel-space teachers only: latent teachers would need their decoder,
-      which is out of scope here. ``partial`` (statistics of the first ``partial.n`` seeds, e.g. from an
+    - ``fid``: FID of the samples (images in [-1, 1], quantised with :func:`amed_core.fid.to_uint8`; latent
+      models' samples decoded first, :func:`to_images`) against ``fid``'s reference statistics. ``partial``
+      (statistics of the first ``partial.n`` seeds, e.g. from an
       interrupted run; ``partial_finite`` says whether those samples were finite) resumes the pass; after every
       batch ``on_batch(stats_so_far, finite_so_far)`` may persist them (``FIDStats.to_bytes``).
 
-    ``keep``: how many of the first samples to return (for a picture); ``progress(done, total)`` after each batch.
+    ``keep``: how many of the first samples to return as pictures (decoded for latent models); ``progress(done,
+    total)`` after each batch.
     """
     if metric not in SCORE_METRICS:
         raise ValueError(f"evaluation.metric must be one of {SCORE_METRICS}, got {metric!r}")
@@ -519,9 +531,9 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
             raise ValueError("metric 'fid' needs fid=FIDSetup(net, mu_ref, sigma_ref) (Inception weights and "
                              "reference statistics; nothing is downloaded)")
         C = denoiser.shape[0]
-        if len(denoiser.shape) != 3 or C not in (1, 3):
+        if getattr(denoiser, "decode", None) is None and (len(denoiser.shape) != 3 or C not in (1, 3)):
             raise ValueError(f"metric 'fid' needs pixel images (1 or 3, H, W); the teacher's samples are "
-                             f"{tuple(denoiser.shape)} (latent teachers need decoding, which is not supported)")
+                             f"{tuple(denoiser.shape)} and it has no decoder (decode)")
         if partial is not None:
             if not 0 <= partial.n <= n or partial.total.shape != np.asarray(fid.mu_ref).shape:
                 raise ValueError(f"partial FID statistics hold {partial.n} samples of dimension {partial.total.shape}; "
@@ -537,7 +549,8 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
     xs: list[torch.Tensor] = []
     err2, nfe, numel = 0.0, None, 0
 
-    def draw(chunk):
+    def draw(chunk, pictures: int):
+        """(states, NFE, squared error to the reference, images of the first ``pictures`` (all for fid))."""
         noise, onehot = _inputs(chunk, denoiser, label_dim, device)
         with torch.no_grad():
             res = run(noise, onehot)
@@ -547,26 +560,30 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
                 ref = reference(noise, onehot)
                 ref = getattr(ref, "x", ref)
                 e2 = float(((x - ref.to(device="cpu", dtype=torch.float64)) ** 2).sum())
-        return x, int(res.nfe), e2
+            m = len(chunk) if metric == "fid" else pictures
+            img = to_images(denoiser, res.x[:m]).to(device="cpu", dtype=torch.float64) if m else x[:0]
+        if metric == "fid" and (img.ndim != 4 or img.shape[1] not in (1, 3)):
+            raise ValueError(f"metric 'fid' needs pixel images (B, 1 or 3, H, W); the decoded samples are {tuple(img.shape)}")
+        return x, int(res.nfe), e2, img
 
     if start and (keep > 0 or start >= n):  # resumed: redraw the first samples for the picture (and the NFE)
         m = max(min(keep, start), 1)
-        x, nfe, _ = draw(seeds[:m])
-        kept.append(x[:keep])
+        _, nfe, _, img = draw(seeds[:m], min(keep, m))
+        kept.append(img[:keep])
     for lo in range(start, n, batch_size):
         chunk = seeds[lo:lo + batch_size]
-        x, nfe, e2 = draw(chunk)
+        have = sum(k.shape[0] for k in kept)
+        x, nfe, e2, img = draw(chunk, max(0, min(keep - have, len(chunk))))
         finite = finite and bool(torch.isfinite(x).all())
         if metric == "rmse":
             err2 += e2
         numel += x.numel()
-        have = sum(k.shape[0] for k in kept)
         if have < keep:
-            kept.append(x[: keep - have])
+            kept.append(img[: keep - have])
         if metric == "fd_exact":
             xs.append(x)
         elif metric == "fid":
-            stats.update(fid.net(to_uint8(x)))
+            stats.update(fid.net(to_uint8(img)))
             if on_batch is not None:
                 on_batch(stats, finite)
         if progress is not None:
@@ -577,5 +594,5 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
         value = (err2 / numel) ** 0.5
     else:
         value = stats.fid(fid.mu_ref, fid.sigma_ref)
-    samples = torch.cat(kept) if kept else torch.empty((0, *denoiser.shape), dtype=torch.float64)
+    samples = torch.cat(kept) if kept else torch.empty((0, *denoiser.shape), dtype=torch.float64)  # pictures
     return ScoreResult(metric, float(value), int(nfe), n, finite, samples, stats)

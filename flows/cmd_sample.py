@@ -231,7 +231,7 @@ def run_base_solvers(args) -> int:
     for s in solvers:
         run = evaluate.sample_solver(denoiser, s, max(nfes), k, args.seed, schedules[s], options.get(s),
                                      afs=afs, noise=evaluate.seeded_noise(seeds, denoiser.shape))
-        rows.append(run.x)
+        rows.append(evaluate.to_images(denoiser, run.x))  # decoded for latent models
     if exact:
         rows.append(denoiser.sample(k, generator=torch.Generator().manual_seed(args.seed)))
     evaluate.save_grid_png(torch.cat(rows), out_dir / "samples.png", nrow=k)
@@ -266,7 +266,8 @@ def run_predictor(args) -> int:
         print(f"  step {i}: t {trace['t_cur'][i]:.4g} -> {trace['t_next'][i]:.4g}, r {r_m:.3f} +- {r_s:.3f}, "
               f"scale_dir {c_m:.4f}, scale_time {a_m:.4f}")
     k = max(1, min(args.grid_per_row, args.n))
-    evaluate.save_grid_png(run.x[: k * min(k, max(1, args.n // k))], out_dir / "predictor-samples.png", nrow=k)
+    evaluate.save_grid_png(evaluate.to_images(denoiser, run.x[: k * min(k, max(1, args.n // k))]),
+                           out_dir / "predictor-samples.png", nrow=k)
     save_policy_plot(trace, out_dir / "policy.png", title=f"{spec.solver}, NFE {spec.nfe}: learned policy per step")
     _write_json(out_dir / "predictor-quality.json", {"predictor": str(args.predictor), "spec": spec.to_dict(),
                                                      "teacher": args.teacher, "n": args.n, "seed": args.seed,

@@ -386,7 +386,8 @@ def diffusers_den(unet, ac, w, cond, uncond):
     return DiffusersDenoiser(unet, alphas_cumprod=ac, guidance_scale=w, prompt_embeds=cond, negative_prompt_embeds=uncond)
 
 
-def test_latent_pipeline_folder_decodes_lazily(tmp_path):
+def _latent_pipeline(tmp_path):
+    """A tiny latent pipeline folder (conditional UNet, v-prediction DDPM table, AutoencoderKL) and a prompt file."""
     from safetensors.torch import save_file
 
     root = tmp_path / "pipe"
@@ -400,6 +401,11 @@ def test_latent_pipeline_folder_decodes_lazily(tmp_path):
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     emb = tmp_path / "prompts.safetensors"
     save_file({"prompt_embeds": torch.randn(1, 5, 8), "negative_prompt_embeds": torch.zeros(1, 5, 8)}, str(emb))
+    return root, vae, emb
+
+
+def test_latent_pipeline_folder_decodes_lazily(tmp_path):
+    root, vae, emb = _latent_pipeline(tmp_path)
     den = load_teacher(f"diffusers:{root}", prompt_embeds=str(emb), guidance_scale=7.5)
     assert den.prediction_type == "v_prediction" and den.is_latent and den._vae is None
     assert den.shape == (4, 16, 16) and den.label_dim == 0
@@ -414,6 +420,38 @@ def test_latent_pipeline_folder_decodes_lazily(tmp_path):
     torch.testing.assert_close(img, ref)
     ident = den.identity()
     assert ident["guidance_scale"] == 7.5 and len(ident["content_sha256"]) == 64
+
+
+def test_latent_samples_are_decoded_for_fid_and_pictures(tmp_path):
+    """score_run decodes a latent model's samples (its VAE) before FID features and for the picture grid; the
+    metric is computed on exactly those images. Pixel models are untouched (to_images is the identity)."""
+    from amed_core.evaluate import FIDSetup, score_run, to_images
+    from amed_core.fid import FIDStats, to_uint8
+    from amed_core.schedules import ScheduleSpec
+    from amed_core.solvers import solve
+
+    root, vae, emb = _latent_pipeline(tmp_path)
+    den = load_teacher(f"diffusers:{root}", prompt_embeds=str(emb), guidance_scale=2.0)
+    sigmas = ScheduleSpec(sigma_min=float(den.sigma_min), sigma_max=float(den.sigma_max)).grid(3)
+    states = []
+
+    def run(noise, labels):
+        res = solve("euler", den, noise.float() * sigmas[0].float(), sigmas.float())
+        states.append(res.x)
+        return res
+
+    def net(u8):  # a fixed feature map of the uint8 images (the plumbing, not Inception, is under test)
+        return torch.nn.functional.avg_pool2d(u8.float(), 8).flatten(1)
+
+    ref = FIDStats.empty(48).update(net(torch.randint(0, 256, (6, 3, 32, 32), generator=torch.Generator().manual_seed(3))))
+    res = score_run(run, den, seeds=range(4), batch_size=2, metric="fid", fid=FIDSetup(net, ref.mu, ref.sigma), keep=4)
+    assert res.samples.shape == (4, 3, 32, 32)  # pictures, not (4, 4, 16, 16) latents
+    with torch.no_grad():
+        want = vae.decode(torch.cat(states) / vae.config.scaling_factor).sample.double()
+    torch.testing.assert_close(res.samples, want, rtol=1e-5, atol=1e-5)
+    assert res.value == pytest.approx(FIDStats.empty(48).update(net(to_uint8(res.samples))).fid(ref.mu, ref.sigma), rel=1e-6)
+    x = torch.randn(2, 1, 8, 8)
+    assert to_images(load_teacher("digits-gmm"), x) is x
 
 
 def test_hub_id_never_downloads(tmp_path, monkeypatch):
