@@ -232,6 +232,23 @@ def test_checkpoint_round_trip_samples_identically(teacher, tmp_path):
         load_sampler(tmp_path)
 
 
+def test_checkpoint_bytes_are_reproducible(teacher, tmp_path):
+    """Equal weights and spec give equal checkpoint bytes, in this process and in another one (the store and the
+    registry compare checkpoints by their SHA-256)."""
+    import subprocess
+    import sys
+
+    spec = SamplerSpec.create("amed", 3, denoiser=teacher)
+    pred = AMEDPredictor(spec.predictor, seed=4)
+    first = checkpoint_files(pred, spec)
+    assert all(checkpoint_files(pred, spec) == first for _ in range(5))
+    save_checkpoint(tmp_path / "a", pred, spec)
+    code = ("import sys; from amed_core.amed.checkpoint import load_sampler, checkpoint_files; s = load_sampler(sys.argv[1]); "
+            "sys.stdout.buffer.write(checkpoint_files(s.predictor, s.spec)['predictor.safetensors'])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")], capture_output=True, check=True).stdout
+    assert out == first["predictor.safetensors"]
+
+
 def test_sampler_refuses_another_teacher(teacher):
     spec = SamplerSpec.create("amed", 3, denoiser=teacher)
     from amed_core.amed import Sampler

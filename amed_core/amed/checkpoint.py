@@ -74,7 +74,10 @@ def checkpoint_files(predictor: AMEDPredictor, spec: SamplerSpec) -> dict[str, b
     if predictor.config != spec.predictor:
         raise ValueError("predictor config disagrees with spec.predictor")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in predictor.state_dict().items()}
-    weights = st_save(tensors, metadata={"kind": spec.kind, "solver": spec.solver, "format": "amed-predictor"})
+    # One metadata key: safetensors writes several in a random order, so equal weights would give unequal bytes
+    # (and unequal checksums in the store and the registry).
+    about = json.dumps({"format": "amed-predictor", "kind": spec.kind, "solver": spec.solver}, sort_keys=True)
+    weights = st_save(tensors, metadata={"amed": about})
     return {PREDICTOR_FILE: weights, SPEC_FILE: (spec.to_json() + "\n").encode()}
 
 
