@@ -1,5 +1,5 @@
-"""`amed fetch` (a registered sampler -> a local checkpoint folder) and `amed fid-ref` (FID reference
-statistics from an image folder or zip)."""
+"""`amed fetch` (a registered sampler -> a local checkpoint folder), `amed promote` (move an alias by hand),
+`amed fid-ref` (FID reference statistics from an image folder or zip) and `amed fid`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="destination folder (created; files written atomically)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: see above)")
     p.set_defaults(func=_fetch)
+
+    s = subparsers.add_parser(
+        "promote", help="point an alias (default: champion) at models:/NAME/VERSION",
+        description="Move an alias of a registered model to a version, whatever it held. Sweeps move 'champion' "
+                    "and 'best-<solver>' only to a strictly better version measured under the same evaluation "
+                    "protocol; after changing the protocol (metric, samples, seed, reference), promote a version "
+                    "measured under the new one and later sweeps compare against it.")
+    s.add_argument("uri", help="models:/NAME/VERSION")
+    s.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+    s.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as for fetch)")
+    s.set_defaults(func=_promote)
 
     q = subparsers.add_parser(
         "fid-ref", help="FID reference statistics (mu, sigma .npz) of an image folder or zip",
@@ -53,6 +64,15 @@ def _fetch(args: argparse.Namespace) -> int:
 
     out = fetch(args.uri, args.out, tracking_uri=args.tracking_uri)
     print(out)
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from flows.registry import promote
+
+    r = promote(args.uri, args.alias, tracking_uri=args.tracking_uri)
+    was = f"v{r['previous']}" if r["previous"] else "unset"
+    print(f"models:/{r['name']}@{r['alias']} -> version {r['version']} (was {was})")
     return 0
 
 

@@ -402,8 +402,9 @@ def _promote(client, name: str, alias: str, version: str, value: float, protocol
         if str(cur.version) == str(version):
             return False
         if cur.tags.get("protocol_hash") != protocol_hash:
-            log.warning("%s@%s (v%s) was measured under protocol %s, v%s under %s: not comparable, alias stays",
-                        name, alias, cur.version, cur.tags.get("protocol_hash"), version, protocol_hash)
+            log.warning("%s@%s (v%s) was measured under protocol %s, v%s under %s: not comparable, alias stays "
+                        "(move it with `amed promote models:/%s/%s --alias %s`)", name, alias, cur.version,
+                        cur.tags.get("protocol_hash"), version, protocol_hash, name, version, alias)
             return False
         try:
             cur_value = float(cur.tags.get("value", "nan"))
@@ -413,6 +414,33 @@ def _promote(client, name: str, alias: str, version: str, value: float, protocol
             return False
     client.set_registered_model_alias(name, alias, str(version))
     return True
+
+
+def promote(uri: str, alias: str = CHAMPION, *, tracking_uri: Optional[str] = None) -> dict:
+    """Point ``alias`` of a registered model at ``models:/NAME/VERSION``, whatever it held: the explicit step after an
+    evaluation protocol changes (sweeps move aliases only between versions measured under one protocol).
+
+    Returns {"name", "alias", "version", "previous"} (previous: the version it held, or None)."""
+    from mlflow.exceptions import MlflowException
+
+    m = re.fullmatch(r"models:/([^/@]+)/(\d+)", uri.strip())
+    if m is None:
+        raise ValueError(f"promote needs models:/NAME/VERSION (a version, not an alias), got {uri!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", alias):
+        raise ValueError(f"alias must be letters, digits, '.', '_' or '-', got {alias!r}")
+    name, version = m.group(1), m.group(2)
+    with _tracking(resolve_tracking_uri(tracking_uri)) as client:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException as e:
+            raise ValueError(f"{uri}: no such registered version ({e.message.splitlines()[0]})") from None
+        try:
+            previous = str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            previous = None
+        client.set_registered_model_alias(name, alias, version)
+    log.info("%s@%s -> v%s (was %s)", name, alias, version, f"v{previous}" if previous else "unset")
+    return {"name": name, "alias": alias, "version": version, "previous": previous}
 
 
 def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Optional[str] = None,

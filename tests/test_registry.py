@@ -66,7 +66,7 @@ def test_sweep_tracking_registry_champion_and_fetch(tmp_path, teacher):
     import mlflow
 
     from flows.cli import main
-    from flows.registry import load_sampler, log_sweep, register_sweep
+    from flows.registry import load_sampler, log_sweep, promote, register_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = _config("regtest", uri)
@@ -125,6 +125,21 @@ def test_sweep_tracking_registry_champion_and_fetch(tmp_path, teacher):
     n_before = len(client.search_model_versions(f"name='{name}'"))
     register_sweep(cfg, [better])
     assert len(client.search_model_versions(f"name='{name}'")) == n_before
+
+    # -- after a protocol change: promote by hand, then sweeps compare under the new protocol ------------
+    v_other = next(v.version for v in client.search_model_versions(f"name='{name}'") if v.tags.get("seed") == "3")
+    assert main(["promote", f"models:/{name}/{v_other}", "--tracking-uri", uri]) == 0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(v_other)
+    new_proto = other.protocol
+    register_sweep(cfg, [_candidate(tmp_path, teacher, solver="amed", seed=6, value=0.02, protocol=new_proto)])
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(v_other)  # 0.02 > 0.01
+    res4 = log_sweep(cfg, [_candidate(tmp_path, teacher, solver="amed", seed=7, value=0.005, protocol=new_proto)])
+    assert str(client.get_model_version_by_alias(name, "champion").version) == res4.versions[0][1]
+    assert promote(f"models:/{name}/{v_better}", tracking_uri=uri)["previous"] == res4.versions[0][1]  # back
+    with pytest.raises(ValueError, match="models:/NAME/VERSION"):
+        promote(f"models:/{name}@champion", tracking_uri=uri)
+    with pytest.raises(ValueError, match="no such registered version"):
+        promote(f"models:/{name}/999", tracking_uri=uri)
 
     # -- fetch -> sample reproduces the candidate's samples exactly ----------------------------
     want = _samples(load_local(better.checkpoint_url), teacher)
