@@ -407,6 +407,7 @@ def plan_sweep(cfg: SweepConfig) -> dict:
     """
     from dataclasses import replace
 
+    from amed_core.adapters import expand_paths
     from amed_core.amed import PredictorConfig, SamplerSpec, num_steps_for
     from amed_core.amed.train import TrainConfig
     from amed_core.denoisers import load_teacher
@@ -428,6 +429,7 @@ def plan_sweep(cfg: SweepConfig) -> dict:
         ds = d.model_dump(mode="json")
         if ds.get("weights_url"):  # Ray workers may not share the driver's environment: expand here
             ds["weights_url"] = os.path.expandvars(os.path.expanduser(ds["weights_url"]))
+        ds["teacher"], ds["options"] = expand_paths(ds["teacher"], ds.get("options") or {})
         specs = {}
         for s in cfg.solvers:
             sc = cfg.sampler_for(s)

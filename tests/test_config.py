@@ -159,3 +159,20 @@ def test_wheel_carries_the_configs(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**__import__("os").environ,
                          "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "quickstart", run.stderr[-2000:]
+
+
+def test_plan_expands_paths_for_remote_workers(monkeypatch):
+    """`$VARS`/`~` in a teacher's path are expanded when the sweep is planned (on the driver), so Ray workers
+    without the variable load the same teacher."""
+    from amed_core.adapters import builtin_network_dir
+    from flows.distill import plan_sweep
+    from flows.ray_glue import _load_teacher
+
+    where = str(builtin_network_dir("digits-tiny-unet"))
+    monkeypatch.setenv("AMED_TEST_TINY_UNET", where)
+    plan = plan_sweep(load_sweep({"datasets": [{"name": "t", "teacher": "tiny-unet:$AMED_TEST_TINY_UNET"}],
+                                  "solvers": ["amed"], "nfes": [3], "evaluation": {"metric": "rmse"}}))
+    monkeypatch.delenv("AMED_TEST_TINY_UNET")
+    ds = plan["candidates"][0]["dataset"]
+    assert ds["teacher"] == f"tiny-unet:{where}"
+    assert _load_teacher(ds).identity() == _load_teacher({"teacher": "digits-tiny-unet"}).identity()

@@ -19,6 +19,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Mapping
 
 from ._common import check_options
 from .edm import (
@@ -36,6 +37,7 @@ __all__ = [
     "TEACHER_PREFIXES",
     "BUILTIN_NETWORKS",
     "load_adapter",
+    "expand_paths",
     "builtin_network_dir",
     "EDMPickleDenoiser",
     "NetworkConfig",
@@ -79,6 +81,19 @@ def _expand(field: str, value):
     if missing:
         raise ValueError(f"{field}: environment variable {missing[0]} is not set (export it, e.g. to your checkpoint's path)")
     return os.path.expanduser(out) if not out.startswith(("http://", "https://", "s3://", "gs://")) else out
+
+
+def expand_paths(spec: str, options: Mapping) -> tuple[str, dict]:
+    """``spec`` and ``options`` with ``~`` and ``$VARS`` expanded where :func:`load_adapter` expands them (the
+    argument after a model prefix, path options, ``weights_url``), so a planned teacher loads on machines (remote
+    Ray workers) that lack the variables. Other teachers and options are returned unchanged."""
+    options = dict(options)
+    if spec in BUILTIN_NETWORKS or spec.partition(":")[0] not in TEACHER_PREFIXES:
+        return spec, options
+    prefix, sep, arg = spec.partition(":")
+    if arg:
+        spec = f"{prefix}{sep}{_expand('teacher', arg)}"
+    return spec, {k: _expand(k, v) if k in _PATH_OPTIONS + ("weights_url",) else v for k, v in options.items()}
 
 
 def load_adapter(spec: str, **options):
