@@ -36,13 +36,8 @@ def register(subparsers) -> None:
         description="Inception-v3 pool-feature statistics as EDM's `fid.py ref` computes them. The Inception "
                     "weights are never downloaded: pass a local path or fsspec URL of "
                     "pt_inception-2015-12-05-6726825d.pth (or a .safetensors copy).")
-    q.add_argument("--images", required=True, help="folder (recursive) or .zip of PNG/JPEG images")
-    q.add_argument("--weights", required=True, help="Inception weights: path or fsspec URL (.pth state dict or .safetensors)")
+    _inception_args(q)
     q.add_argument("--out", required=True, help="output .npz (mu, sigma in float64)")
-    q.add_argument("--batch", type=int, default=64, help="images per Inception batch (does not change the result)")
-    q.add_argument("--resize", choices=["tf1", "pytorch-fid"], default="tf1",
-                   help="tf1 = EDM/StyleGAN3/torch-fidelity/TTUR (standard); pytorch-fid = its own interpolation")
-    q.add_argument("--device", default="cpu")
     q.set_defaults(func=_fid_ref)
 
     r = subparsers.add_parser(
@@ -50,13 +45,19 @@ def register(subparsers) -> None:
         description="FID of the images against reference statistics (e.g. EDM's fid-refs .npz, or `amed fid-ref` "
                     "output), with the same Inception features as `amed fid-ref`. Nothing is downloaded unless "
                     "--ref / --weights are URLs you give.")
-    r.add_argument("--images", required=True, help="folder (recursive) or .zip of PNG/JPEG images")
+    _inception_args(r)
     r.add_argument("--ref", required=True, help="reference statistics: .npz with mu, sigma (path or fsspec URL)")
-    r.add_argument("--weights", required=True, help="Inception weights: path or fsspec URL")
-    r.add_argument("--batch", type=int, default=64)
-    r.add_argument("--resize", choices=["tf1", "pytorch-fid"], default="tf1")
-    r.add_argument("--device", default="cpu")
     r.set_defaults(func=_fid)
+
+
+def _inception_args(p) -> None:
+    """The options `amed fid-ref` and `amed fid` share: the images and how their Inception features are computed."""
+    p.add_argument("--images", required=True, help="folder (recursive) or .zip of PNG/JPEG images")
+    p.add_argument("--weights", required=True, help="Inception weights: path or fsspec URL (.pth state dict or .safetensors)")
+    p.add_argument("--batch", type=int, default=64, help="images per Inception batch (does not change the result)")
+    p.add_argument("--resize", choices=["tf1", "pytorch-fid"], default="tf1",
+                   help="tf1 = EDM/StyleGAN3/torch-fidelity/TTUR (standard); pytorch-fid = its own interpolation")
+    p.add_argument("--device", default="cpu")
 
 
 def _fetch(args: argparse.Namespace) -> int:
