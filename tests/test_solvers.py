@@ -243,11 +243,27 @@ def test_nfe_counts(teacher, x_start, name, afs, denoise_to_zero, num_steps):
         res = solvers.solve(name, counting, x_start, sig, afs=afs, denoise_to_zero=denoise_to_zero, return_trajectory=True)
     per_step = 2 if name in TWO_PER_STEP else 1
     expected = per_step * (num_steps - 1) - int(afs) + int(denoise_to_zero)
+    if name == "unipc" and num_steps <= 3:  # the reference corrects the final step inside the warm-up (max_order 3)
+        expected += 1
     assert res.nfe == counting.calls == expected
     assert res.trajectory.shape == (num_steps + int(denoise_to_zero), *x_start.shape)
     torch.testing.assert_close(res.trajectory[0], x_start)
     torch.testing.assert_close(res.trajectory[-1], res.x)
     assert torch.isfinite(res.x).all()
+
+
+@pytest.mark.parametrize("num_steps", [2, 3, 4])
+def test_unipc_warmup_final_corrector_option(teacher, x_start, num_steps):
+    """False skips the reference's extra corrector on grids with N <= max_order; longer grids are unaffected."""
+    sig = get_schedule(num_steps, 0.002, 80.0)
+    with torch.no_grad():
+        ref = solvers.solve("unipc", teacher, x_start, sig)
+        alt = solvers.solve("unipc", teacher, x_start, sig, warmup_final_corrector=False)
+    assert alt.nfe == num_steps - 1
+    if num_steps <= 3:
+        assert ref.nfe == num_steps and not torch.allclose(ref.x, alt.x)
+    else:
+        assert ref.nfe == alt.nfe and torch.equal(ref.x, alt.x)
 
 
 def test_ipndm_order_one_is_euler(teacher, x_start):

@@ -13,8 +13,12 @@ where B(h) = hh (bh1) or expm1(hh) (bh2), and rho solves R rho = b with R_ij = r
 b_i = i! phi_{i+1}(hh) / B(h) (predictor: the leading (k-1)x(k-1) block, rho = 1/2 for k = 2;
 corrector: the full system including the new point r = 1, rho = 1/2 for k = 1).
 
-Differences from the diff-solvers reference: none on grids with more than ``max_order`` points;
-on shorter grids the reference also corrects the final step (one extra NFE), which we do not.
+Departure from UniPC's idea, kept from the diff-solvers reference: during the warm-up (the first
+``max_order - 1`` steps, run at increasing order) every step is corrected, the final one included. On grids
+with ``N <= max_order`` points the final step is a warm-up step, so the run spends one more evaluation
+(NFE = N instead of N - 1) on a corrector whose model output is never reused. That is the default
+(``warmup_final_corrector=True``, golden cases ``solvers-*-unipc-n3-*``); ``False`` skips it as the
+later steps do (NFE = N - 1; BENCHMARKS.md "UniPC's final corrector" shows what it changes).
 """
 
 from __future__ import annotations
@@ -84,8 +88,13 @@ def unipc_coefficients(t_hist: list[float], t: float, order: int, *, predict_x0:
 
 def unipc(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=False, return_trajectory=False,
           callback: Callback | None = None, max_order: int = 3, predict_x0: bool = True, lower_order_final: bool = True,
-          dynamic_thresholding: bool | None = None, variant: str = "bh2") -> SolveResult:
-    """UniPC-k (Zhao et al. 2023, arXiv 2302.04867), k <= 3, variants bh1 / bh2, one NFE per step."""
+          dynamic_thresholding: bool | None = None, variant: str = "bh2",
+          warmup_final_corrector: bool = True) -> SolveResult:
+    """UniPC-k (Zhao et al. 2023, arXiv 2302.04867), k <= 3, variants bh1 / bh2, one NFE per step.
+
+    ``warmup_final_corrector``: on grids with ``N <= max_order`` points, correct the final step as the
+    reference does (one more NFE; see the module docstring), or skip it (False).
+    """
     check_int_option("max_order", max_order, 1, 3)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -111,11 +120,12 @@ def unipc(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=
     x_next = x
     for i in range(N - 1):
         x_cur, t_next = x_next, ts[i + 1]
-        if i + 1 < max_order:
+        warmup = i + 1 < max_order
+        if warmup:
             order = i + 1
         else:
             order = min(max_order, N - i - 1) if lower_order_final else max_order
-        use_corrector = i < N - 2
+        use_corrector = i < N - 2 or (warmup and warmup_final_corrector)
         a, pred, corr = unipc_coefficients(t_hist[-order:], t_next, order, predict_x0=predict_x0, variant=variant,
                                            corrector=use_corrector)
         x_pred = combine(x_cur, a, [(c, model_hist[-1 - j]) for j, c in enumerate(pred)])
