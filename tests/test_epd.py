@@ -43,9 +43,9 @@ def test_labels_and_layout_batched_equals_loop(sampler):
     x = torch.randn(B, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 80
     t = schedules.get_schedule(N, 0.002, 80.0)
     p = _params(N, K, scale_dir=0.1, scale_time=0.2)
-    a = sampler(net, x, t, params=p, class_labels=labels, batched=True)
+    a = sampler(net, x, t, policy=p, class_labels=labels, batched=True)
     assert net.calls[:2] == [B, B * K]
-    b = sampler(net, x, t, params=p, class_labels=labels, batched=False)
+    b = sampler(net, x, t, policy=p, class_labels=labels, batched=False)
     assert float((a.x - b.x).detach().abs().max()) < 1e-12
     assert a.nfe == b.nfe == epd_total_evals(N, K) and a.paper_nfe == b.paper_nfe == epd_nfe(N)
     assert (a.net_calls, b.net_calls) == (epd_nfe(N), epd_total_evals(N, K))
@@ -57,7 +57,7 @@ def test_denoise_to_zero_trajectory_and_callback():
     x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
     t = schedules.get_schedule(N, 0.002, 80.0)
     seen = []
-    r = epd(net, x * 80, t, params=_params(N, K), afs=True, denoise_to_zero=True, return_trajectory=True,
+    r = epd(net, x * 80, t, policy=_params(N, K), afs=True, denoise_to_zero=True, return_trajectory=True,
             callback=seen.append)
     assert r.trajectory.shape == (N + 1, *x.shape)
     assert r.nfe == epd_total_evals(N, K, afs=True, denoise_to_zero=True) == (N - 1) * (K + 1) - 1 + 1
@@ -70,11 +70,11 @@ def test_parameter_checks():
     t = schedules.get_schedule(4, 0.002, 80.0)
     x = torch.ones(1, 1, 2, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="num_steps"):
-        epd(LabelledToy(), x, t, params=_params(5, 2))
-    with pytest.raises(ValueError, match="params="):
-        epd(LabelledToy(), x, t, params=None)
+        epd(LabelledToy(), x, t, policy=_params(5, 2))
+    with pytest.raises(ValueError, match="policy="):
+        epd(LabelledToy(), x, t, policy=None)
     with pytest.raises(ValueError, match="max_order"):
-        epd_ipndm(LabelledToy(), x, t, params=_params(4, 2), max_order=5)
+        epd_ipndm(LabelledToy(), x, t, policy=_params(4, 2), max_order=5)
     with pytest.raises(ValueError):
         EPDParams(4, 2, scale_dir=-1)
     with pytest.raises(ValueError):
@@ -101,7 +101,7 @@ def _teacher_batches(net, t, n_batches, B, seed, M=3):
 def _final_error(net, params, batch, t, **opts):
     with torch.no_grad():
         sampler = epd_ipndm if "max_order" in opts else epd
-        r = sampler(net, batch.states[0], t, params=params, **opts)
+        r = sampler(net, batch.states[0], t, policy=params, **opts)
     return float(((r.x - batch.states[-1]) ** 2).sum() / r.x.shape[0])
 
 
@@ -139,3 +139,11 @@ def test_files_round_trip(tmp_path):
     bad["epd.json"] = b'{"format": "other"}'
     with pytest.raises(ValueError, match="not an EPD"):
         epd_from_files(bad)
+
+
+def test_amed_policy_is_refused():
+    from amed_core.amed.predictor import FixedPolicy
+
+    t = schedules.get_schedule(3, 0.002, 80.0)
+    with pytest.raises(ValueError, match="EPDCoefficients"):
+        epd(LabelledToy(), torch.ones(1, 1, 2, 2, dtype=torch.float64), t, policy=FixedPolicy([0.5, 0.5]))

@@ -48,7 +48,7 @@ def run_case(case: dict, params, *, batched: bool):
     if case["solver"] == "epd+ipndm":
         options["max_order"] = int(case["max_order"])
     with torch.no_grad():
-        result = SAMPLERS[case["solver"]](net, x, t_steps, params=params, **options)
+        result = SAMPLERS[case["solver"]](net, x, t_steps, policy=params, **options)
     return result, net.calls
 
 

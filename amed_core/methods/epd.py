@@ -16,7 +16,8 @@ Parameters (:class:`EPDParams`, the reference's ``EPD_predictor``): four raw tab
 r = sigmoid(r_raw); lambda = softmax(w_raw) over K; delta = 2 sigmoid(p/2) b_d + 1 - b_d when
 b_d = ``scale_dir`` > 0, else 1; o likewise with b_t = ``scale_time``; with ``fcn`` the last step's
 delta is forced to 1. :class:`FixedEPDParams` holds already-mapped per-step values (golden cases,
-ablations, a trained table frozen for inference).
+ablations, a trained table frozen for inference). The samplers take either as ``policy=`` (the slot the
+method table reserves for learned parameters; an EPD policy maps a step index to :class:`EPDCoefficients`).
 
 Where we follow the reference's quirks (kept on purpose, the golden cases depend on them):
 - d_k is divided by tau_k, **not** by the evaluation time o_k tau_k (the denoiser sees o_k tau_k).
@@ -362,12 +363,23 @@ class EPDResult(SolveResult):
     net_calls: int = 0
 
 
-def _check_params(params, num_steps: int):
-    if params is None or not callable(params):
-        raise ValueError("EPD needs params= (an EPDParams, a FixedEPDParams, or any callable step -> EPDCoefficients)")
-    n = getattr(params, "num_steps", None)
+def _check_policy(policy, num_steps: int):
+    if policy is None or not callable(policy):
+        raise ValueError("EPD needs policy= (an EPDParams, a FixedEPDParams, or any callable step -> EPDCoefficients)")
+    n = getattr(policy, "num_steps", None)
     if n is not None and n != num_steps:
         raise ValueError(f"the EPD parameters were made for num_steps={n} but the grid has {num_steps} points")
+
+
+def _coefficients(policy, step: int) -> EPDCoefficients:
+    hint = "(an AMED policy takes features and times; use EPDParams or FixedEPDParams)"
+    try:
+        c = policy(step)
+    except TypeError as e:
+        raise ValueError(f"an EPD policy is called as policy(step) -> EPDCoefficients; this one raised {e} {hint}") from e
+    if not isinstance(c, EPDCoefficients):
+        raise ValueError(f"an EPD policy maps a step index to EPDCoefficients, got {type(c).__name__} {hint}")
+    return c
 
 
 def _prepare(x: torch.Tensor, sigmas) -> torch.Tensor:
@@ -376,11 +388,11 @@ def _prepare(x: torch.Tensor, sigmas) -> torch.Tensor:
     return check_grid(torch.as_tensor(sigmas, dtype=torch.float64)).to(dtype=x.dtype, device=x.device)
 
 
-def _run(denoiser, x, sigmas, *, params, class_labels, afs, denoise_to_zero, return_trajectory, callback, batched,
+def _run(denoiser, x, sigmas, *, policy, class_labels, afs, denoise_to_zero, return_trajectory, callback, batched,
          max_order) -> EPDResult:
     t_steps = _prepare(x, sigmas)
     N = int(t_steps.shape[0])
-    _check_params(params, N)
+    _check_policy(policy, N)
     if not isinstance(batched, bool):
         raise ValueError(f"batched must be true or false, got {batched!r}")
     D = EPDEvaluator(denoiser, class_labels)
@@ -388,7 +400,7 @@ def _run(denoiser, x, sigmas, *, params, class_labels, afs, denoise_to_zero, ret
     history: tuple = ()
     x_next = x
     for i in range(N - 1):
-        out = epd_step(D, x_next, t_steps[i], t_steps[i + 1], params(i), afs_step=bool(afs) and i == 0,
+        out = epd_step(D, x_next, t_steps[i], t_steps[i + 1], _coefficients(policy, i), afs_step=bool(afs) and i == 0,
                        history=history, max_order=max_order, batched=batched)
         x_next, history = out.x, out.history
         if states is not None:
@@ -403,7 +415,7 @@ def _run(denoiser, x, sigmas, *, params, class_labels, afs, denoise_to_zero, ret
     return EPDResult(x=x_next, nfe=D.nfe_total, trajectory=traj, paper_nfe=D.paper_nfe, net_calls=D.net_calls)
 
 
-def epd(denoiser, x, sigmas, *, params, class_labels=None, afs=False, denoise_to_zero=False, return_trajectory=False,
+def epd(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoise_to_zero=False, return_trajectory=False,
         callback: Callable[[StepInfo], None] | None = None, batched: bool = True) -> EPDResult:
     """EPD-Solver: K parallel intermediate gradients per step (the reference's ``epd_parallel_sampler``).
 
@@ -412,11 +424,11 @@ def epd(denoiser, x, sigmas, *, params, class_labels=None, afs=False, denoise_to
     reference's sequential ``epd_sampler`` (the form its training uses); same values up to ~1e-12.
     ``nfe`` = per-sample evaluations ``(N - 1)(K + 1) - afs`` (see :func:`epd_total_evals`).
     """
-    return _run(denoiser, x, sigmas, params=params, class_labels=class_labels, afs=afs, denoise_to_zero=denoise_to_zero,
+    return _run(denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs, denoise_to_zero=denoise_to_zero,
                 return_trajectory=return_trajectory, callback=callback, batched=batched, max_order=None)
 
 
-def epd_ipndm(denoiser, x, sigmas, *, params, class_labels=None, afs=False, denoise_to_zero=False,
+def epd_ipndm(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoise_to_zero=False,
               return_trajectory=False, callback: Callable[[StepInfo], None] | None = None, max_order: int = 4,
               batched: bool = True) -> EPDResult:
     """EPD-Plugin on iPNDM (the reference's ``ipndm_sampler`` with a predictor), max_order in 1..4.
@@ -428,7 +440,7 @@ def epd_ipndm(denoiser, x, sigmas, *, params, class_labels=None, afs=False, deno
     """
     if not isinstance(max_order, int) or isinstance(max_order, bool) or not 1 <= max_order <= 4:
         raise ValueError(f"max_order must be an integer in [1, 4], got {max_order!r}")
-    return _run(denoiser, x, sigmas, params=params, class_labels=class_labels, afs=afs, denoise_to_zero=denoise_to_zero,
+    return _run(denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs, denoise_to_zero=denoise_to_zero,
                 return_trajectory=return_trajectory, callback=callback, batched=batched, max_order=max_order)
 
 
@@ -506,7 +518,7 @@ class EPDTrainConfig:
         return cls(**d)
 
     def sampler_options(self) -> dict:
-        """Keyword options of the sampler these parameters are for (besides params=)."""
+        """Keyword options of the sampler these parameters are for (besides policy=)."""
         opts = {"afs": self.afs, "batched": self.batched}
         if self.solver == "epd+ipndm":
             opts["max_order"] = self.max_order
