@@ -31,9 +31,10 @@ __all__ = [
     "GaussianMixtureDenoiser",
     "as_sigma",
     "pool_features",
-    "load_teacher",
-    "BUILTIN_TEACHERS",
+    "FEATURE_SIZE",
 ]
+
+FEATURE_SIZE = 8  # AMED features are (B, 8, 8) maps
 
 
 def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return sigma
 
 
-def pool_features(feature_map: torch.Tensor, size: int = 8) -> torch.Tensor:
+def pool_features(feature_map: torch.Tensor, size: int = FEATURE_SIZE) -> torch.Tensor:
     """AMED's per-sample input: channel mean of a (B, C, H, W) map, average-pooled to (B, size, size)."""
     m = feature_map.mean(dim=1, keepdim=True)
     if m.shape[-2:] != (size, size):

@@ -33,8 +33,8 @@ import torch
 from .fid import FIDStats, to_uint8
 from .metrics import fd_exact_gmm, fd_to_samples, rmse
 from .schedules import ScheduleSpec
-from .solvers import get_solver, solve, solver_options
-from .amed.spec import evals_per_step, num_steps_for  # one NFE <-> N mapping for base and AMED solvers
+from .methods import evals_per_step, get_method, get_solver, method_names, num_steps_for, pick_afs, solve, solver_options
+from .solvers._common import COMMON_OPTIONS
 
 __all__ = [
     "BASE_SOLVERS",
@@ -65,26 +65,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BASE_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "dpmpp", "unipc", "deis")
-
-# The diff-solvers reference's recommended settings (its launch.sh), used unless the caller overrides.
-DEFAULT_SCHEDULES: dict[str, ScheduleSpec] = {
-    "euler": ScheduleSpec("polynomial", rho=7.0),
-    "heun": ScheduleSpec("polynomial", rho=7.0),
-    "dpm2": ScheduleSpec("polynomial", rho=7.0),
-    "ipndm": ScheduleSpec("polynomial", rho=7.0),
-    "ipndm_v": ScheduleSpec("polynomial", rho=7.0),
-    "deis": ScheduleSpec("time_uniform", rho=2.0),
-    "dpmpp": ScheduleSpec("logsnr"),
-    "unipc": ScheduleSpec("logsnr"),
-}
-DEFAULT_OPTIONS: dict[str, dict] = {
-    "ipndm": {"max_order": 4},
-    "ipndm_v": {"max_order": 4},
-    "deis": {"max_order": 4, "deis_mode": "tab"},
-    "dpmpp": {"max_order": 3, "predict_x0": True, "lower_order_final": True},
-    "unipc": {"max_order": 3, "predict_x0": True, "lower_order_final": True, "variant": "bh2"},
-}
+# Views of the method table (amed_core.methods.table): the training-free solvers, and the diff-solvers
+# reference's recommended schedules and options (its launch.sh), used unless the caller overrides them.
+BASE_SOLVERS = method_names("free")
+DEFAULT_SCHEDULES: dict[str, ScheduleSpec] = {n: get_method(n).default_schedule for n in BASE_SOLVERS}
+DEFAULT_OPTIONS: dict[str, dict] = {n: dict(get_method(n).default_options) for n in BASE_SOLVERS
+                                    if get_method(n).default_options}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,24 +88,16 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype 
     return out.to(dtype=dtype, device=device)
 
 
-def pick_afs(solver: str, nfe: int, afs: bool | None) -> bool:
-    """``afs=None`` means: AFS only where the NFE needs it (odd NFE with 2-evaluation solvers), as in the AMED paper."""
-    if afs is not None:
-        return bool(afs)
-    return evals_per_step(solver) == 2 and nfe % 2 == 1
-
-
 def default_schedule(solver: str) -> ScheduleSpec:
     """The reference's recommended schedule for a solver (EDM rho=7 for euler/heun/dpm2/ipndm*, logSNR for
-    dpmpp/unipc, time-uniform rho=2 for deis)."""
-    evals_per_step(solver)
-    return DEFAULT_SCHEDULES.get(solver, ScheduleSpec())
+    dpmpp/unipc, time-uniform rho=2 for deis; AMED-Solver time-uniform rho=1, amed+dpmpp logSNR): the method table's."""
+    return get_method(solver).default_schedule
 
 
 def _options_for(solver: str, options: dict | None) -> dict:
-    opts = dict(DEFAULT_OPTIONS.get(solver, {}))
+    opts = dict(get_method(solver).default_options)
     opts.update(options or {})
-    allowed = set(solver_options(solver)) - {"class_labels", "afs", "denoise_to_zero", "return_trajectory", "callback"}
+    allowed = set(solver_options(solver)) - set(COMMON_OPTIONS)
     unknown = sorted(set(opts) - allowed)
     if unknown:
         raise ValueError(f"solver {solver!r} has no option(s) {unknown}; allowed: {sorted(allowed)}")
@@ -163,9 +141,9 @@ def sample_solver(denoiser, solver: str, nfe: int, n: int, seed: int, schedule: 
     if n < 1:
         raise ValueError(f"n (number of samples) must be >= 1, got {n}")
     use_afs = pick_afs(solver, nfe, afs)
-    N = num_steps_for(solver, nfe, use_afs)
-    schedule = schedule or default_schedule(solver)
     opts = _options_for(solver, options)
+    N = num_steps_for(solver, nfe, use_afs, opts)
+    schedule = schedule or default_schedule(solver)
     sigmas = schedule.grid(N)
     if noise is None:
         noise = seeded_noise(range(seed, seed + n), denoiser.shape, dtype=dtype)

@@ -25,8 +25,10 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from .methods import get_method, get_solver, num_steps_for, pick_afs, solve, solver_options
 from .schedules import ScheduleSpec, grid_indices, refine, union
 from .shards import STORAGE_DTYPES, TeacherShard, storage_dtype
+from .solvers._common import COMMON_OPTIONS
 
 __all__ = [
     "TeacherBatch",
@@ -180,11 +182,8 @@ class TeacherSpec:
             raise ValueError(f"refine_rho must be positive, got {self.refine_rho!r}")
         object.__setattr__(self, "refine_rho", float(self.refine_rho))
         object.__setattr__(self, "solver_options", _freeze_json(dict(self.solver_options), "solver_options"))
-        from .solvers import get_solver, solver_options
-
         get_solver(self.solver)
-        reserved = {"class_labels", "afs", "denoise_to_zero", "return_trajectory", "callback"}
-        allowed = sorted(set(solver_options(self.solver)) - reserved)
+        allowed = sorted(set(solver_options(self.solver)) - set(COMMON_OPTIONS))
         bad = sorted(set(self.solver_options) - set(allowed))
         if bad:
             raise ValueError(f"solver_options {bad} are not options of teacher solver {self.solver!r}; allowed: {allowed}")
@@ -285,27 +284,6 @@ class TeacherSpec:
 # ---------------------------------------------------------------------------------------------
 # Sweep -> student grids.
 
-def num_steps_for(solver: str, nfe: int, afs: bool) -> int:
-    """N (grid points) for a user's NFE. Prefers ``amed_core.amed.num_steps_for`` when it exists.
-
-    Fallback: AMED-Solver and the AMED-Plugins spend 2 NFE per step, minus one with AFS
-    (NFE = 2(N - 1) - afs); 'heun'/'dpm2' likewise 2 per step; other training-free solvers 1 per step.
-    """
-    try:
-        from .amed import num_steps_for as amed_num_steps_for  # helper-2's contract, when present
-    except ImportError:
-        amed_num_steps_for = None
-    if amed_num_steps_for is not None:
-        return int(amed_num_steps_for(solver, nfe, afs))
-    if not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    if solver.startswith("amed") or solver in ("heun", "dpm2"):
-        if (nfe + int(afs)) % 2:
-            raise ValueError(f"{solver} spends 2 NFE per step (minus 1 with AFS): NFE {nfe} needs afs={not afs}")
-        return (nfe + int(afs)) // 2 + 1
-    return nfe + int(afs) + 1
-
-
 def parse_grid_for(text: str) -> list[tuple[str, int]]:
     """Parse ``"amed:3,5,7;amed+ipndm:3,5,7"`` into [(solver, nfe), ...]."""
     out: list[tuple[str, int]] = []
@@ -329,13 +307,14 @@ def student_grids_for(sweep: str | Sequence[tuple[str, int]], schedule: Schedule
                       afs: bool | None = None) -> tuple[StudentGrid, ...]:
     """The student grids of a sweep: one per distinct N over (solver, NFE) pairs, on ``schedule``.
 
-    afs=None: AMED solvers use AFS exactly when their NFE is odd (NFE = 2(N - 1) - afs); others no AFS.
+    afs=None: learned solvers use AFS exactly where the NFE needs it (AMED: odd NFE, NFE = 2(N - 1) - afs); training-free
+    solvers no AFS. N comes from :func:`amed_core.methods.num_steps_for` (re-exported here).
     """
     schedule = schedule or ScheduleSpec()
     pairs = parse_grid_for(sweep) if isinstance(sweep, str) else list(sweep)
     grids = set()
     for solver, nfe in pairs:
-        use_afs = afs if afs is not None else (solver.startswith("amed") and nfe % 2 == 1)
+        use_afs = afs if afs is not None else (get_method(solver).learned and pick_afs(solver, nfe, None))
         grids.add(StudentGrid(schedule=schedule, num_steps=num_steps_for(solver, nfe, use_afs)))
     return tuple(sorted(grids, key=lambda g: g.num_steps))
 
@@ -381,8 +360,6 @@ def generate_shard(denoiser, spec: TeacherSpec, index: int, *, batch_size: int |
     whole shard); the result does not depend on the chunking (per-sample seeds).
     ``nfe`` = denoiser evaluations per trajectory, as the solver counts them.
     """
-    from .solvers import solve
-
     _check_identity(denoiser, spec)
     seeds = spec.seeds(index)
     noise64, labels = trajectory_inputs(seeds, spec.shape, label_policy=spec.label_policy, label_dim=spec.label_dim)
@@ -422,7 +399,6 @@ def generate_shard(denoiser, spec: TeacherSpec, index: int, *, batch_size: int |
 def teacher_nfe_per_trajectory(solver: str, sigmas: torch.Tensor, *, shape: Sequence[int] = (1, 1, 1),
                                **options) -> int:
     """Exact denoiser evaluations one trajectory of ``solver`` on ``sigmas`` costs (counted, not estimated)."""
-    from .solvers import solve
 
     class _Zero(torch.nn.Module):
         def forward(self, x, sigma, class_labels=None):

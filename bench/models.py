@@ -39,7 +39,7 @@ from amed_core.amed import AMEDPredictor, SamplerSpec  # noqa: E402
 from amed_core.amed.checkpoint import Sampler  # noqa: E402
 from amed_core.evaluate import num_steps_for as base_num_steps, pick_afs  # noqa: E402
 from amed_core.schedules import ScheduleSpec  # noqa: E402
-from amed_core.solvers import solve  # noqa: E402
+from amed_core.methods import solve  # noqa: E402
 
 CIFAR_UNET = dict(
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=[128, 256, 256, 256],

@@ -351,7 +351,7 @@ def teacher_accuracy(samples: int, shared_M: int = 1, nfes=NFES, solvers=SOLVERS
     from amed_core.amed.train import default_teacher
     from amed_core.denoisers import load_teacher
     from amed_core.metrics import fd_exact_gmm
-    from amed_core.solvers import solve
+    from amed_core.methods import solve
 
     teacher = load_teacher("digits-gmm")
     noise = torch.randn(samples, *teacher.shape, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from amed_core import metrics, schedules, solvers
+from amed_core import methods, metrics, schedules
 from amed_core.denoisers import load_teacher
 
 
@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     noise = torch.randn((args.n, *gmm.shape), generator=g, dtype=torch.float64)
     ref_grid = schedules.get_schedule(500, gmm.sigma_min, gmm.sigma_max, schedule_type="logsnr")
     with torch.no_grad():
-        ref = solvers.solve("dpmpp", gmm, noise * ref_grid[0], ref_grid, max_order=3, dynamic_thresholding=False).x
+        ref = methods.solve("dpmpp", gmm, noise * ref_grid[0], ref_grid, max_order=3, dynamic_thresholding=False).x
     print(f"digits-gmm, {args.n} samples, seed {args.seed}; FD to the exact moments, RMSE to a 500-point DPM-Solver++ solution")
     print(f"{'N':>2} {'thresholding':>12} {'corrector':>9} {'NFE':>3} {'FD':>10} {'RMSE':>8}")
     for thr in (False, True):
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
             t = schedules.get_schedule(n, gmm.sigma_min, gmm.sigma_max, schedule_type="logsnr")
             for corr in (True, False):
                 with torch.no_grad():
-                    res = solvers.solve("unipc", gmm, noise * t[0], t, dynamic_thresholding=thr, warmup_final_corrector=corr)
+                    res = methods.solve("unipc", gmm, noise * t[0], t, dynamic_thresholding=thr, warmup_final_corrector=corr)
                 fd = metrics.fd_exact_gmm(res.x, gmm)
                 print(f"{n:>2} {str(thr):>12} {'on' if corr else 'off':>9} {res.nfe:>3} {fd:>10.4g} {metrics.rmse(res.x, ref):>8.4g}")
 

@@ -428,7 +428,7 @@ def test_latent_samples_are_decoded_for_fid_and_pictures(tmp_path):
     from amed_core.evaluate import FIDSetup, score_run, to_images
     from amed_core.fid import FIDStats, to_uint8
     from amed_core.schedules import ScheduleSpec
-    from amed_core.solvers import solve
+    from amed_core.methods import solve
 
     root, vae, emb = _latent_pipeline(tmp_path)
     den = load_teacher(f"diffusers:{root}", prompt_embeds=str(emb), guidance_scale=2.0)

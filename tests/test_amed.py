@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from amed_core import solvers
+from amed_core import methods
 from amed_core.amed import (AMED_SOLVERS, AMEDPredictor, FixedPolicy, PredictorConfig, SamplerSpec, TrainConfig,
                             checkpoint_files, load_sampler, nfe_for, num_steps_for, sampler_from_files, save_checkpoint,
                             teacher_batches, train_amed)
@@ -77,7 +77,7 @@ def test_nfe_accounting_and_afs_features(teacher, name, afs):
     N = 4
     sigmas = ScheduleSpec().grid(N)
     rec = Recorder()
-    res = solvers.solve(name, teacher, _noise(3, teacher.shape) * sigmas[0], sigmas, policy=rec, afs=afs)
+    res = methods.solve(name, teacher, _noise(3, teacher.shape) * sigmas[0], sigmas, policy=rec, afs=afs)
     assert res.nfe == 2 * (N - 1) - int(afs) == nfe_for(name, N, afs)
     assert num_steps_for(name, res.nfe, afs) == N
     assert [c[3] for c in rec.calls] == list(range(N - 1))  # the predictor is not an NFE: once per step
@@ -92,7 +92,7 @@ def test_feature_stand_in_is_denoised_channel_mean(teacher):
     sigmas = ScheduleSpec().grid(3)
     x = _noise(2, teacher.shape) * sigmas[0]
     rec = Recorder()
-    solvers.solve("amed", teacher, x, sigmas, policy=rec)
+    methods.solve("amed", teacher, x, sigmas, policy=rec)
     expected = teacher(x, sigmas[0]).mean(dim=1)
     torch.testing.assert_close(rec.calls[0][0], expected)
 
@@ -102,8 +102,8 @@ def test_fixed_policy_r_one_is_heun_like_euler_plugin(teacher):
     # for the first sub-step, then a zero-length second step.
     sigmas = ScheduleSpec().grid(5)
     x = _noise(4, teacher.shape) * sigmas[0]
-    a = solvers.solve("amed+euler", teacher, x, sigmas, policy=FixedPolicy([1.0] * 4))
-    b = solvers.solve("euler", teacher, x, sigmas)
+    a = methods.solve("amed+euler", teacher, x, sigmas, policy=FixedPolicy([1.0] * 4))
+    b = methods.solve("euler", teacher, x, sigmas)
     torch.testing.assert_close(a.x, b.x)
 
 
@@ -111,18 +111,18 @@ def test_afs_out_of_history_makes_the_first_ipndm_step_an_euler_plugin_step(teac
     sigmas = ScheduleSpec().grid(4)
     x = _noise(4, teacher.shape) * sigmas[0]
     pol = FixedPolicy([0.3, 0.6, 0.4], [1.01, 0.99, 1.0], [1.1, 0.9, 1.0])
-    run = lambda name, **kw: solvers.solve(name, teacher, x, sigmas, policy=pol, afs=True, return_trajectory=True, **kw)
+    run = lambda name, **kw: methods.solve(name, teacher, x, sigmas, policy=pol, afs=True, return_trajectory=True, **kw)
     ref, out, eul = run("amed+ipndm"), run("amed+ipndm", afs_in_history=False), run("amed+euler")
     torch.testing.assert_close(out.trajectory[1], eul.trajectory[1])  # history empty after AFS: order 1 twice
     assert not torch.allclose(ref.trajectory[1], out.trajectory[1])   # the reference extrapolates from the AFS d
     assert out.nfe == ref.nfe == 5
     # amed+dpmpp runs with the shorter history (orders capped by what it holds)
-    d = solvers.solve("amed+dpmpp", teacher, x, ScheduleSpec("logsnr").grid(6), policy=FixedPolicy([0.5] * 5), afs=True,
+    d = methods.solve("amed+dpmpp", teacher, x, ScheduleSpec("logsnr").grid(6), policy=FixedPolicy([0.5] * 5), afs=True,
                       afs_in_history=False)
     assert d.nfe == 9 and torch.isfinite(d.x).all()
     # without AFS the option changes nothing
-    a = solvers.solve("amed+dpmpp", teacher, x, sigmas, policy=pol, afs_in_history=False)
-    b = solvers.solve("amed+dpmpp", teacher, x, sigmas, policy=pol)
+    a = methods.solve("amed+dpmpp", teacher, x, sigmas, policy=pol, afs_in_history=False)
+    b = methods.solve("amed+dpmpp", teacher, x, sigmas, policy=pol)
     assert torch.equal(a.x, b.x)
 
 
@@ -131,17 +131,17 @@ def test_bad_options_raise_value_error(teacher):
     x = _noise(1, teacher.shape) * sigmas[0]
     pol = FixedPolicy([0.5, 0.5])
     with pytest.raises(ValueError, match="policy"):
-        solvers.solve("amed", teacher, x, sigmas, policy=None)
+        methods.solve("amed", teacher, x, sigmas, policy=None)
     with pytest.raises(ValueError, match="max_order"):
-        solvers.solve("amed+ipndm", teacher, x, sigmas, policy=pol, max_order=5)
+        methods.solve("amed+ipndm", teacher, x, sigmas, policy=pol, max_order=5)
     with pytest.raises(ValueError, match="max_order"):
-        solvers.solve("amed+dpmpp", teacher, x, sigmas, policy=pol, max_order=4)
+        methods.solve("amed+dpmpp", teacher, x, sigmas, policy=pol, max_order=4)
     with pytest.raises(ValueError, match="dynamic_thresholding"):
-        solvers.solve("amed+dpmpp", teacher, x, sigmas, policy=pol, predict_x0=False, dynamic_thresholding=True)
+        methods.solve("amed+dpmpp", teacher, x, sigmas, policy=pol, predict_x0=False, dynamic_thresholding=True)
     with pytest.raises(ValueError, match="no option"):
-        solvers.solve("amed", teacher, x, sigmas, policy=pol, max_order=2)
+        methods.solve("amed", teacher, x, sigmas, policy=pol, max_order=2)
     with pytest.raises(ValueError, match="steps"):
-        solvers.solve("amed", teacher, x, ScheduleSpec().grid(5), policy=pol)
+        methods.solve("amed", teacher, x, ScheduleSpec().grid(5), policy=pol)
     with pytest.raises(ValueError, match="afs_in_history"):
         SamplerSpec.create("amed", 5, afs_in_history=False)
     with pytest.raises(ValueError, match="scale_dir"):

@@ -1,6 +1,6 @@
 """The evaluation stage: amed_core.evaluate.score_run gives the numbers of the direct computation (per-seed
 noise from trajectory_inputs, then amed_core.metrics / amed_core.fid), independent of batching; FID resumes
-from partial statistics; flows.ray_glue.eval_job (run in-process on a local file store) scores fid from
+from partial statistics; flows.cluster.jobs.eval_job (run in-process on a local file store) scores fid from
 fsspec URLs and resumes from the partial statistics it caches in the run store."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from amed_core.denoisers import load_teacher
 from amed_core.evaluate import FIDSetup, score_run
 from amed_core.fid import FIDStats, load_inception, save_stats, to_uint8
 from amed_core.schedules import ScheduleSpec
-from amed_core.solvers import solve
+from amed_core.methods import solve
 from amed_core.teacher import trajectory_inputs
 
 SEEDS = list(range(1_000_000, 1_000_008))

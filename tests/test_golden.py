@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from amed_core import schedules, solvers
+from amed_core import methods, schedules
 from golden_cases import GOLDEN_DIR, case_files, load_case, model_for, noise, schedule_kwargs, solver_call, tolerance
 
 CASES = case_files()
@@ -40,7 +40,7 @@ def test_solver_case(path):
     name, options = solver_call(case)
     t_steps = torch.from_numpy(case["t_steps"])
     with torch.no_grad():
-        result = solvers.solve(name, model_for(case), noise(case) * t_steps[0], t_steps, **options)
+        result = methods.solve(name, model_for(case), noise(case) * t_steps[0], t_steps, **options)
     _check(case, result)
 
 
@@ -65,5 +65,5 @@ def test_amed_case(path):
     name, options = amed_call(case)
     t_steps = torch.from_numpy(case["t_steps"])
     with torch.no_grad():
-        result = solvers.solve(name, model_for(case), noise(case) * t_steps[0], t_steps, **options)
+        result = methods.solve(name, model_for(case), noise(case) * t_steps[0], t_steps, **options)
     _check(case, result)

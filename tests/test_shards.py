@@ -11,7 +11,7 @@ import torch
 from amed_core.denoisers import load_teacher
 from amed_core.schedules import ScheduleSpec, grid_indices
 from amed_core.shards import TeacherShard
-from amed_core.solvers import solve
+from amed_core.methods import solve
 from amed_core.teacher import (StudentGrid, TeacherSpec, generate_shard, num_steps_for, parse_grid_for, shard_to_batches,
                                student_grids_for, teacher_nfe_per_trajectory, trajectory_inputs)
 

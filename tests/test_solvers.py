@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from amed_core import solvers
+from amed_core import methods
 from amed_core.denoisers import load_teacher
 from amed_core.schedules import get_schedule
 from amed_core.solvers.deis import deis_coefficients
@@ -91,7 +91,7 @@ def test_global_convergence_order(teacher, x_start, exact, name, options, order)
     for n in steps:
         sig = get_schedule(n + 1, SIGMA_MIN, SIGMA_MAX, schedule_type="logsnr")
         with torch.no_grad():
-            x = solvers.solve(name, teacher, x_start, sig, **options).x
+            x = methods.solve(name, teacher, x_start, sig, **options).x
         errs.append(float(((x - ref) ** 2).mean().sqrt()))
     slope = _fit_slope([1 / n for n in steps], errs)
     assert abs(slope - order) < 0.3, f"{name} {options}: errors {errs}, fitted order {slope:.2f}, expected {order}"
@@ -240,7 +240,7 @@ def test_nfe_counts(teacher, x_start, name, afs, denoise_to_zero, num_steps):
     counting = CountingDenoiser(teacher)
     sig = get_schedule(num_steps, 0.002, 80.0)
     with torch.no_grad():
-        res = solvers.solve(name, counting, x_start, sig, afs=afs, denoise_to_zero=denoise_to_zero, return_trajectory=True)
+        res = methods.solve(name, counting, x_start, sig, afs=afs, denoise_to_zero=denoise_to_zero, return_trajectory=True)
     per_step = 2 if name in TWO_PER_STEP else 1
     expected = per_step * (num_steps - 1) - int(afs) + int(denoise_to_zero)
     if name == "unipc" and num_steps <= 3:  # the reference corrects the final step inside the warm-up (max_order 3)
@@ -257,8 +257,8 @@ def test_unipc_warmup_final_corrector_option(teacher, x_start, num_steps):
     """False skips the reference's extra corrector on grids with N <= max_order; longer grids are unaffected."""
     sig = get_schedule(num_steps, 0.002, 80.0)
     with torch.no_grad():
-        ref = solvers.solve("unipc", teacher, x_start, sig)
-        alt = solvers.solve("unipc", teacher, x_start, sig, warmup_final_corrector=False)
+        ref = methods.solve("unipc", teacher, x_start, sig)
+        alt = methods.solve("unipc", teacher, x_start, sig, warmup_final_corrector=False)
     assert alt.nfe == num_steps - 1
     if num_steps <= 3:
         assert ref.nfe == num_steps and not torch.allclose(ref.x, alt.x)
@@ -269,8 +269,8 @@ def test_unipc_warmup_final_corrector_option(teacher, x_start, num_steps):
 def test_ipndm_order_one_is_euler(teacher, x_start):
     sig = get_schedule(6, 0.002, 80.0)
     with torch.no_grad():
-        a = solvers.solve("ipndm", teacher, x_start, sig, max_order=1, afs=True)
-        b = solvers.solve("euler", teacher, x_start, sig, afs=True)
+        a = methods.solve("ipndm", teacher, x_start, sig, max_order=1, afs=True)
+        b = methods.solve("euler", teacher, x_start, sig, afs=True)
     torch.testing.assert_close(a.x, b.x, rtol=1e-13, atol=1e-13)
     assert a.nfe == b.nfe == 4
 
@@ -280,8 +280,8 @@ def test_ipndm_order_one_is_euler(teacher, x_start):
 def test_float32_agrees_with_float64(teacher, x_start, name):
     sig = get_schedule(7, 0.002, 80.0)
     with torch.no_grad():
-        r64 = solvers.solve(name, teacher, x_start, sig, return_trajectory=True)
-        r32 = solvers.solve(name, teacher, x_start.float(), sig, return_trajectory=True)
+        r64 = methods.solve(name, teacher, x_start, sig, return_trajectory=True)
+        r32 = methods.solve(name, teacher, x_start.float(), sig, return_trajectory=True)
     assert r32.x.dtype == torch.float32 and r32.trajectory.dtype == torch.float32
     assert r64.x.dtype == torch.float64
     scale = float(r64.x.abs().max())
@@ -295,15 +295,15 @@ def test_gradients_reach_the_input(teacher, name):
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64) * 80.0).requires_grad_(True)
     sig = get_schedule(5, 0.002, 80.0)
-    res = solvers.solve(name, teacher, x, sig, denoise_to_zero=True)
+    res = methods.solve(name, teacher, x, sig, denoise_to_zero=True)
     res.x.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0
     # a finite-difference check along one direction (float64)
     v = torch.randn(x.shape, generator=g, dtype=torch.float64)
     eps = 1e-4
     with torch.no_grad():
-        fp = solvers.solve(name, teacher, x + eps * v, sig, denoise_to_zero=True).x.square().sum()
-        fm = solvers.solve(name, teacher, x - eps * v, sig, denoise_to_zero=True).x.square().sum()
+        fp = methods.solve(name, teacher, x + eps * v, sig, denoise_to_zero=True).x.square().sum()
+        fm = methods.solve(name, teacher, x - eps * v, sig, denoise_to_zero=True).x.square().sum()
     fd = float((fp - fm) / (2 * eps))
     an = float((x.grad * v).sum())
     assert abs(fd - an) <= 1e-4 * (1 + abs(an)), f"{name}: autograd {an} vs finite difference {fd}"
@@ -328,20 +328,20 @@ def test_gradients_reach_the_input(teacher, name):
 def test_bad_options_raise_value_error_naming_them(teacher, x_start, name, options, field):
     sig = get_schedule(4, 0.002, 80.0)
     with pytest.raises(ValueError, match=field):
-        solvers.solve(name, teacher, x_start, sig, **options)
+        methods.solve(name, teacher, x_start, sig, **options)
 
 
 def test_unknown_solver_and_bad_grids(teacher, x_start):
     with pytest.raises(ValueError, match="unknown solver 'rk45'"):
-        solvers.solve("rk45", teacher, x_start, get_schedule(4))
+        methods.solve("rk45", teacher, x_start, get_schedule(4))
     with pytest.raises(ValueError, match="num_steps"):
         get_schedule(1)
     with pytest.raises(ValueError, match="num_steps"):
-        solvers.solve("heun", teacher, x_start, torch.tensor([80.0]))
+        methods.solve("heun", teacher, x_start, torch.tensor([80.0]))
     with pytest.raises(ValueError, match="sigma_min"):
         get_schedule(5, sigma_min=80.0, sigma_max=1.0)
     with pytest.raises(ValueError, match="decreasing"):
-        solvers.solve("euler", teacher, x_start, torch.tensor([1.0, 2.0, 3.0]))
+        methods.solve("euler", teacher, x_start, torch.tensor([1.0, 2.0, 3.0]))
 
 
 @pytest.mark.parametrize("name", ALL_DEFAULTS)
@@ -349,7 +349,7 @@ def test_callback_called_once_per_step(teacher, x_start, name):
     seen = []
     sig = get_schedule(6, 0.002, 80.0)
     with torch.no_grad():
-        res = solvers.solve(name, teacher, x_start, sig, callback=seen.append, return_trajectory=True)
+        res = methods.solve(name, teacher, x_start, sig, callback=seen.append, return_trajectory=True)
     assert [s.i for s in seen] == list(range(5))
     np.testing.assert_allclose([s.t_cur for s in seen], sig[:-1].numpy())
     np.testing.assert_allclose([s.t_next for s in seen], sig[1:].numpy())

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 
 from ..solvers._common import SolveResult
 from .predictor import AMEDPredictor
-from .solvers import AMED_SOLVERS
+from ..methods import get_solver
 from .spec import SamplerSpec
 
 __all__ = ["PREDICTOR_FILE", "SPEC_FILE", "checkpoint_files", "save_checkpoint", "load_sampler", "sampler_from_files",
@@ -61,9 +61,9 @@ class Sampler:
         grid = self.spec.grid()
         x = noise * grid[0].to(noise.dtype)
         with torch.no_grad():
-            return AMED_SOLVERS[self.spec.solver](denoiser, x, grid, policy=policy or self.predictor, class_labels=class_labels,
-                                                  return_trajectory=return_trajectory, callback=callback,
-                                                  **self.spec.solver_options())
+            return get_solver(self.spec.solver)(denoiser, x, grid, policy=policy or self.predictor, class_labels=class_labels,
+                                                return_trajectory=return_trajectory, callback=callback,
+                                                **self.spec.solver_options())
 
     def files(self) -> dict[str, bytes]:
         return checkpoint_files(self.predictor, self.spec)

@@ -26,10 +26,10 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-from ..solvers import get_solver, solve, solver_options
+from ..methods import get_method, get_solver, solve, solver_options
+from ..methods.amed import STEPS, History, make_context
 from ..teacher import TeacherBatch
 from .predictor import AMEDPredictor
-from .solvers import MULTISTEP, STEPS, History, make_context
 from .spec import SamplerSpec
 from .._fields import check_fields
 
@@ -138,7 +138,7 @@ class TrainConfig:
     def restart_mode(self, solver: str) -> str:
         if self.restart is not None:
             return self.restart
-        return "own" if solver in MULTISTEP else "teacher"
+        return "own" if get_method(solver).multistep else "teacher"
 
 
 @dataclass
@@ -182,7 +182,7 @@ def compute_dtype(denoiser, cfg: TrainConfig) -> torch.dtype:
 
 def default_teacher(spec: SamplerSpec, cfg: TrainConfig) -> tuple[str, int, dict]:
     """(solver, M, options) of the on-the-fly teacher: the reference's choice unless cfg overrides it."""
-    name = cfg.teacher_solver or ("heun" if spec.solver == "amed" else spec.base_solver)
+    name = cfg.teacher_solver or spec.base_solver
     M = cfg.teacher_M if cfg.teacher_M is not None else (1 if spec.solver == "amed" else 2)
     opts: dict = {}
     if name == spec.base_solver:  # the student's own options (max_order, ...); another teacher runs its defaults

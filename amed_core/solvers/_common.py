@@ -19,7 +19,11 @@ import torch
 
 from ..schedules import check_grid
 
-__all__ = ["SolveResult", "StepInfo", "Counter", "afs_direction", "dynamic_threshold", "prepare", "finish"]
+__all__ = ["SolveResult", "StepInfo", "Counter", "COMMON_OPTIONS", "afs_direction", "dynamic_threshold", "prepare", "finish",
+           "check_int_option", "check_thresholding", "multistep_order"]
+
+# Keyword options every solver takes (the rest of a solver's keyword-only parameters are its own options).
+COMMON_OPTIONS = ("class_labels", "afs", "denoise_to_zero", "return_trajectory", "callback")
 
 
 @dataclass
@@ -94,3 +98,24 @@ def check_int_option(name: str, value, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not (lo <= value <= hi):
         raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def check_thresholding(dynamic_thresholding, predict_x0) -> bool:
+    """Whether to threshold data predictions: ``dynamic_thresholding`` None follows ``predict_x0`` (the reference)."""
+    if dynamic_thresholding is None:
+        return bool(predict_x0)
+    if not isinstance(dynamic_thresholding, bool):
+        raise ValueError(f"dynamic_thresholding must be True, False or None (= follow predict_x0), got {dynamic_thresholding!r}")
+    if dynamic_thresholding and not predict_x0:
+        raise ValueError("dynamic_thresholding clamps data predictions: it needs predict_x0=True (or set it False)")
+    return dynamic_thresholding
+
+
+def multistep_order(step: int, num_steps: int, max_order: int, lower_order_final: bool) -> int:
+    """The reference's order of step ``step`` (from 0) of a multistep method on ``num_steps`` points: warm up
+    1, 2, .. (steps with ``step + 1 < max_order``); with ``lower_order_final`` also ramp down so the last step is
+    first order (``min(max_order, num_steps - step - 1)`` once warmed up). DPM-Solver++, UniPC and the
+    AMED-Plugin on DPM-Solver++ (on its refined grid) share it."""
+    if lower_order_final:
+        return step + 1 if step + 1 < max_order else min(max_order, num_steps - (step + 1))
+    return min(max_order, step + 1)

@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from ._common import Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option, dynamic_threshold, finish, prepare
+from ._common import (Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option, check_thresholding, dynamic_threshold,
+                      finish, multistep_order, prepare)
 
 __all__ = ["ipndm", "ipndm_v", "dpmpp", "dpmpp_update", "dpmpp_coefficients", "ipndm_combination",
            "ipndm_v_coefficients", "combine", "IPNDM_COEFFS"]
@@ -249,24 +250,6 @@ def dpmpp_update(x: torch.Tensor, model_prev_list: Sequence[torch.Tensor], t_pre
     return combine(x, a, [(cj, model_prev_list[-1 - j]) for j, cj in enumerate(c)])
 
 
-def _check_thresholding(dynamic_thresholding, predict_x0) -> bool:
-    if dynamic_thresholding is None:
-        return bool(predict_x0)
-    if not isinstance(dynamic_thresholding, bool):
-        raise ValueError(f"dynamic_thresholding must be True, False or None (= follow predict_x0), got {dynamic_thresholding!r}")
-    if dynamic_thresholding and not predict_x0:
-        raise ValueError("dynamic_thresholding clamps data predictions: it needs predict_x0=True (or set it False)")
-    return dynamic_thresholding
-
-
-def lower_order(i: int, num_steps: int, max_order: int, lower_order_final: bool) -> int:
-    """The reference's order at step i: warm up 1, 2, ..; with lower_order_final also ramp down so the
-    last step is first order (order = min(max_order, num_steps - i - 1) once warmed up)."""
-    if lower_order_final:
-        return i + 1 if i + 1 < max_order else min(max_order, num_steps - (i + 1))
-    return min(max_order, i + 1)
-
-
 def dpmpp(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=False, return_trajectory=False,
           callback: Callback | None = None, max_order: int = 3, predict_x0: bool = True, lower_order_final: bool = True,
           dynamic_thresholding: bool | None = None) -> SolveResult:
@@ -278,7 +261,7 @@ def dpmpp(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=
     evaluation by D = x - t * x / sqrt(1 + t^2).
     """
     check_int_option("max_order", max_order, 1, 3)
-    threshold = _check_thresholding(dynamic_thresholding, predict_x0)
+    threshold = check_thresholding(dynamic_thresholding, predict_x0)
     t_steps = prepare(x, sigmas)
     ts = t_steps.tolist()
     N = len(ts)
@@ -302,7 +285,7 @@ def dpmpp(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=
         if len(model_hist) > 3:
             model_hist.pop(0)
             t_hist.pop(0)
-        order = lower_order(i, N, max_order, lower_order_final)
+        order = multistep_order(i, N, max_order, lower_order_final)
         a, c = dpmpp_coefficients(t_hist[-order:], t_next, order, predict_x0=predict_x0)
         x_next = combine(x_cur, a, [(cj, model_hist[-1 - j]) for j, cj in enumerate(c)])
         if states is not None:

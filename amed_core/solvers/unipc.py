@@ -27,8 +27,9 @@ import math
 
 import numpy as np
 
-from ._common import Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option, dynamic_threshold, finish, prepare
-from .multistep import _check_thresholding, combine
+from ._common import (Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option, check_thresholding, dynamic_threshold,
+                      finish, multistep_order, prepare)
+from .multistep import combine
 
 __all__ = ["unipc", "unipc_coefficients", "VARIANTS"]
 
@@ -98,7 +99,7 @@ def unipc(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=
     check_int_option("max_order", max_order, 1, 3)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    threshold = _check_thresholding(dynamic_thresholding, predict_x0)
+    threshold = check_thresholding(dynamic_thresholding, predict_x0)
     t_steps = prepare(x, sigmas)
     ts = t_steps.tolist()
     N = len(ts)
@@ -121,10 +122,7 @@ def unipc(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=
     for i in range(N - 1):
         x_cur, t_next = x_next, ts[i + 1]
         warmup = i + 1 < max_order
-        if warmup:
-            order = i + 1
-        else:
-            order = min(max_order, N - i - 1) if lower_order_final else max_order
+        order = multistep_order(i, N, max_order, lower_order_final)
         use_corrector = i < N - 2 or (warmup and warmup_final_corrector)
         a, pred, corr = unipc_coefficients(t_hist[-order:], t_next, order, predict_x0=predict_x0, variant=variant,
                                            corrector=use_corrector)

@@ -1,0 +1,325 @@
+"""AMED-Solver and AMED-Plugins (Zhou et al., arXiv 2312.00094, sec. 3.2-3.4), one step at a time.
+
+Every interval [t_cur, t_next] gets one learned intermediate time s = t_next^r t_cur^(1-r) and two
+denoiser evaluations (at t_cur, and at a * s), so NFE = 2 (N - 1), minus one with AFS (the first
+evaluation is replaced by d = x / sqrt(1 + t^2)). The policy (r, c = scale_dir, a = scale_time) is
+evaluated between the two, on the features captured during the evaluation at t_cur (zeros on the AFS step).
+
+- ``amed`` (AMED-Solver): y = x + (s - t_cur) d_cur;  g = (y - D(y; a s)) / s;  x_next = x + c (t_next - t_cur) g.
+- ``amed+euler``: two Euler steps t_cur -> s -> t_next, the second scaled by c.
+- ``amed+dpm``: DPM-Solver-2 with its midpoint at s: x_next = x + c (t_next - t_cur) [g / (2r) + (1 - 1/(2r)) d_cur].
+- ``amed+ipndm``: iPNDM (fixed Adams-Bashforth coefficients, history of up to max_order - 1 directions)
+  on the refined grid t_0, s_0, t_1, s_1, ...; the step into t_next is scaled by c.
+- ``amed+dpmpp``: multistep DPM-Solver++ on the refined grid (history of 3, orders lowered at the
+  end with lower_order_final), the step into t_next scaled by c; with predict_x0 the data predictions
+  are dynamically thresholded, as in the reference.
+
+Multistep plugins take ``afs_in_history`` (default True, the reference): False keeps the AFS estimate
+out of the history, so later sub-steps never extrapolate from it (it is biased whenever the data are not
+zero-mean with unit variance, e.g. digits in [-1, 1]; see BENCHMARKS.md "AMED quality").
+
+Each step is a pure function ``step(ctx, x_cur, i, history) -> StepOut`` so that sampling (the loops
+below, registered as solvers) and training (:mod:`amed_core.amed.train`, one interval per optimiser
+step) run the same arithmetic. History entries are detached, as in the reference.
+
+The facts about each solver (evaluations per step, base solver, multistep, default schedule) are in the
+method table, :mod:`amed_core.methods.table`; its default options are the keyword defaults below.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..denoisers import FEATURE_SIZE
+from ..solvers._common import (COMMON_OPTIONS, Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option,
+                               check_thresholding, dynamic_threshold, finish, multistep_order, prepare)
+from ..solvers.multistep import dpmpp_update, ipndm_combination
+
+__all__ = ["AMED_SOLVERS", "STEPS", "StepContext", "StepOut", "History", "make_context", "resolve_options", "step_defaults",
+           "amed", "amed_euler", "amed_dpm", "amed_ipndm", "amed_dpmpp"]
+
+
+@dataclass(frozen=True)
+class History:
+    """What a multistep plugin carries between intervals (model outputs and their times, oldest first)."""
+
+    models: tuple = ()
+    times: tuple = ()
+
+
+@dataclass
+class StepOut:
+    x: torch.Tensor
+    history: History
+    r: torch.Tensor
+    scale_dir: torch.Tensor
+    scale_time: torch.Tensor
+    denoised: Optional[torch.Tensor]
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs besides the state: counted denoiser, grid, policy and solver options."""
+
+    D: Counter
+    t_steps: torch.Tensor
+    policy: Callable
+    afs: bool
+    options: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.t_steps.shape[0])
+
+
+def _evaluate_with_features(ctx: StepContext, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """D(x; t) and the AMED features of this evaluation (None when the denoiser has no feature tap)."""
+    capture = getattr(ctx.D.denoiser, "capture_features", None)
+    if capture is None:
+        return ctx.D(x, t), None
+    with capture() as tap:
+        denoised = ctx.D(x, t)
+    return denoised, tap.value
+
+
+def _first_direction(ctx: StepContext, x_cur, t_cur, i):
+    """d_cur at t_cur (AFS on the first step when enabled), the denoised estimate (None on AFS) and features."""
+    if ctx.afs and i == 0:
+        feats = torch.zeros(x_cur.shape[0], FEATURE_SIZE, FEATURE_SIZE, dtype=x_cur.dtype, device=x_cur.device)
+        return afs_direction(x_cur, t_cur), None, feats
+    denoised, feats = _evaluate_with_features(ctx, x_cur, t_cur)
+    if feats is None:
+        if getattr(ctx.policy, "needs_features", False):
+            raise ValueError("this policy needs AMED features but the denoiser has no capture_features(); "
+                             "wrap it in a BaseDenoiser adapter")
+        feats = torch.zeros(x_cur.shape[0], FEATURE_SIZE, FEATURE_SIZE, dtype=x_cur.dtype, device=x_cur.device)
+    return (x_cur - denoised) / t_cur, denoised, feats
+
+
+def _predict(ctx: StepContext, feats, t_cur, t_next, i, like: torch.Tensor):
+    r, sd, st = ctx.policy(feats.to(like.dtype), t_cur, t_next, i)
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return tuple(v.to(like.dtype).reshape(shape) for v in (r, sd, st))
+
+
+def _mid(t_cur, t_next, r):
+    """s = t_next^r * t_cur^(1 - r)."""
+    return t_next**r * t_cur ** (1 - r)
+
+
+# -- single-step solvers --------------------------------------------------------------------------
+
+def step_amed(ctx: StepContext, x_cur, i, history: History) -> StepOut:
+    """AMED-Solver: y = x + (s - t_cur) d_cur; g = (y - D(y; a s)) / s; x_next = x + c (t_next - t_cur) g."""
+    t_cur, t_next = ctx.t_steps[i], ctx.t_steps[i + 1]
+    d_cur, _, feats = _first_direction(ctx, x_cur, t_cur, i)
+    r, c, a = _predict(ctx, feats, t_cur, t_next, i, x_cur)
+    s = _mid(t_cur, t_next, r)
+    y = x_cur + (s - t_cur) * d_cur
+    denoised = ctx.D(y, (a * s).reshape(-1))
+    g = (y - denoised) / s
+    x_next = x_cur + c * (t_next - t_cur) * g
+    return StepOut(x_next, history, r, c, a, denoised)
+
+
+def step_euler(ctx: StepContext, x_cur, i, history: History) -> StepOut:
+    """AMED-Plugin on Euler: y = x + (s - t_cur) d_cur; x_next = y + c (t_next - s) (y - D(y; a s)) / s."""
+    t_cur, t_next = ctx.t_steps[i], ctx.t_steps[i + 1]
+    d_cur, _, feats = _first_direction(ctx, x_cur, t_cur, i)
+    r, c, a = _predict(ctx, feats, t_cur, t_next, i, x_cur)
+    s = _mid(t_cur, t_next, r)
+    y = x_cur + (s - t_cur) * d_cur
+    denoised = ctx.D(y, (a * s).reshape(-1))
+    x_next = y + c * (t_next - s) * (y - denoised) / s
+    return StepOut(x_next, history, r, c, a, denoised)
+
+
+def step_dpm(ctx: StepContext, x_cur, i, history: History) -> StepOut:
+    """AMED-Plugin on DPM-Solver-2: x_next = x + c (t_next - t_cur) [g / (2r) + (1 - 1/(2r)) d_cur]."""
+    t_cur, t_next = ctx.t_steps[i], ctx.t_steps[i + 1]
+    d_cur, _, feats = _first_direction(ctx, x_cur, t_cur, i)
+    r, c, a = _predict(ctx, feats, t_cur, t_next, i, x_cur)
+    s = _mid(t_cur, t_next, r)
+    y = x_cur + (s - t_cur) * d_cur
+    denoised = ctx.D(y, (a * s).reshape(-1))
+    g = (y - denoised) / s
+    x_next = x_cur + c * (t_next - t_cur) * ((1 / (2 * r)) * g + (1 - 1 / (2 * r)) * d_cur)
+    return StepOut(x_next, history, r, c, a, denoised)
+
+
+# -- multistep solvers ----------------------------------------------------------------------------
+
+def _push(models: tuple, value: torch.Tensor, keep: int) -> tuple:
+    """Append a detached history entry, keeping the newest ``keep`` (keep=0: no history)."""
+    if keep <= 0:
+        return ()
+    return (tuple(models) + (value.detach(),))[-keep:]
+
+
+def step_ipndm(ctx: StepContext, x_cur, i, history: History) -> StepOut:
+    """AMED-Plugin on iPNDM: Adams-Bashforth combinations of d at t_cur -> s, then of g at s -> t_next (scaled by c)."""
+    max_order = ctx.options["max_order"]
+    keep = max_order - 1
+    t_cur, t_next = ctx.t_steps[i], ctx.t_steps[i + 1]
+    d_cur, _, feats = _first_direction(ctx, x_cur, t_cur, i)
+    r, c, a = _predict(ctx, feats, t_cur, t_next, i, x_cur)
+    s = _mid(t_cur, t_next, r)
+    hist = list(history.models)
+    order = min(max_order, len(hist) + 1)
+    y = x_cur + (s - t_cur) * ipndm_combination(d_cur, hist, order)
+    if not (ctx.afs and i == 0) or ctx.options["afs_in_history"]:
+        hist = list(_push(tuple(hist), d_cur, keep))
+    order = min(max_order, len(hist) + 1)
+    denoised = ctx.D(y, (a * s).reshape(-1))
+    g = (y - denoised) / s
+    x_next = y + c * (t_next - s) * ipndm_combination(g, hist, order)
+    return StepOut(x_next, History(_push(tuple(hist), g, keep)), r, c, a, denoised)
+
+
+def step_dpmpp(ctx: StepContext, x_cur, i, history: History) -> StepOut:
+    """AMED-Plugin on multistep DPM-Solver++ over the refined grid (2N - 1 points), the step into t_next scaled by c."""
+    o = ctx.options
+    max_order, predict_x0, lof = o["max_order"], o["predict_x0"], o["lower_order_final"]
+    thr = dynamic_threshold if o["dynamic_thresholding"] else (lambda v: v)
+    total = 2 * ctx.num_steps - 1
+    t_cur, t_next = ctx.t_steps[i], ctx.t_steps[i + 1]
+    d_cur, denoised, feats = _first_direction(ctx, x_cur, t_cur, i)
+    if denoised is None:  # AFS: the implied data prediction
+        denoised = x_cur - t_cur * d_cur
+    models = list(history.models) + [thr(denoised) if predict_x0 else d_cur]
+    times = list(history.times) + [t_cur.reshape(1)]
+    r, c, a = _predict(ctx, feats, t_cur, t_next, i, x_cur)
+    s = _mid(t_cur, t_next, r)
+    # t_cur -> s: sub-step 2i of the refined grid
+    order = min(multistep_order(2 * i, total, max_order, lof), len(models))  # (shorter history without AFS entry)
+    y = dpmpp_update(x_cur, models, times, s, order, predict_x0=predict_x0)
+    # s -> t_next: sub-step 2i + 1
+    if ctx.afs and i == 0 and not o["afs_in_history"]:
+        models, times = [], []  # the AFS estimate is not extrapolated from
+    den_mid = ctx.D(y, (a * s).reshape(-1))
+    models.append(thr(den_mid) if predict_x0 else (y - den_mid) / s)
+    times.append(s)
+    order = min(multistep_order(2 * i + 1, total, max_order, lof), len(models))
+    x_next = dpmpp_update(y, models, times, t_next, order, predict_x0=predict_x0, scale=c)
+    hist = History(tuple(m.detach() for m in models[-3:]), tuple(t.detach() for t in times[-3:]))
+    return StepOut(x_next, hist, r, c, a, den_mid)
+
+
+# -- option handling and the solver loops ---------------------------------------------------------
+
+def step_defaults(name: str) -> dict:
+    """The options of AMED solver ``name`` and their defaults: the keyword defaults of its public function."""
+    if name not in STEPS:
+        raise ValueError(f"unknown AMED solver {name!r}; choose one of {sorted(STEPS)}")
+    params = inspect.signature(AMED_SOLVERS[name]).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in COMMON_OPTIONS and p.name != "policy"}
+
+
+def resolve_options(name: str, **options) -> dict:
+    """Options of AMED solver ``name``, checked, with defaults for the missing or None ones (dynamic_thresholding
+    None = follow predict_x0). An option the solver does not take raises unless it is None."""
+    defaults = step_defaults(name)
+    for k, v in options.items():
+        if k not in defaults and v is not None:
+            owners = sorted(n for n in STEPS if k in step_defaults(n))
+            raise ValueError(f"{k} does not apply to {name!r} (only {', '.join(owners) or 'none'})")
+    opts = {k: d if options.get(k) is None else options[k] for k, d in defaults.items()}
+    if "afs_in_history" in opts and not isinstance(opts["afs_in_history"], bool):
+        raise ValueError(f"afs_in_history must be true or false, got {opts['afs_in_history']!r}")
+    if name == "amed+ipndm":
+        check_int_option("max_order", opts["max_order"], 1, 4)
+    if name == "amed+dpmpp":
+        check_int_option("max_order", opts["max_order"], 1, 3)
+        for k in ("predict_x0", "lower_order_final"):
+            if not isinstance(opts[k], bool):
+                raise ValueError(f"{k} must be true or false, got {opts[k]!r}")
+        opts["dynamic_thresholding"] = check_thresholding(opts["dynamic_thresholding"], opts["predict_x0"])
+    return opts
+
+
+STEPS = {"amed": step_amed, "amed+euler": step_euler, "amed+dpm": step_dpm, "amed+ipndm": step_ipndm, "amed+dpmpp": step_dpmpp}
+
+
+def make_context(name: str, denoiser, x, sigmas, *, policy, class_labels=None, afs=False, **options) -> StepContext:
+    """Validate options (:func:`resolve_options`) and build the per-run context of solver ``name`` (shared by
+    sampling and training)."""
+    if name not in STEPS:
+        raise ValueError(f"unknown AMED solver {name!r}; choose one of {sorted(STEPS)}")
+    if policy is None or not callable(policy):
+        raise ValueError(f"solver {name!r} needs policy= (an AMEDPredictor, a FixedPolicy or any callable policy)")
+    opts = resolve_options(name, **options)
+    t_steps = prepare(x, sigmas)
+    return StepContext(Counter(denoiser, class_labels), t_steps, policy, bool(afs), opts)
+
+
+def _run(name: str, denoiser, x, sigmas, *, policy, class_labels, afs, denoise_to_zero, return_trajectory, callback,
+         **options) -> SolveResult:
+    ctx = make_context(name, denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs, **options)
+    step = STEPS[name]
+    states = [x] if return_trajectory else None
+    history = History()
+    x_next = x
+    for i in range(ctx.num_steps - 1):
+        out = step(ctx, x_next, i, history)
+        x_next, history = out.x, out.history
+        if states is not None:
+            states.append(x_next)
+        if callback is not None:
+            callback(StepInfo(i, float(ctx.t_steps[i]), float(ctx.t_steps[i + 1]), x_next, out.denoised, ctx.D.nfe))
+    return finish(x_next, states, ctx.D, denoise_to_zero, ctx.t_steps[-1], return_trajectory)
+
+
+def amed(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoise_to_zero=False, return_trajectory=False,
+         callback: Callback | None = None) -> SolveResult:
+    """AMED-Solver (arXiv 2312.00094, eq. 12): a learned mean-value-theorem midpoint per step; 2 NFE per step."""
+    return _run("amed", denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs,
+                denoise_to_zero=denoise_to_zero, return_trajectory=return_trajectory, callback=callback)
+
+
+def amed_euler(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoise_to_zero=False,
+               return_trajectory=False, callback: Callback | None = None) -> SolveResult:
+    """AMED-Plugin on Euler (arXiv 2312.00094, sec. 3.4): t_cur -> s -> t_next, the second step scaled."""
+    return _run("amed+euler", denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs,
+                denoise_to_zero=denoise_to_zero, return_trajectory=return_trajectory, callback=callback)
+
+
+def amed_dpm(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoise_to_zero=False,
+             return_trajectory=False, callback: Callback | None = None) -> SolveResult:
+    """AMED-Plugin on DPM-Solver-2 (arXiv 2312.00094, sec. 3.4): its intermediate point is learned."""
+    return _run("amed+dpm", denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs,
+                denoise_to_zero=denoise_to_zero, return_trajectory=return_trajectory, callback=callback)
+
+
+def amed_ipndm(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoise_to_zero=False,
+               return_trajectory=False, callback: Callback | None = None, max_order=4, afs_in_history=True) -> SolveResult:
+    """AMED-Plugin on iPNDM (arXiv 2312.00094, sec. 3.4) with max_order in 1..4.
+
+    afs_in_history=False keeps the AFS direction out of the Adams-Bashforth history (it is used for the
+    first sub-step only); True is the reference's behaviour.
+    """
+    return _run("amed+ipndm", denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs,
+                denoise_to_zero=denoise_to_zero, return_trajectory=return_trajectory, callback=callback,
+                max_order=max_order, afs_in_history=afs_in_history)
+
+
+def amed_dpmpp(denoiser, x, sigmas, *, policy, class_labels=None, afs=False, denoise_to_zero=False,
+               return_trajectory=False, callback: Callback | None = None, max_order=3, predict_x0=True,
+               lower_order_final=True, dynamic_thresholding=None, afs_in_history=True) -> SolveResult:
+    """AMED-Plugin on multistep DPM-Solver++ (arXiv 2312.00094, sec. 3.4); dynamic_thresholding None = predict_x0.
+
+    afs_in_history=False: the AFS data estimate serves the first sub-step only (True: the reference).
+    """
+    return _run("amed+dpmpp", denoiser, x, sigmas, policy=policy, class_labels=class_labels, afs=afs,
+                denoise_to_zero=denoise_to_zero, return_trajectory=return_trajectory, callback=callback,
+                max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
+                dynamic_thresholding=dynamic_thresholding, afs_in_history=afs_in_history)
+
+
+AMED_SOLVERS: dict[str, Callable[..., SolveResult]] = {
+    "amed": amed, "amed+euler": amed_euler, "amed+dpm": amed_dpm, "amed+ipndm": amed_ipndm, "amed+dpmpp": amed_dpmpp,
+}
