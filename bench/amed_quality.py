@@ -25,7 +25,7 @@ import torch
 
 from amed_core.amed import PredictorConfig, Sampler, SamplerSpec, TrainConfig, train_amed
 from amed_core.amed.evaluation import sample_amed
-from amed_core.denoisers import load_teacher
+from amed_core.adapters import load_teacher
 from amed_core.evaluate import _exact_samples, reference_solution, sample_solver, seeded_noise
 from amed_core.metrics import fd_to_samples, rmse
 from amed_core.schedules import ScheduleSpec

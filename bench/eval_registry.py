@@ -80,7 +80,7 @@ def bench_register(n: int) -> dict:
     apply_safe_defaults()
     import test_registry as T  # the test's candidate builder: real checkpoints, real sweep config
 
-    from amed_core.denoisers import load_teacher
+    from amed_core.adapters import load_teacher
     from flows.registry import log_sweep
 
     tmp = Path(tempfile.mkdtemp(prefix="amed-bench-reg-"))

@@ -96,37 +96,39 @@ def cpu_parallelism(n: int = 10_000_000) -> float:
 def train_scaling(tmp: Path, epochs: int) -> dict:
     import ray
 
-    from flows import ray_glue
+    from flows.cluster.jobs import train_job
+    from flows.cluster.schedule import run_jobs
+    from flows.cluster.session import prewarm, ray_session
     from flows.config import load_sweep, quickstart_path
-    from flows.distill import plan_sweep
     from flows.env import apply_safe_defaults
-    from flows.store import TeacherStore, generate
+    from flows.plan import plan_sweep
+    from flows.storage import TeacherStore, generate
 
     apply_safe_defaults()
     qs = load_sweep(quickstart_path())
     cfg = load_sweep(qs, store_url=str(tmp / "scaling-store"), train={**qs.train.model_dump(), "epochs": epochs},
                      train_options={k: {**v.model_dump(), "epochs": epochs} for k, v in qs.train_options.items()})
     plan = plan_sweep(cfg)
-    from amed_core.denoisers import load_teacher
+    from amed_core.adapters import load_teacher
     from amed_core.teacher import TeacherSpec
 
-    t = plan["teachers"][0]
-    generate(TeacherStore(cfg.store_url), load_teacher(cfg.datasets[0].teacher), TeacherSpec.from_json(t["spec_json"]),
+    t = plan.teachers[0]
+    generate(TeacherStore(cfg.store_url), load_teacher(cfg.datasets[0].teacher), TeacherSpec.from_json(t.spec_json),
              progress=False)
     out = {}
     for workers in (1, 2):
         compute = cfg.compute.model_copy(update={"num_cpus": workers, "max_parallel": workers})
-        jobs = [{**c, "checkpoint": f"{c['checkpoint']}-w{workers}", "id": f"{c['id']}-w{workers}"}
-                for c in plan["candidates"]]
-        with ray_glue.ray_session(compute):
-            ray.get(ray_glue.prewarm(workers))  # both runs start with warm workers
+        jobs = [c.train.model_copy(update={"checkpoint": f"{c.train.checkpoint}-w{workers}", "id": f"{c.id}-w{workers}"})
+                for c in plan.candidates]
+        with ray_session(compute):
+            ray.get(prewarm(workers))  # both runs start with warm workers
             t0 = time.perf_counter()
-            recs = ray_glue.run_jobs(ray_glue.train_job, jobs, compute=compute, gpu=True, label="train")
+            recs = run_jobs(train_job, jobs, compute=compute, gpu=True, label="train")
             wall = time.perf_counter() - t0
         out[workers] = {"wall": wall, "task_seconds": sum(r["compute_seconds"] for r in recs)}
     out["speedup"] = out[1]["wall"] / out[2]["wall"]
     out["cpu_parallelism"] = cpu_parallelism()
-    out["jobs"], out["epochs"], out["trajectories"] = len(plan["candidates"]), epochs, cfg.teacher.num_trajectories
+    out["jobs"], out["epochs"], out["trajectories"] = len(plan.candidates), epochs, cfg.teacher.num_trajectories
     return out
 
 

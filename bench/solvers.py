@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amed_core import evaluate, solvers  # noqa: E402
-from amed_core.denoisers import load_teacher  # noqa: E402
+from amed_core.adapters import load_teacher  # noqa: E402
 from amed_core.schedules import get_schedule  # noqa: E402
 
 

@@ -102,7 +102,7 @@ def _evict(paths) -> None:
 
 
 def throughput(url: str, shape=(1, 8, 8), per_shard=250, k=8, dtype="float32", repeats=3) -> dict:
-    from flows.store import TeacherStore
+    from flows.storage import TeacherStore
 
     spec, shards = _synthetic(shape, 11, per_shard, k, dtype)  # the sweep's union grid
     nbytes = sum(len(s.to_bytes()) for s in shards)
@@ -300,10 +300,10 @@ def run_fd(trajectories: int, samples: int, seeds, shared_M: int, nfes=NFES, sol
            epochs: int = 1, thresholding: bool | None = None) -> dict:
     from amed_core.amed import train_amed
     from amed_core.amed.train import default_teacher
-    from amed_core.denoisers import load_teacher
+    from amed_core.adapters import load_teacher
     from amed_core.amed.checkpoint import Sampler
     from amed_core.metrics import fd_exact_gmm
-    from flows.store import TeacherStore, generate
+    from flows.storage import TeacherStore, generate
 
     teacher = load_teacher("digits-gmm")
     noise = torch.randn(samples, *teacher.shape, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
@@ -349,7 +349,7 @@ def teacher_accuracy(samples: int, shared_M: int = 1, nfes=NFES, solvers=SOLVERS
     """FD (to the exact mixture moments) of each teacher's own final states at sigma_min: how accurate it is."""
     from amed_core.amed import SamplerSpec, TrainConfig
     from amed_core.amed.train import default_teacher
-    from amed_core.denoisers import load_teacher
+    from amed_core.adapters import load_teacher
     from amed_core.metrics import fd_exact_gmm
     from amed_core.methods import solve
 

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from amed_core import methods, metrics, schedules
-from amed_core.denoisers import load_teacher
+from amed_core.adapters import load_teacher
 
 
 def main(argv=None) -> None:

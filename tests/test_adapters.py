@@ -25,7 +25,7 @@ from amed_core.adapters import (
     save_network,
 )
 from amed_core.adapters.edm import NetworkConfig, Preconditioning
-from amed_core.denoisers import load_teacher
+from amed_core.adapters import load_teacher
 from amed_core.schedules import DiscreteVP
 from amed_core.solvers import euler
 from amed_core.tiny_unet import TinyUNet, TinyUNetConfig
@@ -635,7 +635,8 @@ def test_stable_diffusion_pipeline_agrees_with_our_euler(tmp_path):
 def test_plan_sweep_gives_discrete_schedules_the_models_table(tmp_path):
     """A diffusers teacher with schedule_type 'discrete' plans with its own VP table (sigma range and grid)."""
     from amed_core.schedules import ScheduleSpec
-    from flows.config import load_sweep, plan_sweep
+    from flows.config import load_sweep
+    from flows.plan import plan_sweep
 
     folder = tmp_path / "ddpm"
     _small_unet().save_pretrained(folder / "unet")
@@ -651,7 +652,7 @@ def test_plan_sweep_gives_discrete_schedules_the_models_table(tmp_path):
     })
     plan = plan_sweep(cfg)
     den = load_teacher("diffusers", weights_url=str(folder))
-    job = plan["candidates"][0]
+    job = plan.candidates[0].model_dump()
     schedules = list(_schedules_in(job))
     assert schedules, "the planned job carries its schedule"
     expected = ScheduleSpec("discrete", den.sigma_min, den.sigma_max, 1.0,

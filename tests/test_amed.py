@@ -13,7 +13,7 @@ from amed_core.amed import (AMED_SOLVERS, AMEDPredictor, FixedPolicy, PredictorC
                             checkpoint_files, load_sampler, nfe_for, num_steps_for, sampler_from_files, save_checkpoint,
                             teacher_batches, train_amed)
 from amed_core.amed.solvers import STEPS, History, make_context
-from amed_core.denoisers import GaussianMixtureDenoiser, load_teacher
+from amed_core.adapters import GaussianMixtureDenoiser, load_teacher
 from amed_core.schedules import ScheduleSpec
 
 PLUGINS = sorted(AMED_SOLVERS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amed_core import evaluate, methods
-from amed_core.denoisers import GaussianMixtureDenoiser
+from amed_core.adapters import GaussianMixtureDenoiser
 from amed_core.methods import get_method, method_names, nfe_for, num_steps_for
 from amed_core.schedules import ScheduleSpec
 

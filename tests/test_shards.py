@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from amed_core.denoisers import load_teacher
+from amed_core.adapters import load_teacher
 from amed_core.schedules import ScheduleSpec, grid_indices
 from amed_core.shards import TeacherShard
 from amed_core.methods import solve

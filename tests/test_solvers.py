@@ -15,7 +15,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from amed_core import methods
-from amed_core.denoisers import load_teacher
+from amed_core.adapters import load_teacher
 from amed_core.schedules import get_schedule
 from amed_core.solvers.deis import deis_coefficients
 from amed_core.solvers.multistep import dpmpp_update, ipndm_combination, ipndm_v_coefficients

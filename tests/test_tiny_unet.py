@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from amed_core.adapters import PreconditionedDenoiser, load_network
-from amed_core.denoisers import load_teacher
-from amed_core.tiny_unet import TinyUNet, TinyUNetConfig, TrainTinyConfig, digits_dataset, train_tiny
+from amed_core.adapters import PreconditionedDenoiser, load_network, load_teacher
+from amed_core.tiny_train import TrainTinyConfig, digits_dataset, train_tiny
+from amed_core.tiny_unet import TinyUNet, TinyUNetConfig
 from fixtures_prefect import prefect_harness, ray_local  # noqa: F401  (fixtures)
 
 

@@ -1,8 +1,10 @@
 """Adapters from real diffusion models to the denoiser protocol ``D(x, sigma, class_labels) -> x0_hat``.
 
-Teacher names (resolved by :func:`amed_core.denoisers.load_teacher`, options forwarded as keywords):
+Teacher names (resolved by :func:`load_teacher`, the teacher registry, options forwarded as keywords):
 
 ==========================  =====================================================================================
+``digits-gmm``               the exact Gaussian mixture of the digits shipped with the package (:mod:`.gmm`)
+``gmm:PATH.npz``             any mixture file with ``weights``, ``means``, ``covs``, ``shape`` (no pickles)
 ``tiny-unet:DIR``            our tiny digits UNet (``amed teacher train-tiny --out DIR``); same format as below
 ``edm-safetensors:DIR``      EDM-form network from ``config.json`` + ``model.safetensors`` (``amed convert``)
 ``edm:PATH.pkl``             NVlabs EDM pickle; needs ``trust_pickle=True`` and the EDM code (``edm_code_dir``)
@@ -21,7 +23,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
+from ..base_denoiser import BaseDenoiser
 from ._common import check_options
+from .gmm import GaussianMixtureDenoiser
 from .edm import (
     EDMPickleDenoiser,
     NetworkConfig,
@@ -34,6 +38,9 @@ from .edm import (
 )
 
 __all__ = [
+    "load_teacher",
+    "BUILTIN_TEACHERS",
+    "GaussianMixtureDenoiser",
     "TEACHER_PREFIXES",
     "BUILTIN_NETWORKS",
     "load_adapter",
@@ -63,10 +70,31 @@ TEACHER_PREFIXES = {
 }
 
 BUILTIN_NETWORKS = {"digits-tiny-unet": "tiny_unet_digits"}
+BUILTIN_TEACHERS = {"digits-gmm": "digits.npz"}  # analytic mixtures shipped in amed_core/data
+
+
+def _data_path(name: str) -> Path:
+    return Path(str(resources.files("amed_core") / "data" / name))
 
 
 def builtin_network_dir(name: str) -> Path:
-    return Path(str(resources.files("amed_core") / "data" / BUILTIN_NETWORKS[name]))
+    return _data_path(BUILTIN_NETWORKS[name])
+
+
+def load_teacher(spec: str, **kwargs) -> BaseDenoiser:
+    """Resolve a teacher name: ``digits-gmm`` (built in), ``gmm:PATH.npz`` (any mixture file), or a real network
+    (``digits-tiny-unet``, ``tiny-unet:DIR``, ``edm-safetensors:DIR``, ``edm:PATH.pkl``, ``diffusers:PATH_OR_ID``;
+    see the module docstring), keyword options forwarded (e.g. ``trust_pickle``, ``guidance_scale``, ``prompts``)."""
+    if spec in BUILTIN_TEACHERS:
+        return GaussianMixtureDenoiser.from_npz(_data_path(BUILTIN_TEACHERS[spec]), name=spec, **kwargs)
+    if spec.startswith("gmm:"):
+        return GaussianMixtureDenoiser.from_npz(spec[4:], **kwargs)
+    if spec in BUILTIN_NETWORKS or spec.partition(":")[0] in TEACHER_PREFIXES:
+        return load_adapter(spec, **kwargs)
+    raise ValueError(
+        f"unknown teacher {spec!r}: use one of {sorted(BUILTIN_TEACHERS) + sorted(BUILTIN_NETWORKS)}, gmm:PATH.npz "
+        f"(a mixture file with weights, means, covs, shape) or {sorted(p + ':...' for p in TEACHER_PREFIXES)}"
+    )
 
 
 _PATH_OPTIONS = ("edm_code_dir", "cache_dir", "prompt_embeds", "prompts")

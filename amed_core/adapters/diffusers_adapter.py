@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..denoisers import BaseDenoiser, pool_features
+from ..base_denoiser import BaseDenoiser, pool_features
 from ..schedules import DiscreteVP
 from ._common import cached_state_dict_sha256, first_tensor, module_dtype, state_dict_sha256
 

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..denoisers import BaseDenoiser, pool_features
+from ..base_denoiser import BaseDenoiser, pool_features
+from ..tiny_unet import TinyUNet, TinyUNetConfig
 from ._common import cached_state_dict_sha256, atomic_write_bytes, atomic_write_json, first_tensor, module_dtype, state_dict_sha256
 
 __all__ = [
@@ -283,8 +284,6 @@ class PreconditionedDenoiser(_FeatureHookMixin, BaseDenoiser):
 def build_network(config: NetworkConfig, *, edm_code_dir: str | Path | None = None) -> torch.nn.Module:
     """Construct the raw network described by ``config`` (random weights)."""
     if config.arch == "tiny-unet":
-        from ..tiny_unet import TinyUNet, TinyUNetConfig
-
         return TinyUNet(TinyUNetConfig.from_dict(config.kwargs))
     if config.arch == "diffusers-unet2d":
         try:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .._fields import check_fields
-from ..denoisers import FEATURE_SIZE  # features are (B, 8, 8)
+from ..base_denoiser import FEATURE_SIZE  # features are (B, 8, 8)
 
 __all__ = ["PredictorConfig", "AMEDPredictor", "FixedPolicy", "Policy", "FEATURE_SIZE"]
 

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..denoisers import FEATURE_SIZE
+from ..base_denoiser import FEATURE_SIZE
 from ..solvers._common import (COMMON_OPTIONS, Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option,
                                check_thresholding, dynamic_threshold, finish, multistep_order, prepare)
 from ..solvers.multistep import dpmpp_update, ipndm_combination

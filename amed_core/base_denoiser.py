@@ -1,0 +1,118 @@
+"""The denoiser protocol (EDM form): :class:`BaseDenoiser` and the AMED feature tap.
+
+A denoiser is any ``torch.nn.Module`` with ``forward(x, sigma, class_labels=None) -> x0_hat``
+in the EDM convention (Karras et al. 2022): ``D(x; sigma) ~= E[x0 | x0 + sigma * n = x]``.
+Solvers only ever see this protocol; model adapters convert other parameterizations once.
+
+AMED needs a per-sample feature vector from the evaluation at ``t_cur``. Every denoiser offers
+``capture_features()``: a context manager yielding a :class:`FeatureTap` whose ``value`` holds
+a ``(B, 8, 8)`` tensor after the next call (the channel mean of the chosen feature map, pooled
+to 8x8). Neural adapters fill it from a forward hook on their bottleneck block; the mixture fills
+it with a documented stand-in (the channel mean of the denoised estimate, pooled to 8x8).
+
+The denoisers themselves live in :mod:`amed_core.adapters` (the exact mixture in ``adapters/gmm.py``), with
+``load_teacher``; :mod:`amed_core.denoisers` gathers the whole API in one import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BaseDenoiser",
+    "FeatureTap",
+    "as_sigma",
+    "pool_features",
+    "FEATURE_SIZE",
+]
+
+FEATURE_SIZE = 8  # AMED features are (B, 8, 8) maps
+
+
+def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Return sigma as a ``(B,)`` tensor in x's dtype/device (scalar, (B,) or (B,1,1,1) accepted)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        return sigma.expand(x.shape[0])
+    sigma = sigma.reshape(-1)
+    if sigma.shape[0] == 1:
+        return sigma.expand(x.shape[0])
+    if sigma.shape[0] != x.shape[0]:
+        raise ValueError(f"sigma has {sigma.shape[0]} entries but the batch has {x.shape[0]} samples")
+    return sigma
+
+
+def pool_features(feature_map: torch.Tensor, size: int = FEATURE_SIZE) -> torch.Tensor:
+    """AMED's per-sample input: channel mean of a (B, C, H, W) map, average-pooled to (B, size, size)."""
+    m = feature_map.mean(dim=1, keepdim=True)
+    if m.shape[-2:] != (size, size):
+        m = F.adaptive_avg_pool2d(m, size)
+    return m[:, 0]
+
+
+@dataclass
+class FeatureTap:
+    """Receives the AMED features of the next denoiser evaluation (detached, (B, 8, 8))."""
+
+    value: torch.Tensor | None = None
+
+
+class BaseDenoiser(torch.nn.Module):
+    """Common base: protocol attributes, sigma normalisation and the feature-capture plumbing.
+
+    Subclasses implement :meth:`denoise` (sigma already a ``(B,)`` tensor) and either call
+    :meth:`_emit_features` themselves or implement :meth:`_feature_module` for a forward hook.
+    """
+
+    sigma_min: float
+    sigma_max: float
+    shape: tuple[int, int, int]
+    label_dim: int = 0
+    feature_source: str = "denoised"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._taps: list[FeatureTap] = []
+
+    # -- protocol -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.denoise(x, as_sigma(sigma, x), class_labels)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """A JSON-able description naming this model, with a content hash of its parameters."""
+        raise NotImplementedError
+
+    # -- AMED features --------------------------------------------------------------------------
+    def _feature_module(self) -> torch.nn.Module | None:
+        """The module whose output feeds AMED (None: the subclass emits features itself)."""
+        return None
+
+    def _emit_features(self, feature_map: torch.Tensor) -> None:
+        if self._taps:
+            value = pool_features(feature_map.detach())
+            for tap in self._taps:
+                tap.value = value
+
+    @contextlib.contextmanager
+    def capture_features(self) -> Iterator[FeatureTap]:
+        """Record AMED features of the evaluations made inside the block; hooks are always removed."""
+        tap = FeatureTap()
+        module = self._feature_module()
+        handle = None
+        if module is not None:
+            handle = module.register_forward_hook(lambda _m, _i, out: self._emit_features(out))
+        self._taps.append(tap)
+        try:
+            yield tap
+        finally:
+            self._taps.remove(tap)
+            if handle is not None:
+                handle.remove()
