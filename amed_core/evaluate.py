@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from .fid import FIDStats, to_uint8
+from .io import atomic_write
 from .metrics import fd_exact_gmm, fd_to_samples, rmse
 from .schedules import ScheduleSpec
 from .methods import evals_per_step, get_method, get_solver, method_names, num_steps_for, pick_afs, solve, solver_options
@@ -61,6 +61,8 @@ __all__ = [
     "format_table",
     "fmt_score",
     "has_exact_samples",
+    "exact_samples",
+    "batch_ranges",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,8 @@ class SampleRun:
     seconds: float
 
 
-def _batched(n: int, batch_size: int) -> Iterable[tuple[int, int]]:
+def batch_ranges(n: int, batch_size: int) -> Iterable[tuple[int, int]]:
+    """``(lo, hi)`` index ranges of ``n`` rows in batches of ``batch_size``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for lo in range(0, n, batch_size):
@@ -159,7 +162,7 @@ def _solve_batches(solver: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor,
     ``nfe``: the evaluations every batch must spend (a mismatch is an accounting bug)."""
     out = []
     with torch.no_grad():
-        for lo, hi in _batched(x.shape[0], batch_size):
+        for lo, hi in batch_ranges(x.shape[0], batch_size):
             labels = None if class_labels is None else class_labels[lo:hi]
             res = solve(solver, denoiser, x[lo:hi], sigmas, class_labels=labels, **options)
             if nfe is not None and res.nfe != nfe:
@@ -239,7 +242,8 @@ def has_exact_samples(denoiser) -> bool:
     return callable(getattr(denoiser, "sample", None))
 
 
-def _exact_samples(denoiser, n: int, seed: int) -> torch.Tensor:
+def exact_samples(denoiser, n: int, seed: int) -> torch.Tensor:
+    """``n`` exact samples x0 of an analytic teacher from the generator seeded ``2^31 + seed`` (float64)."""
     if not has_exact_samples(denoiser):
         raise ValueError("quality_table needs a teacher that draws exact samples (an analytic mixture such as digits-gmm)")
     return denoiser.sample(n, generator=torch.Generator().manual_seed(2**31 + int(seed)), dtype=torch.float64)
@@ -273,8 +277,8 @@ def quality_table(denoiser, solvers: Sequence[str], nfes: Sequence[int], n: int,
     noise = seeded_noise(range(seed, seed + n), denoiser.shape, dtype=torch.float64)
     exact = floor = None
     if has_exact_samples(denoiser):
-        exact = _exact_samples(denoiser, n, seed)
-        floor = fd_to_samples(_exact_samples(denoiser, n, seed + 1), exact)
+        exact = exact_samples(denoiser, n, seed)
+        floor = fd_to_samples(exact_samples(denoiser, n, seed + 1), exact)
     m = min(rmse_samples, n)
     sched0 = schedules.get(solvers[0]) or default_schedule(solvers[0])
     t0 = time.perf_counter()
@@ -320,31 +324,7 @@ def format_table(table: QualityTable) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures (written atomically: a temporary file in the same folder, then os.replace).
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder (mode 0666 less the
-    umask), which then replaces ``path``; on any error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
+# Pictures (written atomically, amed_core.io.atomic_write).
 
 def save_grid_png(samples: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None, scale: int | None = None,
                   pad: int = 1) -> Path:

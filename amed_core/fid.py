@@ -40,7 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from amed_core.metrics import frechet_distance
+from .io import atomic_write
+from .metrics import frechet_distance
 
 __all__ = [
     "InceptionV3Features",
@@ -398,12 +399,11 @@ class FIDStats:
 
 def save_stats(path, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write ``mu``, ``sigma`` as an ``.npz`` (EDM's reference format), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare name
+            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+
+    atomic_write(path, write)
 
 
 def load_reference_stats(source) -> tuple[np.ndarray, np.ndarray]:

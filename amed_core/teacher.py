@@ -44,6 +44,7 @@ __all__ = [
     "student_indices",
     "shard_to_batches",
     "teacher_nfe_per_trajectory",
+    "batch_dtype",
 ]
 
 LABEL_POLICIES = ("none", "uniform")
@@ -421,10 +422,15 @@ def student_indices(union_sigmas: torch.Tensor, student_sigmas: torch.Tensor) ->
     return idx
 
 
-def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+def batch_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of TeacherBatches read from storage of dtype ``stored``: ``dtype``, else the storage dtype with
+    half types widened to float32."""
     if dtype is not None:
         return dtype
     return torch.float32 if stored in (torch.float16, torch.bfloat16) else stored
+
+
+_out_dtype = batch_dtype  # old private name, kept only until flows.storage.stream imports batch_dtype
 
 
 def shard_to_batches(shard: TeacherShard, student_sigmas: torch.Tensor, *, batch_size: int | None = None,
@@ -434,7 +440,7 @@ def shard_to_batches(shard: TeacherShard, student_sigmas: torch.Tensor, *, batch
     dtype: output dtype (default: the storage dtype, half types widened to float32).
     """
     idx = student_indices(shard.sigmas, student_sigmas)
-    out = _out_dtype(shard.noise.dtype, dtype)
+    out = batch_dtype(shard.noise.dtype, dtype)
     noise = shard.noise.to(out)
     states = shard.states[idx].to(out)
     states[0] = noise * shard.sigmas[0].to(out)  # the contract: states[0] = noise * sigmas[0], exactly

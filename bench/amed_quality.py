@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,8 @@ import torch
 from amed_core.amed import PredictorConfig, Sampler, SamplerSpec, TrainConfig, train_amed
 from amed_core.amed.evaluation import sample_amed
 from amed_core.adapters import load_teacher
-from amed_core.evaluate import _exact_samples, reference_solution, sample_solver, seeded_noise
+from amed_core.evaluate import exact_samples, reference_solution, sample_solver, seeded_noise
+from amed_core.io import atomic_write_bytes
 from amed_core.metrics import fd_to_samples, rmse
 from amed_core.schedules import ScheduleSpec
 
@@ -38,10 +37,7 @@ BASELINES = ["euler", "ipndm", "dpm2", "dpmpp", "unipc"]
 
 
 def _save(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def spec_for(denoiser, variant: str, nfe: int, preset: str) -> SamplerSpec:
@@ -99,11 +95,11 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     db = json.loads(path.read_text()) if path.exists() else {"runs": {}, "baselines": {}}
     noise = seeded_noise(range(args.sample_seed, args.sample_seed + args.n), teacher.shape)
-    exact = _exact_samples(teacher, args.n, args.sample_seed)
+    exact = exact_samples(teacher, args.n, args.sample_seed)
     m = min(args.rmse_samples, args.n)
     ref = reference_solution(teacher, noise[:m])
     db["meta"] = {"teacher": "digits-gmm", "n": args.n, "sample_seed": args.sample_seed, "rmse_samples": m,
-                  "fd_floor": fd_to_samples(_exact_samples(teacher, args.n, args.sample_seed + 1), exact)}
+                  "fd_floor": fd_to_samples(exact_samples(teacher, args.n, args.sample_seed + 1), exact)}
 
     for p in args.preset.split(","):
         if p not in PRESETS:

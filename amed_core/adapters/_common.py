@@ -1,17 +1,14 @@
-"""Small helpers shared by the model adapters: content hashes, atomic writes, option checks."""
+"""Small helpers shared by the model adapters: content hashes, option checks, tensors and dtypes (atomic writes:
+:mod:`amed_core.io`)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Iterable
 
 import torch
 
-__all__ = ["state_dict_sha256", "cached_state_dict_sha256", "atomic_write_bytes", "atomic_write_json", "check_options", "first_tensor", "module_dtype"]
+__all__ = ["state_dict_sha256", "cached_state_dict_sha256", "check_options", "first_tensor", "module_dtype"]
 
 
 def state_dict_sha256(module: torch.nn.Module) -> str:
@@ -40,28 +37,6 @@ def cached_state_dict_sha256(owner, module: torch.nn.Module) -> str:
         cached = (key, state_dict_sha256(module))
         object.__setattr__(owner, "_sha256_cache", cached)
     return cached[1]
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def check_options(where: str, given: Iterable[str], allowed: Iterable[str]) -> None:

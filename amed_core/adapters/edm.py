@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 from ..base_denoiser import BaseDenoiser, pool_features
 from ..tiny_unet import TinyUNet, TinyUNetConfig
-from ._common import cached_state_dict_sha256, atomic_write_bytes, atomic_write_json, first_tensor, module_dtype, state_dict_sha256
+from ..io import atomic_write_bytes, atomic_write_json
+from ._common import cached_state_dict_sha256, first_tensor, module_dtype, state_dict_sha256
 
 __all__ = [
     "PRECOND_KINDS",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..io import atomic_write_bytes
 from ..solvers._common import SolveResult
 from .predictor import AMEDPredictor
 from ..methods import get_solver
@@ -81,28 +81,14 @@ def checkpoint_files(predictor: AMEDPredictor, spec: SamplerSpec) -> dict[str, b
     return {PREDICTOR_FILE: weights, SPEC_FILE: (spec.to_json() + "\n").encode()}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(directory: str | os.PathLike, predictor: AMEDPredictor, spec: SamplerSpec) -> Path:
     """Write predictor.safetensors and sampler.json into ``directory`` (created), each atomically."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     # Weights first, spec last: a directory with a sampler.json is complete.
     files = checkpoint_files(predictor, spec)
-    _atomic_write(d / PREDICTOR_FILE, files[PREDICTOR_FILE])
-    _atomic_write(d / SPEC_FILE, files[SPEC_FILE])
+    atomic_write_bytes(d / PREDICTOR_FILE, files[PREDICTOR_FILE])
+    atomic_write_bytes(d / SPEC_FILE, files[SPEC_FILE])
     return d
 
 

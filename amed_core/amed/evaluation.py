@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluate import (_batched, _exact_samples, has_exact_samples, reference_solution, sample_solver, save_figure_png,
+from ..evaluate import (batch_ranges, exact_samples, has_exact_samples, reference_solution, sample_solver, save_figure_png,
                         seeded_noise)
 from ..metrics import fd_to_samples, rmse
 from .checkpoint import Sampler
@@ -42,7 +42,7 @@ def sample_amed(sampler: Sampler, denoiser, n: int, seed: int, *, batch_size: in
         noise = seeded_noise(range(seed, seed + n), denoiser.shape, dtype=dtype)
     out, nfe = [], 0
     t0 = time.perf_counter()
-    for lo, hi in _batched(noise.shape[0], batch_size):
+    for lo, hi in batch_ranges(noise.shape[0], batch_size):
         res = sampler(denoiser, noise[lo:hi].to(dtype))
         out.append(res.x)
         nfe = res.nfe
@@ -98,7 +98,7 @@ def compare_with_base(sampler: Sampler, denoiser, n: int, seed: int, *, base_sol
     spec = sampler.spec
     noise = seeded_noise(range(seed, seed + n), denoiser.shape)
     if exact is None and has_exact_samples(denoiser):
-        exact = _exact_samples(denoiser, n, seed)
+        exact = exact_samples(denoiser, n, seed)
     m = min(rmse_samples, n)
     ref = reference_solution(denoiser, noise[:m], spec.schedule, num_steps=reference_steps)
 

@@ -28,7 +28,7 @@ import torch
 
 from ..methods import get_method, get_solver, solve, solver_options
 from ..methods.amed import STEPS, History, make_context
-from ..teacher import TeacherBatch
+from ..teacher import COMPUTE_DTYPES, TeacherBatch
 from .predictor import AMEDPredictor
 from .spec import SamplerSpec
 from .._fields import check_fields
@@ -36,7 +36,7 @@ from .._fields import check_fields
 __all__ = ["TrainConfig", "TrainResult", "TrainProgress", "train_amed", "teacher_batches", "teacher_states",
            "default_teacher"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPES = COMPUTE_DTYPES  # "float32" | "float64"
 
 
 @dataclass(frozen=True)

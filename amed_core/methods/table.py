@@ -106,7 +106,8 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("amed+dpm", "amed", _amed.amed_dpm, 2, base="dpm2", default_schedule=_EDM),
     Method("amed+ipndm", "amed", _amed.amed_ipndm, 2, base="ipndm", multistep=True, default_schedule=_EDM,
            default_options=_amed.step_defaults("amed+ipndm")),
-    Method("amed+dpmpp", "amed", _amed.amed_dpmpp, 2, base="dpmpp", multistep=True, default_schedule=_LOGSNR,
+    Method("amed+dpmpp", "amed", _amed.amed_dpmpp, 2, base="dpmpp", multistep=True,
+           default_schedule=ScheduleSpec("logsnr", rho=1.0),  # rho unused by logsnr; 1.0 as `amed train` writes it
            default_options=_amed.step_defaults("amed+dpmpp")),
 )})
 
