@@ -35,7 +35,7 @@ import torch
 
 from ..base_denoiser import BaseDenoiser, pool_features
 from ..schedules import DiscreteVP
-from ._common import cached_state_dict_sha256, first_tensor, module_dtype, state_dict_sha256
+from ._common import cached_state_dict_sha256, first_tensor, module_dtype
 
 __all__ = ["DiffusersDenoiser", "load_diffusers", "read_prompts", "PREDICTION_TYPES", "alphas_cumprod_from_scheduler_config"]
 

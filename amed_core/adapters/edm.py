@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..base_denoiser import BaseDenoiser, pool_features
 from ..tiny_unet import TinyUNet, TinyUNetConfig
 from ..io import atomic_write_bytes, atomic_write_json
-from ._common import cached_state_dict_sha256, first_tensor, module_dtype, state_dict_sha256
+from ._common import cached_state_dict_sha256, first_tensor, module_dtype
 
 __all__ = [
     "PRECOND_KINDS",
