@@ -1,36 +1,24 @@
-"""The `amed` command line. Each sub-command lives in its own `flows.cmd_*` module exposing
-``register(subparsers)``; heavy libraries (prefect, ray, mlflow) are imported inside the handlers,
-so `amed --help` stays fast."""
+"""The `amed` command line: one module per sub-command under :mod:`flows.commands`, each exposing
+``register(subparsers)`` and ``run(args)``. Heavy libraries (prefect, ray, mlflow) are imported inside the handlers,
+so `amed --help` stays fast; a command module that fails to import fails the CLI (never a silently missing command)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-COMMAND_MODULES = [
-    "flows.cmd_sample",
-    "flows.cmd_train",
-    "flows.cmd_teacher",
-    "flows.cmd_distill",
-    "flows.cmd_registry",
-    "flows.cmd_models",
-]
+from flows.commands import convert, distill, fetch, fid, fid_ref, promote, sample, teacher, train
+
+COMMANDS = (sample, train, teacher, distill, fetch, promote, fid_ref, fid, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amed", description="Distill, evaluate and register fast AMED samplers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # command not built yet
-                continue
-            raise
-        mod.register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 

@@ -12,14 +12,14 @@ name a field's path (``evaluation.metric``) and what is allowed there.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from amed_core.amed import BASE_SOLVER as _CORE_BASE
+from flows.storage.checksums import json_digest
 
 __all__ = [
     "AMED_SOLVERS",
@@ -32,16 +32,11 @@ __all__ = [
     "ComputeConfig",
     "SweepConfig",
     "load_sweep",
-    "plan_sweep",
     "quickstart_path",
 ]
 
 # Student solvers (amed_core.amed step names) and the training-free solver each is compared with at the
-# same NFE (amed_core.amed.solvers.BASE_SOLVER: AMED-Solver against Heun, every AMED-Plugin against its base).
-try:
-    from amed_core.amed.solvers import BASE_SOLVER as _CORE_BASE
-except ImportError:  # AMED not built yet
-    _CORE_BASE = {"amed": "heun", "amed+euler": "euler", "amed+dpm": "dpm2", "amed+ipndm": "ipndm", "amed+dpmpp": "dpmpp"}
+# same NFE (AMED-Solver against Heun, every AMED-Plugin against its base).
 BASE_SOLVER: dict[str, str] = dict(_CORE_BASE)
 AMED_SOLVERS = tuple(BASE_SOLVER)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -285,17 +280,13 @@ class SweepConfig(_Strict):
 
     @property
     def hash(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(self.model_dump(mode="json"), compact=False)
 
 
 def _check_nfe(solver: str, nfe: int, afs: bool) -> None:
     """Ask amed_core whether the NFE is reachable; its ValueError names the fix."""
-    try:
-        from amed_core.amed import num_steps_for
-    except ImportError:  # AMED not built yet
-        return
+    from amed_core.amed import num_steps_for
+
     try:
         n = num_steps_for(solver, nfe, afs)
     except ValueError as e:
@@ -383,141 +374,3 @@ def load_sweep(source: Union["SweepConfig", dict, str, Path], **overrides: Any) 
         return SweepConfig.model_validate(data)
     except ValidationError as e:
         raise ValueError(_format(e)) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# The plan: what a sweep will run, with content-addressed keys (no Prefect or Ray needed to make it).
-
-def _h(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:n]
-
-
-def _slug(s: str) -> str:
-    return s.replace("+", "_").replace(":", "-").replace("/", "-")
-
-
-# ---------------------------------------------------------------------------------------------
-# Plan: everything that can be checked is checked before any work starts.
-
-def plan_sweep(cfg: SweepConfig) -> dict:
-    """Teachers, training jobs and evaluation jobs of a sweep, with content-addressed store keys.
-
-    Raises ValueError (naming the dataset/solver/NFE) when a teacher cannot be loaded or a combination
-    cannot be built.
-    """
-    from dataclasses import replace
-
-    from amed_core.adapters import expand_paths
-    from amed_core.amed import PredictorConfig, SamplerSpec, num_steps_for
-    from amed_core.amed.train import TrainConfig
-    from amed_core.denoisers import load_teacher
-    from amed_core.schedules import ScheduleSpec
-    from amed_core.teacher import StudentGrid, TeacherSpec
-    from flows.results import EvalProtocol
-
-    store_url = cfg.resolved_store_url()
-    common = {"store_url": store_url, "storage_options": dict(cfg.storage_options),
-              "torch_threads": cfg.compute.torch_threads}
-    ev = cfg.evaluation
-    teachers, candidates, baselines = [], [], {}
-    for d in cfg.datasets:
-        try:
-            den = load_teacher(d.teacher, **d.load_kwargs())
-        except (ValueError, OSError) as e:
-            raise ValueError(f"datasets[{d.name}].teacher: {e}") from None
-        identity = den.identity()
-        ds = d.model_dump(mode="json")
-        if ds.get("weights_url"):  # Ray workers may not share the driver's environment: expand here
-            ds["weights_url"] = os.path.expandvars(os.path.expanduser(ds["weights_url"]))
-        ds["teacher"], ds["options"] = expand_paths(ds["teacher"], ds.get("options") or {})
-        specs = {}
-        for s in cfg.solvers:
-            sc = cfg.sampler_for(s)
-            table = getattr(den, "alphas_cumprod", None) if sc.schedule_type == "discrete" else None
-            if sc.schedule_type == "discrete" and table is None:
-                raise ValueError(f"sampler.schedule_type: 'discrete' needs a model with a VP table (alphas_cumprod); "
-                                 f"teacher {d.teacher!r} of dataset {d.name} has none")
-            schedule = ScheduleSpec(schedule_type=sc.schedule_type, rho=sc.schedule_rho,
-                                    sigma_min=sc.sigma_min or float(den.sigma_min),
-                                    sigma_max=sc.sigma_max or float(den.sigma_max),
-                                    alphas_cumprod=None if table is None else tuple(float(a) for a in table))
-            plugin = {}
-            if s in ("amed+ipndm", "amed+dpmpp"):
-                plugin.update(max_order=sc.max_order, afs_in_history=sc.afs_in_history)
-            if s == "amed+dpmpp":
-                plugin.update(predict_x0=sc.predict_x0, lower_order_final=sc.lower_order_final)
-            pc = PredictorConfig(scale_dir=sc.scale_dir, scale_time=sc.scale_time)
-            if cfg.train_for(s).hidden_dim:
-                pc = replace(pc, hidden_dim=cfg.train_for(s).hidden_dim)
-            for nfe in cfg.nfes:
-                try:
-                    specs[(s, nfe)] = SamplerSpec.create(s, nfe, afs=sc.afs_for(nfe), schedule=schedule, predictor=pc,
-                                                         denoiser=den, **plugin)
-                except ValueError as e:
-                    raise ValueError(f"solvers/nfes: {s} at NFE {nfe} on dataset {d.name}: {e}") from None
-        grids = sorted({StudentGrid(sp.schedule, sp.num_steps) for sp in specs.values()}, key=lambda g: g.num_steps)
-        t = cfg.teacher
-        tspec = TeacherSpec.for_denoiser(den, grids, num_trajectories=t.num_trajectories, shard_size=t.shard_size,
-                                         sub_steps=t.M, solver=t.solver, dtype=t.dtype, base_seed=t.seed)
-        teachers.append({"dataset": ds, "name": d.name, "spec_json": tspec.to_json(), "spec_hash": tspec.spec_hash,
-                         "num_shards": tspec.num_shards, "num_trajectories": t.num_trajectories})
-        reference = identity.get("content_sha256") or _h(identity)
-        for (s, nfe), sp in specs.items():
-            proto = EvalProtocol(metric=ev.metric, num_samples=ev.num_samples, seed=ev.seed,
-                                 reference=_reference(ev, reference, t.solver))
-            protocol = {"metric": ev.metric, "num_samples": ev.num_samples, "seed": ev.seed,
-                        "batch_size": ev.batch_size, "reference_steps": ev.reference_steps}
-            if ev.metric == "fid":  # eval_job reads these (fsspec URLs of the user's copies)
-                protocol.update(fid_stats=ev.fid_stats, inception_weights=ev.inception_weights)
-            eval_common = {**common, "dataset": ds, "protocol": protocol, "protocol_hash": proto.hash,
-                           "grid_samples": ev.grid_samples, "reference_solver": t.solver,
-                           "schedule": sp.schedule.to_dict()}
-            # the base solver at the same NFE, same schedule family, same noise
-            base = BASE_SOLVER[s]
-            bopts: dict[str, Any] = {"afs": sp.afs}
-            if base in ("ipndm", "dpmpp") and sp.max_order is not None:
-                bopts["max_order"] = min(sp.max_order, 3) if base == "dpmpp" else sp.max_order
-            if base == "dpmpp":
-                bopts.update(predict_x0=sp.predict_x0, lower_order_final=sp.lower_order_final)
-            try:
-                bsteps = num_steps_for(base, nfe, sp.afs)
-            except ValueError as e:
-                raise ValueError(f"nfes: base solver {base} cannot run at NFE {nfe}: {e}") from None
-            bkey = (d.name, base, nfe, _h(bopts))
-            bid = _h({"reference": reference, "solver": base, "steps": bsteps, "schedule": sp.schedule.to_dict(),
-                      "options": bopts, "protocol": proto.hash})
-            if bkey not in baselines:
-                baselines[bkey] = {**eval_common, "id": f"base-{_slug(d.name)}-{base}-nfe{nfe}-{bid[:8]}",
-                                   "kind": "baseline", "solver": base, "nfe": nfe, "num_steps": bsteps,
-                                   "solver_options": bopts, "result_key": f"evals/{bid}.json",
-                                   "grid_key": f"evals/{bid}-samples.png", "title": f"{d.name} {base} NFE {nfe}",
-                                   "tags": [f"dataset:{d.name}", f"solver:{base}", f"nfe:{nfe}", "baseline"]}
-            tc = cfg.train_for(s)
-            for seed in cfg.seeds:
-                train = TrainConfig(num_trajectories=t.num_trajectories * tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
-                                    seed=seed, loss_weighting=tc.loss_weighting).to_dict()
-                cid = _h({"teacher": tspec.spec_hash, "spec": sp.to_dict(), "train": train, "epochs": tc.epochs})
-                name = f"{_slug(d.name)}-{_slug(s)}-nfe{nfe}-seed{seed}"
-                ckpt = f"checkpoints/{name}-{cid[:12]}"
-                eid = _h({"checkpoint": cid, "protocol": proto.hash})
-                candidates.append({
-                    **common, "id": f"{name}-{cid[:8]}", "name": name, "dataset": ds, "solver": s, "nfe": nfe,
-                    "seed": seed, "sampler_spec": sp.to_dict(), "train": train, "epochs": tc.epochs,
-                    "teacher_hash": tspec.spec_hash, "checkpoint": ckpt, "base_id": baselines[bkey]["id"],
-                    "base_solver": base, "protocol": proto.model_dump(),
-                    "tags": [f"dataset:{d.name}", f"solver:{s}", f"nfe:{nfe}", f"seed:{seed}"],
-                    "eval": {**eval_common, "id": f"eval-{name}-{eid[:8]}", "kind": "candidate", "checkpoint": ckpt,
-                             "result_key": f"evals/{eid}.json", "grid_key": f"{ckpt}/samples.png",
-                             "title": f"{d.name} {s} NFE {nfe}"},
-                })
-    return {"sweep": cfg.name, "store_url": store_url, "storage_options": dict(cfg.storage_options),
-            "teachers": teachers, "candidates": candidates,
-            "baselines": list(baselines.values())}
-
-
-def _reference(ev, reference: str, teacher_solver: str) -> str:
-    if ev.metric == "rmse":
-        return f"{reference[:16]};{teacher_solver}@{ev.reference_steps}"
-    if ev.metric == "fid":  # the statistics and the network both define the number
-        return f"fid:{ev.fid_stats};inception:{ev.inception_weights}"
-    return f"gmm:{reference[:16]}"

@@ -4,7 +4,7 @@ A sweep (``flows.config.SweepConfig``) is datasets x solvers x NFEs x seeds; eac
 one AMED predictor (Zhou et al., arXiv 2312.00094) against a teacher shared by its dataset, and is
 scored next to its training-free base solver at the same NFE.
 
-- **plan** (``flows.config.plan_sweep``, before any work): load every teacher, build the SamplerSpecs, the shared
+- **plan** (``flows.plan.plan_sweep``, before any work): load every teacher, build the SamplerSpecs, the shared
   TeacherSpec per dataset and content-addressed ids for every checkpoint and score; any bad input
   fails the run here.
 - **teacher** (one task per dataset): missing shards spread over Ray actors that load the model once.
@@ -23,19 +23,24 @@ manifest, checkpoints only once ``train.json`` lists their sha256, scores are wr
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import logging
 import threading
 import time
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import ray_glue
-from flows.config import SweepConfig, _h, _slug, load_sweep, plan_sweep
-from flows.results import CandidateResult, EvalProtocol
+from flows.cluster.jobs import eval_job, train_job
+from flows.cluster.schedule import PREFETCHED, SLOTS, run_one
+from flows.cluster.session import ray_session
+from flows.cluster.teacher import start_teacher
+from flows.config import ComputeConfig, SweepConfig, load_sweep
+from flows.plan import EvalJob, SweepPlan, TeacherJob, TrainJob, plan_sweep, slug
+from flows.results import CandidateResult
+from flows.storage.checksums import json_digest, sha256
+from flows.storage.runs import RunStore
+from flows.storage.teachers import TeacherStore
 
 __all__ = ["distill", "plan_sweep", "teacher_stage", "train_stage", "evaluate_stage", "register_stage"]
 
@@ -45,33 +50,39 @@ log = logging.getLogger("amed.distill")
 # ---------------------------------------------------------------------------------------------
 # Cache keys: "done" means the committed output is in the store; the key carries its hash.
 
-def _store(job: dict) -> ray_glue.RunStore:
-    return ray_glue.RunStore(job["store_url"], job["storage_options"])
+def _store(job: Union[TrainJob, EvalJob]) -> RunStore:
+    return RunStore(job.store_url, job.storage_options)
 
 
 def _teacher_key(context, parameters) -> Optional[str]:
-    from flows.store import TeacherStore
-
-    t = parameters["teacher"]
+    t: TeacherJob = parameters["teacher"]
     try:
-        store = TeacherStore(t["store_url"], storage_options=t["storage_options"])
-        entries = store.manifest(t["spec_hash"])
+        store = TeacherStore(t.store_url, storage_options=t.storage_options)
+        entries = store.manifest(t.spec_hash)
     except Exception:  # noqa: BLE001 - no cache when the store cannot tell
         return None
-    if len(entries) < t["num_shards"]:
+    if len(entries) < t.num_shards:
         return None
-    return f"amed-teacher-{t['spec_hash'][:32]}-{_h(sorted((i, e['sha256']) for i, e in entries.items()))}"
+    return f"amed-teacher-{t.spec_hash[:32]}-{json_digest(sorted((i, e['sha256']) for i, e in entries.items()))}"
 
 
-def _done_key(marker: str, stage: str):
-    def key(context, parameters) -> Optional[str]:
-        job = parameters["job"]
-        try:
-            data = _store(job).get(job[marker] if marker != "train" else f"{job['checkpoint']}/train.json")
-        except Exception:  # noqa: BLE001 - not done (or unreadable): run it
-            return None
-        return f"amed-{stage}-{job['id']}-{hashlib.sha256(data).hexdigest()[:16]}"
-    return key
+def _train_key(context, parameters) -> Optional[str]:
+    job: TrainJob = parameters["job"]
+    return _done_key("train", job.id, job, f"{job.checkpoint}/train.json")
+
+
+def _eval_key(context, parameters) -> Optional[str]:
+    job: EvalJob = parameters["job"]
+    return _done_key("eval", job.id, job, job.result_key)
+
+
+def _done_key(stage: str, job_id: str, job, marker: str) -> Optional[str]:
+    """The stage's cache key when its committed output ``marker`` is in the store (the key carries its hash)."""
+    try:
+        data = _store(job).get(marker)
+    except Exception:  # noqa: BLE001 - not done (or unreadable): run it
+        return None
+    return f"amed-{stage}-{job_id}-{sha256(data)[:16]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,33 +101,18 @@ def _retry_infra_only(task, task_run, state) -> bool:
     return True
 
 
-_SLOTS: dict[str, threading.BoundedSemaphore] = {}
-
-
-def _slot(max_parallel: int) -> threading.BoundedSemaphore:
-    """At most ``compute.max_parallel`` jobs of this flow run in flight (threads wait for a slot)."""
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    key = str(ctx.flow_run.id) if ctx and ctx.flow_run else "local"
-    return _SLOTS.setdefault(key, threading.BoundedSemaphore(max_parallel))
-
-
 @task(name="teacher", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_teacher_key, persist_result=True,
       result_serializer="json")
-def teacher_stage(teacher: dict, compute: dict) -> dict:
+def teacher_stage(teacher: TeacherJob, compute: ComputeConfig) -> dict:
     """Generate the dataset's missing teacher shards on Ray actors (each loads the model once)."""
     from amed_core.teacher import TeacherSpec
-    from flows.config import ComputeConfig
-    from flows.store import TeacherStore
 
     logger = get_run_logger()
-    cc = ComputeConfig.model_validate(compute)
     t0 = time.perf_counter()
-    store = TeacherStore(teacher["store_url"], storage_options=teacher["storage_options"])
-    spec = TeacherSpec.from_json(teacher["spec_json"])
+    store = TeacherStore(teacher.store_url, storage_options=teacher.storage_options)
+    spec = TeacherSpec.from_json(teacher.spec_json)
     store.put_spec(spec)
-    pre = ray_glue.PREFETCH.pop(("teacher", spec.spec_hash), None)  # started by `amed distill` before the API was up
+    pre = PREFETCHED.take_teacher(spec.spec_hash)  # started by `amed distill` before the API was up
     missing = pre.missing if pre is not None else store.missing_shards(spec)
     out = {"spec_hash": spec.spec_hash, "shards": spec.num_shards, "shards_written": len(missing),
            "compute_seconds": 0.0, "nfe": 0}
@@ -127,19 +123,19 @@ def teacher_stage(teacher: dict, compute: dict) -> dict:
     if not missing:
         out["nfe_total"] = total_nfe()
         logger.info("teacher %s for %s: all %d shards in the store, nothing to do", spec.spec_hash[:12],
-                    teacher["name"], spec.num_shards)
+                    teacher.name, spec.num_shards)
         out["seconds"] = time.perf_counter() - t0
         return out
     logger.info("teacher %s for %s: generating %d of %d shards (%d trajectories, %d grid points, solver %s, M=%d)",
-                spec.spec_hash[:12], teacher["name"], len(missing), spec.num_shards, spec.num_trajectories,
+                spec.spec_hash[:12], teacher.name, len(missing), spec.num_shards, spec.num_trajectories,
                 len(spec.teacher_grid()), spec.solver, spec.sub_steps)
 
     def on_shard(rec: dict, k: int, n: int) -> None:
-        logger.info("teacher %s: shard %d committed (%d/%d, %.1f s)", teacher["name"], rec["index"], k, n, rec["seconds"])
+        logger.info("teacher %s: shard %d committed (%d/%d, %.1f s)", teacher.name, rec["index"], k, n, rec["seconds"])
 
     if pre is None:
-        pre = ray_glue.start_teacher(teacher["dataset"], teacher["spec_json"], missing, store_url=teacher["store_url"],
-                                     storage_options=teacher["storage_options"], compute=cc)
+        pre = start_teacher(teacher.dataset, teacher.spec_json, missing, store_url=teacher.store_url,
+                            storage_options=teacher.storage_options, compute=compute)
     recs = pre.finish(on_shard)
     still = store.missing_shards(spec)
     if still:
@@ -150,85 +146,65 @@ def teacher_stage(teacher: dict, compute: dict) -> dict:
     return out
 
 
-def _committed_checkpoint(store: ray_glue.RunStore, job: dict) -> Optional[dict]:
-    """The checkpoint's train.json when it and every file it lists (by sha256) are in the store."""
-    key = f"{job['checkpoint']}/train.json"
-    if not store.exists(key):
-        return None
-    rec = store.get_json(key)
-    for name, digest in rec.get("files", {}).items():
-        try:
-            if ray_glue.sha256(store.get(f"{job['checkpoint']}/{name}")) != digest:
-                return None
-        except FileNotFoundError:
-            return None
-    return rec
-
-
-@task(name="train", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_done_key("train", "train"), persist_result=True,
+@task(name="train", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_train_key, persist_result=True,
       result_serializer="json")
-def train_stage(job: dict, compute: dict) -> dict:
+def train_stage(job: TrainJob, compute: ComputeConfig) -> dict:
     """Train one predictor as a Ray task (GPU when the cluster has one); skip when its checkpoint is committed."""
-    from flows.config import ComputeConfig
-
     logger = get_run_logger()
-    cc = ComputeConfig.model_validate(compute)
     store = _store(job)
-    rec = _committed_checkpoint(store, job)
+    rec = store.committed_checkpoint(job.checkpoint)
     if rec is not None:
-        logger.info("train %s: checkpoint committed in the store, skipping", job["name"])
+        logger.info("train %s: checkpoint committed in the store, skipping", job.name)
         return {**rec, "skipped": True, "seconds": 0.0}
-    with _slot(cc.max_parallel):
-        logger.info("train %s: %d trajectories x %d epoch(s), batch %d", job["name"], job["train"]["num_trajectories"]
-                    // job["epochs"], job["epochs"], job["train"]["batch_size"])
-        rec = ray_glue.run_one(ray_glue.train_job, job, compute=cc, gpu=True, logger=logger, store=store)
-    if _committed_checkpoint(store, job) is None:
-        raise RuntimeError(f"train {job['name']}: the checkpoint was not committed")
-    logger.info("train %s: done in %.1f s (final loss %.4g)", job["name"], rec["seconds"],
+    with SLOTS.slot(compute.max_parallel):
+        logger.info("train %s: %d trajectories x %d epoch(s), batch %d", job.name, job.train["num_trajectories"]
+                    // job.epochs, job.epochs, job.train["batch_size"])
+        rec = run_one(train_job, job, compute=compute, gpu=True, logger=logger, store=store)
+    if store.committed_checkpoint(job.checkpoint) is None:
+        raise RuntimeError(f"train {job.name}: the checkpoint was not committed")
+    logger.info("train %s: done in %.1f s (final loss %.4g)", job.name, rec["seconds"],
                 rec["loss_history"][-1] if rec["loss_history"] else float("nan"))
     return {**rec, "skipped": False}
 
 
-@task(name="evaluate", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_done_key("result_key", "eval"),
+@task(name="evaluate", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_eval_key,
       persist_result=True, result_serializer="json")
-def evaluate_stage(job: dict, compute: dict) -> dict:
+def evaluate_stage(job: EvalJob, compute: ComputeConfig) -> dict:
     """Score a candidate checkpoint or a base solver as a Ray task; skip when its score is in the store."""
-    from flows.config import ComputeConfig
-
     logger = get_run_logger()
-    cc = ComputeConfig.model_validate(compute)
     store = _store(job)
-    if ("eval", job["id"]) not in ray_glue.PREFETCH and store.exists(job["result_key"]):
-        logger.info("evaluate %s: score in the store, skipping", job["id"])
-        return {**store.get_json(job["result_key"]), "skipped": True, "seconds": 0.0}
-    with _slot(cc.max_parallel):
-        rec = ray_glue.run_one(ray_glue.eval_job, job, compute=cc, gpu=True, logger=logger, store=store)
-    logger.info("evaluate %s: %s = %.5g (NFE %d, %d samples)", job["id"], job["protocol"]["metric"], rec["value"],
+    if not PREFETCHED.has_eval(job.id) and store.exists(job.result_key):
+        logger.info("evaluate %s: score in the store, skipping", job.id)
+        return {**store.get_json(job.result_key), "skipped": True, "seconds": 0.0}
+    with SLOTS.slot(compute.max_parallel):
+        rec = run_one(eval_job, job, compute=compute, gpu=True, logger=logger, store=store,
+                      ref=PREFETCHED.take_eval(job.id))
+    logger.info("evaluate %s: %s = %.5g (NFE %d, %d samples)", job.id, job.protocol.metric, rec["value"],
                 rec["nfe"], rec["num_samples"])
     return {**rec, "skipped": False}
 
 
 @task(name="register", retries=1, retry_delay_seconds=1)
-def register_stage(cfg_json: dict, plan: dict, trained: dict, scores: dict, teachers: dict) -> dict:
+def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict, teachers: dict) -> dict:
     """Write runs/<sweep>/results.json, register winners in MLflow (when installed), publish artifacts."""
     logger = get_run_logger()
     cfg = SweepConfig.model_validate(cfg_json)
-    store = ray_glue.RunStore(plan["store_url"], cfg.storage_options)
+    store = RunStore(plan.store_url, cfg.storage_options)
     results: list[CandidateResult] = []
-    for c in plan["candidates"]:
-        tr, sc, base = trained[c["id"]], scores[c["eval"]["id"]], scores[c["base_id"]]
-        teacher = teachers[c["dataset"]["name"]]
+    for c in plan.candidates:
+        tr, sc, base = trained[c.id], scores[c.eval.id], scores[c.base_id]
+        teacher = teachers[c.train.dataset.name]
         artifacts = {}
         if sc.get("grid_url"):
             artifacts["samples.png"] = sc["grid_url"]
         if base.get("grid_url"):
             artifacts["base_samples.png"] = base["grid_url"]
         results.append(CandidateResult(
-            dataset=c["dataset"]["name"], solver=c["solver"], base_solver=c["base_solver"], nfe=c["nfe"],
-            seed=c["seed"], checkpoint_url=store.url_of(c["checkpoint"]), protocol=EvalProtocol(**c["protocol"]),
+            dataset=c.train.dataset.name, solver=c.train.solver, base_solver=c.base_solver, nfe=c.train.nfe,
+            seed=c.train.seed, checkpoint_url=store.url_of(c.train.checkpoint), protocol=c.protocol,
             value=sc["value"], base_value=base["value"], rmse=sc.get("rmse"), train_seconds=tr.get("train_seconds", 0.0),
             teacher_nfe=int(teacher.get("nfe_total", 0)), loss_history=tr.get("loss_history", []),
-            artifacts=artifacts, sampler_spec=c["sampler_spec"]))
+            artifacts=artifacts, sampler_spec=c.train.sampler_spec))
     payload = {"sweep": cfg.name, "config": cfg_json, "results": [r.model_dump(mode="json") for r in results]}
     results_url = store.put_json(f"runs/{cfg.name}/results.json", payload)
     logger.info("results: %s", results_url)
@@ -262,17 +238,17 @@ def results_table(results: list[CandidateResult]) -> list[dict]:
 def _artifacts(cfg, results, scores, plan, results_url, champions) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    key = _slug(cfg.name).lower().replace("_", "-").replace(".", "-")
+    key = slug(cfg.name).lower().replace("_", "-").replace(".", "-")
     create_table_artifact(table=results_table(results), key=f"{key}-results",
                           description=f"AMED vs base solver per combination ({results[0].protocol.metric if results else ''}, "
                                       f"lower is better); {results_url}")
-    store = ray_glue.RunStore(plan["store_url"], cfg.storage_options)
+    store = RunStore(plan.store_url, cfg.storage_options)
     lines = [f"# Sweep `{cfg.name}`", "", f"Results: `{results_url}`", ""]
     if champions:
         lines += ["## Champions", ""] + [f"- `{n}` -> `{u}`" for n, u in champions.items()] + [""]
     lines += ["## Samples", ""]
-    grids = [(f"{c['eval']['title']} (seed {c['seed']})", c["eval"]["id"], c["eval"]["grid_key"]) for c in plan["candidates"]]
-    grids += [(f"{b['title']} (base solver)", b["id"], b["grid_key"]) for b in plan["baselines"]]
+    grids = [(f"{c.eval.title} (seed {c.train.seed})", c.eval.id, c.eval.grid_key) for c in plan.candidates]
+    grids += [(f"{b.title} (base solver)", b.id, b.grid_key) for b in plan.baselines]
     grids = [g for g in grids if scores.get(g[1], {}).get("grid_url") and store.exists(g[2])]
     for title, _, key_ in grids[:_MAX_INLINE_GRIDS]:  # inline PNGs keep the artifact self-contained
         lines += [f"### {title}", "", _img(store.get(key_), title), ""]
@@ -323,31 +299,30 @@ def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
     t_flow, t_epoch = time.perf_counter(), time.time()
     cfg = load_sweep(sweep)
     plan = plan_sweep(cfg)
-    compute = cfg.compute.model_dump(mode="json")
+    compute = cfg.compute
     logger.info("sweep %s: %d dataset(s), %d candidate(s), %d base solver run(s); store %s", cfg.name,
-                len(plan["teachers"]), len(plan["candidates"]), len(plan["baselines"]), plan["store_url"])
+                len(plan.teachers), len(plan.candidates), len(plan.baselines), plan.store_url)
     warm = _warm_registry(cfg)
-    with ray_glue.ray_session(cfg.compute) as ray_info:
+    with ray_session(cfg.compute) as ray_info:
         logger.info("Ray at %s (%s, %.1f s): %s", ray_info.address, "started here" if ray_info.started_here else
                     "existing", ray_info.seconds, {k: v for k, v in ray_info.resources.items() if "node" not in k})
-        t_fut = {t["name"]: teacher_stage.with_options(tags=[f"dataset:{t['name']}", "stage:teacher"],
-                                                       task_run_name=f"teacher-{t['name']}").submit(
-            {**t, "store_url": plan["store_url"], "storage_options": dict(cfg.storage_options)}, compute)
-            for t in plan["teachers"]}
-        b_fut = {b["id"]: evaluate_stage.with_options(tags=b["tags"] + ["stage:evaluate"], task_run_name=b["id"]
-                                                      ).submit(b, compute) for b in plan["baselines"]}
+        t_fut = {t.name: teacher_stage.with_options(tags=[f"dataset:{t.name}", "stage:teacher"],
+                                                    task_run_name=f"teacher-{t.name}").submit(t, compute)
+                 for t in plan.teachers}
+        b_fut = {b.id: evaluate_stage.with_options(tags=b.tags + ["stage:evaluate"], task_run_name=b.id
+                                                   ).submit(b, compute) for b in plan.baselines}
         tr_fut, ev_fut = {}, {}
-        for c in plan["candidates"]:
-            tr_fut[c["id"]] = train_stage.with_options(tags=c["tags"] + ["stage:train"], task_run_name=f"train-{c['name']}"
-                                                       ).submit(c, compute, wait_for=[t_fut[c["dataset"]["name"]]])
-        for c in plan["candidates"]:
-            ev_fut[c["id"]] = evaluate_stage.with_options(tags=c["tags"] + ["stage:evaluate"],
-                                                          task_run_name=f"eval-{c['name']}").submit(
-                c["eval"], compute, wait_for=[tr_fut[c["id"]]])
+        for c in plan.candidates:
+            tr_fut[c.id] = train_stage.with_options(tags=c.train.tags + ["stage:train"], task_run_name=f"train-{c.name}"
+                                                    ).submit(c.train, compute, wait_for=[t_fut[c.train.dataset.name]])
+        for c in plan.candidates:
+            ev_fut[c.id] = evaluate_stage.with_options(tags=c.train.tags + ["stage:evaluate"],
+                                                       task_run_name=f"eval-{c.name}").submit(
+                c.eval, compute, wait_for=[tr_fut[c.id]])
         teachers = {n: f.result() for n, f in t_fut.items()}
         trained = {k: f.result() for k, f in tr_fut.items()}
         scores = {b: f.result() for b, f in b_fut.items()}
-        scores.update({plan_c["eval"]["id"]: ev_fut[plan_c["id"]].result() for plan_c in plan["candidates"]})
+        scores.update({c.eval.id: ev_fut[c.id].result() for c in plan.candidates})
     if warm is not None:
         warm.join()
     reg = register_stage(cfg.model_dump(mode="json"), plan, trained, scores, teachers)
@@ -364,7 +339,7 @@ def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
     spans += [s for r in list(trained.values()) + list(scores.values()) if not r.get("skipped")
               for s in r.get("compute_spans", [])]
     logger.info("sweep %s done in %.1f s (work: %s)", cfg.name, wall, work)
-    return {"sweep": cfg.name, "store_url": plan["store_url"], "results_url": reg["results_url"],
+    return {"sweep": cfg.name, "store_url": plan.store_url, "results_url": reg["results_url"],
             "champions": reg["champions"], "results": reg["results"], "table": results_table(
                 [CandidateResult.model_validate(r) for r in reg["results"]]),
             "work": work, "compute_seconds": compute_s, "compute_cpu_seconds": cpu_s, "compute_spans": spans, "ray_start_seconds": ray_info.seconds,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 SAFE_DEFAULTS = {
-    # Ray: keep every listener on 127.0.0.1 (STACK.md), no auth token prompt, no usage stats.
+    # Ray: keep every listener on 127.0.0.1, no auth token prompt, no usage stats.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",

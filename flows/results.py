@@ -1,15 +1,15 @@
 """What the evaluate stage hands to the register stage (and what is written to the store as JSON).
 
-The pipeline (flows/distill.py) produces these; the registry (flows/registry.py) consumes them.
+The pipeline (flows/distill.py) produces these; the registry (flows/registry/) consumes them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from flows.storage.checksums import json_digest
 
 
 class EvalProtocol(BaseModel):
@@ -24,7 +24,7 @@ class EvalProtocol(BaseModel):
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(self.model_dump(), compact=False)
 
 
 class CandidateResult(BaseModel):

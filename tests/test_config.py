@@ -95,16 +95,16 @@ def test_file_sources(tmp_path):
 
 def test_bad_plan_fails_before_work():
     """Errors only visible once the teacher is loaded still fail in plan_sweep, before any Ray/Prefect work."""
-    from flows.distill import plan_sweep
+    from flows.plan import plan_sweep
 
     cfg = load_sweep({**MINIMAL, "sampler": {"sigma_min": 0.002, "sigma_max": 500.0}, "solvers": ["amed+euler"],
                       "nfes": [3]})
     plan = plan_sweep(cfg)  # a larger sigma_max than the teacher's is allowed (the grid is the user's choice)
-    assert len(plan["candidates"]) == 1 and plan["baselines"][0]["solver"] == "euler"
+    assert len(plan.candidates) == 1 and plan.baselines[0].solver == "euler"
     qs = plan_sweep(load_sweep(quickstart_path()))
-    by = {c["solver"]: c for c in qs["candidates"] if c["nfe"] == 5}
-    assert by["amed+ipndm"]["sampler_spec"]["afs_in_history"] is False and by["amed+ipndm"]["train"]["lr"] == 2e-3
-    assert by["amed"]["train"]["loss_weighting"] == "relative" and len({c["teacher_hash"] for c in qs["candidates"]}) == 1
+    by = {c.train.solver: c.train for c in qs.candidates if c.train.nfe == 5}
+    assert by["amed+ipndm"].sampler_spec["afs_in_history"] is False and by["amed+ipndm"].train["lr"] == 2e-3
+    assert by["amed"].train["loss_weighting"] == "relative" and len({c.train.teacher_hash for c in qs.candidates}) == 1
     bad = load_sweep({"datasets": [{"name": "d", "teacher": "no-such-model"}], "evaluation": {"metric": "rmse"}})
     with pytest.raises(ValueError, match=r"datasets\[d\]\.teacher: unknown teacher"):
         plan_sweep(bad)
@@ -113,12 +113,12 @@ def test_bad_plan_fails_before_work():
 def test_fid_protocol_hash_names_statistics_and_network():
     """A FID computed with other reference statistics or another Inception network is another protocol: the
     champion never moves on a comparison between them."""
-    from flows.distill import plan_sweep
+    from flows.plan import plan_sweep
 
     def proto(stats, weights):
         plan = plan_sweep(load_sweep({**MINIMAL, "solvers": ["amed"], "nfes": [3], "evaluation": {
             "metric": "fid", "fid_stats": stats, "inception_weights": weights}}))
-        return plan["candidates"][0]["eval"]["protocol_hash"]
+        return plan.candidates[0].eval.protocol_hash
 
     base = proto("s3://b/cifar10.npz", "s3://b/inception-a.pth")
     assert proto("s3://b/cifar10.npz", "s3://b/inception-a.pth") == base
@@ -165,14 +165,16 @@ def test_plan_expands_paths_for_remote_workers(monkeypatch):
     """`$VARS`/`~` in a teacher's path are expanded when the sweep is planned (on the driver), so Ray workers
     without the variable load the same teacher."""
     from amed_core.adapters import builtin_network_dir
-    from flows.distill import plan_sweep
-    from flows.ray_glue import _load_teacher
+    from flows.cluster.worker import load_dataset_teacher
+    from flows.config import DatasetConfig
+    from flows.plan import plan_sweep
 
     where = str(builtin_network_dir("digits-tiny-unet"))
     monkeypatch.setenv("AMED_TEST_TINY_UNET", where)
     plan = plan_sweep(load_sweep({"datasets": [{"name": "t", "teacher": "tiny-unet:$AMED_TEST_TINY_UNET"}],
                                   "solvers": ["amed"], "nfes": [3], "evaluation": {"metric": "rmse"}}))
     monkeypatch.delenv("AMED_TEST_TINY_UNET")
-    ds = plan["candidates"][0]["dataset"]
-    assert ds["teacher"] == f"tiny-unet:{where}"
-    assert _load_teacher(ds).identity() == _load_teacher({"teacher": "digits-tiny-unet"}).identity()
+    ds = plan.candidates[0].train.dataset
+    assert ds.teacher == f"tiny-unet:{where}"
+    builtin = DatasetConfig(name="t", teacher="digits-tiny-unet")
+    assert load_dataset_teacher(ds).identity() == load_dataset_teacher(builtin).identity()

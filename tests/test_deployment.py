@@ -11,7 +11,7 @@ import yaml
 
 from fixtures_prefect import ROOT, VENV_BIN, prefect_server, stop  # noqa: F401  (fixture)
 from flows.config import load_sweep
-from flows.ray_glue import RunStore
+from flows.storage import RunStore
 from flows.results import CandidateResult
 
 pytestmark = pytest.mark.services

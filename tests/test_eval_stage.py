@@ -153,21 +153,32 @@ def test_fid_matches_independent_stats_and_resumes(gmm, fid_files):
         score_run(run, gmm, seeds=SEEDS[:4], batch_size=2, metric="fid", fid=setup, partial=partial)
 
 
+def _base_job(**fields):
+    """An evaluate job of the euler base solver on digits-gmm (flows.plan.EvalJob) with the given fields."""
+    from flows.config import DatasetConfig
+    from flows.plan import EvalJob
+
+    return EvalJob.model_validate({"kind": "baseline", "torch_threads": 1, "storage_options": {},
+                                   "dataset": DatasetConfig(name="digits", teacher="digits-gmm"), "solver": "euler",
+                                   "num_steps": N_STEPS, "solver_options": {}, "schedule": SCHED.to_dict(),
+                                   "reference_solver": "heun", "protocol_hash": "test", **fields})
+
+
 def test_eval_job_scores_fid_from_urls_and_resumes(tmp_path, gmm, fid_files):
     """eval_job with metric fid, weights and statistics read via fsspec, resuming from statistics of 6 samples that
     an interrupted run left in the store: the record holds the FID of all 8 (full 2048 Inception features)."""
-    from flows.ray_glue import RunStore, eval_job
+    from flows.cluster.jobs import eval_job
+    from flows.storage import RunStore
 
     store_url = f"file://{tmp_path / 'store'}"
     d = fid_files["dir"]
-    job = {"id": "base-test", "torch_threads": 1, "store_url": store_url, "storage_options": {},
-           "dataset": {"teacher": "digits-gmm"}, "solver": "euler", "num_steps": N_STEPS, "solver_options": {},
-           "schedule": SCHED.to_dict(), "reference_solver": "heun", "grid_samples": 4,
-           "result_key": "evals/test.json", "grid_key": "evals/test-samples.png", "title": "test",
-           "protocol": {"metric": "fid", "num_samples": 8, "seed": SEEDS[0], "batch_size": 3, "reference_steps": 65,
-                        "fid_stats": f"file://{d / 'ref.npz'}", "inception_weights": str(d / "inception.safetensors")}}
+    job = _base_job(id="base-test", store_url=store_url, grid_samples=4, result_key="evals/test.json",
+                    grid_key="evals/test-samples.png", title="test",
+                    protocol={"metric": "fid", "num_samples": 8, "seed": SEEDS[0], "batch_size": 3, "reference_steps": 65,
+                              "fid_stats": f"file://{d / 'ref.npz'}", "inception_weights": str(d / "inception.safetensors")})
     store = RunStore(store_url)
-    bad = {**job, "protocol": {**job["protocol"], "inception_weights": str(tmp_path / "missing.safetensors")}}
+    bad = job.model_copy(update={"protocol": job.protocol.model_copy(
+        update={"inception_weights": str(tmp_path / "missing.safetensors")})})
     with pytest.raises(ValueError, match="evaluation.inception_weights"):
         eval_job(bad)
     partial_key = "evals/test.json.fid-partial.safetensors"
@@ -182,14 +193,12 @@ def test_eval_job_scores_fid_from_urls_and_resumes(tmp_path, gmm, fid_files):
 
 
 def test_eval_job_fd_exact_matches_direct(tmp_path, gmm):
-    from flows.ray_glue import eval_job
+    from flows.cluster.jobs import eval_job
 
-    job = {"id": "base-fd", "torch_threads": 1, "store_url": str(tmp_path / "store"), "storage_options": {},
-           "dataset": {"teacher": "digits-gmm"}, "solver": "euler", "num_steps": N_STEPS, "solver_options": {},
-           "schedule": SCHED.to_dict(), "reference_solver": "heun", "grid_samples": 0,
-           "result_key": "evals/fd.json", "grid_key": "evals/fd.png", "title": "",
-           "protocol": {"metric": "fd_exact", "num_samples": 8, "seed": SEEDS[0], "batch_size": 5,
-                        "reference_steps": 65}}
+    job = _base_job(id="base-fd", store_url=str(tmp_path / "store"), grid_samples=0, result_key="evals/fd.json",
+                    grid_key="evals/fd.png", title="",
+                    protocol={"metric": "fd_exact", "num_samples": 8, "seed": SEEDS[0], "batch_size": 5,
+                              "reference_steps": 65})
     x, _ = _direct_samples(gmm, _euler(gmm), SEEDS, 5)
     rec = eval_job(job)
     assert rec["value"] == pytest.approx(metrics.fd_exact_gmm(x, gmm), rel=1e-12)

@@ -13,9 +13,10 @@ import safetensors.torch
 import torch
 
 from fixtures_prefect import prefect_harness, ray_local  # noqa: F401  (fixtures)
-from flows import ray_glue
+from flows.cluster.schedule import PREFETCHED
 from flows.config import load_sweep
 from flows.results import CandidateResult
+from flows.storage import RunStore
 
 pytestmark = pytest.mark.services
 
@@ -37,12 +38,12 @@ def _sweep(tmp_path, **over):
 
 
 def _results(store_url: str) -> list[CandidateResult]:
-    data = json.loads(ray_glue.RunStore(store_url).get("runs/tiny/results.json"))
+    data = json.loads(RunStore(store_url).get("runs/tiny/results.json"))
     return [CandidateResult.model_validate(r) for r in data["results"]]
 
 
 def _checkpoints(store_url: str) -> dict[str, tuple[float, bytes]]:
-    store = ray_glue.RunStore(store_url)
+    store = RunStore(store_url)
     out = {}
     for name in store.list("checkpoints"):
         p = store.path(f"checkpoints/{name}/predictor.safetensors")
@@ -72,7 +73,7 @@ def test_distill_results_store_and_artifacts(first_run):
     # AMED-Solver at NFE 3 beats Heun at NFE 3 by far on the digits mixture (the paper's headline effect)
     assert res[0].value < 0.1 * res[0].base_value
     # the teacher store is complete and verifies
-    from flows.store import TeacherStore
+    from flows.storage import TeacherStore
 
     ts = TeacherStore(cfg.store_url)
     (h,) = ts.list_specs()
@@ -92,12 +93,12 @@ def test_rerun_does_no_teacher_or_training_work(first_run):
 
     cfg, out = first_run
     before = _checkpoints(cfg.store_url)
-    teacher_files = sorted(ray_glue.RunStore(cfg.store_url).fs.find(cfg.store_url + "/teachers"))
+    teacher_files = sorted(RunStore(cfg.store_url).fs.find(cfg.store_url + "/teachers"))
     again = distill(cfg)
     assert again["work"] == {"teacher_shards_written": 0, "trained": 0, "evaluated": 0}
     assert again["compute_spans"] == []
     assert _checkpoints(cfg.store_url) == before  # same bytes, same modification times
-    assert sorted(ray_glue.RunStore(cfg.store_url).fs.find(cfg.store_url + "/teachers")) == teacher_files
+    assert sorted(RunStore(cfg.store_url).fs.find(cfg.store_url + "/teachers")) == teacher_files
     assert [r["value"] for r in again["results"]] == [r["value"] for r in out["results"]]
     teacher_nfe = [r["teacher_nfe"] for r in again["results"]]
     assert teacher_nfe == [r["teacher_nfe"] for r in out["results"]] and teacher_nfe[0] > 512  # whole teacher
@@ -110,7 +111,7 @@ def test_killed_training_worker_is_retried_with_identical_results(first_run, tmp
 
     cfg0, out0 = first_run
     cfg = _sweep(tmp_path)
-    store = ray_glue.RunStore(cfg.store_url)
+    store = RunStore(cfg.store_url)
     killed: list[dict] = []
     stop = threading.Event()
 
@@ -168,7 +169,7 @@ def test_amed_distill_cli_prints_results_and_where_things_are(first_run, tmp_pat
     assert "prefect server start --host 127.0.0.1" in text and "mlflow ui --backend-store-uri sqlite:///" in text
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["work"] == {"teacher_shards_written": 2, "trained": 2, "evaluated": 4}
-    assert not ray_glue.PREFETCH
+    assert not PREFETCHED
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.json", "tiny.yaml"]
     assert main(["distill", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

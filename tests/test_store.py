@@ -25,7 +25,7 @@ from amed_core.denoisers import load_teacher
 from amed_core.teacher import TeacherSpec, generate_shard, shard_to_batches, student_grids_for, trajectory_inputs
 from fixtures_s3 import s3_bucket, s3_server  # noqa: F401
 from flows.cli import main as amed_main
-from flows.store import ShardVerificationError, StoreCredentialsError, TeacherStore, generate, redact, s3_options_from_env
+from flows.storage import ShardVerificationError, StoreCredentialsError, TeacherStore, generate, redact, s3_options_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 GRID_FOR = "amed:3,5;amed+ipndm:3"

@@ -17,130 +17,39 @@ Concurrent writers of one spec therefore never corrupt anything: the first write
 later one finds the object (or entry) present, re-reads and validates it, and adopts it; entries are
 per-shard files, so there is no read-modify-write of a shared list. Readers take the union of
 ``manifest.json`` and ``manifest.d/`` (so a lagging ``manifest.json`` rewrite by one writer loses nothing),
-check every shard's size and checksum and raise :class:`ShardVerificationError` on any mismatch.
-A shard object without an entry (writer killed between steps 1 and 2) is validated and adopted on resume.
+check every shard's size and checksum (:mod:`flows.storage.checksums`) and raise :class:`ShardVerificationError`
+on any mismatch. A shard object without an entry (writer killed between steps 1 and 2) is validated and adopted on
+resume. Credentials and S3 options: :mod:`flows.storage.credentials`; streaming batches: :mod:`flows.storage.stream`;
+generating a teacher into the store: :mod:`flows.storage.generate`.
 
-Checksums: every entry records the object's SHA-256 (its content address, checked by ``verify`` /
-``amed teacher verify``) and its XXH3-128 (the xxhash library; ~30 GB/s per core against SHA-256's ~2), which
-readers check by default (``read_check="fast"``): a page-cache read runs at 10-20 GB/s, so SHA-256 on every read
-would cost training ~10x the I/O time. XXH3-128 catches corruption and truncation just as well; what it does not
-resist is a deliberate collision, which buys nothing here: whoever can rewrite a shard can rewrite its manifest
-entry. ``read_check="full"`` checks both on every read; entries written before XXH3 fall back to SHA-256.
-
-S3 options come from the standard environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_PROFILE``,
-``AWS_REGION``/``AWS_DEFAULT_REGION``; keys via ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
-``AWS_SESSION_TOKEN``, read by botocore itself) overlaid by an explicit config dict; options are never
-logged (``repr`` redacts secrets). Missing credentials raise :class:`StoreCredentialsError`.
+Over ~400 lines on purpose: the commit protocol above is one piece (write-once objects, entries, the manifest
+rewrite and the adoption of a dead writer's object all read each other's invariants).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
 import logging
-import mmap
 import os
-import queue
-import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import fsspec
-import numpy
 import torch
-import xxhash
 
 from amed_core.shards import TeacherShard
-from amed_core.teacher import TeacherBatch, TeacherSpec, generate_shard, student_indices
+from amed_core.teacher import TeacherBatch, TeacherSpec
+from flows.storage.checksums import READ_CHECKS, digests, digests_async
+from flows.storage.credentials import credential_problem, merge_s3_options, redact
+from flows.storage.errors import ShardVerificationError, StoreCredentialsError
+from flows.storage.reads import fetch_checked
 
-__all__ = [
-    "TeacherStore",
-    "StoreCredentialsError",
-    "ShardVerificationError",
-    "VerifyReport",
-    "GenerateSummary",
-    "generate",
-    "s3_options_from_env",
-    "redact",
-]
+__all__ = ["TeacherStore", "VerifyReport"]
 
 log = logging.getLogger(__name__)
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
-
-
-class StoreCredentialsError(PermissionError):
-    """The object store refused us for lack of (valid) credentials."""
-
-
-class ShardVerificationError(RuntimeError):
-    """A stored shard is missing, has the wrong size or checksum, or does not parse."""
-
-
-def redact(options: Any) -> Any:
-    """A copy of storage options with every secret-looking value replaced by '***' (safe to print)."""
-    if isinstance(options, Mapping):
-        return {k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and not isinstance(v, Mapping) else redact(v))
-                for k, v in options.items()}
-    return options
-
-
-def s3_options_from_env(env: Mapping[str, str] | None = None) -> dict:
-    """s3fs options from the standard AWS environment variables (credentials themselves are left to botocore)."""
-    env = os.environ if env is None else env
-    opts: dict = {}
-    client: dict = {}
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        client["endpoint_url"] = endpoint
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if region:
-        client["region_name"] = region
-    if client:
-        opts["client_kwargs"] = client
-    if env.get("AWS_PROFILE"):
-        opts["profile"] = env["AWS_PROFILE"]
-    return opts
-
-
-def _merge_s3_options(config: Mapping | None) -> dict:
-    """Environment first, then the config section; shortcuts endpoint_url / region go to client_kwargs."""
-    opts = s3_options_from_env()
-    config = dict(config or {})
-    client = dict(opts.get("client_kwargs", {}))
-    for short, long in (("endpoint_url", "endpoint_url"), ("region", "region_name"), ("region_name", "region_name")):
-        if short in config:
-            client[long] = config.pop(short)
-    client.update(config.pop("client_kwargs", {}) or {})
-    opts.update(config)
-    if client:
-        opts["client_kwargs"] = client
-    return opts
-
-
-_CRED_CLASSES = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "CredentialRetrievalError")
-_CRED_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
-
-
-def _credential_problem(exc: BaseException) -> Optional[str]:
-    seen = set()
-    e: Optional[BaseException] = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        name = type(e).__name__
-        if name in _CRED_CLASSES:
-            return str(e)
-        msg = str(e)
-        if "Unable to locate credentials" in msg or any(c in msg for c in _CRED_CODES):
-            return msg
-        e = e.__cause__ or e.__context__
-    return None
-
 
 @dataclass
 class VerifyReport:
@@ -158,128 +67,6 @@ class VerifyReport:
         return not self.missing and not self.bad
 
 
-@dataclass
-class GenerateSummary:
-    spec_hash: str
-    trajectories: int
-    shards: int
-    shards_written: int
-    shards_skipped: int
-    bytes: int
-    nfe_per_trajectory: int
-    nfe_spent: int  # denoiser evaluations counted per sample, by this call
-
-    def lines(self) -> list[str]:
-        return [
-            f"teacher {self.spec_hash}",
-            f"trajectories: {self.trajectories}",
-            f"shards: {self.shards} ({self.shards_written} written now, {self.shards_skipped} already there)",
-            f"bytes: {self.bytes}",
-            f"NFE per trajectory: {self.nfe_per_trajectory}; NFE spent now: {self.nfe_spent}",
-        ]
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _digests(data: bytes | bytearray) -> dict:
-    """The two checksums a manifest entry records: {"sha256": hex, "xxh3_128": hex}."""
-    return {"sha256": _sha256(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
-
-
-READ_CHECKS = ("fast", "full")
-
-_HASHER = None
-
-
-def _hash_executor():
-    global _HASHER
-    if _HASHER is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-sha256")
-    return _HASHER
-
-
-def _digests_async(data: bytes | bytearray):
-    """Both checksums on a helper thread (hashlib and xxhash release the GIL), so hashing overlaps the write."""
-    return _hash_executor().submit(_digests, data)
-
-
-def _uninitialized(size: int) -> memoryview:
-    """A writable byte buffer that is not zero-filled first (``bytearray(n)`` would write every byte once more
-    before the read fills it: at page-cache speeds that alone halves read throughput)."""
-    return memoryview(numpy.empty(size, dtype=numpy.uint8))
-
-
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; older Pythons lack the name
-
-
-def _populate(mm: mmap.mmap, path: str) -> None:
-    """Map the whole file's cached pages (and read the rest, with sequential read-ahead) in one call rather than one
-    page fault at a time (MADV_POPULATE_READ); elsewhere, or on older kernels, ask for read-ahead (MADV_WILLNEED)."""
-    if not hasattr(mm, "madvise"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        mm.madvise(mmap.MADV_SEQUENTIAL)  # large read-ahead when the file is not cached
-    if sys.platform.startswith("linux"):
-        try:
-            mm.madvise(_MADV_POPULATE_READ)
-            return
-        except OSError as e:
-            if e.errno == errno.EFAULT:  # the file is shorter than when it was opened
-                raise ShardVerificationError(f"{path}: changed size while being read") from None
-    with contextlib.suppress(OSError, AttributeError):
-        mm.madvise(mmap.MADV_WILLNEED)
-
-
-def _map_checked(path: str, algos: tuple[str, ...], chunk: int) -> tuple[memoryview, dict]:
-    """A local file mapped privately (copy-on-write: writable, never written back; like safetensors' own loader)
-    and its checksums. Shards are write-once (a replacement is a new file), so the mapping stays what was hashed."""
-    checker = _Checker(algos)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return memoryview(bytearray()), checker.hexdigests()
-        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-    _populate(mm, path)
-    view = memoryview(mm)
-    for pos in range(0, size, chunk):
-        checker.update(view[pos:pos + chunk])
-    return view, checker.hexdigests()
-
-
-class _Checker:
-    """Checksums of an object fed chunk by chunk while it is read: XXH3-128 inline (the chunk is still in cache),
-    SHA-256 on a helper thread overlapping the next chunk's read. A chunk's buffer must stay unchanged until
-    the next ``update`` or ``hexdigests``."""
-
-    def __init__(self, algos: tuple[str, ...]):
-        self._x = xxhash.xxh3_128() if "xxh3_128" in algos else None
-        self._s = hashlib.sha256() if "sha256" in algos else None
-        self._pending = None
-
-    def update(self, chunk) -> None:
-        if self._x is not None:
-            self._x.update(chunk)
-        if self._s is not None:
-            if self._pending is not None:
-                self._pending.result()
-            self._pending = _hash_executor().submit(self._s.update, chunk)
-
-    def hexdigests(self) -> dict:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-        out = {}
-        if self._x is not None:
-            out["xxh3_128"] = self._x.hexdigest()
-        if self._s is not None:
-            out["sha256"] = self._s.hexdigest()
-        return out
-
-
 class TeacherStore:
     """Content-addressed teacher shards under an fsspec URL (see the module docstring for the protocol)."""
 
@@ -294,7 +81,7 @@ class TeacherStore:
         protocol = fsspec.core.split_protocol(self.url)[0] or "file"
         self.protocol = protocol
         if protocol in ("s3", "s3a"):
-            options = _merge_s3_options(storage_options)
+            options = merge_s3_options(storage_options)
             options.setdefault("skip_instance_cache", True)  # credentials/env may differ between stores
         else:
             options = dict(storage_options or {})
@@ -317,7 +104,7 @@ class TeacherStore:
         except (StoreCredentialsError, ShardVerificationError, ValueError, FileExistsError, FileNotFoundError):
             raise
         except Exception as e:
-            problem = _credential_problem(e)
+            problem = credential_problem(e)
             if problem is not None:
                 raise StoreCredentialsError(
                     f"no usable credentials for {self.url} while trying to {what} ({problem}). Set AWS_ACCESS_KEY_ID and "
@@ -525,7 +312,7 @@ class TeacherStore:
     # -- commit -----------------------------------------------------------------------------------
     def _entry_for(self, spec_hash: str, index: int, data: bytes) -> dict:
         shard = TeacherShard.from_bytes(data, expect_spec_hash=spec_hash, expect_index=index)
-        return {"index": index, "path": self.shard_name(index), "bytes": len(data), **_digests(data),
+        return {"index": index, "path": self.shard_name(index), "bytes": len(data), **digests(data),
                 "num_samples": shard.num_samples, "nfe": shard.nfe}
 
     def _commit_entry(self, spec: TeacherSpec, entry: dict, update_manifest: bool = True) -> dict:
@@ -588,7 +375,7 @@ class TeacherStore:
         if shard.spec_hash != spec.spec_hash:
             raise ValueError(f"shard belongs to spec {shard.spec_hash}, not {spec.spec_hash}")
         data = shard.to_buffer()
-        digest = _digests_async(data)
+        digest = digests_async(data)
         created = self._put_once(self.shard_path(spec.spec_hash, shard.index), data)
         return shard, data, digest, created
 
@@ -612,7 +399,7 @@ class TeacherStore:
             if not self._put_once(path, data):
                 raise ShardVerificationError(f"{path}: concurrent writers keep replacing an unreadable shard")
             entry = {"index": shard.index, "path": self.shard_name(shard.index), "bytes": len(data),
-                     **_digests(data), "num_samples": shard.num_samples, "nfe": shard.nfe}
+                     **digests(data), "num_samples": shard.num_samples, "nfe": shard.nfe}
             entry = self._commit_entry(spec, entry, update_manifest)
         return entry
 
@@ -648,47 +435,9 @@ class TeacherStore:
         except ValueError as e:
             raise ShardVerificationError(f"{path}: {e}") from None
 
-    _CHUNK = 4 << 20  # local files: SHA-256 of one chunk (on a helper thread) overlaps the next chunk's page-in
-    _S3_CHUNK = 8 << 20
-
     def _fetch_checked(self, path: str, algos: tuple[str, ...]) -> tuple[bytearray | memoryview, dict]:
-        """The object's bytes (in a writable buffer the shard's tensors can view) and their checksums: local files are
-        memory-mapped copy-on-write (the checksum is the only pass over the bytes; the shard's tensors view the page
-        cache), S3 objects are checksummed chunk by chunk as they arrive; other filesystems: read, then checksum."""
         with self._errors(f"read {path}"):
-            if self._local:
-                return _map_checked(path, algos, self._CHUNK)
-            if self.protocol in ("s3", "s3a") and hasattr(self.fs, "_call_s3"):
-                from fsspec.asyn import sync
-
-                return sync(self.fs.loop, self._s3_fetch_checked, path, algos)
-            data = bytearray(self.fs.cat_file(path))
-            checker = _Checker(algos)
-            checker.update(data)
-            return data, checker.hexdigests()
-
-    async def _s3_fetch_checked(self, path: str, algos: tuple[str, ...]) -> tuple[memoryview, dict]:
-        bucket, key, version = self.fs.split_path(path)
-        kw = {"VersionId": version} if version else {}
-        resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **kw)
-        body = resp["Body"]
-        size = int(resp["ContentLength"])
-        view = _uninitialized(size)
-        checker = _Checker(algos)
-        pos = 0
-        try:
-            while True:
-                chunk = await body.read(self._S3_CHUNK)
-                if not chunk:
-                    break
-                if pos + len(chunk) > size:
-                    raise ShardVerificationError(f"{path}: more bytes than its Content-Length {size}")
-                view[pos:pos + len(chunk)] = chunk
-                checker.update(view[pos:pos + len(chunk)])
-                pos += len(chunk)
-        finally:
-            body.close()
-        return view[:pos], checker.hexdigests()
+            return fetch_checked(self.fs, path, algos, local=self._local, protocol=self.protocol)
 
     def verify(self, spec_hash: str) -> VerifyReport:
         """Check every shard of a spec: present in the manifest, object present, size, SHA-256 (and XXH3-128), parse."""
@@ -711,193 +460,10 @@ class TeacherStore:
             report.bytes += entries[i]["bytes"]
         return report
 
-    def iter_batches(self, spec_hash: str, student_sigmas: torch.Tensor, batch_size: int, seed: int = 0, *,
-                     shuffle: bool = True, epochs: int | None = 1, num_trajectories: int | None = None,
-                     window_shards: int = 2, prefetch: int = 2, dtype: torch.dtype | None = None,
-                     drop_last: bool = False, require_complete: bool = True) -> Iterator[TeacherBatch]:
-        """Stream TeacherBatches at a student's grid, shuffled across shards, with bounded memory.
+    def iter_batches(self, spec_hash: str, student_sigmas: torch.Tensor, batch_size: int, seed: int = 0,
+                     **options) -> Iterator[TeacherBatch]:
+        """Stream TeacherBatches at a student's grid: ``iter(BatchStream(self, ...))`` (see
+        :class:`flows.storage.stream.BatchStream` for the options and the order)."""
+        from flows.storage.stream import BatchStream
 
-        Shards are visited in a seeded random order per epoch; ``window_shards`` of them at a time are
-        pooled and their trajectories shuffled (leftovers carry into the next window). A background thread
-        downloads, verifies and slices up to ``prefetch`` shards ahead, so memory holds at most
-        ``window_shards + prefetch + 1`` shards (at the student's grid). ``shuffle=False`` yields
-        trajectories in global order (0, 1, 2, ...), which reproduces an on-the-fly teacher drawing the
-        same seeds. ``num_trajectories`` uses only the first that many; ``epochs=None`` cycles forever.
-        """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if window_shards < 1 or prefetch < 1:
-            raise ValueError("window_shards and prefetch must be >= 1")
-        spec = self.get_spec(spec_hash)
-        entries = self.manifest(spec_hash)
-        total = spec.num_trajectories if num_trajectories is None else int(num_trajectories)
-        if not (1 <= total <= spec.num_trajectories):
-            raise ValueError(f"num_trajectories must be in [1, {spec.num_trajectories}], got {num_trajectories}")
-        needed = [i for i in range(spec.num_shards) if spec.shard_range(i)[0] < total]
-        missing = [i for i in needed if i not in entries]
-        if missing and require_complete:
-            raise ShardVerificationError(f"teacher {spec_hash} lacks shards {missing[:10]}{'...' if len(missing) > 10 else ''}; "
-                                         "run `amed teacher generate` again to finish it")
-        needed = [i for i in needed if i in entries]
-        idx = student_indices(spec.union_grid(), torch.as_tensor(student_sigmas, dtype=torch.float64))
-
-        stop = threading.Event()
-        q: queue.Queue = queue.Queue(maxsize=prefetch)
-        _END = object()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def producer():
-            try:
-                epoch = 0
-                while epochs is None or epoch < epochs:
-                    order = list(needed)
-                    if shuffle:
-                        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
-                        order = [order[j] for j in torch.randperm(len(order), generator=g).tolist()]
-                    for i in order:
-                        shard = self.read_shard(spec_hash, i, entries[i])
-                        lo, hi = spec.shard_range(i)
-                        n = min(hi, total) - lo
-                        batch = _slice_shard(shard, idx, n, dtype)
-                        if not put(batch):
-                            return
-                    if not put(("epoch_end", epoch)):
-                        return
-                    epoch += 1
-                put(_END)
-            except BaseException as e:  # handed to the consumer, which re-raises
-                put(e)
-
-        thread = threading.Thread(target=producer, name=f"teacher-prefetch-{spec_hash[:8]}", daemon=True)
-        thread.start()
-        gen = torch.Generator().manual_seed(int(seed))
-        pool: list[TeacherBatch] = []
-        carry: Optional[TeacherBatch] = None
-
-        def flush(final: bool) -> Iterator[TeacherBatch]:
-            nonlocal pool, carry
-            parts = ([carry] if carry is not None else []) + pool
-            pool, carry = [], None
-            if not parts:
-                return
-            noise = torch.cat([p.noise for p in parts])
-            states = torch.cat([p.states for p in parts], dim=1)
-            labels = None if parts[0].class_labels is None else torch.cat([p.class_labels for p in parts])
-            n = noise.shape[0]
-            perm = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-            full = n - n % batch_size
-            for lo in range(0, full, batch_size):
-                j = perm[lo:lo + batch_size]
-                yield TeacherBatch(noise=noise[j], class_labels=None if labels is None else labels[j], states=states[:, j])
-            if full < n:
-                j = perm[full:]
-                rest = TeacherBatch(noise=noise[j], class_labels=None if labels is None else labels[j], states=states[:, j])
-                if final:
-                    if not drop_last:
-                        yield rest
-                else:
-                    carry = rest
-
-        try:
-            while True:
-                item = q.get()
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, tuple):  # end of an epoch: emit what is left
-                    yield from flush(final=True)
-                    continue
-                pool.append(item)
-                if len(pool) >= window_shards:
-                    yield from flush(final=False)
-        finally:
-            stop.set()
-            thread.join(timeout=5)
-
-
-def _slice_shard(shard: TeacherShard, idx: torch.Tensor, n: int, dtype: torch.dtype | None) -> TeacherBatch:
-    """One TeacherBatch holding the first n trajectories of a shard at the student's grid points idx."""
-    from amed_core.teacher import _out_dtype
-
-    out = _out_dtype(shard.noise.dtype, dtype)
-    noise = shard.noise[:n].to(out)
-    states = shard.states[idx][:, :n].to(out)
-    states[0] = noise * shard.sigmas[0].to(out)
-    labels = shard.one_hot_labels(out)
-    return TeacherBatch(noise=noise, class_labels=None if labels is None else labels[:n], states=states)
-
-
-def generate(store: TeacherStore, denoiser, spec: TeacherSpec, *, progress: bool = True, batch_size: int | None = None,
-             shards: list[int] | None = None, device=None, manifest_every: int = 16) -> GenerateSummary:
-    """Generate every missing shard of ``spec`` into ``store`` (resumes; skips committed shards).
-
-    Each shard is committed by its own manifest entry; manifest.json (the merged view) is rewritten every
-    ``manifest_every`` shards and at the end, even when interrupted.
-    """
-    from tqdm.auto import tqdm
-
-    h = store.put_spec(spec)
-    todo = store.missing_shards(spec)
-    if shards is not None:
-        todo = [i for i in todo if i in set(shards)]
-    skipped = spec.num_shards - len(todo) if shards is None else len(set(shards) - set(todo))
-    written, spent, nfe, pending = 0, 0, None, 0
-    bar = tqdm(total=spec.num_trajectories, unit="traj", desc=f"teacher {h[:12]}", disable=not progress)
-    if shards is None:
-        bar.update(sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in range(spec.num_shards) if i not in todo))
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-commit")  # commit i while computing i+1
-    in_flight = None
-
-    def settle():
-        nonlocal in_flight, pending
-        if in_flight is not None:
-            entry = in_flight.result()
-            in_flight = None
-            pending += 1
-            bar.update(entry["num_samples"])
-            if pending >= manifest_every:
-                store.flush_manifest(spec)
-                pending = 0
-
-    try:
-        for i in todo:
-            entry = store.adopt_shard(spec, i, update_manifest=False)  # a killed writer may have left a complete object
-            if entry is None:
-                shard = generate_shard(denoiser, spec, i, batch_size=batch_size, device=device)
-                settle()
-                in_flight = pool.submit(store.commit_shard, spec, shard, update_manifest=False)
-                spent += shard.total_nfe
-                nfe = shard.nfe
-                written += 1
-            else:
-                skipped += 1
-                pending += 1
-                bar.update(entry["num_samples"])
-        settle()
-    finally:
-        try:
-            if in_flight is not None:
-                in_flight.result()
-        finally:
-            pool.shutdown(wait=True)
-            bar.close()
-            if pending or not todo or written:
-                store.flush_manifest(spec)
-    entries = store.manifest(h)
-    if nfe is None and entries:
-        nfe = next(iter(entries.values()))["nfe"]
-    return GenerateSummary(spec_hash=h, trajectories=sum(e["num_samples"] for e in entries.values()),
-                           shards=len(entries), shards_written=written, shards_skipped=skipped,
-                           bytes=sum(e["bytes"] for e in entries.values()), nfe_per_trajectory=int(nfe or 0),
-                           nfe_spent=spent)
+        return iter(BatchStream(self, spec_hash, student_sigmas, batch_size, seed, **options))

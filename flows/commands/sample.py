@@ -58,10 +58,10 @@ def register(subparsers) -> None:
                    help="a trained AMED checkpoint (amed train --out DIR): score it next to its base solver at the "
                         "same NFE, write predictor-samples.png and policy.png (learned r/scales per step)")
     p.add_argument("--out", default=None, metavar="FILE.npz", help="with --predictor: save the samples as 'samples' (n, C, H, W)")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=run)
 
 
-def cmd_sample(args) -> int:
+def run(args) -> int:
     """Dispatch on the mode: a learned AMED sampler (--predictor) or the training-free solvers."""
     if getattr(args, "threads", 0):
         if args.threads < 0:
@@ -244,7 +244,7 @@ def run_predictor(args) -> int:
     """A learned AMED sampler next to its base solver at the same NFE (amed_core.amed.evaluation)."""
     from amed_core import evaluate
     from amed_core.amed.evaluation import compare_with_base, policy_trace, save_policy_plot
-    from flows.registry import load_sampler  # a folder, an fsspec URL or models:/NAME@ALIAS
+    from flows.registry.loading import load_sampler  # a folder, an fsspec URL or models:/NAME@ALIAS
 
     sampler = load_sampler(args.predictor)
     spec = sampler.spec

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--teacher-solver", default=None, help="on-the-fly teacher solver (default: preset's)")
     p.add_argument("--teacher-m", type=int, default=None, help="teacher points inserted per student interval (default: preset's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=run)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -86,7 +86,7 @@ def build(args):
     return denoiser, spec, cfg
 
 
-def cmd_train(args) -> int:
+def run(args) -> int:
     from tqdm import tqdm
 
     from amed_core.amed import save_checkpoint, train_amed

@@ -85,14 +85,15 @@ def run(args) -> int:
 
     warm = threading.Thread(target=warm_prefect, name="prefect-warmup", daemon=True)
     warm.start()
-    from flows import ray_glue
+    from flows.cluster.schedule import PREFETCHED
+    from flows.cluster.session import ray_session
 
-    with ray_glue.ray_session(cfg.compute) as ray_info:
+    with ray_session(cfg.compute) as ray_info:
         marks["ray_ready"] = time.time()
         if not server:  # the API is still starting: begin the work that needs nothing upstream
-            from flows.config import plan_sweep
+            from flows.plan import plan_sweep
 
-            ray_glue.prefetch(plan_sweep(cfg), cfg.compute)
+            PREFETCHED.start(plan_sweep(cfg), cfg.compute)
         warm.join()
         if warm_err:
             raise warm_err[0]
@@ -102,7 +103,7 @@ def run(args) -> int:
         try:
             summary = distill(cfg)
         finally:
-            ray_glue.PREFETCH.clear()
+            PREFETCHED.clear()
         marks["flow_end"] = time.time()
     marks["end"] = time.time()
     wall = time.perf_counter() - t0

@@ -1,7 +1,9 @@
-"""`amed teacher generate | ls | verify`: shared teacher trajectories in a store (flows.store)."""
+"""`amed teacher generate | ls | verify | train-tiny`: shared teacher trajectories in a store (flows.storage), and
+the tiny digits UNet teacher (``amed_core.tiny_unet.train_tiny``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ def _storage_options(text: str | None) -> dict | None:
 
 
 def _store(args):
-    from flows.store import TeacherStore
+    from flows.storage import TeacherStore
 
     return TeacherStore(args.store, storage_options=_storage_options(args.storage_options))
 
@@ -29,8 +31,8 @@ def _store(args):
 def _guard(fn):
     """Store errors as one clear line: credentials -> exit 3, verification -> exit 1."""
 
-    def run(args):
-        from flows.store import ShardVerificationError, StoreCredentialsError
+    def guarded(args):
+        from flows.storage import ShardVerificationError, StoreCredentialsError
 
         try:
             return fn(args)
@@ -41,7 +43,7 @@ def _guard(fn):
             print(f"amed teacher: verification failed: {e}", file=sys.stderr)
             return 1
 
-    return run
+    return guarded
 
 
 def _human(n: int) -> str:
@@ -52,11 +54,11 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def cmd_generate(args) -> int:
+def generate(args) -> int:
     from amed_core.denoisers import load_teacher
     from amed_core.schedules import ScheduleSpec
     from amed_core.teacher import TeacherSpec, student_grids_for
-    from flows.store import generate
+    from flows.storage import generate
 
     denoiser = load_teacher(args.teacher)
     schedule = ScheduleSpec(schedule_type=args.schedule, rho=args.rho,
@@ -82,7 +84,7 @@ def cmd_generate(args) -> int:
     return 0 if summary.shards == spec.num_shards else 1
 
 
-def cmd_ls(args) -> int:
+def ls(args) -> int:
     store = _store(args)
     hashes = store.list_specs()
     if not hashes:
@@ -101,7 +103,7 @@ def cmd_ls(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
+def verify(args) -> int:
     store = _store(args)
     hashes = [store.resolve(args.spec_hash)] if args.spec_hash else store.list_specs()
     if not hashes:
@@ -120,10 +122,34 @@ def cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
+def train_tiny(args) -> int:
+    import torch
+
+    from amed_core.tiny_train import TinyUNetConfig, TrainTinyConfig, train_tiny
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    unet = TinyUNetConfig(img_resolution=args.resolution, model_channels=args.channels, channel_mult=(1, 2),
+                          label_dim=10 if args.conditional else 0)
+    cfg = TrainTinyConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          conditional=args.conditional, unet=unet)
+    den = train_tiny(config=cfg, out=args.out, progress=not args.no_progress)
+    print(json.dumps({"out": str(args.out), "teacher": f"tiny-unet:{args.out}", **den.identity()}, indent=2))
+    return 0
+
+
+HANDLERS = {"generate": _guard(generate), "ls": _guard(ls), "verify": _guard(verify), "train-tiny": train_tiny}
+
+
+def run(args) -> int:
+    """Dispatch ``amed teacher SUBCOMMAND``."""
+    return HANDLERS[args.teacher_command](args)
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("teacher", help="generate, list and verify stored teacher trajectories")
+    p = subparsers.add_parser("teacher", help="generate, list and verify stored teacher trajectories; train the tiny UNet teacher")
     teacher_subparsers = p.add_subparsers(dest="teacher_command", metavar="TEACHER_COMMAND")
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])  # no sub-command: help
 
     def store_args(q):
         q.add_argument("--store", required=True, help="store path or fsspec URL (file://, s3://bucket/prefix, memory://)")
@@ -150,22 +176,32 @@ def register(subparsers) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="teacher batch (default: one shard); content does not depend on it")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     store_args(g)
-    g.set_defaults(func=_guard(cmd_generate))
+    g.set_defaults(func=run)
 
     ls = teacher_subparsers.add_parser("ls", help="list the teachers in a store")
     store_args(ls)
-    ls.set_defaults(func=_guard(cmd_ls))
+    ls.set_defaults(func=run)
 
     v = teacher_subparsers.add_parser("verify", help="check every shard's size, SHA-256 and XXH3-128 (exit 1 on any problem)")
     v.add_argument("spec_hash", nargs="?", default=None, help="spec hash or unique prefix (default: every teacher)")
     store_args(v)
-    v.set_defaults(func=_guard(cmd_verify))
+    v.set_defaults(func=run)
 
-    try:
-        from flows.cmd_models import add_teacher_commands
-        add_teacher_commands(teacher_subparsers)
-    except ImportError:
-        pass
+    t = teacher_subparsers.add_parser(
+        "train-tiny", help="train the tiny EDM-preconditioned UNet on scikit-learn's digits (minutes on CPU)",
+        description="Writes config.json + model.safetensors to --out; use it as teacher 'tiny-unet:DIR'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--resolution", type=int, choices=[8, 16], default=8, help="8 = the digits' own size; 16 upsamples")
+    t.add_argument("--channels", type=int, default=16, help="channels of the first level")
+    t.add_argument("--conditional", action="store_true", help="class-conditional on the digit (label_dim 10)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=run)
 
 
-__all__ = ["register"]
+__all__ = ["register", "run"]

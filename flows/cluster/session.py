@@ -1,0 +1,102 @@
+"""The Ray session of a sweep: a local Ray on loopback, or a connection to a running cluster.
+
+:func:`ray_session` starts a local Ray on 127.0.0.1 (``num_cpus``, ``object_store_memory``) and stops it
+afterwards, or connects to ``compute.ray_address`` / ``$RAY_ADDRESS`` and leaves that cluster running.
+:func:`task_options` is what every job asks of the cluster (GPUs only where it has them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+log = logging.getLogger("amed.ray")
+
+__all__ = ["RaySessionInfo", "ray_session", "prewarm", "cluster_has_gpus", "task_options"]
+
+
+@dataclass
+class RaySessionInfo:
+    address: str
+    started_here: bool
+    seconds: float
+    resources: dict
+
+
+@contextlib.contextmanager
+def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionInfo]:
+    """Use the running Ray, connect to ``compute.ray_address`` / ``$RAY_ADDRESS``, or start a local one.
+
+    A local Ray listens on 127.0.0.1 only (``flows.env.SAFE_DEFAULTS``) and
+    is shut down on exit; a connected cluster is left running.
+    """
+    from flows.env import apply_safe_defaults
+
+    apply_safe_defaults()
+    import ray
+
+    t0 = time.perf_counter()
+    if ray.is_initialized():
+        yield RaySessionInfo(_address(), False, 0.0, dict(ray.cluster_resources()))
+        return
+    address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
+    env = {"env_vars": {"OMP_NUM_THREADS": str(compute.torch_threads)}}
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env)
+    else:
+        num_cpus = compute.num_cpus or os.cpu_count() or 1
+        log.info("starting a local Ray (127.0.0.1, %d CPUs, object store %.1f GB)", num_cpus,
+                 compute.object_store_memory / 1e9)
+        ray.init(num_cpus=num_cpus, object_store_memory=compute.object_store_memory, include_dashboard=False,
+                 log_to_driver=log_to_driver, runtime_env=env, configure_logging=False)
+    info = RaySessionInfo(_address(), True, time.perf_counter() - t0, dict(ray.cluster_resources()))
+    try:
+        yield info
+    finally:
+        if info.started_here:
+            ray.shutdown()
+
+
+def _import_work_modules() -> int:
+    import amed_core.amed.train  # noqa: F401  (torch, solvers, AMED)
+    import flows.storage  # noqa: F401  (fsspec, safetensors)
+
+    return os.getpid()
+
+
+def prewarm(n: int) -> list:
+    """Fire-and-forget: make ``n`` idle Ray workers import torch/amed_core while the caller does other startup."""
+    import ray
+
+    fn = ray.remote(num_cpus=1)(_import_work_modules)
+    return [fn.remote() for _ in range(max(1, n))]
+
+
+def _address() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - informational only
+        return "?"
+
+
+def cluster_has_gpus() -> bool:
+    """True when the cluster has GPUs (asking for num_gpus on a GPU-less cluster would wait forever)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def task_options(compute, *, gpu: bool = True) -> dict:
+    """Ray options of one job: CPUs, GPUs only where the cluster has them, retries when a worker dies."""
+    opts: dict[str, Any] = {"num_cpus": compute.cpus_per_task, "max_retries": compute.task_retries,
+                            "retry_exceptions": False}
+    if gpu and compute.gpus_per_task > 0 and cluster_has_gpus():
+        opts["num_gpus"] = compute.gpus_per_task
+    return opts

@@ -1,0 +1,27 @@
+"""`amed fetch`: a registered sampler (or a folder / fsspec URL) -> a local checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fetch", help="download a registered sampler (models:/NAME@champion) into a checkpoint folder",
+        description="Download predictor.safetensors + sampler.json of a registered AMED sampler. "
+                    "The tracking server comes from --tracking-uri, else $MLFLOW_TRACKING_URI, else the "
+                    "quickstart's sqlite:///amed-runs/quickstart/mlflow.db when it exists in this folder.")
+    p.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, or a folder / fsspec URL")
+    p.add_argument("--out", required=True, help="destination folder (created; files written atomically)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: see above)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flows.registry.loading import fetch
+
+    out = fetch(args.uri, args.out, tracking_uri=args.tracking_uri)
+    print(out)
+    return 0

@@ -1,0 +1,158 @@
+"""The model registry: a candidate logged as a pyfunc from code (``flows/mlflow_model.py``; checked to reproduce its
+checkpoint's samples before it is registered), a version per candidate, and the aliases ``champion`` /
+``best-<solver>``, which move only to a strictly lower value under the same protocol hash (or by hand: :func:`promote`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from flows.registry.tracking import resolve_tracking_uri, tracking
+from flows.results import CandidateResult
+
+log = logging.getLogger("flows.registry")
+
+__all__ = ["CHAMPION", "MODEL_CODE", "solver_alias", "champion_uri", "log_model_checked", "move_alias", "promote",
+           "register_version"]
+
+MODEL_CODE = Path(__file__).resolve().parent.parent / "mlflow_model.py"
+CHAMPION = "champion"
+
+
+def solver_alias(solver: str) -> str:
+    """Per-solver alias: ``amed+ipndm`` -> ``best-amed-ipndm``."""
+    return "best-" + re.sub(r"[^A-Za-z0-9_-]", "-", solver)
+
+
+def champion_uri(name: str) -> str:
+    return f"models:/{name}@{CHAMPION}"
+
+
+def log_model_checked(mlflow, ckpt_dir: Path, ds, denoiser, sampler, seeds: list[int]):
+    """Log the pyfunc from code, load it back, run it once; it must reproduce the local sampler exactly."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from amed_core.teacher import trajectory_inputs
+    from mlflow.models import infer_signature
+
+    label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
+    noise, labels = trajectory_inputs(seeds, denoiser.shape, label_policy="uniform" if label_dim else "none", label_dim=label_dim)
+    onehot = torch.nn.functional.one_hot(labels, label_dim).double() if labels is not None else None
+    expected = sampler(denoiser, noise.double(), class_labels=onehot).x.reshape(len(seeds), -1).numpy()
+    example = pd.DataFrame({"seed": seeds})
+    with warnings.catch_warnings():  # advisory hints (integer schema, type hints, input_example) only
+        warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(example, expected, params={"dtype": "float64"})
+        info = _log_pyfunc(mlflow, ckpt_dir, ds, signature)
+        loaded = mlflow.pyfunc.load_model(info.model_uri)
+        got = np.asarray(loaded.predict(example))
+    if got.shape != expected.shape or not np.array_equal(got, expected):
+        raise RuntimeError(f"logged model {info.model_uri} does not reproduce its checkpoint's samples; not registering it")
+    return info
+
+
+def _log_pyfunc(mlflow, ckpt_dir: Path, ds, signature):
+    return mlflow.pyfunc.log_model(
+        name="sampler",
+        python_model=str(MODEL_CODE),
+        artifacts={"checkpoint": str(ckpt_dir)},
+        model_config={"teacher": ds.teacher, "teacher_options": ds.load_kwargs()},
+        signature=signature,
+        pip_requirements=_pip_requirements(),
+    )
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("amed-distill", "torch", "numpy", "safetensors", "mlflow"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def move_alias(client, name: str, alias: str, version: str, value: float, protocol_hash: str) -> bool:
+    """Move ``alias`` to ``version`` iff there is none yet, or the current holder was measured under the
+    same protocol and ``value`` is strictly lower. Returns whether it moved."""
+    from mlflow.exceptions import MlflowException
+
+    if not math.isfinite(value):
+        return False
+    try:
+        cur = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        cur = None
+    if cur is not None:
+        if str(cur.version) == str(version):
+            return False
+        if cur.tags.get("protocol_hash") != protocol_hash:
+            log.warning("%s@%s (v%s) was measured under protocol %s, v%s under %s: not comparable, alias stays "
+                        "(move it with `amed promote models:/%s/%s --alias %s`)", name, alias, cur.version,
+                        cur.tags.get("protocol_hash"), version, protocol_hash, name, version, alias)
+            return False
+        try:
+            cur_value = float(cur.tags.get("value", "nan"))
+        except ValueError:
+            cur_value = float("nan")
+        if math.isfinite(cur_value) and not value < cur_value:
+            return False
+    client.set_registered_model_alias(name, alias, str(version))
+    return True
+
+
+def promote(uri: str, alias: str = CHAMPION, *, tracking_uri: Optional[str] = None) -> dict:
+    """Point ``alias`` of a registered model at ``models:/NAME/VERSION``, whatever it held: the explicit step after an
+    evaluation protocol changes (sweeps move aliases only between versions measured under one protocol).
+
+    Returns {"name", "alias", "version", "previous"} (previous: the version it held, or None)."""
+    from mlflow.exceptions import MlflowException
+
+    m = re.fullmatch(r"models:/([^/@]+)/(\d+)", uri.strip())
+    if m is None:
+        raise ValueError(f"promote needs models:/NAME/VERSION (a version, not an alias), got {uri!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", alias):
+        raise ValueError(f"alias must be letters, digits, '.', '_' or '-', got {alias!r}")
+    name, version = m.group(1), m.group(2)
+    with tracking(resolve_tracking_uri(tracking_uri)) as client:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException as e:
+            raise ValueError(f"{uri}: no such registered version ({e.message.splitlines()[0]})") from None
+        try:
+            previous = str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            previous = None
+        client.set_registered_model_alias(name, alias, version)
+    log.info("%s@%s -> v%s (was %s)", name, alias, version, f"v{previous}" if previous else "unset")
+    return {"name": name, "alias": alias, "version": version, "previous": previous}
+
+def register_version(mlflow, client, cand: CandidateResult, info, digest: str, run_id: str) -> str:
+    """A new version of the (dataset, NFE) model, or the existing one with the same checkpoint and protocol
+    (a retried register stage must not add duplicates)."""
+    name = cand.registered_name
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, tags={"amed.dataset": cand.dataset, "amed.nfe": str(cand.nfe)},
+                                       description=f"AMED samplers for {cand.dataset} at NFE {cand.nfe}; "
+                                                   f"alias '{CHAMPION}' = best under one evaluation protocol")
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get("checkpoint_sha256") == digest and mv.tags.get("protocol_hash") == cand.protocol.hash:
+            return str(mv.version)
+    tags = {"solver": cand.solver, "base_solver": cand.base_solver, "seed": str(cand.seed), "nfe": str(cand.nfe),
+            "dataset": cand.dataset, "metric": cand.protocol.metric, "protocol_hash": cand.protocol.hash,
+            "protocol": json.dumps(cand.protocol.model_dump(mode="json"), sort_keys=True),
+            "value": repr(float(cand.value)), "base_value": repr(float(cand.base_value)),
+            "checkpoint_sha256": digest, "checkpoint_url": cand.checkpoint_url}
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    return str(mv.version)

@@ -1,0 +1,210 @@
+"""Tracking (and registering) a whole sweep: a parent run per sweep, a child run per candidate with its params, metrics,
+checkpoint, sample grids and a learned-schedule plot; then a registered version and the aliases (registration)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from flows.registry.loading import read_checkpoint, write_files
+from flows.registry.registration import CHAMPION, champion_uri, log_model_checked, move_alias, register_version, solver_alias
+from flows.registry.tracking import experiment, flatten, log_metrics, log_params, resolve_tracking_uri, tracking
+from flows.results import CandidateResult
+from flows.storage.checksums import files_sha256
+from flows.storage.urls import read_url
+
+log = logging.getLogger("flows.registry")
+
+__all__ = ["SweepLog", "log_sweep", "register_sweep"]
+
+
+@dataclass
+class SweepLog:
+    """What log_sweep recorded: parent run, child run and model version per candidate, champions."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    child_run_ids: list[str] = field(default_factory=list)
+    versions: list[tuple[str, str]] = field(default_factory=list)          # (registered name, version)
+    champions: dict[str, str] = field(default_factory=dict)               # name -> models:/name@champion
+    moved: dict[str, bool] = field(default_factory=dict)                  # name -> champion moved in this sweep
+    seconds_per_candidate: list[float] = field(default_factory=list)
+
+
+
+
+_TEACHERS: dict[str, Any] = {}  # (teacher, options) -> denoiser, reused across sweeps in one process
+
+
+def teacher_for(config, dataset: str):
+    from amed_core.denoisers import load_teacher
+
+    ds = next((d for d in config.datasets if d.name == dataset), None)
+    if ds is None:
+        raise ValueError(f"candidate dataset {dataset!r} is not in the sweep's datasets {[d.name for d in config.datasets]}")
+    key = json.dumps([ds.teacher, ds.load_kwargs()], sort_keys=True, default=str)
+    if key not in _TEACHERS:
+        if len(_TEACHERS) >= 2:
+            _TEACHERS.pop(next(iter(_TEACHERS)))
+        _TEACHERS[key] = load_teacher(ds.teacher, **ds.load_kwargs())
+    return ds, _TEACHERS[key]
+
+
+def schedule_png(sampler, denoiser, seeds: list[int], title: str) -> bytes:
+    """Learned schedule: each step's sigma_cur -> sigma_next and the predictor's intermediate time
+    (mean and spread over ``seeds``), on a log axis. Matplotlib (Agg)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from amed_core.teacher import trajectory_inputs
+
+    recorded: dict[int, list] = {}
+
+    def policy(features, t_cur, t_next, step_idx):
+        r, sd, st = sampler.predictor(features, t_cur, t_next, step_idx)
+        recorded.setdefault(int(step_idx), []).append(r.detach().double().reshape(-1))
+        return r, sd, st
+
+    label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
+    noise, labels = trajectory_inputs(seeds, denoiser.shape, label_policy="uniform" if label_dim else "none", label_dim=label_dim)
+    onehot = torch.nn.functional.one_hot(labels, label_dim).double() if labels is not None else None
+    sampler(denoiser, noise.double(), class_labels=onehot, policy=policy)
+    grid = sampler.spec.grid().double().numpy()
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = range(len(grid))
+    ax.plot(steps, grid, "o-", color="0.4", label="student grid sigma_n")
+    for i, rs in sorted(recorded.items()):
+        r = torch.cat(rs)
+        # t_mid = t_cur^(1-r) t_next^r (AMED's geometric intermediate time), shown as mean +- std
+        tc, tn = float(grid[i]), float(grid[i + 1])
+        mids = (tc ** (1 - r) * tn ** r).numpy()
+        ax.errorbar(i + float(r.mean()), mids.mean(), yerr=mids.std(), fmt="s", color="C1",
+                    label="learned intermediate time" if i == min(recorded) else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sigma")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Optional[str] = None,
+              register: bool = True) -> SweepLog:
+    """Track a sweep (parent + child runs) and, with ``register``, register each candidate and move aliases."""
+    import mlflow
+
+    candidates = list(candidates)
+    uri = resolve_tracking_uri(tracking_uri, config=config)
+    cfg_dict = config.model_dump(mode="json")
+    teachers: dict[str, tuple] = {}
+    with tracking(uri) as client:
+        exp_id = experiment(client, config.name, uri)
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"sweep-{config.name}-{config.hash[:8]}",
+                              tags={"amed.sweep": config.name, "amed.config_hash": config.hash}) as parent:
+            res = SweepLog(uri, exp_id, parent.info.run_id)
+            log_params(client, parent.info.run_id, flatten(cfg_dict))
+            mlflow.log_text(config.to_json(), "sweep.json")
+            for cand in candidates:
+                t0 = time.perf_counter()
+                version = _log_candidate(mlflow, client, config, cfg_dict, cand, teachers, res, register)
+                res.seconds_per_candidate.append(time.perf_counter() - t0)
+                log.info("candidate %s %s nfe=%d seed=%d: %s=%.5g (base %s %.5g)%s in %.1fs", cand.dataset, cand.solver,
+                         cand.nfe, cand.seed, cand.protocol.metric, cand.value, cand.base_solver, cand.base_value,
+                         f" -> {cand.registered_name} v{version}" if version else "", res.seconds_per_candidate[-1])
+            if register:
+                for name in sorted({c.registered_name for c in candidates}):
+                    try:
+                        champ = client.get_model_version_by_alias(name, CHAMPION)
+                    except mlflow.exceptions.MlflowException:
+                        continue
+                    res.champions[name] = champion_uri(name)
+                    log_metrics(client, parent.info.run_id, {f"champion_version.{name}": float(champ.version),
+                                                              f"champion_value.{name}": float(champ.tags.get("value", "nan"))})
+                    mlflow.set_tag(f"champion.{name}", f"v{champ.version}")
+    return res
+
+
+def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teachers: dict, res: SweepLog,
+                   register: bool) -> Optional[str]:
+    from amed_core.amed import sampler_from_files
+
+    metric = cand.protocol.metric
+    files = read_checkpoint(cand.checkpoint_url, config.storage_options)
+    sampler = sampler_from_files(files)
+    digest = files_sha256(files)
+    run_name = f"{cand.dataset}-{cand.solver}-nfe{cand.nfe}-seed{cand.seed}"
+    with mlflow.start_run(experiment_id=res.experiment_id, run_name=run_name, nested=True, tags={
+            "amed.dataset": cand.dataset, "amed.solver": cand.solver, "amed.nfe": str(cand.nfe),
+            "amed.seed": str(cand.seed), "amed.metric": metric, "amed.protocol_hash": cand.protocol.hash,
+            "amed.checkpoint_sha256": digest}) as run:
+        rid = run.info.run_id
+        res.child_run_ids.append(rid)
+        params = flatten(cfg_dict)
+        params.update(flatten({"candidate": {k: v for k, v in cand.model_dump(mode="json").items()
+                                              if k not in ("loss_history", "sampler_spec", "artifacts", "value",
+                                                           "base_value", "rmse", "train_seconds")}}))
+        params.update(flatten({"spec": sampler.spec.to_dict()}))
+        log_params(client, rid, params)
+        improvement = cand.base_value - cand.value
+        log_metrics(client, rid, {
+            metric: cand.value, f"base_{metric}": cand.base_value, "improvement": improvement,
+            "improvement_pct": 100 * improvement / cand.base_value if cand.base_value else None,
+            "rmse": cand.rmse, "train_seconds": cand.train_seconds, "teacher_nfe": cand.teacher_nfe,
+            "nfe": cand.nfe}, curves={"train_loss": cand.loss_history})
+        with tempfile.TemporaryDirectory(prefix="amed-log-") as tmp:
+            ckpt = write_files(Path(tmp, "checkpoint"), files)
+            mlflow.log_artifacts(str(ckpt), "checkpoint")
+            for name, url in cand.artifacts.items():
+                try:
+                    p = Path(tmp, "plots", Path(name).name)
+                    p.parent.mkdir(exist_ok=True)
+                    p.write_bytes(read_url(url, name, config.storage_options))
+                    mlflow.log_artifact(str(p), "plots")
+                except (OSError, ValueError) as e:
+                    log.warning("artifact %s (%s) not logged: %s", name, url, e)
+            if cand.dataset not in teachers:
+                teachers[cand.dataset] = teacher_for(config, cand.dataset)
+            ds, denoiser = teachers[cand.dataset]
+            seeds = [cand.protocol.seed, cand.protocol.seed + 1]
+            try:
+                png = schedule_png(sampler, denoiser, list(range(cand.protocol.seed, cand.protocol.seed + 8)),
+                                    f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})")
+                Path(tmp, "plots").mkdir(exist_ok=True)
+                Path(tmp, "plots", "schedule.png").write_bytes(png)
+                mlflow.log_artifact(str(Path(tmp, "plots", "schedule.png")), "plots")
+            except Exception as e:  # a plot must never lose a candidate
+                log.warning("schedule plot for %s not made: %s", run_name, e)
+            if not register:
+                return None
+            t0 = time.perf_counter()
+            info = log_model_checked(mlflow, ckpt, ds, denoiser, sampler, seeds)
+        version = register_version(mlflow, client, cand, info, digest, rid)
+        for alias in (CHAMPION, solver_alias(cand.solver)):
+            moved = move_alias(client, cand.registered_name, alias, version, cand.value, cand.protocol.hash)
+            if alias == CHAMPION:
+                res.moved[cand.registered_name] = res.moved.get(cand.registered_name, False) or moved
+        log_metrics(client, rid, {"log_register_seconds": time.perf_counter() - t0})
+        mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
+        res.versions.append((cand.registered_name, version))
+        return version
+
+
+def register_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Optional[str] = None) -> dict[str, str]:
+    """Track + register a sweep's candidates; returns {registered name: "models:/<name>@champion"}."""
+    return log_sweep(config, candidates, tracking_uri=tracking_uri, register=True).champions
