@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters.edm import NetworkConfig, Preconditioning, PreconditionedDenoiser, save_network
+from .adapters.edm_network import NetworkConfig, Preconditioning, PreconditionedDenoiser, save_network
 from .tiny_unet import TinyUNet, TinyUNetConfig
 
 __all__ = ["TinyUNetConfig", "TrainTinyConfig", "digits_dataset", "train_tiny"]
