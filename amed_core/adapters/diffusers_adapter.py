@@ -1,5 +1,8 @@
 """diffusers UNets (UNet2DModel, UNet2DConditionModel) as EDM-form denoisers, with classifier-free guidance.
 
+(Over 400 lines on purpose: one job, diffusers models as denoisers; the class and its loader share the scheduler,
+prediction-type and prompt conventions below, and splitting them would spread one model format over two files.)
+
 A discrete VP model is trained on x_t = alpha_i x0 + sigma_i^VP eps at i = 0..T-1 with
 alphas_cumprod[i] = alpha_i^2. In EDM's variables x = x_t / alpha (so x = x0 + sigma n) with
 sigma = sqrt(1 - alpha^2) / alpha; the continuous VP time t(sigma) comes from

@@ -1,19 +1,5 @@
-"""Teacher trajectories: what a student trains against, generated once per sweep and sharded.
-
-AMED (Zhou et al., arXiv 2312.00094) trains each student against a teacher ODE solution at the
-student's grid points t_0 > ... > t_{N-1}. The reference regenerates those trajectories in every
-training run; here one teacher serves a whole sweep. A :class:`TeacherSpec` fixes the model (its
-identity, with a content hash), the union U of every student grid of the sweep (each student's times
-are exact points of U), M sub-steps inserted into every interval of U (teacher grid
-``refine(U, M)``, which keeps U's points exactly), the teacher solver, the storage dtype, the number of
-trajectories, the shard size and the base seed. Trajectory ``j`` starts from
-``x(t_0) = t_0 * n_j``, ``n_j ~ N(0, I)`` drawn from its own generator seeded ``base_seed + j``, so a
-shard's content never depends on batch size or worker. The spec's SHA-256 (canonical JSON) names
-its folder in the store.
-
-`TeacherBatch` is the unit the AMED training loop consumes, whether the teacher runs on the fly
-(the reference's way) or is streamed from stored shards (`flows.store`).
-"""
+"""The teacher spec: everything that determines a stored teacher's content (its SHA-256 names its folder), and
+the student grids of a sweep (``"amed:3,5;amed+ipndm:3"`` -> one :class:`StudentGrid` per distinct N)."""
 
 from __future__ import annotations
 
@@ -21,57 +7,22 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from .methods import get_method, get_solver, num_steps_for, pick_afs, solve, solver_options
-from .schedules import ScheduleSpec, grid_indices, refine, union
-from .shards import STORAGE_DTYPES, TeacherShard, storage_dtype
-from .solvers._common import COMMON_OPTIONS
+from ..methods import get_method, get_solver, num_steps_for, pick_afs, solver_options
+from ..schedules import ScheduleSpec, refine, union
+from ..shards import STORAGE_DTYPES, storage_dtype
+from ..solvers import COMMON_OPTIONS
 
-__all__ = [
-    "TeacherBatch",
-    "StudentGrid",
-    "TeacherSpec",
-    "LABEL_POLICIES",
-    "COMPUTE_DTYPES",
-    "num_steps_for",
-    "parse_grid_for",
-    "student_grids_for",
-    "trajectory_inputs",
-    "generate_shard",
-    "student_indices",
-    "shard_to_batches",
-    "teacher_nfe_per_trajectory",
-    "batch_dtype",
-]
+__all__ = ["StudentGrid", "TeacherSpec", "LABEL_POLICIES", "COMPUTE_DTYPES", "SPEC_VERSION", "canonical_json",
+           "freeze_json", "parse_grid_for", "student_grids_for"]
 
 LABEL_POLICIES = ("none", "uniform")
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SPEC_VERSION = 1
 
-
-@dataclass
-class TeacherBatch:
-    """Noise, labels and teacher states at the student's grid.
-
-    noise: (B, C, H, W) standard normal draws; the trajectory starts at noise * sigmas[0].
-    class_labels: (B, label_dim) one-hot labels or None.
-    states: (N, B, C, H, W) teacher states at the student's N grid points; states[0] = noise * sigmas[0].
-    """
-
-    noise: torch.Tensor
-    class_labels: Optional[torch.Tensor]
-    states: torch.Tensor
-
-    def __post_init__(self):
-        if self.states.ndim != self.noise.ndim + 1 or self.states.shape[1:] != self.noise.shape:
-            raise ValueError(f"states must be (N, *noise.shape); got states {tuple(self.states.shape)}, noise {tuple(self.noise.shape)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The spec.
 
 @dataclass(frozen=True)
 class StudentGrid:
@@ -100,14 +51,15 @@ class StudentGrid:
         return cls(schedule=ScheduleSpec.from_dict(dict(d["schedule"])), num_steps=int(d["num_steps"]))
 
 
-def _canonical(obj) -> str:
+def canonical_json(obj) -> str:
+    """Canonical JSON (sorted keys, no whitespace, no NaN): what spec hashes are taken over."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def _freeze_json(value, name: str):
+def freeze_json(value, name: str):
     """A JSON value checked to be JSON (round-trip), returned as plain dict/list/scalars."""
     try:
-        return json.loads(_canonical(value))
+        return json.loads(canonical_json(value))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name} must be JSON-serialisable: {e}") from None
 
@@ -146,7 +98,7 @@ class TeacherSpec:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
 
-        model = _freeze_json(dict(self.model) if isinstance(self.model, Mapping) else self.model, "model")
+        model = freeze_json(dict(self.model) if isinstance(self.model, Mapping) else self.model, "model")
         if not isinstance(model, dict) or "adapter" not in model:
             raise ValueError("model must be the denoiser's identity() dict (with 'adapter' and a content hash)")
         if not any(("hash" in k or "sha" in k) and model[k] for k in model):
@@ -160,7 +112,7 @@ class TeacherSpec:
         grids = tuple(g if isinstance(g, StudentGrid) else StudentGrid.from_dict(g) for g in self.grids)
         if not grids:
             raise ValueError("grids must list at least one student grid (see student_grids_for)")
-        grids = tuple(sorted(set(grids), key=lambda g: (_canonical(g.schedule.to_dict()), g.num_steps)))
+        grids = tuple(sorted(set(grids), key=lambda g: (canonical_json(g.schedule.to_dict()), g.num_steps)))
         object.__setattr__(self, "grids", grids)
         for name in ("num_trajectories", "shard_size"):
             positive_int(name)
@@ -182,7 +134,7 @@ class TeacherSpec:
         if not (isinstance(self.refine_rho, (int, float)) and self.refine_rho > 0):
             raise ValueError(f"refine_rho must be positive, got {self.refine_rho!r}")
         object.__setattr__(self, "refine_rho", float(self.refine_rho))
-        object.__setattr__(self, "solver_options", _freeze_json(dict(self.solver_options), "solver_options"))
+        object.__setattr__(self, "solver_options", freeze_json(dict(self.solver_options), "solver_options"))
         get_solver(self.solver)
         allowed = sorted(set(solver_options(self.solver)) - set(COMMON_OPTIONS))
         bad = sorted(set(self.solver_options) - set(allowed))
@@ -241,7 +193,7 @@ class TeacherSpec:
     @property
     def spec_hash(self) -> str:
         """SHA-256 of the canonical JSON (sorted keys, no whitespace): the store folder name."""
-        return hashlib.sha256(_canonical(self.to_dict()).encode()).hexdigest()
+        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()
 
     @classmethod
     def for_denoiser(cls, denoiser, grids: Sequence[StudentGrid], *, num_trajectories: int, **options) -> "TeacherSpec":
@@ -318,137 +270,3 @@ def student_grids_for(sweep: str | Sequence[tuple[str, int]], schedule: Schedule
         use_afs = afs if afs is not None else (get_method(solver).learned and pick_afs(solver, nfe, None))
         grids.add(StudentGrid(schedule=schedule, num_steps=num_steps_for(solver, nfe, use_afs)))
     return tuple(sorted(grids, key=lambda g: g.num_steps))
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation.
-
-def trajectory_inputs(seeds: torch.Tensor | Sequence[int], shape: Sequence[int], *, label_policy: str = "none",
-                      label_dim: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-sample noise n_j ~ N(0, I) (float64) and class index, each from ``torch.Generator().manual_seed(seed_j)``.
-
-    The noise is drawn first, then (label_policy 'uniform') one class index; batch size never matters.
-    """
-    seeds = [int(s) for s in torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)]
-    noise, labels = [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(s)
-        noise.append(torch.randn(tuple(shape), generator=g, dtype=torch.float64))
-        if label_policy == "uniform":
-            labels.append(torch.randint(label_dim, (1,), generator=g))
-    lab = torch.cat(labels).to(torch.int64) if labels else None
-    return torch.stack(noise), lab
-
-
-def _one_hot(labels: Optional[torch.Tensor], label_dim: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    if labels is None:
-        return None
-    return torch.nn.functional.one_hot(labels, label_dim).to(dtype)
-
-
-def _check_identity(denoiser, spec: TeacherSpec) -> None:
-    have = _freeze_json(denoiser.identity(), "denoiser.identity()")
-    if _canonical(have) != _canonical(spec.model):
-        raise ValueError(f"denoiser identity {have} does not match the teacher spec's model {dict(spec.model)}: "
-                         "load the model the spec was made for")
-
-
-def generate_shard(denoiser, spec: TeacherSpec, index: int, *, batch_size: int | None = None,
-                   device: torch.device | str | None = None) -> TeacherShard:
-    """Shard ``index`` of ``spec``: the teacher solver on ``spec.teacher_grid()``, states kept at U's points.
-
-    Runs under ``torch.no_grad`` in ``spec.compute_dtype`` in chunks of ``batch_size`` (default: the
-    whole shard); the result does not depend on the chunking (per-sample seeds).
-    ``nfe`` = denoiser evaluations per trajectory, as the solver counts them.
-    """
-    _check_identity(denoiser, spec)
-    seeds = spec.seeds(index)
-    noise64, labels = trajectory_inputs(seeds, spec.shape, label_policy=spec.label_policy, label_dim=spec.label_dim)
-    grid = spec.teacher_grid()
-    keep = grid_indices(grid, spec.union_grid())
-    cdtype = COMPUTE_DTYPES[spec.compute_dtype]
-    sdtype = storage_dtype(spec.dtype)
-    if device is None:
-        p = next(iter(list(denoiser.parameters()) + list(denoiser.buffers())), None)
-        device = p.device if p is not None else torch.device("cpu")
-    B = seeds.shape[0]
-    batch_size = B if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chunks, nfe = [], None
-    for lo in range(0, B, batch_size):
-        sl = slice(lo, min(B, lo + batch_size))
-        x = (noise64[sl] * grid[0]).to(device=device, dtype=cdtype)
-        cl = _one_hot(labels[sl] if labels is not None else None, spec.label_dim, cdtype)
-        if cl is not None:
-            cl = cl.to(device)
-        with torch.no_grad():
-            res = solve(spec.solver, denoiser, x, grid, class_labels=cl, return_trajectory=True, **spec.solver_options)
-        traj = res.trajectory[keep.to(res.trajectory.device)]
-        if not torch.isfinite(traj).all():
-            raise FloatingPointError(f"teacher produced non-finite states in shard {index} (solver {spec.solver!r})")
-        chunks.append(traj.to(device="cpu", dtype=sdtype))
-        if nfe is not None and res.nfe != nfe:
-            raise RuntimeError(f"teacher NFE changed between chunks ({nfe} vs {res.nfe})")
-        nfe = res.nfe
-    states = torch.cat(chunks, dim=1)
-    return TeacherShard(spec_hash=spec.spec_hash, index=index, seeds=seeds, noise=noise64.to(sdtype),
-                        states=states.contiguous(), sigmas=spec.union_grid(), labels=labels,
-                        label_dim=spec.label_dim, nfe=int(nfe))
-
-
-def teacher_nfe_per_trajectory(solver: str, sigmas: torch.Tensor, *, shape: Sequence[int] = (1, 1, 1),
-                               **options) -> int:
-    """Exact denoiser evaluations one trajectory of ``solver`` on ``sigmas`` costs (counted, not estimated)."""
-
-    class _Zero(torch.nn.Module):
-        def forward(self, x, sigma, class_labels=None):
-            return torch.zeros_like(x)
-
-    x = torch.ones(1, *shape, dtype=torch.float64)
-    return int(solve(solver, _Zero(), x, sigmas, **options).nfe)
-
-
-# ---------------------------------------------------------------------------------------------
-# Grid slicing: the union grid's states at one student's grid.
-
-def student_indices(union_sigmas: torch.Tensor, student_sigmas: torch.Tensor) -> torch.Tensor:
-    """Positions of a student's times in the stored union grid (ValueError when one is not an exact point,
-    or when the student does not start at the union's first time, where states[0] = noise * sigma_max)."""
-    idx = grid_indices(union_sigmas, student_sigmas)
-    if int(idx[0]) != 0:
-        raise ValueError(f"the student grid starts at sigma {float(student_sigmas[0]):.6g}, the teacher at "
-                         f"{float(union_sigmas[0]):.6g}: stored trajectories start at the teacher's sigma_max")
-    return idx
-
-
-def batch_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of TeacherBatches read from storage of dtype ``stored``: ``dtype``, else the storage dtype with
-    half types widened to float32."""
-    if dtype is not None:
-        return dtype
-    return torch.float32 if stored in (torch.float16, torch.bfloat16) else stored
-
-
-_out_dtype = batch_dtype  # old private name, kept only until flows.storage.stream imports batch_dtype
-
-
-def shard_to_batches(shard: TeacherShard, student_sigmas: torch.Tensor, *, batch_size: int | None = None,
-                     dtype: torch.dtype | None = None) -> Iterator[TeacherBatch]:
-    """TeacherBatches of a shard at a student's grid, in stored order (states[0] = stored noise * sigma_max).
-
-    dtype: output dtype (default: the storage dtype, half types widened to float32).
-    """
-    idx = student_indices(shard.sigmas, student_sigmas)
-    out = batch_dtype(shard.noise.dtype, dtype)
-    noise = shard.noise.to(out)
-    states = shard.states[idx].to(out)
-    states[0] = noise * shard.sigmas[0].to(out)  # the contract: states[0] = noise * sigmas[0], exactly
-    labels = shard.one_hot_labels(out)
-    B = shard.num_samples
-    batch_size = B if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for lo in range(0, B, batch_size):
-        sl = slice(lo, min(B, lo + batch_size))
-        yield TeacherBatch(noise=noise[sl], class_labels=None if labels is None else labels[sl], states=states[:, sl])
