@@ -18,12 +18,11 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from amed_core.amed import BASE_SOLVER as _CORE_BASE
+from amed_core.methods import get_method, method_names
 from flows.storage.checksums import json_digest
 
 __all__ = [
     "AMED_SOLVERS",
-    "BASE_SOLVER",
     "DatasetConfig",
     "TeacherConfig",
     "SamplerConfig",
@@ -35,10 +34,8 @@ __all__ = [
     "quickstart_path",
 ]
 
-# Student solvers (amed_core.amed step names) and the training-free solver each is compared with at the
-# same NFE (AMED-Solver against Heun, every AMED-Plugin against its base).
-BASE_SOLVER: dict[str, str] = dict(_CORE_BASE)
-AMED_SOLVERS = tuple(BASE_SOLVER)
+# Student solvers: the method table's AMED family (each is compared with its ``base`` solver at the same NFE).
+AMED_SOLVERS = method_names("amed")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -207,7 +204,7 @@ class SweepConfig(_Strict):
     @field_validator("solvers")
     @classmethod
     def _solvers(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in BASE_SOLVER]
+        bad = [s for s in v if s not in AMED_SOLVERS]
         if bad:
             raise ValueError(f"unknown solver(s) {bad}; allowed: {list(AMED_SOLVERS)}")
         if len(set(v)) != len(v):
@@ -246,8 +243,9 @@ class SweepConfig(_Strict):
             if stray:
                 raise ValueError(f"{field_name}: {stray} are not in solvers {self.solvers}")
         for s, sc in self.solver_options.items():
-            if s not in ("amed+ipndm", "amed+dpmpp") and sc.afs_in_history is not None:
-                raise ValueError(f"solver_options.{s}.afs_in_history: applies to amed+ipndm / amed+dpmpp only")
+            if "afs_in_history" not in get_method(s).options and sc.afs_in_history is not None:
+                plugins = " / ".join(m for m in AMED_SOLVERS if "afs_in_history" in get_method(m).options)
+                raise ValueError(f"solver_options.{s}.afs_in_history: applies to {plugins} only")
         if self.evaluation.metric == "fd_exact":
             exact = [d.name for d in self.datasets if not d.analytic]
             if exact:
@@ -285,7 +283,7 @@ class SweepConfig(_Strict):
 
 def _check_nfe(solver: str, nfe: int, afs: bool) -> None:
     """Ask amed_core whether the NFE is reachable; its ValueError names the fix."""
-    from amed_core.amed import num_steps_for
+    from amed_core.methods import num_steps_for
 
     try:
         n = num_steps_for(solver, nfe, afs)

@@ -196,7 +196,7 @@ def plan_dataset(cfg: SweepConfig, d: DatasetConfig, store_url: str):
 
 def plan_baseline(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol, reference: str) -> EvalJob:
     """The training-free base solver of ``sp`` at the same NFE, schedule family and noise."""
-    from amed_core.amed import num_steps_for
+    from amed_core.methods import num_steps_for
 
     base, nfe, name = sp.base_solver, sp.nfe, teacher.name
     bopts = _base_options(base, sp)
@@ -259,24 +259,30 @@ def _predictor_config(cfg: SweepConfig, s: str, sc: SamplerConfig):
 
 
 def _sampler_spec(s: str, nfe: int, sc: SamplerConfig, schedule, pc, den):
-    """The student's SamplerSpec; multistep plugins take their history options, amed+dpmpp its DPM-Solver++ ones."""
+    """The student's SamplerSpec, with the sampler options its method accepts (the method table's ``options``:
+    multistep plugins take max_order / afs_in_history, amed+dpmpp also DPM-Solver++'s flags)."""
     from amed_core.amed import SamplerSpec
+    from amed_core.methods import get_method
 
-    plugin = {}
-    if s in ("amed+ipndm", "amed+dpmpp"):
-        plugin.update(max_order=sc.max_order, afs_in_history=sc.afs_in_history)
-    if s == "amed+dpmpp":
-        plugin.update(predict_x0=sc.predict_x0, lower_order_final=sc.lower_order_final)
+    accepted = get_method(s).options
+    plugin = {k: v for k, v in (("max_order", sc.max_order), ("afs_in_history", sc.afs_in_history),
+                                ("predict_x0", sc.predict_x0), ("lower_order_final", sc.lower_order_final))
+              if k in accepted}
     return SamplerSpec.create(s, nfe, afs=sc.afs_for(nfe), schedule=schedule, predictor=pc, denoiser=den, **plugin)
 
 
 def _base_options(base: str, sp) -> dict[str, Any]:
-    """The base solver's options matching the student's (AFS, order, DPM-Solver++ flags)."""
+    """The base solver's options matching the student's (AFS, order, DPM-Solver++ flags), as far as the base accepts
+    them (the method table's ``options``); the order is capped at the base's default, its highest (dpmpp: 3)."""
+    from amed_core.methods import get_method
+
+    m = get_method(base)
     bopts: dict[str, Any] = {"afs": sp.afs}
-    if base in ("ipndm", "dpmpp") and sp.max_order is not None:
-        bopts["max_order"] = min(sp.max_order, 3) if base == "dpmpp" else sp.max_order
-    if base == "dpmpp":
-        bopts.update(predict_x0=sp.predict_x0, lower_order_final=sp.lower_order_final)
+    if "max_order" in m.options and sp.max_order is not None:
+        bopts["max_order"] = min(sp.max_order, m.default_options["max_order"])
+    for k in ("predict_x0", "lower_order_final"):
+        if k in m.options:
+            bopts[k] = getattr(sp, k)
     return bopts
 
 

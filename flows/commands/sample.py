@@ -157,15 +157,15 @@ def _schedules(args, solvers, denoiser) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    from amed_core.evaluate import atomic_write
+    from amed_core.io import atomic_write_bytes
 
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+    atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
 
 
 def _write_npz(path: Path, **arrays) -> None:
     import numpy as np
 
-    from amed_core.evaluate import atomic_write
+    from amed_core.io import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name without it
@@ -180,6 +180,7 @@ def run_base_solvers(args) -> int:
 
     from amed_core import evaluate
     from amed_core.denoisers import load_teacher
+    from amed_core.methods import get_method
 
     solvers = _parse_list(args.solvers, "--solvers")
     for s in solvers:
@@ -199,7 +200,7 @@ def run_base_solvers(args) -> int:
                 raise ValueError(f"--nfe/--afs: {e}") from None
     options = {}
     if args.no_dynamic_thresholding:
-        options = {s: {"dynamic_thresholding": False} for s in solvers if s in ("dpmpp", "unipc")}
+        options = {s: {"dynamic_thresholding": False} for s in solvers if "dynamic_thresholding" in get_method(s).options}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

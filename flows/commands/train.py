@@ -9,14 +9,13 @@ and writes predictor.safetensors + sampler.json (+ train.json with the config an
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-SOLVER_CHOICES = ["amed", "amed+euler", "amed+dpm", "amed+ipndm", "amed+dpmpp"]
-# The reference's schedule for each solver (launch.sh / the paper): AMED-Solver on time_uniform rho=1,
-# DPM-Solver++ on logSNR, the rest on EDM's polynomial rho=7.
-DEFAULT_SCHEDULE = {"amed": ("time_uniform", 1.0), "amed+dpmpp": ("logsnr", 1.0)}
+from amed_core.methods import get_method, method_names
+
+# The AMED methods (the method table's "amed" family); each one's default schedule is the table's (the reference's:
+# AMED-Solver on time_uniform rho=1, DPM-Solver++ on logSNR, the rest on EDM's polynomial rho=7).
+SOLVER_CHOICES = list(method_names("amed"))
 
 
 def register(subparsers) -> None:
@@ -49,13 +48,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def build(args):
     """(denoiser, SamplerSpec, TrainConfig) from the parsed options."""
     from amed_core.amed import PredictorConfig, SamplerSpec, TrainConfig
@@ -63,7 +55,8 @@ def build(args):
     from amed_core.schedules import ScheduleSpec
 
     denoiser = load_teacher(args.teacher)
-    stype, rho = DEFAULT_SCHEDULE.get(args.solver, ("polynomial", 7.0))
+    default = get_method(args.solver).default_schedule
+    stype, rho = default.schedule_type, default.rho
     if args.schedule is not None:
         stype, rho = args.schedule, (1.0 if args.schedule == "time_uniform" else 7.0)
     rho = args.rho if args.rho is not None else rho
@@ -72,7 +65,7 @@ def build(args):
     predictor = PredictorConfig(scale_dir=args.scale_dir, scale_time=scale_time)
     predict_x0 = None if args.predict_x0 is None else args.predict_x0 == "on"
     afs_in_history = None
-    if args.solver in ("amed+ipndm", "amed+dpmpp"):
+    if "afs_in_history" in get_method(args.solver).options:  # the multistep plugins
         afs_in_history = args.preset == "reference" if args.afs_in_history is None else args.afs_in_history == "on"
     elif args.afs_in_history is not None:
         raise ValueError(f"--afs-in-history applies to amed+ipndm / amed+dpmpp only, not {args.solver}")
@@ -90,6 +83,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from amed_core.amed import save_checkpoint, train_amed
+    from amed_core.io import atomic_write_bytes
 
     denoiser, spec, cfg = build(args)
     out = Path(args.out)
@@ -106,10 +100,10 @@ def run(args) -> int:
     result = train_amed(denoiser, spec, cfg, callback=progress)
     bar.close()
     save_checkpoint(out, result.predictor, spec)
-    _atomic_write_text(out / "train.json", json.dumps({
+    atomic_write_bytes(out / "train.json", (json.dumps({
         "train_config": cfg.to_dict(), "seconds": result.seconds, "updates": result.updates,
         "trajectories": result.trajectories, "teacher_nfe_per_trajectory": result.teacher_nfe,
         "final_losses": result.losses[-1] if result.losses else [],
-    }, indent=2) + "\n")
+    }, indent=2) + "\n").encode())
     print(f"wrote {out}/predictor.safetensors, sampler.json, train.json ({result.seconds:.1f} s, {result.updates} updates)")
     return 0

@@ -4,12 +4,11 @@ safetensors + JSON."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+from amed_core.io import atomic_write_bytes
 from flows.registry.tracking import resolve_tracking_uri, tracking
 
 __all__ = ["CHECKPOINT_FILES", "read_checkpoint", "write_files", "is_models_uri", "model_files", "checkpoint_bytes",
@@ -37,15 +36,7 @@ def write_files(out: Path, files: dict[str, bytes]) -> Path:
     """Write each file atomically (weights first, spec last: a folder with sampler.json is complete)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in sorted(files, key=lambda n: n == "sampler.json"):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(files[name])
-            os.replace(tmp, out / name)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(out / name, files[name])
     return out
 
 

@@ -8,16 +8,16 @@ is written last, with the sha256 of the other files: its presence is what "commi
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, Optional
 
+from amed_core.io import atomic_write_bytes
 from flows.storage.checksums import sha256
 
 __all__ = ["RunStore"]
 
 
 class RunStore:
-    """fsspec folder for everything but teacher shards; writes are atomic (temp + move, or one PUT).
+    """fsspec folder for everything but teacher shards; writes are atomic (``amed_core.io`` locally, one PUT elsewhere).
 
     Layout: ``checkpoints/<id>/{predictor.safetensors, sampler.json, train.json}`` (``train.json`` is
     written last: its presence, with the sha256 of the other files, is what "done" means),
@@ -51,13 +51,8 @@ class RunStore:
     def put(self, key: str, data: bytes) -> str:
         """Write atomically: readers see the old object or the whole new one, never a prefix."""
         path = self.path(key)
-        parent = path.rsplit("/", 1)[0]
         if self.local:
-            self.fs.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, path)
+            atomic_write_bytes(path, data)
         else:
             self.fs.pipe_file(path, data)
         return self.url_of(key)

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import torch
 
 from amed_core.shards import TeacherShard
-from amed_core.teacher import TeacherBatch, student_indices
+from amed_core.teacher import TeacherBatch, batch_dtype, student_indices
 from flows.storage.errors import ShardVerificationError
 
 __all__ = ["BatchStream"]
@@ -143,9 +143,7 @@ class BatchStream:
 
 def _slice_shard(shard: TeacherShard, idx: torch.Tensor, n: int, dtype: torch.dtype | None) -> TeacherBatch:
     """One TeacherBatch holding the first n trajectories of a shard at the student's grid points idx."""
-    from amed_core.teacher import _out_dtype
-
-    out = _out_dtype(shard.noise.dtype, dtype)
+    out = batch_dtype(shard.noise.dtype, dtype)
     noise = shard.noise[:n].to(out)
     states = shard.states[idx][:, :n].to(out)
     states[0] = noise * shard.sigmas[0].to(out)

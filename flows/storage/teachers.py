@@ -40,6 +40,7 @@ from typing import Iterator, Mapping, Optional
 import fsspec
 import torch
 
+from amed_core.io import atomic_write_bytes
 from amed_core.shards import TeacherShard
 from amed_core.teacher import TeacherBatch, TeacherSpec
 from flows.storage.checksums import READ_CHECKS, digests, digests_async
@@ -158,12 +159,7 @@ class TeacherStore:
         """Atomically replace ``path`` (temporary name + rename locally; one PUT on object stores)."""
         with self._errors(f"write {path}"):
             if self._local:
-                parent = os.path.dirname(path)
-                os.makedirs(parent, exist_ok=True)
-                tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
+                atomic_write_bytes(path, data)
             else:
                 self.fs.pipe_file(path, data)
 
