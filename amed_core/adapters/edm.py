@@ -1,14 +1,7 @@
 """EDM-form networks: NVlabs EDM pickles (trusted only) and the pickle-free safetensors + JSON format.
 
-Preconditioning (Karras et al. 2022, "Elucidating the design space...", Table 1), converting a raw network
-F(x_in; c_noise, labels) into the denoiser the AMED solvers call (Zhou et al. 2024, arXiv 2312.00094):
-
-    D(x; s) = c_skip(s) x + c_out(s) F(c_in(s) x; c_noise(s), labels)
-
-    kind   c_skip              c_out                    c_in                 c_noise
-    edm    sd^2/(s^2+sd^2)     s sd / sqrt(s^2+sd^2)    1/sqrt(s^2+sd^2)     ln(s)/4
-    vp     1                   -s                       1/sqrt(s^2+1)        (M-1) t(s),  t(s) = (sqrt(b_min^2 + 2 b_d ln(s^2+1)) - b_min) / b_d
-    ve     1                   s                        1                    ln(s/2)
+Preconditioning (Karras et al. 2022, Table 1) and the pickle-free format: :mod:`.edm_network` (its names are
+re-exported here).
 
 Two ways in:
 
@@ -21,10 +14,7 @@ Two ways in:
   ``UNet2DModel``, or NVlabs' classes (``SongUNet`` / ``DhariwalUNet`` constructed from the user's EDM
   checkout, then filled from safetensors: no unpickling). ``convert_edm_pickle`` writes this format once.
 
-AMED features: the reference hooks EDM's last 8x8 encoder block (``enc['8x8_block3']`` for the
-unconditional SongUNets of CIFAR-10/FFHQ/AFHQv2, ``enc['8x8_block2']`` for the conditional DhariwalUNet of
-ImageNet-64); the default here is "the last ``8x8_block`` of ``enc``", which is the same block for those
-checkpoints, and ``mid_block`` for diffusers UNets.
+AMED features: the reference's last 8x8 encoder block (see :mod:`.edm_network`).
 """
 
 from __future__ import annotations
@@ -38,26 +28,12 @@ import torch.nn.functional as F
 
 from ..base_denoiser import BaseDenoiser
 from ._common import cached_state_dict_sha256
+from .edm_network import __all__ as _NETWORK_NAMES
 from .edm_network import (ARCHS, CONFIG_NAME, PRECOND_KINDS, WEIGHTS_NAME, FeatureHookMixin, NetworkConfig, Preconditioning,
                           PreconditionedDenoiser, build_network, default_feature_layer, edm_import_error, edm_labels,
                           get_layer, load_network, on_edm_code_path, save_network)
 
-__all__ = [
-    "PRECOND_KINDS",
-    "ARCHS",
-    "Preconditioning",
-    "NetworkConfig",
-    "PreconditionedDenoiser",
-    "EDMPickleDenoiser",
-    "build_network",
-    "save_network",
-    "load_network",
-    "load_edm_pickle",
-    "convert_edm_pickle",
-    "default_feature_layer",
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-]
+__all__ = [*_NETWORK_NAMES, "EDMPickleDenoiser", "PRECOND_CLASSES", "load_edm_pickle", "convert_edm_pickle"]
 
 PRECOND_CLASSES = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
 

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from ..base_denoiser import FEATURE_SIZE
-from ..solvers._common import (COMMON_OPTIONS, Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option,
-                               check_thresholding, dynamic_threshold, finish, multistep_order, prepare)
-from ..solvers.multistep import dpmpp_update, ipndm_combination
+from ..solvers import (COMMON_OPTIONS, Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option,
+                       check_thresholding, dpmpp_update, dynamic_threshold, finish, ipndm_combination, multistep_order, prepare)
 
 __all__ = ["AMED_SOLVERS", "STEPS", "StepContext", "StepOut", "History", "make_context", "resolve_options", "step_defaults",
            "amed", "amed_euler", "amed_dpm", "amed_ipndm", "amed_dpmpp"]
@@ -113,42 +112,53 @@ def _mid(t_cur, t_next, r):
 
 # -- single-step solvers --------------------------------------------------------------------------
 
-def step_amed(ctx: StepContext, x_cur, i, history: History) -> StepOut:
-    """AMED-Solver: y = x + (s - t_cur) d_cur; g = (y - D(y; a s)) / s; x_next = x + c (t_next - t_cur) g."""
+class Midpoint(NamedTuple):
+    """Where every single-step AMED step stands after its Euler sub-step to the learned time s (see :func:`to_midpoint`)."""
+
+    t_cur: torch.Tensor
+    t_next: torch.Tensor
+    d_cur: torch.Tensor
+    r: torch.Tensor
+    c: torch.Tensor       # scale_dir
+    a: torch.Tensor       # scale_time
+    s: torch.Tensor
+    y: torch.Tensor
+    denoised: torch.Tensor
+
+
+def to_midpoint(ctx: StepContext, x_cur, i) -> Midpoint:
+    """The start the single-step AMED steps share: d_cur at t_cur (AFS on the first step), the policy's (r, c, a) on
+    its features, s = t_next^r t_cur^(1-r), y = x + (s - t_cur) d_cur and D(y; a s)."""
     t_cur, t_next = ctx.t_steps[i], ctx.t_steps[i + 1]
     d_cur, _, feats = _first_direction(ctx, x_cur, t_cur, i)
     r, c, a = _predict(ctx, feats, t_cur, t_next, i, x_cur)
     s = _mid(t_cur, t_next, r)
     y = x_cur + (s - t_cur) * d_cur
-    denoised = ctx.D(y, (a * s).reshape(-1))
-    g = (y - denoised) / s
-    x_next = x_cur + c * (t_next - t_cur) * g
-    return StepOut(x_next, history, r, c, a, denoised)
+    return Midpoint(t_cur, t_next, d_cur, r, c, a, s, y, ctx.D(y, (a * s).reshape(-1)))
+
+
+def step_amed(ctx: StepContext, x_cur, i, history: History) -> StepOut:
+    """AMED-Solver: y = x + (s - t_cur) d_cur; g = (y - D(y; a s)) / s; x_next = x + c (t_next - t_cur) g."""
+    m = to_midpoint(ctx, x_cur, i)
+    g = (m.y - m.denoised) / m.s
+    x_next = x_cur + m.c * (m.t_next - m.t_cur) * g
+    return StepOut(x_next, history, m.r, m.c, m.a, m.denoised)
 
 
 def step_euler(ctx: StepContext, x_cur, i, history: History) -> StepOut:
     """AMED-Plugin on Euler: y = x + (s - t_cur) d_cur; x_next = y + c (t_next - s) (y - D(y; a s)) / s."""
-    t_cur, t_next = ctx.t_steps[i], ctx.t_steps[i + 1]
-    d_cur, _, feats = _first_direction(ctx, x_cur, t_cur, i)
-    r, c, a = _predict(ctx, feats, t_cur, t_next, i, x_cur)
-    s = _mid(t_cur, t_next, r)
-    y = x_cur + (s - t_cur) * d_cur
-    denoised = ctx.D(y, (a * s).reshape(-1))
-    x_next = y + c * (t_next - s) * (y - denoised) / s
-    return StepOut(x_next, history, r, c, a, denoised)
+    m = to_midpoint(ctx, x_cur, i)
+    x_next = m.y + m.c * (m.t_next - m.s) * (m.y - m.denoised) / m.s
+    return StepOut(x_next, history, m.r, m.c, m.a, m.denoised)
 
 
 def step_dpm(ctx: StepContext, x_cur, i, history: History) -> StepOut:
     """AMED-Plugin on DPM-Solver-2: x_next = x + c (t_next - t_cur) [g / (2r) + (1 - 1/(2r)) d_cur]."""
-    t_cur, t_next = ctx.t_steps[i], ctx.t_steps[i + 1]
-    d_cur, _, feats = _first_direction(ctx, x_cur, t_cur, i)
-    r, c, a = _predict(ctx, feats, t_cur, t_next, i, x_cur)
-    s = _mid(t_cur, t_next, r)
-    y = x_cur + (s - t_cur) * d_cur
-    denoised = ctx.D(y, (a * s).reshape(-1))
-    g = (y - denoised) / s
-    x_next = x_cur + c * (t_next - t_cur) * ((1 / (2 * r)) * g + (1 - 1 / (2 * r)) * d_cur)
-    return StepOut(x_next, history, r, c, a, denoised)
+    m = to_midpoint(ctx, x_cur, i)
+    g = (m.y - m.denoised) / m.s
+    r = m.r
+    x_next = x_cur + m.c * (m.t_next - m.t_cur) * ((1 / (2 * r)) * g + (1 - 1 / (2 * r)) * m.d_cur)
+    return StepOut(x_next, history, m.r, m.c, m.a, m.denoised)
 
 
 # -- multistep solvers ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from ..schedules import check_grid
 
 __all__ = ["SolveResult", "StepInfo", "Counter", "COMMON_OPTIONS", "afs_direction", "dynamic_threshold", "prepare", "finish",
-           "check_int_option", "check_thresholding", "multistep_order"]
+           "check_int_option", "check_thresholding", "direction", "multistep_order", "push"]
 
 # Keyword options every solver takes (the rest of a solver's keyword-only parameters are its own options).
 COMMON_OPTIONS = ("class_labels", "afs", "denoise_to_zero", "return_trajectory", "callback")
@@ -66,6 +66,23 @@ class Counter:
 def afs_direction(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Analytical first step (AMED paper, sec. 4): d = x / sqrt(1 + t^2), i.e. D(x; t) ~= x / (1 + t^2)."""
     return x / torch.sqrt(1 + t * t)
+
+
+def direction(D: Counter, x: torch.Tensor, t: torch.Tensor, t_value: float, use_afs: bool):
+    """``(d, denoised)``: the ODE direction d = (x - D(x; t)) / t at the state ``x`` (``t_value``: t as a float), or,
+    with ``use_afs`` (the first step with AFS), d = x / sqrt(1 + t^2) without an evaluation (denoised None)."""
+    if use_afs:
+        return afs_direction(x, t), None
+    denoised = D(x, t)
+    return (x - denoised) / t_value, denoised
+
+
+def push(history: list, value, keep: int) -> None:
+    """Append ``value`` to a multistep history (newest last), keeping the newest ``keep`` entries (0: none)."""
+    if keep > 0:
+        history.append(value)
+        if len(history) > keep:
+            history.pop(0)
 
 
 def dynamic_threshold(x0: torch.Tensor, p: float = 0.995) -> torch.Tensor:

@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ._common import Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option, finish, prepare
+from ._common import Callback, Counter, SolveResult, StepInfo, check_int_option, direction, finish, prepare, push
 from .multistep import combine
 
 __all__ = ["deis", "deis_coefficients", "vp_time", "DEIS_MODES"]
@@ -105,18 +105,10 @@ def deis(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=F
     x_next = x
     for i in range(len(ts) - 1):
         x_cur = x_next
-        denoised = None
-        if afs and i == 0:
-            d_cur = afs_direction(x_cur, t_steps[i])
-        else:
-            denoised = D(x_cur, t_steps[i])
-            d_cur = (x_cur - denoised) / ts[i]
+        d_cur, denoised = direction(D, x_cur, t_steps[i], ts[i], afs and i == 0)
         c = C[i]
         x_next = combine(x_cur, 1.0, [(c[0], d_cur)] + [(c[j], history[-j]) for j in range(1, len(c))])
-        if max_order > 1:
-            history.append(d_cur)
-            if len(history) > max_order - 1:
-                history.pop(0)
+        push(history, d_cur, max_order - 1)
         if states is not None:
             states.append(x_next)
         if callback is not None:

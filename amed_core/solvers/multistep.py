@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from ._common import (Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option, check_thresholding, dynamic_threshold,
-                      finish, multistep_order, prepare)
+from ._common import (Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option, check_thresholding, direction,
+                      dynamic_threshold, finish, multistep_order, prepare, push)
 
 __all__ = ["ipndm", "ipndm_v", "dpmpp", "dpmpp_update", "dpmpp_coefficients", "ipndm_combination",
            "ipndm_v_coefficients", "combine", "IPNDM_COEFFS"]
@@ -95,20 +95,12 @@ def ipndm(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=
     x_next = x
     for i in range(len(ts) - 1):
         x_cur, t_cur, t_next = x_next, ts[i], ts[i + 1]
-        denoised = None
-        if afs and i == 0:
-            d_cur = afs_direction(x_cur, t_steps[i])
-        else:
-            denoised = D(x_cur, t_steps[i])
-            d_cur = (x_cur - denoised) / t_cur
+        d_cur, denoised = direction(D, x_cur, t_steps[i], t_cur, afs and i == 0)
         order = min(max_order, i + 1)
         w = IPNDM_COEFFS[order]
         h = t_next - t_cur
         x_next = combine(x_cur, 1.0, [(h * w[0], d_cur)] + [(h * w[j], history[-j]) for j in range(1, order)])
-        if max_order > 1:
-            history.append(d_cur)
-            if len(history) > max_order - 1:
-                history.pop(0)
+        push(history, d_cur, max_order - 1)
         if states is not None:
             states.append(x_next)
         if callback is not None:
@@ -164,19 +156,12 @@ def ipndm_v(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zer
     x_next = x
     for i in range(len(ts) - 1):
         x_cur, t_cur, t_next = x_next, ts[i], ts[i + 1]
-        denoised = None
-        if afs and i == 0:
-            d_cur = afs_direction(x_cur, t_steps[i])
-        else:
-            denoised = D(x_cur, t_steps[i])
-            d_cur = (x_cur - denoised) / t_cur
+        d_cur, denoised = direction(D, x_cur, t_steps[i], t_cur, afs and i == 0)
         order = min(max_order, i + 1)
         c = ipndm_v_coefficients(ts[i + 1 - order:i + 1], t_next, order)
         h = t_next - t_cur
         x_next = combine(x_cur, 1.0, [(h * c[0], d_cur)] + [(h * c[j], history[-j]) for j in range(1, order)])
-        history.append(d_cur)
-        if len(history) > max_order - 1:
-            history.pop(0)
+        push(history, d_cur, max_order - 1)
         if states is not None:
             states.append(x_next)
         if callback is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Callback, Counter, SolveResult, StepInfo, afs_direction, finish, prepare
+from ._common import Callback, Counter, SolveResult, StepInfo, direction, finish, prepare
 
 
 def euler(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=False, return_trajectory=False,
@@ -17,12 +17,7 @@ def euler(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=
     x_next = x
     for i in range(len(ts) - 1):
         x_cur, t_cur, t_next = x_next, ts[i], ts[i + 1]
-        denoised = None
-        if afs and i == 0:
-            d_cur = afs_direction(x_cur, t_steps[i])
-        else:
-            denoised = D(x_cur, t_steps[i])
-            d_cur = (x_cur - denoised) / t_cur
+        d_cur, denoised = direction(D, x_cur, t_steps[i], t_cur, afs and i == 0)
         x_next = torch.add(x_cur, d_cur, alpha=t_next - t_cur)          # x_cur + (t_next - t_cur) d_cur
         if states is not None:
             states.append(x_next)
@@ -43,11 +38,7 @@ def heun(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=F
         x_cur, t_cur, t_next = x_next, ts[i], ts[i + 1]
         h = t_next - t_cur
         # Euler predictor.
-        if afs and i == 0:
-            d_cur = afs_direction(x_cur, t_steps[i])
-        else:
-            denoised = D(x_cur, t_steps[i])
-            d_cur = (x_cur - denoised) / t_cur
+        d_cur, denoised = direction(D, x_cur, t_steps[i], t_cur, afs and i == 0)
         x_next = torch.add(x_cur, d_cur, alpha=h)
         # Trapezoidal corrector: x_cur + h (d_cur + d_prime) / 2.
         denoised = D(x_next, t_steps[i + 1])
@@ -81,11 +72,7 @@ def dpm2(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=F
     for i in range(len(ts) - 1):
         x_cur, t_cur, t_next = x_next, ts[i], ts[i + 1]
         # Euler step to the intermediate time.
-        if afs and i == 0:
-            d_cur = afs_direction(x_cur, t_steps[i])
-        else:
-            denoised = D(x_cur, t_steps[i])
-            d_cur = (x_cur - denoised) / t_cur
+        d_cur, denoised = direction(D, x_cur, t_steps[i], t_cur, afs and i == 0)
         t_mid = tm[i]
         x_mid = torch.add(x_cur, d_cur, alpha=t_mid - t_cur)
         # Second-order correction from the slope at t_mid.
