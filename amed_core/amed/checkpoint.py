@@ -20,7 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..io import atomic_write_bytes
-from ..solvers._common import SolveResult
+from ..solvers import SolveResult
 from .predictor import AMEDPredictor
 from ..methods import get_solver
 from .spec import SamplerSpec

@@ -21,8 +21,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ..schedules import ScheduleSpec
-from ..solvers import deis, dpm2, dpmpp, euler, heun, ipndm, ipndm_v, unipc
-from ..solvers._common import COMMON_OPTIONS, SolveResult
+from ..solvers import COMMON_OPTIONS, SolveResult, deis, dpm2, dpmpp, euler, heun, ipndm, ipndm_v, unipc
 from . import amed as _amed
 
 __all__ = ["Method", "METHODS", "FAMILIES", "SOLVERS", "get_method", "method_names", "evals_per_step", "nfe_for",

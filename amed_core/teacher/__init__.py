@@ -43,5 +43,3 @@ __all__ = [
     "canonical_json",
     "freeze_json",
 ]
-
-_out_dtype = batch_dtype  # the old private name, kept only until flows.storage.stream imports batch_dtype
