@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from amed_core.methods import get_method, method_names
 from flows.storage.checksums import json_digest
@@ -39,6 +39,15 @@ AMED_SOLVERS = method_names("amed")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def _check_name(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-' (starting with a letter or digit)")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_check_name)]  # a dataset's or a sweep's name (store paths, tags, model names)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -51,17 +60,10 @@ class DatasetConfig(_Strict):
     take their weights from ``weights_url`` (a local path or fsspec URL; never fetched from a hub).
     """
 
-    name: str = Field(description="label used in tags, store paths and registered model names")
+    name: Name = Field(description="label used in tags, store paths and registered model names")
     teacher: str = Field(description="digits-gmm | gmm:PATH.npz | <adapter name> (with weights_url)")
     weights_url: Optional[str] = Field(default=None, description="model adapters: weights file (path or URL)")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword options for load_teacher")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-' (starting with a letter or digit)")
-        return v
 
     @field_validator("teacher")
     @classmethod
@@ -174,7 +176,7 @@ class ComputeConfig(_Strict):
 class SweepConfig(_Strict):
     """datasets x solvers x nfes x seeds, plus how to train, evaluate, store and register them."""
 
-    name: str = Field(default="sweep", description="names runs/<name>/ in the store and the MLflow experiment")
+    name: Name = Field(default="sweep", description="names runs/<name>/ in the store and the MLflow experiment")
     datasets: list[DatasetConfig] = Field(min_length=1)
     solvers: list[str] = Field(default_factory=lambda: ["amed"], min_length=1)
     nfes: list[int] = Field(default_factory=lambda: [3, 5], min_length=1)
@@ -194,13 +196,6 @@ class SweepConfig(_Strict):
     register_models: bool = Field(default=True, description="register winners in MLflow (false: runs/<name>/results.json only)")
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-' (starting with a letter or digit)")
-        return v
-
     @field_validator("solvers")
     @classmethod
     def _solvers(cls, v: list[str]) -> list[str]:
@@ -211,18 +206,12 @@ class SweepConfig(_Strict):
             raise ValueError("solvers must not repeat")
         return v
 
-    @field_validator("nfes")
+    @field_validator("nfes", "seeds")
     @classmethod
-    def _nfes(cls, v: list[int]) -> list[int]:
-        if any(n < 1 for n in v) or len(set(v)) != len(v):
-            raise ValueError(f"NFEs must be distinct positive integers (got {v})")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        if any(s < 0 for s in v) or len(set(v)) != len(v):
-            raise ValueError(f"seeds must be distinct non-negative integers (got {v})")
+    def _distinct(cls, v: list[int], info) -> list[int]:
+        what, low, kind = ("NFEs", 1, "positive") if info.field_name == "nfes" else ("seeds", 0, "non-negative")
+        if any(n < low for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"{what} must be distinct {kind} integers (got {v})")
         return v
 
     @field_validator("storage_options")

@@ -12,7 +12,7 @@ scored next to its training-free base solver at the same NFE.
   the cluster has GPUs); the checkpoint is committed with ``train.json`` written last.
 - **evaluate** (one task per candidate and per base solver): scores cached in the store.
 - **register**: ``runs/<sweep>/results.json`` (list of ``flows.results.CandidateResult``), then
-  ``flows.registry.register_sweep`` when the registry is installed; Prefect table + markdown artifacts.
+  ``flows.registry.register_sweep`` unless ``register_models`` is false; Prefect table + markdown artifacts.
 
 Reruns skip finished work: every task first looks for its committed output in the store (the truth),
 and its Prefect cache key includes that output's hash, so a stale cache can never stand in for a
@@ -186,7 +186,7 @@ def evaluate_stage(job: EvalJob, compute: ComputeConfig) -> dict:
 
 @task(name="register", retries=1, retry_delay_seconds=1)
 def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict, teachers: dict) -> dict:
-    """Write runs/<sweep>/results.json, register winners in MLflow (when installed), publish artifacts."""
+    """Write runs/<sweep>/results.json, register winners in MLflow (register_models), publish artifacts."""
     logger = get_run_logger()
     cfg = SweepConfig.model_validate(cfg_json)
     store = RunStore(plan.store_url, cfg.storage_options)
@@ -209,14 +209,10 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
     results_url = store.put_json(f"runs/{cfg.name}/results.json", payload)
     logger.info("results: %s", results_url)
     champions: dict[str, str] = {}
-    register = None
-    if cfg.register_models:
-        try:
-            from flows.registry import register_sweep as register  # optional: results.json is the record without it
-        except ImportError:
-            logger.info("flows.registry not installed: winners recorded in %s only", results_url)
-    if register is not None:
-        champions = dict(register(cfg, results) or {})
+    if cfg.register_models:  # register_models false: results.json is the record
+        from flows.registry import register_sweep
+
+        champions = dict(register_sweep(cfg, results) or {})
         for name, uri in champions.items():
             logger.info("champion %s -> %s", name, uri)
     _artifacts(cfg, results, scores, plan, results_url, champions)

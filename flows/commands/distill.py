@@ -126,8 +126,10 @@ def run(args) -> int:
         print("\nChampions (load with flows.registry.load_sampler(uri) or `amed fetch URI`):")
         for name, uri in summary["champions"].items():
             print(f"  {name:28s} {uri}")
+    elif not cfg.register_models:
+        print("\nNo models registered (register_models: false): winners are recorded in results.json only.")
     else:
-        print("\nNo registry installed: winners are recorded in results.json only.")
+        print("\nNo champion: no candidate has a finite score under this protocol (see results.json).")
     print("\nOpen the UIs on these runs:")
     if server:
         print(f"  Prefect: {server.rsplit('/api', 1)[0]}")
