@@ -22,6 +22,8 @@
 #   AMED_S3_BUCKET      bucket for MLflow artifacts and the teacher store (default: amed-distill)
 #   AMED_S3_ENDPOINT    an S3 of yours (credentials from the usual AWS_* variables): no moto server then
 #   AMED_STORE_URL      store URL handed to clients (default: s3://$AMED_S3_BUCKET/store)
+#   AMED_MLFLOW_ARTIFACTS  MLflow's --artifacts-destination (default: s3://$AMED_S3_BUCKET/mlflow; e.g. a folder
+#                       under the stack for artifacts that outlive a moto server)
 #   AMED_MLFLOW_WORKERS MLflow server worker processes (default: 2)
 #   AMED_MLFLOW_ALLOWED_HOSTS  passed to `mlflow server --allowed-hosts` when set (exposed servers)
 #   AMED_STACK_TIMEOUT  seconds to wait for each service (default: 180)
@@ -36,8 +38,8 @@
 # Needs: PostgreSQL server binaries (Debian `postgresql`, installed here by apt-get when missing and run as
 # root), and in the Python environment prefect (asyncpg), mlflow, psycopg2-binary, Flask-WTF (auth), moto[server],
 # boto3. Tools are taken from <repo>/.venv/bin when it exists, else from PATH (AMED_BIN overrides).
-# Note: moto keeps objects in memory: MLflow artifacts and store objects on it are lost at `down`; use
-# AMED_S3_ENDPOINT for artifacts that must last.
+# Note: moto keeps objects in memory: MLflow artifacts and store objects on it are lost at `down` (the registry
+# in PostgreSQL stays); use AMED_S3_ENDPOINT (or AMED_MLFLOW_ARTIFACTS) for artifacts that must last.
 set -euo pipefail
 umask 022
 
@@ -123,6 +125,7 @@ fresh_settings() {
   S3_EXTERNAL="${AMED_S3_ENDPOINT:-}"
   if [ -n "$S3_EXTERNAL" ]; then S3_ENDPOINT="$S3_EXTERNAL"; else S3_ENDPOINT="http://127.0.0.1:$S3_PORT"; fi
   STORE_URL="${AMED_STORE_URL:-s3://$BUCKET/store}"
+  MLFLOW_ARTIFACTS="${AMED_MLFLOW_ARTIFACTS:-s3://$BUCKET/mlflow}"
   MLFLOW_WORKERS="${AMED_MLFLOW_WORKERS:-2}"
   MLFLOW_ALLOWED_HOSTS="${AMED_MLFLOW_ALLOWED_HOSTS:-}"
   MLFLOW_ADMIN_USER="${AMED_MLFLOW_ADMIN_USER:-admin}"
@@ -136,7 +139,7 @@ fresh_settings() {
   done
 }
 
-STATE_KEYS=(HOST AUTH PREFECT_PORT MLFLOW_PORT PG_PORT S3_PORT POOL BUCKET S3_EXTERNAL S3_ENDPOINT STORE_URL
+STATE_KEYS=(HOST AUTH PREFECT_PORT MLFLOW_PORT PG_PORT S3_PORT POOL BUCKET S3_EXTERNAL S3_ENDPOINT STORE_URL MLFLOW_ARTIFACTS
             MLFLOW_WORKERS MLFLOW_ALLOWED_HOSTS MLFLOW_ADMIN_USER SRC_PG SRC_PREFECT SRC_MLFLOW SRC_FLASK PG_SOCK
             WITH_WORKER)
 
@@ -463,7 +466,7 @@ start_mlflow() {
   need_port mlflow "$HOST" "$MLFLOW_PORT" AMED_MLFLOW_PORT
   mkdir -p "$STACK/mlflow"
   args=(server --backend-store-uri "postgresql+psycopg2://amed@127.0.0.1:$PG_PORT/mlflow"
-        --artifacts-destination "s3://$BUCKET/mlflow" --host "$HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS")
+        --artifacts-destination "$MLFLOW_ARTIFACTS" --host "$HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS")
   [ -n "$MLFLOW_ALLOWED_HOSTS" ] && args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
   if [ "$AUTH" = 1 ]; then
     "$PY" -c 'import flask_wtf' 2>/dev/null || die "Flask-WTF missing in $BIN: pip install 'mlflow[auth]' (MLflow's basic-auth app)"
@@ -551,7 +554,7 @@ EOF
 # ---------------------------------------------------------------- commands
 print_urls() {
   echo "Prefect UI + API  $(prefect_url)        (PREFECT_API_URL=$(prefect_url)/api; pool $POOL)"
-  echo "MLflow            $(mlflow_url)         (artifacts s3://$BUCKET/mlflow)"
+  echo "MLflow            $(mlflow_url)         (artifacts $MLFLOW_ARTIFACTS)"
   echo "PostgreSQL        127.0.0.1:$PG_PORT    (role amed; databases prefect, mlflow, mlflow_auth)"
   if [ -n "$S3_EXTERNAL" ]; then echo "S3                $S3_ENDPOINT     (yours; store $STORE_URL)"
   else echo "S3 (moto)         $S3_ENDPOINT     (in memory: lost at down; store $STORE_URL)"; fi
