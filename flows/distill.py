@@ -237,9 +237,12 @@ def _artifacts(cfg, results, scores, plan, results_url, champions) -> None:
     key = slug(cfg.name).lower().replace("_", "-").replace(".", "-")
     create_table_artifact(table=results_table(results), key=f"{key}-results",
                           description=f"AMED vs base solver per combination ({results[0].protocol.metric if results else ''}, "
-                                      f"lower is better); {results_url}")
+                                      f"lower is better); {results_url}; store {plan.store_url}; registry "
+                                      f"{_shown(cfg.mlflow_tracking_uri) if cfg.register_models else 'none'}")
     store = RunStore(plan.store_url, cfg.storage_options)
-    lines = [f"# Sweep `{cfg.name}`", "", f"Results: `{results_url}`", ""]
+    lines = [f"# Sweep `{cfg.name}`", "", f"Results: `{results_url}`", "", f"Store: `{plan.store_url}`", "",
+             f"MLflow registry: `{_shown(cfg.mlflow_tracking_uri)}`" if cfg.register_models else
+             "MLflow registry: none (register_models: false)", ""]
     if champions:
         lines += ["## Champions", ""] + [f"- `{n}` -> `{u}`" for n, u in champions.items()] + [""]
     lines += ["## Samples", ""]
@@ -288,12 +291,43 @@ def _warm_registry(cfg: SweepConfig) -> Optional[threading.Thread]:
 # ---------------------------------------------------------------------------------------------
 # The flow.
 
+def text_table(rows: list[dict]) -> str:
+    """Rows of equal keys as a right-aligned plain-text table (the CLI's and the flow's final log lines)."""
+    if not rows:
+        return "(no results)"
+    cols = list(rows[0])
+    cells = [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _preflight(cfg: SweepConfig, logger) -> SweepConfig:
+    """Fix the sweep's registry and store (flows.registry.tracking.PRECEDENCE) and prove the registry answers."""
+    from flows.registry.tracking import check_registry, redact_uri, resolve_endpoints
+
+    cfg = load_sweep(cfg, **resolve_endpoints(cfg))
+    if cfg.register_models:
+        logger.info("registry: %s", check_registry(cfg.mlflow_tracking_uri))
+    else:
+        logger.info("registry: none (register_models: false; %s unused)", redact_uri(cfg.mlflow_tracking_uri))
+    logger.info("store: %s", cfg.store_url)
+    return cfg
+
+
 @flow(name="distill", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
-def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
-    """Distill AMED samplers for every dataset x solver x NFE x seed of a sweep (arXiv 2312.00094)."""
+def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") -> dict:
+    """Distill AMED samplers for every dataset x solver x NFE x seed of a sweep (arXiv 2312.00094).
+
+    Args:
+        sweep: The sweep: the path of a YAML file in the flow's working directory (the repository root, e.g.
+            `configs/deploy-smoke.yaml`), or an object with the same fields (flows/config.py SweepConfig).
+            Registry and store: the sweep's `mlflow_tracking_uri` / `store_url`, else the worker's
+            MLFLOW_TRACKING_URI / AMED_STORE_URL, else SQLite and a folder under ./amed-runs/<name>.
+    """
     logger = get_run_logger()
     t_flow, t_epoch = time.perf_counter(), time.time()
-    cfg = load_sweep(sweep)
+    cfg = _preflight(load_sweep(sweep), logger)  # before any compute: an unreachable registry fails here
     plan = plan_sweep(cfg)
     compute = cfg.compute
     logger.info("sweep %s: %d dataset(s), %d candidate(s), %d base solver run(s); store %s", cfg.name,
@@ -334,9 +368,33 @@ def distill(sweep: Union[SweepConfig, dict, str]) -> dict:
     spans = [s for t in teachers.values() for s in t.get("compute_spans", [])]
     spans += [s for r in list(trained.values()) + list(scores.values()) if not r.get("skipped")
               for s in r.get("compute_spans", [])]
+    table = results_table([CandidateResult.model_validate(r) for r in reg["results"]])
     logger.info("sweep %s done in %.1f s (work: %s)", cfg.name, wall, work)
+    _final_lines(logger, cfg, table, reg)
     return {"sweep": cfg.name, "store_url": plan.store_url, "results_url": reg["results_url"],
-            "champions": reg["champions"], "results": reg["results"], "table": results_table(
-                [CandidateResult.model_validate(r) for r in reg["results"]]),
+            "tracking_uri": _shown(cfg.mlflow_tracking_uri) if cfg.register_models else None,
+            "champions": reg["champions"], "results": reg["results"], "table": table,
             "work": work, "compute_seconds": compute_s, "compute_cpu_seconds": cpu_s, "compute_spans": spans, "ray_start_seconds": ray_info.seconds,
             "wall_seconds": wall, "flow_started": t_epoch}
+
+
+def _shown(uri: str) -> str:
+    from flows.registry.tracking import redact_uri
+
+    return redact_uri(uri)
+
+
+def _final_lines(logger, cfg: SweepConfig, table: list[dict], reg: dict) -> None:
+    """The outcome as the run's last log lines (what `prefect deployment run --watch` and the UI end with)."""
+    metric = cfg.evaluation.metric
+    lines = [f"results of sweep {cfg.name} ({metric}, lower is better; 'base' = the training-free base solver "
+             f"at the same NFE):", text_table(table), f"results.json: {reg['results_url']}"]
+    if reg["champions"]:
+        lines.append(f"champions in {_shown(cfg.mlflow_tracking_uri)} (fetch: amed fetch URI --out DIR):")
+        lines += [f"  {name}: {uri}" for name, uri in reg["champions"].items()]
+    elif cfg.register_models:
+        lines.append("no champion: no candidate has a finite score under this protocol (see results.json)")
+    else:
+        lines.append("no models registered (register_models: false)")
+    for line in "\n".join(lines).splitlines():
+        logger.info("%s", line)

@@ -62,7 +62,7 @@ def _samples(sampler, teacher, seeds=(1000, 1001, 1002)):
     return sampler(teacher, noise).x
 
 
-def test_sweep_tracking_registry_champion_and_fetch(tmp_path, teacher):
+def test_sweep_tracking_registry_champion_and_fetch(tmp_path, teacher, capsys):
     import mlflow
 
     from flows.cli import main
@@ -144,7 +144,19 @@ def test_sweep_tracking_registry_champion_and_fetch(tmp_path, teacher):
     # -- fetch -> sample reproduces the candidate's samples exactly ----------------------------
     want = _samples(load_local(better.checkpoint_url), teacher)
     out = tmp_path / "fetched"
+    capsys.readouterr()
     assert main(["fetch", f"models:/{name}@champion", "--out", str(out), "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    champ = client.get_model_version_by_alias(name, "champion")
+    # what was fetched: model, version, alias, method, NFE, metric value, teacher identity
+    assert f"model    {name} version {champ.version} (fetched as @champion; aliases: " in printed, printed
+    assert f"method   {champ.tags['solver']}  NFE 3" in printed
+    assert f"metric   {champ.tags['metric']} {float(champ.tags['value']):.4g}" in printed
+    assert "teacher  digits-gmm (adapter gmm, sha256 " in printed and str(out) in printed
+    # the champion is named on the model itself (the Models list truncates aliases)
+    model = client.get_registered_model(name)
+    assert model.tags["champion"].startswith(f"v{champ.version} ({champ.tags['solver']}, ")
+    assert model.description.splitlines()[0] == f"champion: {model.tags['champion']}"
     assert sorted(p.name for p in out.iterdir()) == ["predictor.safetensors", "sampler.json"]
     assert torch.equal(_samples(load_local(out), teacher), want)
     assert torch.equal(_samples(load_sampler(f"models:/{name}@champion", tracking_uri=uri), teacher), want)
@@ -200,6 +212,47 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
     cfg = _config("qs", "sqlite:///cfg.db")
     assert resolve_tracking_uri(config=cfg) == "sqlite:///cfg.db"
+
+
+def test_endpoint_precedence_and_preflight(tmp_path, monkeypatch):
+    """flag > sweep field > MLFLOW_TRACKING_URI / AMED_STORE_URL > embedded default; check_registry before compute."""
+    import socket
+    import time
+
+    from flows.registry.tracking import RegistryUnreachable, check_registry, resolve_endpoints
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:1")
+    monkeypatch.setenv("AMED_STORE_URL", "s3://env/store")
+    bare = _config("qs", None)
+    assert resolve_endpoints(bare, default_tracking="sqlite:///d.db", default_store="/d") == \
+        {"mlflow_tracking_uri": "http://env:1", "store_url": "s3://env/store"}
+    swept = bare.model_copy(update={"mlflow_tracking_uri": "http://sweep:1", "store_url": "/sweep"})
+    assert resolve_endpoints(swept) == {"mlflow_tracking_uri": "http://sweep:1", "store_url": "/sweep"}
+    assert resolve_endpoints(swept, tracking_uri="http://flag:1", store_url="/flag") == \
+        {"mlflow_tracking_uri": "http://flag:1", "store_url": "/flag"}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("AMED_STORE_URL")
+    assert resolve_endpoints(bare, default_tracking="sqlite:///d.db", default_store="/d") == \
+        {"mlflow_tracking_uri": "sqlite:///d.db", "store_url": "/d"}
+
+    # preflight: a port nobody listens on fails fast with one line; a local SQLite folder passes
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(RegistryUnreachable, match=rf"MLflow registry http://127.0.0.1:{port} cannot be reached") as e:
+        check_registry(f"http://127.0.0.1:{port}", timeout=3)
+    assert "\n" not in str(e.value) and time.perf_counter() - t0 < 10
+    with pytest.raises(RegistryUnreachable, match="u:\\*\\*\\*@"):  # never the password
+        check_registry(f"http://u:secret@127.0.0.1:{port}", timeout=3)
+    assert check_registry(f"sqlite:///{tmp_path}/sub/mlflow.db").startswith("local MLflow")
+    # amed distill refuses before any compute (no Ray, no Prefect, nothing under --out but the folder)
+    from flows.cli import main
+
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    assert main(["distill", "--out", str(out), "--tracking-uri", f"http://127.0.0.1:{port}"]) == 2
+    assert time.perf_counter() - t0 < 30 and not (out / "store").exists() and not (out / "prefect").exists()
 
 
 @pytest.mark.services

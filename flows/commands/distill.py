@@ -23,21 +23,27 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", nargs="?", default=None, help="sweep YAML/JSON (default: configs/quickstart.yaml)")
     p.add_argument("--out", default=None, help="output folder (default: ./amed-runs/<sweep name>)")
-    p.add_argument("--store", dest="store_url", default=None, help="store URL (default: <out>/store, or the sweep's)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
+    p.add_argument("--store", dest="store_url", default=None, help="store URL (default: the sweep's store_url, else $AMED_STORE_URL, else <out>/store)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the sweep's mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///<out>/mlflow.db); checked before any compute")
     p.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead of starting one")
     p.add_argument("--summary-json", default=None, help="also write the run summary (results, timings) as JSON here")
     p.set_defaults(func=run)
 
 
-def _table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no results)"
-    cols = list(rows[0])
-    cells = [[str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+def free_port(start: int, tries: int = 50) -> int:
+    """The first port from ``start`` nobody listens on at 127.0.0.1 (the UI commands printed below; the local stack
+    uses 4300/5300/5433/5400, Prefect's and MLflow's own defaults are 4200/5000)."""
+    import socket
+
+    for port in range(start, start + tries):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return start
 
 
 def run(args) -> int:
@@ -54,10 +60,13 @@ def run(args) -> int:
     cfg = load_sweep(source)  # ValueError -> "amed distill: error: ..." before anything starts
     out = Path(args.out or Path("amed-runs", cfg.name)).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    overrides = {
-        "store_url": args.store_url or cfg.store_url or str(out / "store"),
-        "mlflow_tracking_uri": args.tracking_uri or cfg.mlflow_tracking_uri or f"sqlite:///{(out / 'mlflow.db').as_posix()}",
-    }
+    from flows.registry.tracking import check_registry, redact_uri, resolve_endpoints
+
+    # flows.registry.tracking.PRECEDENCE: flag > sweep field > MLFLOW_TRACKING_URI / AMED_STORE_URL > under --out
+    overrides = resolve_endpoints(cfg, tracking_uri=args.tracking_uri, store_url=args.store_url,
+                                  default_tracking=f"sqlite:///{(out / 'mlflow.db').as_posix()}",
+                                  default_store=str(out / "store"))
+    registry = check_registry(overrides["mlflow_tracking_uri"]) if cfg.register_models else None  # before any compute
     if args.ray_address:
         overrides["compute"] = {**cfg.compute.model_dump(mode="json"), "ray_address": args.ray_address}
     cfg = load_sweep(cfg, **overrides)
@@ -68,6 +77,7 @@ def run(args) -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.mlflow_tracking_uri)
     server = os.environ.get("PREFECT_API_URL")
     print(f"amed distill: sweep {cfg.name!r} from {source}; writing under {out}", flush=True)
+    print(f"amed distill: registry {registry or 'none (register_models: false)'}; store {cfg.store_url}", flush=True)
 
     # Start the ephemeral Prefect API (a thread) while the local Ray starts (this thread).
     warm_err: list[BaseException] = []
@@ -97,7 +107,7 @@ def run(args) -> int:
         warm.join()
         if warm_err:
             raise warm_err[0]
-        from flows.distill import distill
+        from flows.distill import distill, text_table
 
         marks["flow_start"] = time.time()
         try:
@@ -111,7 +121,7 @@ def run(args) -> int:
         Path(args.summary_json).write_text(json.dumps({**summary, "marks": marks, "wall_seconds_cli": wall}, indent=1))
 
     print()
-    print(_table(summary["table"]))
+    print(text_table(summary["table"]))
     print()
     print(f"metric: {cfg.evaluation.metric} (lower is better), {cfg.evaluation.num_samples} samples; "
           f"'base' = the training-free base solver at the same NFE")
@@ -119,7 +129,7 @@ def run(args) -> int:
     print("\nWritten:")
     print(f"  store         {summary['store_url']}  (teachers/, checkpoints/, evals/)")
     print(f"  results       {summary['results_url']}")
-    print(f"  MLflow        {cfg.mlflow_tracking_uri}")
+    print(f"  MLflow        {redact_uri(cfg.mlflow_tracking_uri)}")
     if not server:
         print(f"  Prefect       {os.environ['PREFECT_HOME']}  (ephemeral API's SQLite database)")
     if summary["champions"]:
@@ -134,9 +144,14 @@ def run(args) -> int:
     if server:
         print(f"  Prefect: {server.rsplit('/api', 1)[0]}")
     else:
-        print(f"  Prefect: PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start --host 127.0.0.1 --port 4200"
-              "   -> http://127.0.0.1:4200")
-    print(f"  MLflow:  mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri} --host 127.0.0.1 --port 5000"
-          "   -> http://127.0.0.1:5000")
+        port = free_port(4210)
+        print(f"  Prefect: PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start --host 127.0.0.1 --port {port}"
+              f"   -> http://127.0.0.1:{port}")
+    if cfg.mlflow_tracking_uri.startswith(("http://", "https://")):
+        print(f"  MLflow:  {redact_uri(cfg.mlflow_tracking_uri)}")
+    else:
+        port = free_port(5010)
+        print(f"  MLflow:  mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri} --host 127.0.0.1 --port {port}"
+              f"   -> http://127.0.0.1:{port}")
     sys.stdout.flush()
     return 0

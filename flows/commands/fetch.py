@@ -20,8 +20,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.registry.loading import fetch
+    from pathlib import Path
 
-    out = fetch(args.uri, args.out, tracking_uri=args.tracking_uri)
-    print(out)
+    from flows.registry.loading import describe, fetch, summary_lines
+
+    out = Path(fetch(args.uri, args.out, tracking_uri=args.tracking_uri))
+    # what was fetched: model, version, alias, method, NFE, metric value, teacher identity
+    files = {"sampler.json": (out / "sampler.json").read_bytes()}
+    for line in summary_lines(describe(args.uri, files, tracking_uri=args.tracking_uri), out):
+        print(line)
     return 0

@@ -12,7 +12,7 @@ from amed_core.io import atomic_write_bytes
 from flows.registry.tracking import resolve_tracking_uri, tracking
 
 __all__ = ["CHECKPOINT_FILES", "read_checkpoint", "write_files", "is_models_uri", "model_files", "checkpoint_bytes",
-           "load_sampler", "fetch"]
+           "load_sampler", "fetch", "describe", "summary_lines"]
 
 CHECKPOINT_FILES = ("predictor.safetensors", "sampler.json")
 
@@ -92,3 +92,62 @@ def fetch(uri: str, out, *, tracking_uri: Optional[str] = None, storage_options:
     load_local(out)  # the copy is a valid checkpoint
     return out
 
+
+
+def describe(uri: str, files: dict[str, bytes], *, tracking_uri: Optional[str] = None) -> dict:
+    """What a checkpoint is: method, NFE, teacher identity (from sampler.json) and, for ``models:/...``, the
+    registered model, version, aliases, metric and value (version tags). Registry lookups that fail leave fields out."""
+    import json
+    import re
+
+    spec = json.loads(files["sampler.json"])
+    spec = spec.get("spec", spec) if isinstance(spec, dict) else {}
+    out: dict = {"source": str(uri), "method": spec.get("solver"), "nfe": spec.get("nfe"),
+                 "num_steps": spec.get("num_steps"), "teacher": spec.get("teacher") or spec.get("teacher_identity")}
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", str(uri).strip())
+    if not m:
+        return out
+    name, alias, version = m.groups()
+    try:
+        with tracking(resolve_tracking_uri(tracking_uri)) as client:
+            mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+            aliases = list(getattr(mv, "aliases", None) or [])
+            tags = dict(mv.tags or {})
+    except Exception:  # noqa: BLE001 - the files are what matters; the summary shows what it could read
+        return {**out, "model": name, "alias": alias, "version": version}
+    value = tags.get("value")
+    out.update(model=name, version=str(mv.version), alias=alias or None, aliases=aliases, metric=tags.get("metric"),
+               value=float(value) if value not in (None, "") else None,
+               base_value=float(tags["base_value"]) if tags.get("base_value") else None,
+               base_solver=tags.get("base_solver"), seed=tags.get("seed"))
+    return out
+
+
+def summary_lines(info: dict, out_dir) -> list[str]:
+    """``amed fetch``'s printed summary of :func:`describe`."""
+    lines = []
+    if info.get("model"):
+        al = ", ".join(info.get("aliases") or []) or "none"
+        lines.append(f"model    {info['model']} version {info.get('version')} (fetched as "
+                     f"{'@' + info['alias'] if info.get('alias') else 'v' + str(info.get('version'))}; aliases: {al})")
+    else:
+        lines.append(f"source   {info['source']}")
+    lines.append(f"method   {info.get('method')}  NFE {info.get('nfe')}  ({info.get('num_steps')} time points)")
+    if info.get("value") is not None:
+        base = (f"; base {info.get('base_solver')} {info['base_value']:.4g}" if info.get("base_value") is not None else "")
+        lines.append(f"metric   {info.get('metric')} {info['value']:.4g}{base} (lower is better)")
+    teacher = info.get("teacher")
+    if isinstance(teacher, dict):
+        digest = teacher.get("content_sha256") or teacher.get("sha256") or ""
+        teacher = (f"{teacher.get('name', '?')} (adapter {teacher.get('adapter', '?')}"
+                   + (f", sha256 {digest[:16]}" if digest else "") + ")") if "name" in teacher else json_short(teacher)
+    lines.append(f"teacher  {teacher or 'unknown'}")
+    lines.append(f"written  {out_dir}")
+    return lines
+
+
+def json_short(d, n: int = 160) -> str:
+    import json
+
+    text = json.dumps(d, sort_keys=True)
+    return text if len(text) <= n else text[: n - 3] + "..."

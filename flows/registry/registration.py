@@ -17,7 +17,7 @@ from flows.results import CandidateResult
 
 log = logging.getLogger("flows.registry")
 
-__all__ = ["CHAMPION", "MODEL_CODE", "solver_alias", "champion_uri", "log_model_checked", "move_alias", "promote",
+__all__ = ["CHAMPION", "MODEL_CODE", "solver_alias", "champion_uri", "log_model_checked", "move_alias", "mark_champion", "promote",
            "register_version"]
 
 MODEL_CODE = Path(__file__).resolve().parent.parent / "mlflow_model.py"
@@ -107,7 +107,32 @@ def move_alias(client, name: str, alias: str, version: str, value: float, protoc
         if math.isfinite(cur_value) and not value < cur_value:
             return False
     client.set_registered_model_alias(name, alias, str(version))
+    if alias == CHAMPION:
+        mark_champion(client, name, str(version))
     return True
+
+
+def mark_champion(client, name: str, version: str) -> str:
+    """Name the champion on the model itself (tag ``champion`` + the description's first line), since MLflow's Models
+    list truncates the alias column. Returns the line, e.g. ``champion: v3 (amed+ipndm, fd_exact 0.01234)``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(name, version)
+        tags = mv.tags or {}
+        try:
+            value = f"{float(tags['value']):.4g}"
+        except (KeyError, ValueError):
+            value = "?"
+        line = f"champion: v{version} ({tags.get('solver', '?')}, {tags.get('metric', 'value')} {value})"
+        client.set_registered_model_tag(name, CHAMPION, line.removeprefix("champion: "))
+        model = client.get_registered_model(name)
+        rest = [ln for ln in (model.description or "").splitlines() if not ln.startswith("champion: ")]
+        client.update_registered_model(name, description="\n".join([line, *rest]))
+    except MlflowException as e:  # cosmetic: the alias is what loading reads
+        log.warning("could not tag %s with its champion v%s: %s", name, version, e)
+        return ""
+    return line
 
 
 def promote(uri: str, alias: str = CHAMPION, *, tracking_uri: Optional[str] = None) -> dict:
@@ -133,6 +158,8 @@ def promote(uri: str, alias: str = CHAMPION, *, tracking_uri: Optional[str] = No
         except MlflowException:
             previous = None
         client.set_registered_model_alias(name, alias, version)
+        if alias == CHAMPION:
+            mark_champion(client, name, version)
     log.info("%s@%s -> v%s (was %s)", name, alias, version, f"v{previous}" if previous else "unset")
     return {"name": name, "alias": alias, "version": version, "previous": previous}
 

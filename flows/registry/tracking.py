@@ -11,12 +11,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["QUICKSTART_DB", "QUICKSTART_TRACKING_URI", "default_tracking_uri", "resolve_tracking_uri", "tracking",
-           "experiment", "flatten", "param_key", "log_params", "log_metrics"]
+__all__ = ["QUICKSTART_DB", "QUICKSTART_TRACKING_URI", "STORE_ENV", "PRECEDENCE", "RegistryUnreachable",
+           "default_tracking_uri", "resolve_tracking_uri", "resolve_store_url", "resolve_endpoints", "check_registry",
+           "redact_uri", "tracking", "experiment", "flatten", "param_key", "log_params", "log_metrics"]
 
 QUICKSTART_DB = Path("amed-runs", "quickstart", "mlflow.db")
 QUICKSTART_TRACKING_URI = f"sqlite:///{QUICKSTART_DB.as_posix()}"
 _PARAM_MAX = 6000  # MLflow's param value limit
+STORE_ENV = "AMED_STORE_URL"
+#: The one precedence for where a sweep registers and stores (``amed distill``, the deployments, ``amed fetch``).
+PRECEDENCE = ("explicit (CLI flag / function argument) > sweep field (mlflow_tracking_uri, store_url) > "
+              "environment (MLFLOW_TRACKING_URI, AMED_STORE_URL) > embedded default (SQLite / folder under the run folder)")
 
 
 def default_tracking_uri(sweep_name: str) -> str:
@@ -42,6 +47,96 @@ def resolve_tracking_uri(explicit: Optional[str] = None, *, config=None) -> str:
         return f"sqlite:///{QUICKSTART_DB.absolute().as_posix()}"
     raise ValueError("no MLflow tracking URI: pass --tracking-uri, set MLFLOW_TRACKING_URI, or run in the folder where "
                      f"`amed distill` wrote {QUICKSTART_DB}")
+
+
+def resolve_store_url(explicit: Optional[str] = None, *, config=None, default: Optional[str] = None) -> str:
+    """Explicit > the sweep's ``store_url`` > ``$AMED_STORE_URL`` > ``default`` (else ``./amed-runs/<sweep>/store``)."""
+    if explicit:
+        return explicit
+    if config is not None and getattr(config, "store_url", None):
+        return config.store_url
+    if os.environ.get(STORE_ENV):
+        return os.environ[STORE_ENV]
+    if default:
+        return default
+    if config is None:
+        raise ValueError(f"no store URL: pass --store, set store_url in the sweep or ${STORE_ENV}")
+    return str(Path("amed-runs", config.name, "store").absolute())
+
+
+def resolve_endpoints(config, *, tracking_uri: Optional[str] = None, store_url: Optional[str] = None,
+                      default_tracking: Optional[str] = None, default_store: Optional[str] = None) -> dict[str, str]:
+    """``{"mlflow_tracking_uri", "store_url"}`` for a sweep under :data:`PRECEDENCE` (load_sweep overrides)."""
+    uri = tracking_uri or getattr(config, "mlflow_tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI") \
+        or default_tracking or default_tracking_uri(config.name)
+    return {"mlflow_tracking_uri": uri, "store_url": resolve_store_url(store_url, config=config, default=default_store)}
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without a password (``http://user:***@host``) for logs and artifacts."""
+    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", str(uri))
+
+
+class RegistryUnreachable(ValueError):
+    """The configured MLflow tracking server / registry cannot be used (raised before any compute)."""
+
+
+def check_registry(uri: str, timeout: float = 10.0) -> str:
+    """Preflight: prove the MLflow registry at ``uri`` answers before a long sweep starts; return a one-line description.
+
+    - ``http(s)://``: one registry API call (``registered-models/search``, credentials from
+      ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``) within ``timeout`` seconds; a server that
+      does not answer, refuses the credentials or is not MLflow raises.
+    - ``sqlite:///PATH``: the database's folder exists or can be created and is writable.
+    - ``file:`` / a plain path: the folder can be created and written.
+    - other schemes (``databricks``, plugins): not checked here (returned as such).
+
+    Raises :class:`RegistryUnreachable` (a ValueError) with one line naming the URI, the cause and the fix.
+    """
+    import base64
+    import urllib.error
+    import urllib.request
+
+    uri = str(uri)
+    shown = redact_uri(uri)
+    fix = "start it (infra/local-stack.sh up) or point MLFLOW_TRACKING_URI / --tracking-uri / mlflow_tracking_uri at a live one"
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/api/2.0/mlflow/registered-models/search?max_results=1"
+        req = urllib.request.Request(url, headers={"Accept": "application/json"})
+        user, pw = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+        if user and pw:
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode())
+        elif token:
+            req.add_header("Authorization", f"Bearer {token}")
+        t0 = time.perf_counter()
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read(1 << 16)
+            json.loads(body or b"{}")
+        except urllib.error.HTTPError as e:
+            why = {401: "credentials refused (set MLFLOW_TRACKING_USERNAME/PASSWORD)", 403: "access denied",
+                   404: "no MLflow registry API there"}.get(e.code, f"HTTP {e.code}")
+            raise RegistryUnreachable(f"MLflow registry {shown} is not usable: {why}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise RegistryUnreachable(f"MLflow registry {shown} cannot be reached within {timeout:g} s ({reason}): "
+                                      f"{fix}") from None
+        except ValueError:
+            raise RegistryUnreachable(f"MLflow registry {shown} answered, but not as an MLflow server: {fix}") from None
+        return f"MLflow server {shown} (answered in {time.perf_counter() - t0:.2f} s)"
+    if uri.startswith("sqlite:///") or uri.startswith("file:") or "://" not in uri:
+        path = Path(uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri.removeprefix("file://").removeprefix("file:"))
+        folder = path.parent if uri.startswith("sqlite:///") else path
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            ok = os.access(folder, os.W_OK)
+        except OSError as e:
+            raise RegistryUnreachable(f"MLflow registry {shown}: cannot create {folder} ({e.strerror})") from None
+        if not ok:
+            raise RegistryUnreachable(f"MLflow registry {shown}: {folder} is not writable")
+        return f"local MLflow {shown}"
+    return f"MLflow {shown} (scheme not checked)"
 
 
 @contextlib.contextmanager
