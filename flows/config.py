@@ -16,10 +16,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from amed_core.methods import get_method, method_names
 from flows.storage.checksums import json_digest
+from flows.storage.credentials import secret_paths
 
 __all__ = [
     "AMED_SOLVERS",
@@ -46,6 +47,25 @@ def _check_name(v: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_check_name)]  # a dataset's or a sweep's name (store paths, tags, model names)
+
+# Bounds that keep a typo from becoming an allocation or an overflow deep inside a Ray task: NFE 10**9 asks for a
+# 10**9-point grid; torch seeds are 64-bit and every trajectory adds its index to the base seed.
+MAX_NFE = 1000
+MAX_SEED = 2**53
+# A sweep file is a few KiB; refuse large files and alias-heavy YAML (a "billion laughs" bomb) before parsing into memory.
+MAX_SWEEP_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 100_000
+MAX_OPTION_DEPTH = 8
+
+def _depth(v: Any, level: int = 0) -> int:
+    if level > MAX_OPTION_DEPTH:
+        return level
+    if isinstance(v, dict):
+        return max([_depth(x, level + 1) for x in v.values()] or [level + 1])
+    if isinstance(v, (list, tuple)):
+        return max([_depth(x, level + 1) for x in v] or [level + 1])
+    return level
 
 
 class _Strict(BaseModel):
@@ -76,6 +96,15 @@ class DatasetConfig(_Strict):
                 raise ValueError(f"mixture file {path!r} does not exist (gmm:PATH.npz needs an existing .npz file)")
         return v
 
+    @model_validator(mode="after")
+    def _options(self):
+        unknown, allowed = _unknown_teacher_options(self.teacher, self.options)
+        if unknown:
+            raise ValueError(f"options: teacher {self.teacher!r} takes no option(s) {unknown}; allowed: {allowed}")
+        if _depth(self.options) > MAX_OPTION_DEPTH:
+            raise ValueError(f"options: nested more than {MAX_OPTION_DEPTH} levels deep")
+        return self
+
     @property
     def analytic(self) -> bool:
         """True for Gaussian-mixture teachers (exact moments: metric fd_exact is available)."""
@@ -88,15 +117,35 @@ class DatasetConfig(_Strict):
         return kw
 
 
+def _unknown_teacher_options(teacher: str, options: dict) -> tuple[list[str], list[str]]:
+    """Options the teacher's constructor does not take (checked here, before any service starts), and those it does."""
+    import inspect
+
+    from amed_core.adapters import BUILTIN_NETWORKS, BUILTIN_TEACHERS, TEACHER_PREFIXES, GaussianMixtureDenoiser
+
+    if teacher in BUILTIN_TEACHERS or teacher.startswith("gmm:"):
+        params = inspect.signature(GaussianMixtureDenoiser.__init__).parameters.values()
+        allowed = sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        if teacher in BUILTIN_TEACHERS:
+            allowed.remove("name")  # set by the built-in name
+    elif teacher in BUILTIN_NETWORKS:
+        allowed = sorted(TEACHER_PREFIXES["tiny-unet"])
+    elif teacher.partition(":")[0] in TEACHER_PREFIXES:
+        allowed = sorted(TEACHER_PREFIXES[teacher.partition(":")[0]])
+    else:
+        return [], []  # an unknown teacher name is reported when it is loaded (plan_sweep), naming the choices
+    return sorted(set(options) - set(allowed)), allowed
+
+
 class TeacherConfig(_Strict):
     """How teacher trajectories are made and stored (one teacher per dataset serves every student)."""
 
     solver: str = Field(default="heun", description="training-free solver the teacher integrates with")
     M: int = Field(default=1, ge=1, le=16, description="teacher sub-steps inserted between two student points")
-    num_trajectories: int = Field(default=10_000, ge=1, description="stored trajectories (paper: 10k)")
+    num_trajectories: int = Field(default=10_000, ge=1, le=MAX_SEED, description="stored trajectories (paper: 10k)")
     shard_size: int = Field(default=1_000, ge=1, description="trajectories per shard file")
     dtype: Literal["float32", "float64"] = "float32"
-    seed: int = Field(default=0, ge=0, description="noise seed of trajectory 0 (trajectory i uses seed + i)")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="noise seed of trajectory 0 (trajectory i uses seed + i)")
 
 
 class SamplerConfig(_Strict):
@@ -143,8 +192,8 @@ class EvalConfig(_Strict):
     """How candidates and base solvers are scored (lower is better); per-sample seeds, so batching never matters."""
 
     metric: Literal["fd_exact", "rmse", "fid"] = Field(default="fd_exact")
-    num_samples: int = Field(default=10_000, ge=2)
-    seed: int = Field(default=1_000_000, ge=0, description="noise seed of sample 0 (disjoint from teacher seeds)")
+    num_samples: int = Field(default=10_000, ge=2, le=MAX_SEED)
+    seed: int = Field(default=1_000_000, ge=0, le=MAX_SEED, description="noise seed of sample 0 (disjoint from teacher seeds)")
     batch_size: int = Field(default=1_000, ge=1)
     fid_stats: Optional[str] = Field(default=None, description="metric fid: reference statistics (.npz path/URL)")
     inception_weights: Optional[str] = Field(default=None, description="metric fid: Inception weights (path/URL)")
@@ -179,8 +228,9 @@ class SweepConfig(_Strict):
     name: Name = Field(default="sweep", description="names runs/<name>/ in the store and the MLflow experiment")
     datasets: list[DatasetConfig] = Field(min_length=1)
     solvers: list[str] = Field(default_factory=lambda: ["amed"], min_length=1)
-    nfes: list[int] = Field(default_factory=lambda: [3, 5], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    nfes: list[StrictInt] = Field(default_factory=lambda: [3, 5], min_length=1,
+                                  description=f"student NFEs, integers 1..{MAX_NFE}")
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0], min_length=1, description=f"training seeds 0..{MAX_SEED}")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     solver_options: dict[str, SamplerConfig] = Field(
@@ -209,17 +259,22 @@ class SweepConfig(_Strict):
     @field_validator("nfes", "seeds")
     @classmethod
     def _distinct(cls, v: list[int], info) -> list[int]:
-        what, low, kind = ("NFEs", 1, "positive") if info.field_name == "nfes" else ("seeds", 0, "non-negative")
-        if any(n < low for n in v) or len(set(v)) != len(v):
-            raise ValueError(f"{what} must be distinct {kind} integers (got {v})")
+        what, low, high = ("NFEs", 1, MAX_NFE) if info.field_name == "nfes" else ("seeds", 0, MAX_SEED)
+        if any(not low <= n <= high for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"{what} must be distinct integers in {low}..{high} (got {v})")
         return v
 
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        secret = [k for k in v if any(w in k.lower() for w in ("secret", "password", "token"))]
+        # The config is recorded (MLflow params, sweep.json, Prefect, results.json): no secret may be in it, at any depth.
+        secret = secret_paths(v)
         if secret:
-            raise ValueError(f"{secret} look like credentials; put them in AWS_* environment variables instead")
+            raise ValueError(f"{secret} look like credentials (values not shown); the config is recorded, so put "
+                             "them in the environment instead: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+                             "AWS_SESSION_TOKEN or AWS_PROFILE")
+        if _depth(v) > MAX_OPTION_DEPTH:
+            raise ValueError(f"nested more than {MAX_OPTION_DEPTH} levels deep")
         return v
 
     @model_validator(mode="after")
@@ -295,7 +350,8 @@ def _format(e: ValidationError) -> str:
             msg = "required field is missing"
         got = err.get("input")
         if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
-            msg += f" (got {got!r})"
+            shown = repr(got)
+            msg += f" (got {shown[:80] + '...' if len(shown) > 80 else shown})"
         lines.append(f"  {loc}: {msg}")
     return "invalid sweep config:\n" + "\n".join(lines)
 
@@ -329,6 +385,67 @@ def quickstart_path() -> Path:
     raise ValueError("configs/quickstart.yaml not found: pass a sweep file (amed distill PATH.yaml)")
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a long one-line YAML text taken for a file name
+        return False
+
+
+def _read_sweep_file(path: Path, name: str) -> str:
+    """The text of a sweep file: a regular file of at most MAX_SWEEP_BYTES (checked before reading; a FIFO or a
+    device would block or never end)."""
+    import stat
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ValueError(f"sweep file {name!r} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"sweep file {name!r} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"sweep file {name!r} is not a regular file; give the path of a YAML/JSON file")
+    if st.st_size > MAX_SWEEP_BYTES:
+        raise ValueError(f"sweep file {name!r} is {st.st_size} bytes; a sweep config is at most {MAX_SWEEP_BYTES} "
+                         "bytes (is it the right file?)")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"sweep file {name!r} is not UTF-8 text (a YAML/JSON sweep config is)") from None
+
+
+def _safe_yaml(text: str) -> Any:
+    """yaml.safe_load after refusing, on the event stream (aliases not expanded), text that is too large or uses too
+    many aliases (a "billion laughs" bomb expands a few hundred bytes into gigabytes)."""
+    import yaml
+
+    if len(text) > MAX_SWEEP_BYTES:
+        raise ValueError(f"sweep config is {len(text)} characters; at most {MAX_SWEEP_BYTES} are read")
+    try:
+        aliases, sizes, stack = 0, {}, [[None, 0]]  # stack: [anchor, expanded node count] per open collection
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                stack[-1][1] += sizes.get(event.anchor, 1)
+            elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                stack.append([event.anchor, 1])
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                anchor, n = stack.pop()
+                if anchor is not None:
+                    sizes[anchor] = n
+                stack[-1][1] += n
+            elif isinstance(event, yaml.ScalarEvent):
+                if event.anchor is not None:
+                    sizes[event.anchor] = 1
+                stack[-1][1] += 1
+            if aliases > MAX_YAML_ALIASES or stack[0][1] > MAX_YAML_NODES or any(f[1] > MAX_YAML_NODES for f in stack[-1:]):
+                raise ValueError(f"sweep config expands, through YAML aliases (*name), to more than {MAX_YAML_NODES} values "
+                                 f"or uses more than {MAX_YAML_ALIASES} aliases; write the values out instead")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"sweep config is not valid YAML/JSON: {e}") from None
+
+
 def load_sweep(source: Union["SweepConfig", dict, str, Path], **overrides: Any) -> SweepConfig:
     """A validated SweepConfig from a model, a dict, a YAML/JSON file path or a YAML/JSON string.
 
@@ -342,16 +459,9 @@ def load_sweep(source: Union["SweepConfig", dict, str, Path], **overrides: Any) 
     elif isinstance(source, (str, Path)):
         text = str(source)
         path = Path(text).expanduser()
-        if isinstance(source, Path) or (("\n" not in text) and (text.endswith((".yaml", ".yml", ".json")) or path.is_file())):
-            if not path.is_file():
-                raise ValueError(f"sweep file {text!r} does not exist")
-            text = path.read_text()
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"sweep config is not valid YAML/JSON: {e}") from None
+        if isinstance(source, Path) or (("\n" not in text) and (text.endswith((".yaml", ".yml", ".json")) or _is_file(path))):
+            text = _read_sweep_file(path, text)
+        data = _safe_yaml(text)
         if not isinstance(data, dict):
             raise ValueError("sweep config must be a mapping with at least 'datasets'")
     else:

@@ -39,6 +39,7 @@ from flows.config import ComputeConfig, SweepConfig, load_sweep
 from flows.plan import EvalJob, SweepPlan, TeacherJob, TrainJob, plan_sweep, slug
 from flows.results import CandidateResult
 from flows.storage.checksums import json_digest, sha256
+from flows.storage.credentials import redact
 from flows.storage.runs import RunStore
 from flows.storage.teachers import TeacherStore
 
@@ -205,7 +206,7 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
             value=sc["value"], base_value=base["value"], rmse=sc.get("rmse"), train_seconds=tr.get("train_seconds", 0.0),
             teacher_nfe=int(teacher.get("nfe_total", 0)), loss_history=tr.get("loss_history", []),
             artifacts=artifacts, sampler_spec=c.train.sampler_spec))
-    payload = {"sweep": cfg.name, "config": cfg_json, "results": [r.model_dump(mode="json") for r in results]}
+    payload = {"sweep": cfg.name, "config": redact(cfg_json), "results": [r.model_dump(mode="json") for r in results]}
     results_url = store.put_json(f"runs/{cfg.name}/results.json", payload)
     logger.info("results: %s", results_url)
     champions: dict[str, str] = {}

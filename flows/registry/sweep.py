@@ -16,6 +16,7 @@ from flows.registry.registration import CHAMPION, champion_uri, log_model_checke
 from flows.registry.tracking import experiment, flatten, log_metrics, log_params, resolve_tracking_uri, tracking
 from flows.results import CandidateResult
 from flows.storage.checksums import files_sha256
+from flows.storage.credentials import redact
 from flows.storage.urls import read_url
 
 log = logging.getLogger("flows.registry")
@@ -111,7 +112,7 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
 
     candidates = list(candidates)
     uri = resolve_tracking_uri(tracking_uri, config=config)
-    cfg_dict = config.model_dump(mode="json")
+    cfg_dict = redact(config.model_dump(mode="json"))  # validation refuses secrets; redact again before recording
     teachers: dict[str, tuple] = {}
     with tracking(uri) as client:
         exp_id = experiment(client, config.name, uri)
@@ -119,7 +120,7 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
                               tags={"amed.sweep": config.name, "amed.config_hash": config.hash}) as parent:
             res = SweepLog(uri, exp_id, parent.info.run_id)
             log_params(client, parent.info.run_id, flatten(cfg_dict))
-            mlflow.log_text(config.to_json(), "sweep.json")
+            mlflow.log_text(json.dumps(cfg_dict, indent=2), "sweep.json")
             for cand in candidates:
                 t0 = time.perf_counter()
                 version = _log_candidate(mlflow, client, config, cfg_dict, cand, teachers, res, register)

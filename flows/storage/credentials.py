@@ -10,18 +10,52 @@ in an exception chain (the stores turn it into :class:`~flows.storage.errors.Sto
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping, Optional
 
-__all__ = ["redact", "s3_options_from_env", "merge_s3_options", "credential_problem"]
+__all__ = ["redact", "secret_paths", "is_secret_key", "s3_options_from_env", "merge_s3_options", "credential_problem"]
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+# Keys whose values are credentials (compared lower case without '_' and '-'), anywhere in a tree of options.
+_SECRET_PARTS = ("secret", "password", "passwd", "token", "credential", "sastoken", "connectionstring")
+_SECRET_KEYS = ("sas", "pass", "pwd")
+_URL_PASSWORD = re.compile(r"(://[^/@\s:]*):[^/@\s]*@")
+
+
+def is_secret_key(key: Any) -> bool:
+    """``key``, ``secret``, ``aws_secret_access_key``, ``token``, ``SSECustomerKey``, ``password``, ... (not
+    ``endpoint_url``, ``region_name``, ``signature_version``)."""
+    norm = re.sub(r"[_\-]", "", str(key).lower())
+    return norm in _SECRET_KEYS or norm.endswith("key") or any(w in norm for w in _SECRET_PARTS)
+
+
+def secret_paths(options: Any, prefix: str = "storage_options") -> list[str]:
+    """Paths of every credential-looking entry anywhere in a tree of options (secret-looking keys with a value; URLs
+    with a password in them)."""
+    out: list[str] = []
+    if isinstance(options, Mapping):
+        for k, v in options.items():
+            path = f"{prefix}.{k}"
+            if is_secret_key(k) and v not in (None, "", False):
+                out.append(path)
+            else:
+                out += secret_paths(v, path)
+    elif isinstance(options, (list, tuple)):
+        for i, v in enumerate(options):
+            out += secret_paths(v, f"{prefix}[{i}]")
+    elif isinstance(options, str) and _URL_PASSWORD.search(options):
+        out.append(prefix)
+    return out
 
 
 def redact(options: Any) -> Any:
-    """A copy of storage options with every secret-looking value replaced by '***' (safe to print)."""
+    """A copy of a tree of options (or a whole config) with every secret-looking value replaced by '***', at any depth
+    (safe to print or record)."""
     if isinstance(options, Mapping):
-        return {k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and not isinstance(v, Mapping) else redact(v))
-                for k, v in options.items()}
+        return {k: ("***" if is_secret_key(k) and v not in (None, "", False) else redact(v)) for k, v in options.items()}
+    if isinstance(options, (list, tuple)):
+        return [redact(v) for v in options]
+    if isinstance(options, str):
+        return _URL_PASSWORD.sub(r"\1:***@", options)
     return options
 
 

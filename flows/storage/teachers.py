@@ -109,8 +109,8 @@ class TeacherStore:
             if problem is not None:
                 raise StoreCredentialsError(
                     f"no usable credentials for {self.url} while trying to {what} ({problem}). Set AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in the store's storage options; "
-                    "AWS_ENDPOINT_URL selects a non-AWS endpoint.") from None
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment; credentials never go in storage "
+                    "options or the sweep config (they are recorded). AWS_ENDPOINT_URL selects a non-AWS endpoint.") from None
             raise
 
     # -- paths ------------------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""Faults and bad inputs (issue 15): the fast probes, run in CI. ``bench/reliability.py`` runs these and the heavy
+ones (SIGKILL during each stage, full disk, S3 killed mid-generate, ...) and prints the table kept in BENCHMARKS.md.
+
+Every bad input must end in one line that names the problem and the fix, a non-zero exit, no traceback, and nothing
+partial written. Each test here failed on the code before its fix (issue 15's list), or keeps a solid behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from flows.config import load_sweep
+from flows.storage.credentials import redact, secret_paths
+
+REPO = Path(__file__).resolve().parents[1]
+AMED = [sys.executable, "-m", "flows.cli"]
+MINIMAL = {"datasets": [{"name": "digits", "teacher": "digits-gmm"}]}
+CANARY = "AMEDCANARY0SECRET0do0not0leak0000000000"
+
+
+def amed(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``amed ARGS`` as a real process (what a user runs); stdout + stderr captured."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([*AMED, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """A non-zero exit with a short error and no traceback; returns stderr."""
+    assert proc.returncode != 0, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr) < 2000, proc.stderr
+    return proc.stderr
+
+
+def _error(data) -> str:
+    with pytest.raises(ValueError) as e:
+        load_sweep(data)
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Secrets: refused anywhere in storage_options; redacted wherever a config is recorded.
+
+@pytest.mark.parametrize("options", [
+    {"client_kwargs": {"aws_secret_access_key": CANARY}},
+    {"client_kwargs": {"aws_session_token": CANARY}},
+    {"key": "AKIAEXAMPLE", "secret": CANARY},
+    {"s3_additional_kwargs": {"SSECustomerKey": CANARY}},
+    {"config_kwargs": {"proxies": [{"auth": {"password": CANARY}}]}},
+    {"client_kwargs": {"endpoint_url": f"http://user:{CANARY}@127.0.0.1:9000"}},
+])
+def test_secret_anywhere_in_storage_options_is_refused(options):
+    msg = _error({**MINIMAL, "storage_options": options})
+    assert "storage_options" in msg and "credentials" in msg and "AWS_SECRET_ACCESS_KEY" in msg
+    assert CANARY not in msg  # the refusal never echoes the value
+
+
+def test_plain_storage_options_still_accepted():
+    opts = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "us-east-1"},
+            "config_kwargs": {"signature_version": "s3v4"}, "use_ssl": False, "anon": False}
+    assert load_sweep({**MINIMAL, "storage_options": opts}).storage_options == opts
+    assert secret_paths(opts) == []
+
+
+def test_redact_walks_the_whole_tree():
+    cfg = {"storage_options": {"client_kwargs": {"aws_secret_access_key": CANARY, "endpoint_url": "http://h:9"},
+                               "list": [{"token": CANARY}], "url": f"https://u:{CANARY}@h/x"}, "name": "s"}
+    text = json.dumps(redact(cfg))
+    assert CANARY not in text and "http://h:9" in text and '"name": "s"' in text
+
+
+def test_credentials_error_does_not_send_users_to_storage_options(monkeypatch):
+    from flows.storage import StoreCredentialsError, TeacherStore
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = TeacherStore("s3://bucket/x", {"endpoint_url": "http://127.0.0.1:9"})
+    with pytest.raises(StoreCredentialsError) as e:
+        store.get_spec("abc")
+    msg = str(e.value)
+    assert "AWS_SECRET_ACCESS_KEY" in msg and "in the environment" in msg
+    assert "key/secret in the store's storage options" not in msg and "never go in storage options" in msg
+
+
+def test_recorded_configs_are_redacted_even_if_validation_is_bypassed(tmp_path):
+    """Defence in depth: results.json and the MLflow params/sweep.json go through redact()."""
+    import inspect
+
+    import flows.distill as distill
+    import flows.registry.sweep as sweep
+
+    assert "redact(cfg_json)" in inspect.getsource(distill.register_stage)
+    src = inspect.getsource(sweep.log_sweep)
+    assert "redact(config.model_dump" in src and "config.to_json()" not in src
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweep configs: the issue's bad inputs (fixed) and the solid ones (kept).
+
+def test_nfe_true_is_not_nfe_one():
+    msg = _error({**MINIMAL, "nfes": [True]})
+    assert "nfes.0" in msg and "valid integer" in msg
+
+
+@pytest.mark.parametrize("nfe", [10**9, 1001])
+def test_huge_nfe_is_bounded(nfe):
+    msg = _error({**MINIMAL, "nfes": [nfe]})
+    assert "nfes" in msg and "1..1000" in msg
+
+
+@pytest.mark.parametrize("where", ["seeds", "teacher.seed", "evaluation.seed"])
+def test_huge_seed_is_refused_at_config_time(where):
+    data = json.loads(json.dumps(MINIMAL))
+    if where == "seeds":
+        data["seeds"] = [2**70]
+    else:
+        section, field = where.split(".")
+        data[section] = {field: 2**70}
+    msg = _error(data)
+    assert where.split(".")[0] in msg and ("9007199254740992" in msg or "less than or equal" in msg)
+
+
+def test_unknown_teacher_option_is_refused_at_config_time():
+    msg = _error({"datasets": [{"name": "d", "teacher": "digits-gmm", "options": {"foo": 1}}]})
+    assert "datasets.0" in msg and "'foo'" in msg and "sigma_max" in msg
+    assert load_sweep({"datasets": [{"name": "d", "teacher": "digits-gmm", "options": {"sigma_max": 40.0}}]})
+
+
+def _bomb(levels: int = 9) -> str:
+    """Nine levels of ``&aN [*aN-1 x 9]`` inside a teacher's options: a few hundred bytes, 9**9 values expanded."""
+    items = "".join(f"        - &a{i} [{','.join(['*a' + str(i - 1)] * 9) if i else ','.join(['lol'] * 9)}]\n"
+                    for i in range(levels))
+    return "datasets:\n  - name: d\n    teacher: digits-gmm\n    options:\n      bomb:\n" + items
+
+
+def test_yaml_alias_bomb_is_refused_before_expansion(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_bomb())
+    t0 = time.perf_counter()
+    msg = _error(path)
+    assert "aliases" in msg and time.perf_counter() - t0 < 5
+
+
+def test_huge_sweep_file_is_refused_by_size_before_reading(tmp_path):
+    path = tmp_path / "big.yaml"
+    with open(path, "wb") as f:
+        f.write(b"datasets: []\n")
+        f.truncate(50 << 20)  # sparse: 50 MB without writing them
+    msg = _error(path)
+    assert "bytes" in msg and "at most" in msg
+
+
+def test_fifo_as_sweep_file_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "sweep.yaml"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _error(fifo)
+
+
+@pytest.mark.parametrize("data, words", [
+    ({**MINIMAL, "nfes": [0]}, ["nfes"]),
+    ({**MINIMAL, "nfes": [-3]}, ["nfes"]),
+    ({**MINIMAL, "nfes": [3.5]}, ["nfes"]),
+    ({**MINIMAL, "nfes": []}, ["nfes"]),
+    ({**MINIMAL, "solvers": ["nope"]}, ["solvers", "nope"]),
+    ({**MINIMAL, "colour": 1}, ["colour", "unknown field"]),
+    ({**MINIMAL, "teacher": {"M": "two"}}, ["teacher.M"]),
+    ({"datasets": [{"name": "d", "teacher": "digits-gmm"}, {"name": "d", "teacher": "digits-gmm"}]}, ["unique"]),
+    ({**MINIMAL, "name": "../../etc"}, ["name"]),
+    ({"datasets": [{"name": "../x", "teacher": "digits-gmm"}]}, ["datasets.0.name"]),
+])
+def test_solid_config_refusals_kept(data, words):
+    msg = _error(data)
+    assert all(w in msg for w in words), msg
+
+
+def test_non_mapping_and_python_tags_refused():
+    assert "mapping" in _error("- a\n- b\n")
+    assert "not valid YAML" in _error("!!python/object/apply:os.system ['echo pwned']\n")
+
+
+def test_cli_bad_sweep_is_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "nfes": [True], "storage_options": {"client_kwargs": {"aws_secret_access_key": CANARY}}}))
+    proc = amed("distill", str(path), "--out", str(tmp_path / "out"))
+    err = one_line_error(proc)
+    assert "nfes.0" in err and "storage_options" in err and CANARY not in err + proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing written
