@@ -1,7 +1,8 @@
 """The method table: one entry per sampler name, holding every fact the rest of the code asks about it.
 
 A :class:`Method` names its solver function (the shared solver signature, :mod:`amed_core.solvers`), its
-family (``"free"``: training-free solvers; ``"amed"``: AMED-Solver and AMED-Plugins, arXiv 2312.00094), the
+family (``"free"``: training-free solvers; ``"amed"``: AMED-Solver and AMED-Plugins, arXiv 2312.00094;
+``"gits"``: a base solver on a GITS schedule; ``"epd"``: EPD-Solver / EPD-Plugin), the
 denoiser evaluations it spends per step, the training-free solver a learned method builds on (``base``: the
 reference's teacher for the plugins and the baseline at equal NFE), whether it carries a multistep history,
 and its default schedule and options (the diff-solvers reference's recommended settings, its launch.sh).
@@ -23,6 +24,7 @@ from typing import Any, Callable, Mapping
 from ..schedules import ScheduleSpec
 from ..solvers import COMMON_OPTIONS, SolveResult, deis, dpm2, dpmpp, euler, heun, ipndm, ipndm_v, unipc
 from . import amed as _amed
+from . import epd as _epd
 
 __all__ = ["Method", "METHODS", "FAMILIES", "SOLVERS", "get_method", "method_names", "evals_per_step", "nfe_for",
            "num_steps_for", "pick_afs", "get_solver", "solver_options", "solve"]
@@ -85,7 +87,7 @@ class Method:
 _EDM = ScheduleSpec("polynomial", rho=7.0)
 _LOGSNR = ScheduleSpec("logsnr")
 
-METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
+_FREE: dict[str, Method] = {m.name: m for m in (
     # Training-free solvers, with the reference's recommended schedules and options.
     Method("euler", "free", euler, 1, default_schedule=_EDM),
     Method("heun", "free", heun, 2, default_schedule=_EDM),
@@ -99,6 +101,11 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
            extra_nfe=_unipc_final_corrector),
     Method("deis", "free", deis, 1, multistep=True, default_schedule=ScheduleSpec("time_uniform", rho=2.0),
            default_options={"max_order": 4, "deis_mode": "tab"}),
+)}
+_GITS_BASES = ("ipndm", "dpmpp", "deis", "unipc", "heun", "euler")
+
+METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
+    *_FREE.values(),
     # AMED (arXiv 2312.00094): 2 evaluations per step (AFS saves one); the reference's schedules.
     Method("amed", "amed", _amed.amed, 2, base="heun", default_schedule=ScheduleSpec("time_uniform", rho=1.0)),
     Method("amed+euler", "amed", _amed.amed_euler, 2, base="euler", default_schedule=_EDM),
@@ -108,6 +115,18 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("amed+dpmpp", "amed", _amed.amed_dpmpp, 2, base="dpmpp", multistep=True,
            default_schedule=ScheduleSpec("logsnr", rho=1.0),  # rho unused by logsnr; 1.0 as `amed train` writes it
            default_options=_amed.step_defaults("amed+dpmpp")),
+    # GITS (Chen et al., ICML 2024): a schedule selected from the teacher's fine grid by DP (methods/gits.py), run
+    # by the base solver itself; the NFE is the base solver's on the selected points. The schedule shown is the
+    # base's (unused: a GITS sampler carries its explicit sigma list).
+    *(Method(f"gits+{b}", "gits", METHOD.fn, METHOD.evals_per_step, base=b, multistep=METHOD.multistep,
+             default_schedule=METHOD.default_schedule, default_options=METHOD.default_options,
+             extra_nfe=METHOD.extra_nfe)
+      for b, METHOD in _FREE.items() if b in _GITS_BASES),
+    # EPD-Solver / EPD-Plugin (Zhu et al., ICCV 2025): NFE = the paper's parallel count 2 (N - 1) - afs; the
+    # denoiser calls a single GPU pays, (N - 1)(K + 1) - afs, are methods.epd.epd_total_evals.
+    Method("epd", "epd", _epd.epd, 2, base="heun", default_schedule=_EDM, default_options={"batched": True}),
+    Method("epd+ipndm", "epd", _epd.epd_ipndm, 2, base="ipndm", multistep=True, default_schedule=_EDM,
+           default_options={"max_order": 4, "batched": True}),
 )})
 
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(m.family for m in METHODS.values()))
