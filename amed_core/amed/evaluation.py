@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..evaluate import (batch_ranges, exact_samples, has_exact_samples, reference_solution, sample_solver, save_figure_png,
-                        seeded_noise)
+from ..evaluate import (batch_ranges, denoiser_range, exact_samples, has_exact_samples, reference_solution, sample_solver,
+                        save_figure_png, schedule_for, seeded_noise)
 from ..metrics import fd_to_samples, rmse
 from .checkpoint import Sampler
 
@@ -94,8 +94,14 @@ def compare_with_base(sampler: Sampler, denoiser, n: int, seed: int, *, base_sol
                       batch_size: int = 1024, reference_steps: int = 500) -> tuple[list[Scores], AmedRun]:
     """FD (n samples vs n exact mixture samples) and RMSE (first ``rmse_samples`` vs the near-exact ODE solution)
     of the sampler and of ``base_solver`` (default: the plugin's base, heun for the AMED-Solver) at the same NFE.
-    Without exact samples (``exact`` not given and the teacher has no ``.sample``) FD is None: RMSE only."""
+    Without exact samples (``exact`` not given and the teacher has no ``.sample``) FD is None: RMSE only.
+    The base solver runs its default schedule over the sampler's sigma range, which must be the denoiser's."""
     spec = sampler.spec
+    lo, hi = denoiser_range(denoiser)
+    if not (np.isclose(spec.schedule.sigma_min, lo) and np.isclose(spec.schedule.sigma_max, hi)):
+        raise ValueError(f"the sampler's sigma range [{spec.schedule.sigma_min:g}, {spec.schedule.sigma_max:g}] is not the "
+                         f"denoiser's [{lo:g}, {hi:g}]: it was made for another model (or schedule); scores would compare "
+                         "different grids")
     noise = seeded_noise(range(seed, seed + n), denoiser.shape)
     if exact is None and has_exact_samples(denoiser):
         exact = exact_samples(denoiser, n, seed)
@@ -109,7 +115,8 @@ def compare_with_base(sampler: Sampler, denoiser, n: int, seed: int, *, base_sol
     rows = [scores(spec.solver, run.x, run.nfe, run.seconds)]
     base = base_solver or spec.base_solver
     try:
-        b = sample_solver(denoiser, base, spec.nfe, n, seed, noise=noise, afs=base_afs, batch_size=batch_size)
+        sched = replace(schedule_for(denoiser, base), sigma_min=spec.schedule.sigma_min, sigma_max=spec.schedule.sigma_max)
+        b = sample_solver(denoiser, base, spec.nfe, n, seed, sched, noise=noise, afs=base_afs, batch_size=batch_size)
         rows.append(scores(f"{base}{' (afs)' if b.afs else ''}", b.x, b.nfe, b.seconds))
     except ValueError:
         pass  # the base solver cannot spend exactly this NFE (e.g. heun at an odd NFE without AFS)

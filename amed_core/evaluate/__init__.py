@@ -24,7 +24,8 @@ from ..methods import evals_per_step, num_steps_for, pick_afs
 from ..metrics import rmse
 from .pictures import save_figure_png, save_grid_png, save_quality_plot
 from .sampling import (BASE_SOLVERS, DEFAULT_OPTIONS, DEFAULT_SCHEDULES, REFERENCE_OPTIONS, REFERENCE_SOLVER, SampleRun,
-                       batch_ranges, default_schedule, reference_solution, sample_solver, seeded_noise, solve_batches)
+                       batch_ranges, default_schedule, denoiser_range, reference_solution, sample_solver, schedule_for,
+                       seeded_noise, solve_batches)
 from .score import SCORE_METRICS, FIDSetup, ScoreResult, score_run, to_images
 from .tables import QualityRow, QualityTable, exact_samples, fmt_score, format_table, has_exact_samples, quality_table
 
@@ -41,6 +42,8 @@ __all__ = [
     "SCORE_METRICS",
     "score_run",
     "default_schedule",
+    "denoiser_range",
+    "schedule_for",
     "evals_per_step",
     "num_steps_for",
     "pick_afs",

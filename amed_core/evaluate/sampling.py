@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import torch
@@ -20,7 +20,8 @@ from ..schedules import ScheduleSpec
 from ..solvers import COMMON_OPTIONS
 
 __all__ = ["BASE_SOLVERS", "DEFAULT_OPTIONS", "DEFAULT_SCHEDULES", "REFERENCE_OPTIONS", "REFERENCE_SOLVER", "SampleRun",
-           "batch_ranges", "default_schedule", "reference_solution", "sample_solver", "seeded_noise", "solve_batches"]
+           "batch_ranges", "default_schedule", "denoiser_range", "reference_solution", "sample_solver", "schedule_for",
+           "seeded_noise", "solve_batches"]
 
 # Views of the method table (amed_core.methods.table): the training-free solvers, and the diff-solvers
 # reference's recommended schedules and options (its launch.sh), used unless the caller overrides them.
@@ -46,6 +47,22 @@ def default_schedule(solver: str) -> ScheduleSpec:
     """The reference's recommended schedule for a solver (EDM rho=7 for euler/heun/dpm2/ipndm*, logSNR for
     dpmpp/unipc, time-uniform rho=2 for deis; AMED-Solver time-uniform rho=1, amed+dpmpp logSNR): the method table's."""
     return get_method(solver).default_schedule
+
+
+def denoiser_range(denoiser) -> tuple[float, float]:
+    """``(sigma_min, sigma_max)`` of a denoiser (its own attributes; EDM's 0.002-80 only for a callable without them)."""
+    lo, hi = getattr(denoiser, "sigma_min", None), getattr(denoiser, "sigma_max", None)
+    if lo is None or hi is None:
+        return ScheduleSpec().sigma_min, ScheduleSpec().sigma_max
+    return float(lo), float(hi)
+
+
+def schedule_for(denoiser, solver: str, schedule: ScheduleSpec | None = None) -> ScheduleSpec:
+    """``schedule`` when given, else the solver's default schedule over the denoiser's own sigma range."""
+    if schedule is not None:
+        return schedule
+    lo, hi = denoiser_range(denoiser)
+    return replace(default_schedule(solver), sigma_min=lo, sigma_max=hi)
 
 
 def _options_for(solver: str, options: dict | None) -> dict:
@@ -86,7 +103,8 @@ def sample_solver(denoiser, solver: str, nfe: int, n: int, seed: int, schedule: 
                   noise: torch.Tensor | None = None) -> SampleRun:
     """``n`` samples of ``solver`` at exactly ``nfe`` evaluations, from noise with seeds ``seed .. seed+n-1``.
 
-    ``schedule`` defaults to :func:`default_schedule`, ``options`` are merged over :data:`DEFAULT_OPTIONS`,
+    ``schedule`` defaults to :func:`default_schedule` over the denoiser's sigma range (:func:`schedule_for`),
+    ``options`` are merged over :data:`DEFAULT_OPTIONS`,
     ``afs=None`` picks AFS only where the NFE needs it. ``noise`` (n, C, H, W) overrides the seeds.
     """
     get_solver(solver)
@@ -95,7 +113,7 @@ def sample_solver(denoiser, solver: str, nfe: int, n: int, seed: int, schedule: 
     use_afs = pick_afs(solver, nfe, afs)
     opts = _options_for(solver, options)
     N = num_steps_for(solver, nfe, use_afs, opts)
-    schedule = schedule or default_schedule(solver)
+    schedule = schedule_for(denoiser, solver, schedule)
     sigmas = schedule.grid(N)
     if noise is None:
         noise = seeded_noise(range(seed, seed + n), denoiser.shape, dtype=dtype)
@@ -126,15 +144,16 @@ REFERENCE_OPTIONS = {"max_order": 3, "predict_x0": True, "lower_order_final": Fa
 
 def reference_solution(denoiser, noise: torch.Tensor, schedule: ScheduleSpec | None = None, *, num_steps: int = 500,
                        batch_size: int = 1024, class_labels=None) -> torch.Tensor:
-    """Near-exact solution at ``schedule.sigma_min`` of the ODE started at ``noise * sigma_max`` (float64).
+    """Near-exact solution at ``schedule.sigma_min`` of the ODE started at ``noise * sigma_max`` (float64);
+    without ``schedule``, over the denoiser's own sigma range.
 
     Multistep DPM-Solver++ (data prediction, no thresholding) with ``num_steps`` points uniform in
     log sigma. On digits-gmm (sigma 80 -> 0.002), 500 points (500 NFE) are within RMSE 4.3e-6
     (max 1.8e-5) of scipy's DOP853 at rtol = atol = 1e-12 (8 samples); Heun with 500 points
     (1000 NFE) is at 2.3e-5. The ODE solution does not depend on the grid, only on its ends.
     """
-    schedule = schedule or ScheduleSpec()
-    ref_sched = ScheduleSpec("logsnr", sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max)
+    lo, hi = (schedule.sigma_min, schedule.sigma_max) if schedule is not None else denoiser_range(denoiser)
+    ref_sched = ScheduleSpec("logsnr", sigma_min=lo, sigma_max=hi)
     sigmas = ref_sched.grid(num_steps)
     return solve_batches(REFERENCE_SOLVER, denoiser, noise.to(torch.float64) * sigmas[0], sigmas, batch_size=batch_size,
                           class_labels=class_labels, **REFERENCE_OPTIONS)

@@ -16,7 +16,7 @@ import torch
 from ..methods import evals_per_step
 from ..metrics import fd_exact_gmm, fd_to_samples, rmse
 from ..schedules import ScheduleSpec
-from .sampling import REFERENCE_SOLVER, default_schedule, reference_solution, sample_solver, seeded_noise
+from .sampling import REFERENCE_SOLVER, reference_solution, sample_solver, schedule_for, seeded_noise
 
 __all__ = ["QualityRow", "QualityTable", "exact_samples", "fmt_score", "format_table", "has_exact_samples", "quality_table"]
 
@@ -54,6 +54,7 @@ class QualityTable:
     rmse_samples: int
     fd_floor: float | None
     reference: str
+    reference_x: torch.Tensor | None = field(default=None, repr=False)  # the near-exact solution of the first rows
 
     @property
     def has_fd(self) -> bool:
@@ -81,14 +82,17 @@ def quality_table(denoiser, solvers: Sequence[str], nfes: Sequence[int], n: int,
                   schedules: dict[str, ScheduleSpec] | None = None, options: dict[str, dict] | None = None,
                   afs: bool | None = None, rmse_samples: int = 512, reference_steps: int = 500,
                   batch_size: int = 1024, dtype: torch.dtype = torch.float64,
-                  progress: Callable[[QualityRow], None] | None = None) -> QualityTable:
+                  progress: Callable[[QualityRow], None] | None = None,
+                  reference: torch.Tensor | None = None) -> QualityTable:
     """FD and RMSE of every (solver, NFE) on the same seeded noise.
 
     fd: Frechet distance between the n samples and n exact mixture samples; fd_exact: FD to the
     mixture's exact mean/covariance; fd_floor: FD between two exact sample sets of size n (what
     ``fd`` reads for a perfect sampler). rmse: to :func:`reference_solution` on the first
     ``rmse_samples`` samples (a subset keeps the 500-step reference cheap). A teacher without exact
-    samples (a network) gets RMSE only: fd, fd_exact and fd_floor are None.
+    samples (a network) gets RMSE only: fd, fd_exact and fd_floor are None. Schedules not given use the solver's
+    default over the denoiser's own sigma range. ``reference``: the near-exact solution of the first
+    ``rmse_samples`` noises (from an earlier table's ``reference_x``) instead of computing it again.
     """
     if not solvers:
         raise ValueError("solvers must name at least one solver")
@@ -108,14 +112,20 @@ def quality_table(denoiser, solvers: Sequence[str], nfes: Sequence[int], n: int,
         exact = exact_samples(denoiser, n, seed)
         floor = fd_to_samples(exact_samples(denoiser, n, seed + 1), exact)
     m = min(rmse_samples, n)
-    sched0 = schedules.get(solvers[0]) or default_schedule(solvers[0])
+    sched0 = schedule_for(denoiser, solvers[0], schedules.get(solvers[0]))
     t0 = time.perf_counter()
-    ref = reference_solution(denoiser, noise[:m], sched0, num_steps=reference_steps, batch_size=batch_size)
-    log.info("reference solution for %d samples: %.1f s", m, time.perf_counter() - t0)
+    if reference is not None:
+        if tuple(reference.shape) != (m, *denoiser.shape):
+            raise ValueError(f"reference must be ({m}, {', '.join(map(str, denoiser.shape))}) (rmse_samples rows), "
+                             f"got {tuple(reference.shape)}")
+        ref = reference.to(torch.float64)
+    else:
+        ref = reference_solution(denoiser, noise[:m], sched0, num_steps=reference_steps, batch_size=batch_size)
+        log.info("reference solution for %d samples: %.1f s", m, time.perf_counter() - t0)
     rows = []
     for s in solvers:
         for v in nfes:
-            run = sample_solver(denoiser, s, v, n, seed, schedules.get(s), options.get(s), afs=afs, dtype=dtype,
+            run = sample_solver(denoiser, s, v, n, seed, schedule_for(denoiser, s, schedules.get(s)), options.get(s), afs=afs, dtype=dtype,
                                 batch_size=batch_size, noise=noise)
             if (run.schedule.sigma_min, run.schedule.sigma_max) != (sched0.sigma_min, sched0.sigma_max):
                 raise ValueError("all schedules must share sigma_min and sigma_max (one reference solution serves them all)")
@@ -126,7 +136,8 @@ def quality_table(denoiser, solvers: Sequence[str], nfes: Sequence[int], n: int,
             rows.append(row)
             if progress is not None:
                 progress(row)
-    return QualityTable(rows, n, seed, m, floor, f"{REFERENCE_SOLVER}-3M, {reference_steps} logSNR points, float64")
+    return QualityTable(rows, n, seed, m, floor, f"{REFERENCE_SOLVER}-3M, {reference_steps} logSNR points, float64",
+                        reference_x=ref)
 
 
 def _schedule_label(s: ScheduleSpec) -> str:
