@@ -312,7 +312,9 @@ def _preflight(cfg: SweepConfig, logger) -> SweepConfig:
         logger.info("registry: %s", check_registry(cfg.mlflow_tracking_uri))
     else:
         logger.info("registry: none (register_models: false; %s unused)", redact_uri(cfg.mlflow_tracking_uri))
-    logger.info("store: %s", cfg.store_url)
+    from flows.storage.preflight import check_store
+
+    logger.info("store: %s", check_store(cfg.store_url, cfg.storage_options))  # reachable and writable, or one line
     return cfg
 
 

@@ -198,3 +198,135 @@ def test_cli_bad_sweep_is_one_line(tmp_path):
     err = one_line_error(proc)
     assert "nfes.0" in err and "storage_options" in err and CANARY not in err + proc.stdout
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: every malformed file ends in one ValueError naming the file; nothing is allocated from a lying header.
+
+@pytest.fixture(scope="module")
+def ckpt_files():
+    from amed_core.amed import AMEDPredictor, SamplerSpec, checkpoint_files
+    from amed_core.denoisers import load_teacher
+
+    spec = SamplerSpec.create("amed", 5, denoiser=load_teacher("digits-gmm"))
+    return checkpoint_files(AMEDPredictor(spec.predictor), spec)
+
+
+def _load_error(files) -> str:
+    from amed_core.amed import sampler_from_files
+
+    with pytest.raises(ValueError) as e:
+        sampler_from_files(files)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 600, msg
+    return msg
+
+
+def _st(header: dict, body: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+def test_checkpoint_round_trip_still_loads(ckpt_files):
+    from amed_core.amed import sampler_from_files
+
+    assert sampler_from_files(ckpt_files).spec.nfe == 5
+
+
+@pytest.mark.parametrize("kind", ["zero", "truncated", "half", "huge_header", "lying_offsets", "not_json", "pickle",
+                                  "trailing"])
+def test_bad_predictor_safetensors_is_one_line(ckpt_files, kind):
+    import pickle
+
+    good = ckpt_files["predictor.safetensors"]
+    bad = {"zero": b"", "truncated": good[:5], "half": good[: len(good) // 2],
+           "huge_header": (10**15).to_bytes(8, "little") + b"{}",
+           "lying_offsets": _st({"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4]}}, b"\0" * 4),
+           "not_json": (4).to_bytes(8, "little") + b"\xff\xfe\x00\x01",
+           "pickle": pickle.dumps({"w": [1, 2, 3]}),
+           "trailing": good + b"\0" * 16}[kind]
+    msg = _load_error({**ckpt_files, "predictor.safetensors": bad})
+    assert "predictor.safetensors" in msg
+
+
+def test_spec_that_is_a_list_or_huge_or_mismatched_is_one_line(ckpt_files):
+    assert "JSON object" in _load_error({**ckpt_files, "sampler.json": b"[1, 2]"})
+    spec = json.loads(ckpt_files["sampler.json"])
+    big = json.dumps({**spec, "solver": "x" * (2 << 20)}).encode()
+    assert "at most" in _load_error({**ckpt_files, "sampler.json": big})
+    assert "sampler.json" in _load_error({**ckpt_files, "sampler.json": json.dumps({**spec, "solver": "euler9"}).encode()})
+    assert "sampler.json" in _load_error({**ckpt_files, "sampler.json": json.dumps({**spec, "nfe": -5}).encode()})
+    assert "sampler.json" in _load_error({**ckpt_files, "sampler.json": json.dumps({**spec, "colour": 1}).encode()})
+
+
+def test_predictor_config_is_checked_against_the_weights_before_allocating(ckpt_files):
+    import resource
+    import time
+
+    spec = json.loads(ckpt_files["sampler.json"])
+    spec["predictor"] = {**spec["predictor"], "hidden_dim": 2**24, "max_positions": 2**20}  # ~512 GB if allocated
+    t0, rss0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    msg = _load_error({**ckpt_files, "sampler.json": json.dumps(spec).encode()})
+    assert "does not fit" in msg and time.perf_counter() - t0 < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200_000  # KiB: nothing big was allocated
+
+
+def test_fifo_in_a_checkpoint_folder_does_not_hang(ckpt_files, tmp_path):
+    from amed_core.amed import load_sampler
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "sampler.json").write_bytes(ckpt_files["sampler.json"])
+    os.mkfifo(d / "predictor.safetensors")
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_sampler(d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# amed fetch: verify in a temporary folder, then move; a non-empty --out is refused unless --force.
+
+def _write_ckpt(d: Path, files: dict) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for k, v in files.items():
+        (d / k).write_bytes(v)
+    return d
+
+
+def test_fetch_broken_source_leaves_a_good_copy_untouched(ckpt_files, tmp_path):
+    good = _write_ckpt(tmp_path / "good", ckpt_files)
+    broken = _write_ckpt(tmp_path / "broken", {**ckpt_files, "predictor.safetensors": b"\0" * 7})
+    out = tmp_path / "out"
+    assert amed("fetch", str(good), "--out", str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    err = one_line_error(amed("fetch", str(broken), "--out", str(out), "--force"))
+    assert "predictor.safetensors" in err and "nothing was written" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "good", "out"]  # no temporary folder left
+
+
+def test_fetch_refuses_a_non_empty_out_unless_force(ckpt_files, tmp_path):
+    from amed_core.amed import AMEDPredictor, PredictorConfig, SamplerSpec, checkpoint_files
+    from amed_core.denoisers import load_teacher
+
+    spec = SamplerSpec.create("amed", 3, predictor=PredictorConfig(scale_time=0.1), denoiser=load_teacher("digits-gmm"))
+    other = _write_ckpt(tmp_path / "other", checkpoint_files(AMEDPredictor(spec.predictor), spec))
+    good = _write_ckpt(tmp_path / "good", ckpt_files)
+    out = tmp_path / "out"
+    assert amed("fetch", str(good), "--out", str(out)).returncode == 0
+    err = one_line_error(amed("fetch", str(other), "--out", str(out)))
+    assert "not empty" in err and "--force" in err
+    assert (out / "sampler.json").read_bytes() == ckpt_files["sampler.json"]
+    assert amed("fetch", str(other), "--out", str(out), "--force").returncode == 0
+    assert json.loads((out / "sampler.json").read_bytes())["nfe"] == 3
+    (tmp_path / "empty").mkdir()
+    assert amed("fetch", str(good), "--out", str(tmp_path / "empty")).returncode == 0  # an empty folder is fine
+
+
+@pytest.mark.parametrize("uri", ["foo://bar", "http://127.0.0.1:9"])
+def test_fetch_with_a_bad_tracking_uri_is_one_line(uri, tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    err = one_line_error(amed("fetch", "models:/x@champion", "--out", str(tmp_path / "o"), "--tracking-uri", uri))
+    assert "MLflow registry" in err and time.perf_counter() - t0 < 60
+    assert not (tmp_path / "o").exists()

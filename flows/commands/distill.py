@@ -67,6 +67,9 @@ def run(args) -> int:
                                   default_tracking=f"sqlite:///{(out / 'mlflow.db').as_posix()}",
                                   default_store=str(out / "store"))
     registry = check_registry(overrides["mlflow_tracking_uri"]) if cfg.register_models else None  # before any compute
+    from flows.storage.preflight import check_store
+
+    check_store(overrides["store_url"], cfg.storage_options)  # reachable and writable, before any compute
     if args.ray_address:
         overrides["compute"] = {**cfg.compute.model_dump(mode="json"), "ray_address": args.ray_address}
     cfg = load_sweep(cfg, **overrides)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from amed_core.io import atomic_write_bytes
-from flows.registry.tracking import resolve_tracking_uri, tracking
+from flows.registry.tracking import check_registry, resolve_tracking_uri, tracking
 
 __all__ = ["CHECKPOINT_FILES", "read_checkpoint", "write_files", "is_models_uri", "model_files", "checkpoint_bytes",
            "load_sampler", "fetch", "describe", "summary_lines"]
@@ -51,6 +51,7 @@ def model_files(uri: str, tracking_uri: Optional[str]) -> dict[str, bytes]:
     from mlflow.exceptions import MlflowException
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
+    check_registry(tracking_uri)  # an unknown scheme or a dead server: one line now, not minutes of retries
     with tracking(tracking_uri), tempfile.TemporaryDirectory(prefix="amed-fetch-") as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri))
@@ -83,14 +84,53 @@ def load_sampler(uri, *, tracking_uri: Optional[str] = None, storage_options: Op
     return sampler_from_files(checkpoint_bytes(uri, tracking_uri=tracking_uri, storage_options=storage_options))
 
 
-def fetch(uri: str, out, *, tracking_uri: Optional[str] = None, storage_options: Optional[dict] = None) -> Path:
-    """Copy a sampler (``models:/...``, folder or URL) into the checkpoint folder ``out``; verify it loads."""
+def fetch(uri: str, out, *, tracking_uri: Optional[str] = None, storage_options: Optional[dict] = None,
+          force: bool = False) -> Path:
+    """Copy a sampler (``models:/...``, folder or URL) into the checkpoint folder ``out``; verify it loads.
+
+    The files are written into a temporary folder next to ``out`` and loaded there first; only a checkpoint that
+    loads is moved into place (a broken source never replaces a good copy). ``out`` must be new or empty unless
+    ``force`` (then its checkpoint files are replaced, sampler.json last)."""
+    import os
+    import shutil
+
     from amed_core.amed import load_sampler as load_local
 
+    out = Path(out)
+    _check_out(out, force)
     files = checkpoint_bytes(str(uri), tracking_uri=tracking_uri, storage_options=storage_options)
-    out = write_files(Path(out), files)
-    load_local(out)  # the copy is a valid checkpoint
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.fetch-", dir=out.absolute().parent))
+    try:
+        write_files(tmp, files)
+        try:
+            load_local(tmp)  # the copy is a valid checkpoint, before anything at ``out`` changes
+        except ValueError as e:
+            raise ValueError(f"{uri!r} is not a loadable AMED checkpoint ({e}); nothing was written to {out}") from None
+        _check_out(out, force)  # again: another fetch may have filled it meanwhile
+        if out.is_dir() and force:
+            for name in sorted(files, key=lambda n: n == "sampler.json"):
+                os.replace(tmp / name, out / name)
+        else:
+            try:
+                os.rename(tmp, out)  # atomic; replaces an empty folder
+            except OSError as e:
+                raise ValueError(f"--out {out}: {e.strerror} (did another fetch write there?); choose a new folder "
+                                 "or pass --force") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder; give a new or empty folder")
+    if out.is_dir() and not force:
+        present = sorted(p.name for p in out.iterdir())
+        if present:
+            shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+            raise ValueError(f"--out {out} is not empty ({shown}); give a new or empty folder, or pass --force to "
+                             "replace the checkpoint files there")
 
 
 

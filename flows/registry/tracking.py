@@ -136,7 +136,19 @@ def check_registry(uri: str, timeout: float = 10.0) -> str:
         if not ok:
             raise RegistryUnreachable(f"MLflow registry {shown}: {folder} is not writable")
         return f"local MLflow {shown}"
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in _registry_schemes():
+        raise RegistryUnreachable(f"MLflow registry {shown}: unknown scheme {scheme!r}; use http(s)://HOST:PORT, "
+                                  "sqlite:///PATH.db or a database URI (postgresql://, mysql://)")
     return f"MLflow {shown} (scheme not checked)"
+
+
+def _registry_schemes() -> set[str]:
+    """URI schemes MLflow's model registry accepts (built in, plus plugins' entry points)."""
+    from importlib.metadata import entry_points
+
+    builtin = {"http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc"}
+    return builtin | {ep.name for ep in entry_points(group="mlflow.model_registry_store")}
 
 
 @contextlib.contextmanager
