@@ -4,10 +4,13 @@ checkpoint's samples before it is registered), a version per candidate, and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import random
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -18,7 +21,7 @@ from flows.results import CandidateResult
 log = logging.getLogger("flows.registry")
 
 __all__ = ["CHAMPION", "MODEL_CODE", "solver_alias", "champion_uri", "log_model_checked", "move_alias", "mark_champion", "promote",
-           "register_version"]
+           "register_version", "register_candidate", "ensure_model", "find_version", "model_lock", "LOCK_SUFFIX"]
 
 MODEL_CODE = Path(__file__).resolve().parent.parent / "mlflow_model.py"
 CHAMPION = "champion"
@@ -107,6 +110,14 @@ def move_alias(client, name: str, alias: str, version: str, value: float, protoc
         if math.isfinite(cur_value) and not value < cur_value:
             return False
     client.set_registered_model_alias(name, alias, str(version))
+    try:  # re-read after set: a move outside the lock (`amed promote`) may have raced this one
+        now = str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        now = None
+    if now != str(version):
+        log.warning("%s@%s was set to v%s but now names v%s (moved concurrently outside the registration lock)",
+                    name, alias, version, now)
+        return False
     if alias == CHAMPION:
         mark_champion(client, name, str(version))
     return True
@@ -165,17 +176,16 @@ def promote(uri: str, alias: str = CHAMPION, *, tracking_uri: Optional[str] = No
 
 def register_version(mlflow, client, cand: CandidateResult, info, digest: str, run_id: str) -> str:
     """A new version of the (dataset, NFE) model, or the existing one with the same checkpoint and protocol
-    (a retried register stage must not add duplicates)."""
+    (a retried register stage must not add duplicates). The existing version is found by a tag search on the
+    checkpoint's sha256 (one indexed query, whatever the number of versions the model holds); call it under
+    :func:`model_lock` so that two registrants of the same checkpoint cannot both create a version."""
     name = cand.registered_name
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, tags={"amed.dataset": cand.dataset, "amed.nfe": str(cand.nfe)},
-                                       description=f"AMED samplers for {cand.dataset} at NFE {cand.nfe}; "
-                                                   f"alias '{CHAMPION}' = best under one evaluation protocol")
-    for mv in client.search_model_versions(f"name='{name}'"):
-        if mv.tags.get("checkpoint_sha256") == digest and mv.tags.get("protocol_hash") == cand.protocol.hash:
-            return str(mv.version)
+    ensure_model(client, name, tags={"amed.dataset": cand.dataset, "amed.nfe": str(cand.nfe)},
+                 description=f"AMED samplers for {cand.dataset} at NFE {cand.nfe}; "
+                             f"alias '{CHAMPION}' = best under one evaluation protocol")
+    existing = find_version(client, name, checkpoint_sha256=digest, protocol_hash=cand.protocol.hash)
+    if existing is not None:
+        return existing
     tags = {"solver": cand.solver, "base_solver": cand.base_solver, "seed": str(cand.seed), "nfe": str(cand.nfe),
             "dataset": cand.dataset, "metric": cand.protocol.metric, "protocol_hash": cand.protocol.hash,
             "protocol": json.dumps(cand.protocol.model_dump(mode="json"), sort_keys=True),
@@ -183,3 +193,116 @@ def register_version(mlflow, client, cand: CandidateResult, info, digest: str, r
             "checkpoint_sha256": digest, "checkpoint_url": cand.checkpoint_url}
     mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     return str(mv.version)
+
+
+def ensure_model(client, name: str, *, tags: Optional[dict] = None, description: str = "") -> None:
+    """Create the registered model unless it exists (a concurrent creator winning the race is fine)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException:
+        pass
+    try:
+        client.create_registered_model(name, tags=tags, description=description)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
+            raise
+
+
+def _quote(value: str) -> str:
+    if "'" in value:
+        raise ValueError(f"a quote in a registry search value: {value!r}")
+    return f"'{value}'"
+
+
+def find_version(client, name: str, **tags: str) -> Optional[str]:
+    """The lowest version of ``name`` whose tags hold all of ``tags`` (e.g. checkpoint_sha256, protocol_hash), or
+    None. One tag-filtered search (``tags.k = 'v'``: a join on the tag table in the SQL store), not a listing of the
+    model's versions, so its cost does not grow with the registry."""
+    flt = " AND ".join([f"name = {_quote(name)}", *(f"tags.{k} = {_quote(str(v))}" for k, v in sorted(tags.items()))])
+    hits = client.search_model_versions(flt, max_results=50)
+    hits = [mv for mv in hits if all(mv.tags.get(k) == str(v) for k, v in tags.items())]
+    return str(min(int(mv.version) for mv in hits)) if hits else None
+
+
+LOCK_SUFFIX = ".amed-lock"
+
+
+@contextlib.contextmanager
+def model_lock(client, name: str, *, lease_s: float = 300.0, timeout_s: float = 900.0, poll_s: float = 0.1):
+    """Mutual exclusion per registered model, kept by the registry itself: creating a registered model is atomic on
+    every MLflow backend (unique name; PostgreSQL, MySQL, SQLite), so the model ``<name>.amed-lock`` exists iff a
+    registrant holds the lock. Every sweep that registers into ``name`` (any process, any machine, with or without a
+    Prefect API) takes it around find-or-create-version and the alias moves; the expensive model logging stays
+    outside. The lock carries its owner and a lease (tags); a lock older than its lease (a registrant that died
+    holding it) is removed by the next one that waits for it. Released by deleting the lock model (only by its owner).
+    TimeoutError after ``timeout_s``."""
+    import os
+    import socket
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LOCK_SUFFIX
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    deadline = time.monotonic() + timeout_s
+    delay = poll_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"amed.lock_owner": owner,
+                                                       "amed.lock_expires": repr(time.time() + lease_s)},
+                                           description=f"registration lock of {name} (held while a sweep registers)")
+            break
+        except MlflowException as e:
+            # taken; or released between the server's failed insert and its look-up of the holder (DOES_NOT_EXIST)
+            if not any(c in str(e.error_code) for c in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")) \
+                    and "already exists" not in str(e):
+                raise
+        _break_stale_lock(client, lock)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"registration lock {lock!r} not acquired within {timeout_s:.0f}s")
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 1.5, 2.0)
+    try:
+        yield owner
+    finally:
+        try:
+            held = client.get_registered_model(lock).tags.get("amed.lock_owner")
+            if held == owner:
+                client.delete_registered_model(lock)
+            else:
+                log.warning("registration lock %s was taken over (lease expired) while %s held it", lock, owner)
+        except MlflowException as e:
+            log.warning("could not release registration lock %s: %s", lock, e)
+
+
+def _break_stale_lock(client, lock: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(lock).tags
+        expires = float(tags.get("amed.lock_expires", "inf"))
+    except (MlflowException, ValueError):
+        return
+    if time.time() > expires:
+        log.warning("removing stale registration lock %s (owner %s, lease expired %.0fs ago)", lock,
+                    tags.get("amed.lock_owner"), time.time() - expires)
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException:
+            pass
+
+
+def register_candidate(mlflow, client, cand: CandidateResult, info, digest: str, run_id: str,
+                       aliases: Optional[list[str]] = None) -> tuple[str, dict[str, bool]]:
+    """Under :func:`model_lock`: find or create the candidate's version, then move each alias (``champion`` and
+    ``best-<solver>`` by default) compare-and-set style. Returns (version, {alias: moved}). Whatever the interleaving
+    of concurrent registrants, the alias ends on the lowest value under the holder's protocol."""
+    aliases = aliases if aliases is not None else [CHAMPION, solver_alias(cand.solver)]
+    name = cand.registered_name
+    with model_lock(client, name):
+        version = register_version(mlflow, client, cand, info, digest, run_id)
+        moved = {a: move_alias(client, name, a, version, cand.value, cand.protocol.hash) for a in aliases}
+    return version, moved

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from flows.registry.loading import read_checkpoint, write_files
-from flows.registry.registration import CHAMPION, champion_uri, log_model_checked, move_alias, register_version, solver_alias
+from flows.registry.registration import CHAMPION, champion_uri, log_model_checked, register_candidate
 from flows.registry.tracking import experiment, flatten, log_metrics, log_params, resolve_tracking_uri, tracking
 from flows.results import CandidateResult
 from flows.storage.checksums import files_sha256
@@ -195,11 +195,8 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
                 return None
             t0 = time.perf_counter()
             info = log_model_checked(mlflow, ckpt, ds, denoiser, sampler, seeds)
-        version = register_version(mlflow, client, cand, info, digest, rid)
-        for alias in (CHAMPION, solver_alias(cand.solver)):
-            moved = move_alias(client, cand.registered_name, alias, version, cand.value, cand.protocol.hash)
-            if alias == CHAMPION:
-                res.moved[cand.registered_name] = res.moved.get(cand.registered_name, False) or moved
+        version, moved = register_candidate(mlflow, client, cand, info, digest, rid)  # under the model's lock
+        res.moved[cand.registered_name] = res.moved.get(cand.registered_name, False) or moved[CHAMPION]
         log_metrics(client, rid, {"log_register_seconds": time.perf_counter() - t0})
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
         res.versions.append((cand.registered_name, version))
