@@ -215,11 +215,19 @@ class ComputeConfig(_Strict):
     num_cpus: Optional[int] = Field(default=None, ge=1, description="local Ray: CPUs (default: all)")
     object_store_memory: int = Field(default=1_000_000_000, ge=78_643_200, description="local Ray: bytes")
     cpus_per_task: float = Field(default=1.0, gt=0)
-    gpus_per_task: float = Field(default=1.0, ge=0, description="requested only when the cluster has GPUs")
+    gpus_per_task: float = Field(default=1.0, ge=0, description="requested only when the cluster has GPUs; a fraction "
+                                 "(0.25: four tasks share a GPU) or a whole number; the task uses the GPU Ray assigns")
     max_parallel: int = Field(default=8, ge=1, description="training/eval tasks in flight at once")
     teacher_actors: int = Field(default=2, ge=1, description="teacher workers (each loads the model once)")
     torch_threads: int = Field(default=1, ge=1, description="torch threads inside each Ray task")
     task_retries: int = Field(default=2, ge=0, description="Ray retries of a task whose worker died")
+
+    @field_validator("gpus_per_task")
+    @classmethod
+    def _gpu_share(cls, v: float) -> float:
+        if v > 1 and v != int(v):  # Ray's rule: fractions of one GPU, or whole GPUs
+            raise ValueError(f"gpus_per_task above 1 must be a whole number of GPUs (Ray packs only fractions of one), got {v}")
+        return v
 
 
 class SweepConfig(_Strict):

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from flows.config import load_sweep
+from fixtures_s3 import s3_server  # noqa: F401
 from flows.storage.credentials import redact, secret_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,3 +331,93 @@ def test_fetch_with_a_bad_tracking_uri_is_one_line(uri, tmp_path):
     err = one_line_error(amed("fetch", "models:/x@champion", "--out", str(tmp_path / "o"), "--tracking-uri", uri))
     assert "MLflow registry" in err and time.perf_counter() - t0 < 60
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The teacher store: a repair path, special files refused without hanging, stray and out-of-range records ignored.
+
+GEN = ["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3", "--n", "40", "--shard-size", "8",
+       "--no-progress"]
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """A 5-shard teacher generated into a local store in-process; yields (store_url, spec_dir)."""
+    from flows.cli import main
+
+    url = str(tmp_path / "store")
+    assert main([*GEN, "--store", url]) == 0
+    (h,) = os.listdir(Path(url, "teachers"))
+    return url, Path(url, "teachers", h)
+
+
+def test_sub_steps_zero_and_bad_flags_are_refused(tmp_path):
+    from flows.cli import main
+
+    for flag, value in (("--sub-steps", "0"), ("--n", "0"), ("--shard-size", "-1"), ("--seed", str(2**70))):
+        argv = [*GEN, "--store", str(tmp_path / "s"), flag, value]
+        if flag == "--n":
+            argv[argv.index("--n") + 1] = value
+            argv = argv[:-2]
+        assert main(argv) == 2
+    assert not (tmp_path / "s").exists()  # nothing written
+
+
+def test_corrupted_shard_is_repaired_by_generate_verify(small_store, capsys):
+    from flows.cli import main
+
+    url, d = small_store
+    with open(d / "shard-00001.safetensors", "r+b") as f:
+        f.seek(300)
+        f.write(b"\x55")
+    assert main(["teacher", "verify", "--store", url]) == 1
+    assert main([*GEN, "--store", url, "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 1:" in out and "1 written now" in out and "verify: OK" in out
+    assert main(["teacher", "verify", "--store", url]) == 0
+
+
+def test_fifo_in_place_of_a_shard_is_refused_then_repaired(small_store, capsys):
+    import threading
+
+    from flows.cli import main
+    from flows.storage import TeacherStore
+
+    url, d = small_store
+    (d / "shard-00002.safetensors").unlink()
+    os.mkfifo(d / "shard-00002.safetensors")
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", main(["teacher", "verify", "--store", url])), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "verify hung on a FIFO"
+    assert result["rc"] == 1 and "not a regular file" in capsys.readouterr().out
+    store = TeacherStore(url)
+    with pytest.raises(Exception, match="not a regular file"):
+        store.read_shard(d.name, 2)
+    assert main(["teacher", "repair", "--store", url]) == 0
+    assert main([*GEN, "--store", url]) == 0 and main(["teacher", "verify", "--store", url]) == 0
+
+
+def test_stray_and_out_of_range_records_do_not_count(small_store, capsys):
+    from flows.cli import main
+
+    url, d = small_store
+    (d / "manifest.d" / "notes.json").write_text("junk")
+    (d / "manifest.d" / "shard-00003.json.bak").write_text("{}")
+    e4 = json.loads((d / "manifest.d" / "shard-00004.json").read_text())
+    (d / "manifest.d" / "shard-00006.json").write_text(json.dumps({**e4, "index": 6, "path": "shard-00006.safetensors"}))
+    (d / "manifest.d" / "shard-00007.json").write_text(json.dumps({**e4, "index": 7, "path": "../../../etc/passwd"}))
+    capsys.readouterr()
+    assert main(["teacher", "ls", "--store", url]) == 0
+    assert " 5/5 " in capsys.readouterr().out  # not 6/5 or 7/5, and no KeyError
+    assert main(["teacher", "verify", "--store", url]) == 0
+    assert main(["teacher", "repair", "--store", url]) == 0
+    assert sorted(p.name for p in (d / "manifest.d").iterdir()) == [f"shard-{i:05d}.json" for i in range(5)]
+
+
+def test_ls_on_a_missing_bucket_or_folder_is_an_error(tmp_path, s3_server):
+    err = one_line_error(amed("teacher", "ls", "--store", "s3://no-such-bucket-amed/x"))
+    assert "bucket" in err and "does not exist" in err
+    err = one_line_error(amed("teacher", "ls", "--store", str(tmp_path / "typo")))
+    assert "does not exist" in err

@@ -1,10 +1,11 @@
-"""`amed teacher generate | ls | verify | train-tiny`: shared teacher trajectories in a store (flows.storage), and
+"""`amed teacher generate | ls | verify | repair | train-tiny`: shared teacher trajectories in a store (flows.storage), and
 the tiny digits UNet teacher (``amed_core.tiny_unet.train_tiny``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,8 +43,27 @@ def _guard(fn):
         except ShardVerificationError as e:
             print(f"amed teacher: verification failed: {e}", file=sys.stderr)
             return 1
+        except Exception as e:  # noqa: BLE001 - a store that fails mid-way (disk full, server gone): one line
+            if not _store_failure(e):
+                raise
+            text = " ".join(str(e).split())[:300] or type(e).__name__
+            print(f"amed teacher: error: the store failed ({type(e).__name__}: {text}); committed shards are kept and "
+                  "nothing partial counts: fix the store (free space, restart the server) and rerun (generate resumes)",
+                  file=sys.stderr)
+            return 4
 
     return guarded
+
+
+def _store_failure(e: BaseException) -> bool:
+    """An I/O failure of the store (OSError such as ENOSPC, a refused or dropped connection), not a bug."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) or any(w in type(e).__name__ for w in ("Connect", "Endpoint", "Timeout")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _human(n: int) -> str:
@@ -54,8 +74,32 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _check_generate_args(args) -> None:
+    """The sweep schema's bounds (flows.config TeacherConfig) for the same settings given as flags."""
+    from flows.config import MAX_SEED
+
+    bounds = {"--n": (args.n, 1, MAX_SEED), "--shard-size": (args.shard_size, 1, MAX_SEED),
+              "--sub-steps": (args.sub_steps, 1, 16), "--seed": (args.seed, 0, MAX_SEED - args.n)}
+    if args.batch_size is not None:
+        bounds["--batch-size"] = (args.batch_size, 1, MAX_SEED)
+    for flag, (v, lo, hi) in bounds.items():
+        if not lo <= v <= hi:
+            raise ValueError(f"{flag} must be an integer in {lo}..{hi} (got {v})")
+
+
+def _report_repair(rep) -> None:
+    for i, why in sorted(rep.bad.items()):
+        print(f"  shard {i}: {why}")
+    for where, why in sorted(rep.invalid.items()):
+        print(f"  {where}: {why}")
+    print(f"{rep.spec_hash[:16]} repaired: {len(rep.removed)} file(s) removed, {rep.kept}/{rep.num_shards} shards kept"
+          + (f" ({', '.join(rep.removed[:8])}{', ...' if len(rep.removed) > 8 else ''})" if rep.removed else ""))
+
+
 def generate(args) -> int:
     from amed_core.denoisers import load_teacher
+
+    _check_generate_args(args)
     from amed_core.schedules import ScheduleSpec
     from amed_core.teacher import TeacherSpec, student_grids_for
     from flows.storage import generate
@@ -71,6 +115,8 @@ def generate(args) -> int:
         solver=args.solver, dtype=args.dtype, compute_dtype=args.compute_dtype, base_seed=args.seed,
         refine_space="logsnr" if args.schedule == "logsnr" else "polynomial", refine_rho=args.rho)
     store = _store(args)
+    if args.verify and spec.spec_hash in store.list_specs():  # regenerate whatever fails verification
+        _report_repair(store.repair(spec.spec_hash))
     union = spec.union_grid()
     print(f"teacher {spec.spec_hash} in {store.url}: {args.teacher}, students N={[g.num_steps for g in grids]}, "
           f"union grid {len(union)} points, teacher grid {len(spec.teacher_grid())} points ({spec.solver}, M={spec.sub_steps})",
@@ -81,19 +127,38 @@ def generate(args) -> int:
     print(f"bytes: {summary.bytes} ({_human(summary.bytes)})")
     print(f"NFE spent now: {summary.nfe_spent} ({summary.nfe_per_trajectory} per trajectory)")
     print(f"spec hash: {summary.spec_hash}")
+    if args.verify:
+        report = store.verify(spec.spec_hash)
+        print(f"verify: {'OK' if report.passed else 'FAILED'} ({len(report.ok)}/{report.num_shards} shards)")
+        if not report.passed:
+            return 1
     return 0 if summary.shards == spec.num_shards else 1
+
+
+def repair(args) -> int:
+    store = _store(args)
+    hashes = [store.resolve(args.spec_hash)] if args.spec_hash else store.list_specs()
+    if not hashes:
+        print(f"no teachers in {store.url}", file=sys.stderr)
+        return 1
+    for h in hashes:
+        _report_repair(store.repair(h))
+    print("run `amed teacher generate` with the teacher's arguments (or the sweep again) to regenerate removed shards")
+    return 0
 
 
 def ls(args) -> int:
     store = _store(args)
-    hashes = store.list_specs()
+    hashes = store.list_specs()  # a missing bucket raises
+    if store._local and not os.path.isdir(store.root or "/"):
+        raise ValueError(f"store {store.url} does not exist (no such folder); check --store")
     if not hashes:
         print(f"no teachers in {store.url}")
         return 0
     print(f"{'spec hash':16}  {'shards':>9}  {'trajectories':>12}  {'bytes':>10}  model / students / teacher")
     for h in hashes:
         spec = store.get_spec(h)
-        entries = store.manifest(h)
+        entries = store.manifest(h)  # commit records only: stray files and out-of-range indexes never count
         n = sum(e["num_samples"] for e in entries.values())
         b = sum(e["bytes"] for e in entries.values())
         model = spec.model.get("name", spec.model.get("adapter"))
@@ -138,7 +203,8 @@ def train_tiny(args) -> int:
     return 0
 
 
-HANDLERS = {"generate": _guard(generate), "ls": _guard(ls), "verify": _guard(verify), "train-tiny": train_tiny}
+HANDLERS = {"generate": _guard(generate), "ls": _guard(ls), "verify": _guard(verify), "repair": _guard(repair),
+            "train-tiny": train_tiny}
 
 
 def run(args) -> int:
@@ -175,6 +241,8 @@ def register(subparsers) -> None:
                    help="students' analytical first step: auto = on for AMED solvers at odd NFE")
     g.add_argument("--batch-size", type=int, default=None, help="teacher batch (default: one shard); content does not depend on it")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--verify", action="store_true",
+                   help="verify every stored shard first (SHA-256), remove what fails and regenerate it; verify again at the end")
     store_args(g)
     g.set_defaults(func=run)
 
@@ -186,6 +254,13 @@ def register(subparsers) -> None:
     v.add_argument("spec_hash", nargs="?", default=None, help="spec hash or unique prefix (default: every teacher)")
     store_args(v)
     v.set_defaults(func=run)
+
+    r = teacher_subparsers.add_parser(
+        "repair", help="remove shards that fail verification, stray or invalid manifest records and special files, so "
+                       "`generate` regenerates them")
+    r.add_argument("spec_hash", nargs="?", default=None, help="spec hash or unique prefix (default: every teacher)")
+    store_args(r)
+    r.set_defaults(func=run)
 
     t = teacher_subparsers.add_parser(
         "train-tiny", help="train the tiny EDM-preconditioned UNet on scikit-learn's digits (minutes on CPU)",

@@ -15,7 +15,7 @@ import numpy
 from flows.storage.checksums import Checker
 from flows.storage.errors import ShardVerificationError
 
-__all__ = ["fetch_checked", "LOCAL_CHUNK", "S3_CHUNK"]
+__all__ = ["fetch_checked", "open_regular", "read_regular", "LOCAL_CHUNK", "S3_CHUNK"]
 
 LOCAL_CHUNK = 4 << 20  # local files: SHA-256 of one chunk (on a helper thread) overlaps the next chunk's page-in
 S3_CHUNK = 8 << 20
@@ -33,6 +33,33 @@ def fetch_checked(fs, path: str, algos: tuple[str, ...], *, local: bool, protoco
     checker = Checker(algos)
     checker.update(data)
     return data, checker.hexdigests()
+
+
+def open_regular(path: str):
+    """Open a local file for reading only if it is a regular file, not through a symlink: a FIFO put in place of a
+    shard would block the reader forever, a device never end, a symlink lead outside the store."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ShardVerificationError(f"{path} is a symbolic link (store objects are regular files); remove it "
+                                         "(`amed teacher repair`)") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ShardVerificationError(f"{path} is not a regular file (a FIFO, device or folder); remove it "
+                                     "(`amed teacher repair`)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of a local regular file (see :func:`open_regular`)."""
+    with open_regular(path) as f:
+        return f.read()
 
 
 def _uninitialized(size: int) -> memoryview:
@@ -66,7 +93,7 @@ def _map_checked(path: str, algos: tuple[str, ...], chunk: int) -> tuple[memoryv
     """A local file mapped privately (copy-on-write: writable, never written back; like safetensors' own loader)
     and its checksums. Shards are write-once (a replacement is a new file), so the mapping stays what was hashed."""
     checker = Checker(algos)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return memoryview(bytearray()), checker.hexdigests()

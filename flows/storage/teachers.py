@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -46,11 +47,32 @@ from amed_core.teacher import TeacherBatch, TeacherSpec
 from flows.storage.checksums import READ_CHECKS, digests, digests_async
 from flows.storage.credentials import credential_problem, merge_s3_options, redact
 from flows.storage.errors import ShardVerificationError, StoreCredentialsError
-from flows.storage.reads import fetch_checked
+from flows.storage.reads import fetch_checked, read_regular
 
-__all__ = ["TeacherStore", "VerifyReport"]
+__all__ = ["TeacherStore", "VerifyReport", "RepairReport"]
 
 log = logging.getLogger(__name__)
+
+_ENTRY_NAME = re.compile(r"^shard-(\d{5,})\.json$")
+_ENTRY_FIELDS = {"index": int, "path": str, "bytes": int, "sha256": str, "num_samples": int, "nfe": int}
+
+
+def _entry_problem(e, index: int | None, num_shards: int | None) -> str | None:
+    """Why a commit record is not one (None when it is): fields and types, its index (the file's, in range)."""
+    if not isinstance(e, dict):
+        return "not a JSON object"
+    for k, t in _ENTRY_FIELDS.items():
+        if not isinstance(e.get(k), t) or isinstance(e.get(k), bool):
+            return f"field {k!r} missing or not {t.__name__}"
+    if index is not None and e["index"] != index:
+        return f"records shard {e['index']} under the name of shard {index}"
+    if num_shards is not None and not 0 <= e["index"] < num_shards:
+        return f"shard {e['index']} is outside the spec's {num_shards} shards"
+    if e["path"] != TeacherStore.shard_name(e["index"]):
+        return f"points at {e['path'][:80]!r}, not at its own shard file"
+    if e["bytes"] < 0:
+        return "negative size"
+    return None
 
 @dataclass
 class VerifyReport:
@@ -66,6 +88,19 @@ class VerifyReport:
     @property
     def passed(self) -> bool:
         return not self.missing and not self.bad
+
+
+@dataclass
+class RepairReport:
+    """What `repair` did for one spec: shards that failed verification (index -> reason), records ignored as invalid
+    (where -> reason), the files it removed, and how many committed shards remain."""
+
+    spec_hash: str
+    num_shards: int
+    bad: dict[int, str] = field(default_factory=dict)
+    invalid: dict[str, str] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    kept: int = 0
 
 
 class TeacherStore:
@@ -93,6 +128,8 @@ class TeacherStore:
             raise ValueError(f"cannot open store {self.url!r}: {e}") from None
         self.root = self.root.rstrip("/")
         self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self._num_shards: dict[str, int] = {}  # spec.json is write-once: its shard count never changes
+        self._warned: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return f"TeacherStore({self.url!r}, storage_options={redact(self._options)!r})"
@@ -165,6 +202,8 @@ class TeacherStore:
 
     def _cat(self, path: str) -> bytes:
         with self._errors(f"read {path}"):
+            if self._local:
+                return read_regular(path)  # a FIFO or symlink in the store is refused, not waited on
             return self.fs.cat_file(path)
 
     def _cat_existing(self, path: str, attempts: int = 9) -> bytes:
@@ -213,6 +252,9 @@ class TeacherStore:
         with self._errors(f"list {base}"):
             self.fs.invalidate_cache()
             if not self.fs.exists(base):
+                if not self._local and self.root and not self.fs.exists(self.root.split("/", 1)[0]):
+                    raise ValueError(f"store {self.url}: bucket {self.root.split('/', 1)[0]!r} does not exist; check "
+                                     "--store / store_url (and AWS_ENDPOINT_URL), or create the bucket")
                 return []
             out = []
             for p in self.fs.ls(base, detail=False):
@@ -235,33 +277,77 @@ class TeacherStore:
 
         Union of manifest.json and manifest.d/ entries; two different records for one shard raise.
         """
-        d = self.spec_dir(spec_hash)
-        entries: dict[int, dict] = {}
+        entries, invalid = self._manifest(spec_hash)
+        for where, why in invalid.items():
+            if (spec_hash, where) in self._warned:
+                continue
+            self._warned.add((spec_hash, where))
+            log.warning("teacher %s: ignoring manifest record %s (%s); `amed teacher repair` removes it",
+                        spec_hash[:12], where, why)
+        return entries
 
-        def add(e: dict, where: str):
-            i = int(e["index"])
+    def _manifest(self, spec_hash: str) -> tuple[dict[int, dict], dict[str, str]]:
+        """(valid entries, {record: why it is ignored}): records that are not commit records (a stray file, bad
+        fields, an index outside the spec) never count as shards."""
+        d = self.spec_dir(spec_hash)
+        num_shards = self.num_shards(spec_hash)
+        entries: dict[int, dict] = {}
+        invalid: dict[str, str] = {}
+
+        def add(e, where: str, index: int | None = None):
+            why = _entry_problem(e, index, num_shards)
+            if why is not None:
+                invalid[where] = why
+                return
+            i = e["index"]
             if i in entries and (entries[i]["sha256"], entries[i]["bytes"]) != (e["sha256"], e["bytes"]):
-                raise ShardVerificationError(f"conflicting manifest records for shard {i} of {spec_hash} ({where})")
+                raise ShardVerificationError(f"conflicting manifest records for shard {i} of {spec_hash} ({where}); "
+                                             f"run `amed teacher repair {spec_hash[:16]} --store {self.url}`")
             entries[i] = e
 
         with self._errors(f"read the manifest of {spec_hash}"):
             self.fs.invalidate_cache()
             try:
                 merged = json.loads(self.fs.cat_file(f"{d}/manifest.json"))
-                for e in merged.get("shards", {}).values():
-                    add(e, "manifest.json")
+                shards = merged.get("shards", {}) if isinstance(merged, dict) else None
+                if not isinstance(shards, dict):
+                    invalid["manifest.json"] = "not a manifest (no 'shards' object)"
+                    shards = {}
+                for key, e in shards.items():
+                    add(e, f"manifest.json[{key}]")
             except FileNotFoundError:
                 pass
-            for p, e in self._read_entries(self._entry_paths(d)):
-                add(e, p.rsplit("/", 1)[-1])
-        return dict(sorted(entries.items()))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                invalid["manifest.json"] = "not JSON"
+            for p, e in self._read_entries(self._entry_paths(d, invalid)):
+                name = p.rsplit("/", 1)[-1]
+                add(e, f"manifest.d/{name}", int(_ENTRY_NAME.match(name).group(1)))
+        return dict(sorted(entries.items())), invalid
 
-    def _entry_paths(self, spec_dir: str) -> list[str]:
-        """The commit records under ``spec_dir``/manifest.d (none when the folder does not exist)."""
+    def num_shards(self, spec_hash: str) -> int | None:
+        """The spec's shard count (None while it has no spec.json)."""
+        if spec_hash not in self._num_shards:
+            try:
+                self._num_shards[spec_hash] = self.get_spec(spec_hash).num_shards
+            except ValueError:
+                return None
+        return self._num_shards[spec_hash]
+
+    def _entry_paths(self, spec_dir: str, stray: dict | None = None) -> list[str]:
+        """The commit records under ``spec_dir``/manifest.d (none when the folder does not exist); other files there are
+        noted in ``stray`` and never read."""
         try:
-            return [p for p in self.fs.ls(f"{spec_dir}/manifest.d", detail=False) if p.endswith(".json")]
+            listed = self.fs.ls(f"{spec_dir}/manifest.d", detail=False)
         except FileNotFoundError:
             return []
+        out = []
+        for p in listed:
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if _ENTRY_NAME.match(name):
+                out.append(p)
+            elif stray is not None and not name.startswith("."):  # .tmp files of a writer in progress
+                stray[f"manifest.d/{name}"] = "not a commit record (stray file)"
+        return out
 
     def _read_entries(self, paths: list[str]) -> Iterator[tuple[str, dict]]:
         """(path, entry) of each listed commit record, fetched together (a listed one not found yet is retried)."""
@@ -272,7 +358,10 @@ class TeacherStore:
                 raw = self._cat_existing(p)
             elif isinstance(raw, Exception):
                 raise raw
-            yield p, json.loads(raw)
+            try:
+                yield p, json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                yield p, None  # not a record: reported by the caller
 
     def _write_manifest(self, spec: TeacherSpec, known: list[dict] | None = None) -> dict[int, dict]:
         """Rewrite manifest.json as the union of itself and manifest.d/ (reads only entries it lacks; ``known``:
@@ -280,14 +369,20 @@ class TeacherStore:
         d = self.spec_dir(spec.spec_hash)
         with self._errors(f"update the manifest of {spec.spec_hash}"):
             self.fs.invalidate_cache()
+            n = spec.num_shards
             try:
-                entries = {int(e["index"]): e for e in json.loads(self.fs.cat_file(f"{d}/manifest.json"))["shards"].values()}
+                merged = json.loads(self.fs.cat_file(f"{d}/manifest.json"))
+                entries = {e["index"]: e for e in merged["shards"].values() if _entry_problem(e, None, n) is None}
             except FileNotFoundError:
                 entries = {}
-            entries.update({int(e["index"]): e for e in known or ()})
-            new = [p for p in self._entry_paths(d) if int(p.rsplit("-", 1)[-1][:-5]) not in entries]
-            for _, e in self._read_entries(new):
-                entries[int(e["index"])] = e
+            except (ValueError, KeyError, TypeError, AttributeError):  # not a manifest: rebuilt from manifest.d/
+                entries = {}
+            entries.update({e["index"]: e for e in known or ()})
+            new = [p for p in self._entry_paths(d)
+                   if int(_ENTRY_NAME.match(p.rsplit("/", 1)[-1]).group(1)) not in entries]
+            for p, e in self._read_entries(new):
+                if _entry_problem(e, int(_ENTRY_NAME.match(p.rsplit("/", 1)[-1]).group(1)), n) is None:
+                    entries[e["index"]] = e
         body = {
             "spec_hash": spec.spec_hash,
             "num_shards": spec.num_shards,
@@ -314,7 +409,13 @@ class TeacherStore:
     def _commit_entry(self, spec: TeacherSpec, entry: dict, update_manifest: bool = True) -> dict:
         path = self._entry_path(spec.spec_hash, entry["index"])
         if not self._put_once(path, json.dumps(entry, sort_keys=True).encode()):
-            other = json.loads(self._cat_existing(path))
+            try:
+                other = json.loads(self._cat_existing(path))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                other = None
+            if _entry_problem(other, entry["index"], None) is not None:
+                raise ShardVerificationError(f"{path} is not a valid commit record; run `amed teacher repair "
+                                             f"{spec.spec_hash[:16]} --store {self.url}`")
             if (other["sha256"], other["bytes"]) != (entry["sha256"], entry["bytes"]):
                 raise ShardVerificationError(f"shard {entry['index']} of {spec.spec_hash}: another writer recorded "
                                              f"sha256 {other['sha256']} for the object we read as {entry['sha256']}")
@@ -330,6 +431,11 @@ class TeacherStore:
         try:
             data = self._cat_existing(path) if known_to_exist else self._cat(path)
         except FileNotFoundError:
+            return None
+        except ShardVerificationError as e:  # a FIFO, device or symlink where an uncommitted shard would be
+            log.warning("removing %s: %s", path, e)
+            with self._errors(f"remove {path}"):
+                self.fs.rm_file(path)
             return None
         try:
             entry = self._entry_for(spec.spec_hash, index, data)
@@ -385,9 +491,15 @@ class TeacherStore:
         # Another writer (or a killed one) created this object first: take its entry, or adopt what is there.
         try:
             entry = json.loads(self._cat(self._entry_path(spec.spec_hash, shard.index)))
+            if _entry_problem(entry, shard.index, spec.num_shards) is not None:
+                raise ShardVerificationError(f"{self._entry_path(spec.spec_hash, shard.index)} is not a valid commit "
+                                             f"record; run `amed teacher repair {spec.spec_hash[:16]} --store {self.url}`")
             if update_manifest:
                 self._write_manifest(spec)
             return entry
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ShardVerificationError(f"{self._entry_path(spec.spec_hash, shard.index)} is not JSON; run "
+                                         f"`amed teacher repair {spec.spec_hash[:16]} --store {self.url}`") from None
         except FileNotFoundError:
             pass
         entry = self.adopt_shard(spec, shard.index, update_manifest=update_manifest, known_to_exist=True)
@@ -455,6 +567,49 @@ class TeacherStore:
             report.ok.append(i)
             report.bytes += entries[i]["bytes"]
         return report
+
+    def repair(self, spec_hash: str) -> "RepairReport":
+        """Make the store's copy of a teacher consistent again, so that `generate` regenerates what is lost: every shard
+        that fails :meth:`verify` loses its commit record and its object, records that are not commit records (stray
+        files in manifest.d/, bad fields, indexes outside the spec) are removed, special files (FIFOs, symlinks) in
+        place of shards are removed, and manifest.json is rewritten from what remains. Returns what was removed."""
+        spec = self.get_spec(spec_hash)
+        report = self.verify(spec_hash)
+        entries, invalid = self._manifest(spec_hash)
+        d = self.spec_dir(spec_hash)
+        out = RepairReport(spec_hash=spec_hash, num_shards=spec.num_shards, bad=dict(report.bad))
+        for i in sorted(report.bad):  # record first (the shard stops counting), then the object
+            for path in (self._entry_path(spec_hash, i), self.shard_path(spec_hash, i)):
+                if self._remove(path):
+                    out.removed.append(path[len(d) + 1:])
+            entries.pop(i, None)
+        for where in sorted(invalid):
+            if where.startswith("manifest.d/"):
+                if self._remove(f"{d}/{where}"):
+                    out.removed.append(where)
+            out.invalid[where] = invalid[where]
+        if self._local:  # special files where uncommitted shards would be (read_shard refuses committed ones above)
+            for p in self.fs.ls(d, detail=False):
+                name = p.rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith("shard-") and name.endswith(".safetensors") and (
+                        os.path.islink(p) or not os.path.isfile(p)) and self._remove(p):
+                    out.removed.append(name)
+        body = {"spec_hash": spec_hash, "num_shards": spec.num_shards, "complete": len(entries) == spec.num_shards,
+                "shards": {f"{i:05d}": e for i, e in sorted(entries.items())}}
+        self._put_replace(f"{d}/manifest.json", json.dumps(body, indent=1, sort_keys=True).encode())
+        out.kept = len(entries)
+        return out
+
+    def _remove(self, path: str) -> bool:
+        with self._errors(f"remove {path}"):
+            try:
+                if self._local and os.path.islink(path):
+                    os.unlink(path)
+                else:
+                    self.fs.rm_file(path)
+            except FileNotFoundError:
+                return False
+        return True
 
     def iter_batches(self, spec_hash: str, student_sigmas: torch.Tensor, batch_size: int, seed: int = 0,
                      **options) -> Iterator[TeacherBatch]:
