@@ -10,7 +10,8 @@ from typing import Optional
 from flows.config import DatasetConfig
 from flows.storage.runs import RunStore
 
-__all__ = ["setup_worker", "device", "to_device", "load_dataset_teacher", "Progress"]
+__all__ = ["setup_worker", "device", "device_name", "assigned_gpus", "node_info", "to_device", "load_dataset_teacher",
+           "Progress"]
 
 
 def setup_worker(torch_threads: int) -> None:
@@ -20,17 +21,52 @@ def setup_worker(torch_threads: int) -> None:
 
 
 def device():
-    """The GPU Ray assigned to this task/actor, else the CPU."""
+    """The GPU Ray assigned to this task/actor (``ray.get_gpu_ids()``; with a fractional ``gpus_per_task`` several tasks
+    share it), else the CPU (no GPU assigned, or no CUDA in this process)."""
     import ray
     import torch
 
     if not ray.is_initialized():  # called in-process (tests, CLI): ray.get_gpu_ids() would start a local Ray
         return torch.device("cpu")
+    return torch.device(device_name(assigned_gpus(), torch.cuda.is_available(), os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+def assigned_gpus() -> list:
+    """The GPU ids Ray assigned to the running task or actor ([] outside Ray or without GPUs)."""
+    import ray
+
     try:
-        gpus = ray.get_gpu_ids()
+        return list(ray.get_gpu_ids())
     except Exception:  # noqa: BLE001 - not inside Ray
-        gpus = []
-    return torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
+        return []
+
+
+def device_name(gpu_ids, cuda_available: bool, visible: Optional[str] = None) -> str:
+    """``cuda:<i>`` for the first GPU Ray assigned, ``cpu`` without one or without CUDA. Ray exports
+    ``CUDA_VISIBLE_DEVICES`` = the assigned ids, so torch numbers them from 0: ``i`` is the assigned id's position
+    there (the id itself when the variable is unset, e.g. ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``)."""
+    if not gpu_ids or not cuda_available:
+        return "cpu"
+    gid = str(gpu_ids[0])
+    seen = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    if seen:
+        return f"cuda:{seen.index(gid)}" if gid in seen else "cuda:0"
+    return f"cuda:{int(gid)}" if gid.isdigit() else "cuda:0"
+
+
+def node_info() -> dict:
+    """Where this job runs: Ray node id, host, pid (recorded in progress reports; empty node outside Ray)."""
+    import socket
+
+    node = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "gpus": [str(g) for g in assigned_gpus()]}
 
 
 def to_device(batches, device):
@@ -56,8 +92,10 @@ class Progress:
     def __init__(self, store: RunStore, job_id: str, total: int, every_s: float = 1.0):
         self.store, self.key, self.total, self.every_s = store, f"progress/{job_id}.json", total, every_s
         prev = store.get_json(self.key) if store.exists(self.key) else {}
-        self.state = {"job": job_id, "pid": os.getpid(), "attempt": int(prev.get("attempt", 0)) + 1,
+        nodes = list(prev.get("nodes", []))
+        self.state = {"job": job_id, **node_info(), "attempt": int(prev.get("attempt", 0)) + 1,
                       "step": 0, "total": total, "loss": None, "done": False, "started": time.time()}
+        self.state["nodes"] = nodes + [self.state["node"]]  # every attempt's node, in order
         self._last = 0.0
         self.write()
 

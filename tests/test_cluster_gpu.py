@@ -1,0 +1,83 @@
+"""GPU packing (issue 13, item 6) checked on a machine without CUDA: Ray is told the node has 2 GPUs (a logical
+resource count), tasks ask for ``compute.gpus_per_task = 0.25`` through the flow's own options and scheduler
+(``task_options``, ``run_jobs``): four run at once on each GPU, each would use ``cuda:<its assigned GPU>`` and, with
+no CUDA in the process, falls back to the CPU."""
+
+from __future__ import annotations
+
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from flows.cluster.worker import device_name
+
+pytestmark = [pytest.mark.services]
+
+
+def _probe(job) -> dict:
+    import os
+    import time
+
+    from flows.cluster.worker import assigned_gpus, device, device_name, node_info
+
+    t0 = time.time()
+    time.sleep(1.5)
+    ids = assigned_gpus()
+    return {"id": job.id, "gpus": [str(g) for g in ids], "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "would_use": device_name(ids, True, os.environ.get("CUDA_VISIBLE_DEVICES")), "uses": str(device()),
+            "start": t0, "end": time.time(), "node": node_info()["node"], "seconds": 1.5}
+
+
+def test_device_name_maps_ray_assignment():
+    assert device_name([], True) == "cpu"
+    assert device_name(["1"], False, "1") == "cpu"            # no CUDA in the process: the CPU
+    assert device_name(["3"], True, "3") == "cuda:0"          # Ray exported CUDA_VISIBLE_DEVICES=<assigned>
+    assert device_name(["3"], True, "2,3") == "cuda:1"
+    assert device_name(["1"], True, None) == "cuda:1"         # no CUDA_VISIBLE_DEVICES: the id itself
+
+
+def test_fractional_gpus_pack_four_tasks_per_gpu():
+    import ray
+    from ray import cloudpickle
+
+    from flows.cluster.schedule import run_jobs
+    from flows.cluster.session import task_options
+    from flows.config import ComputeConfig
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=10, num_gpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    try:
+        compute = ComputeConfig(gpus_per_task=0.25, cpus_per_task=1, max_parallel=10)
+        assert task_options(compute)["num_gpus"] == 0.25
+        assert "num_gpus" not in task_options(compute, gpu=False)
+        t0 = time.time()
+        recs = run_jobs(_probe, [SimpleNamespace(id=f"j{i}") for i in range(10)], compute=compute, gpu=True,
+                        label="probe", poll_s=0.2)
+        wall = time.time() - t0
+    finally:
+        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    per_gpu: dict[str, list] = {}
+    for r in recs:
+        assert len(r["gpus"]) == 1, r
+        per_gpu.setdefault(r["gpus"][0], []).append(r)
+        assert r["would_use"] == "cuda:0" and r["visible"] == r["gpus"][0]   # Ray's assignment, numbered from 0
+        assert r["uses"] == "cpu"                                           # no CUDA here: the CPU fallback
+    assert sorted(per_gpu) == ["0", "1"]
+
+    def peak(rs) -> int:
+        events = sorted([(r["start"], 1) for r in rs] + [(r["end"], -1) for r in rs], key=lambda e: (e[0], e[1]))
+        n = best = 0
+        for _, d in events:
+            n += d
+            best = max(best, n)
+        return best
+
+    assert max(peak(rs) for rs in per_gpu.values()) == 4      # four tasks share a GPU, never five
+    assert peak(recs) == 8                                     # 2 GPUs x 4: the 9th and 10th task wait
+    print(f"\n10 tasks x 0.25 GPU on 2 logical GPUs: peak 4 per GPU, 8 in all; {wall:.1f}s wall (worker start-up included)")
