@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,13 +140,24 @@ def save_stats(path, mu: np.ndarray, sigma: np.ndarray) -> None:
 
 def load_reference_stats(source) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` from an ``.npz`` path, bytes or file object (EDM's fid-refs format)."""
+    where = f"reference statistics {source}" if isinstance(source, (str, os.PathLike)) else "reference statistics"
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
         with np.load(source, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError(f"{where}: a .npy array, not an .npz with arrays 'mu' and 'sigma'")
             mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
     except KeyError as e:
-        raise ValueError(f"reference statistics: the .npz needs arrays 'mu' and 'sigma' ({e})") from e
+        raise ValueError(f"{where}: the .npz needs arrays 'mu' and 'sigma' ({e})") from None
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        if str(e).startswith(where):
+            raise
+        # numpy's own text for a text file or a pickle invites unsafe loading: never shown
+        raise ValueError(f"{where}: not an .npz of numbers with arrays 'mu' and 'sigma' (pickled or object data is "
+                         "never loaded); write it with `amed fid-ref`") from None
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise ValueError(f"reference statistics: mu {mu.shape} and sigma {sigma.shape} do not match")
     return mu, sigma
@@ -212,9 +224,9 @@ def stats_from_images(net: InceptionV3Features, images: Iterable[torch.Tensor], 
     stats = FIDStats.empty()
     batches = _batched(images, batch_size)
     if progress:
-        from tqdm import tqdm
+        from .progress import progress as progress_bar
 
-        batches = tqdm(batches, unit="batch", desc="inception")
+        batches = progress_bar(batches, unit="batch", desc="inception")  # a bar on a terminal, lines elsewhere
     for batch in batches:
         stats.update(net(batch))
     return stats
@@ -233,9 +245,9 @@ def stats_from_generator(net: InceptionV3Features, generate: Callable[[Sequence[
     stats = FIDStats.empty()
     starts = range(0, len(seeds), batch_size)
     if progress:
-        from tqdm import tqdm
+        from .progress import progress as progress_bar
 
-        starts = tqdm(starts, unit="batch", desc="fid")
+        starts = progress_bar(starts, unit="batch", desc="fid")
     for s in starts:
         chunk = seeds[s:s + batch_size]
         stats.update(net(to_uint8(generate(chunk))))

@@ -421,3 +421,68 @@ def test_ls_on_a_missing_bucket_or_folder_is_an_error(tmp_path, s3_server):
     assert "bucket" in err and "does not exist" in err
     err = one_line_error(amed("teacher", "ls", "--store", str(tmp_path / "typo")))
     assert "does not exist" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixture files (gmm:PATH.npz): one line naming the file and the field; never a suggestion to unpickle.
+
+def _mixture(**over):
+    from amed_core.adapters import BUILTIN_TEACHERS, _data_path
+
+    with np.load(_data_path(BUILTIN_TEACHERS["digits-gmm"])) as d:
+        arrays = {k: d[k] for k in ("weights", "means", "covs", "shape")}
+    arrays.update(over)
+    return arrays
+
+
+def _mixture_error(tmp_path, name: str, write) -> str:
+    from amed_core.denoisers import load_teacher
+
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ValueError) as e:
+        load_teacher(f"gmm:{path}")
+    msg = str(e.value)
+    assert str(path) in msg and "allow_pickle" not in msg and "\n" not in msg, msg
+    return msg
+
+
+def test_mixture_files_that_are_not_npz(tmp_path):
+    import pickle
+
+    assert "not an .npz" in _mixture_error(tmp_path, "text.npz", lambda p: p.write_text("hello"))
+    assert "not an .npz" in _mixture_error(tmp_path, "pickle.npz", lambda p: p.write_bytes(pickle.dumps({"a": 1})))
+    assert ".npy" in _mixture_error(tmp_path, "array.npz", lambda p: open(p, "wb").write(b"") or np.save(open(p, "wb"), np.ones(3)))
+    assert "object array" in _mixture_error(tmp_path, "obj.npz", lambda p: np.savez(open(p, "wb"), **_mixture(
+        weights=np.array([{"x": 1}], dtype=object))))
+    assert "readable" in _mixture_error(tmp_path, "trunc.npz", lambda p: (np.savez(open(p, "wb"), **_mixture()),
+                                                                       p.write_bytes(p.read_bytes()[:2000])))
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("means", "nan", ["'means'", "NaN"]),
+    ("covs", "inf", ["'covs'", "inf"]),
+    ("weights", np.float64(1.0), ["'weights'", "1-D"]),
+    ("shape", np.array([1, -8, 8]), ["'shape'", "positive"]),
+    ("shape", np.array([1.5, 8, 8]), ["'shape'"]),
+])
+def test_mixture_fields_are_named(tmp_path, field, value, words):
+    arrays = _mixture()
+    if isinstance(value, str):
+        bad = arrays[field].copy()
+        bad.flat[0] = float(value)
+        value = bad
+    msg = _mixture_error(tmp_path, f"{field}.npz", lambda p: np.savez(open(p, "wb"), **{**arrays, field: value}))
+    assert all(w in msg for w in words), msg
+
+
+def test_fid_reference_stats_errors_name_the_file_and_never_suggest_pickles(tmp_path):
+    import pickle
+
+    from amed_core.fid import load_reference_stats
+
+    for name, data in (("text.npz", b"hello"), ("pickle.npz", pickle.dumps({"mu": 1}))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            load_reference_stats(str(tmp_path / name))
+        assert str(tmp_path / name) in str(e.value) and "allow_pickle" not in str(e.value)

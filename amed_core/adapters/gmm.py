@@ -14,6 +14,17 @@ from ..base_denoiser import BaseDenoiser
 __all__ = ["GaussianMixtureDenoiser"]
 
 
+def _float_array(name: str, a) -> np.ndarray:
+    """``a`` as float64, refusing non-numeric arrays and NaN/inf (named by field)."""
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"mixture field {name!r} must hold numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"mixture field {name!r} holds NaN or inf ({int(np.sum(~np.isfinite(arr)))} values)")
+    return arr
+
+
 class GaussianMixtureDenoiser(BaseDenoiser):
     """Exact denoiser of a Gaussian mixture  p(x0) = sum_k w_k N(mu_k, C_k).
 
@@ -37,21 +48,24 @@ class GaussianMixtureDenoiser(BaseDenoiser):
         sigma_max: float = 80.0,
     ) -> None:
         super().__init__()
-        weights = np.asarray(weights, dtype=np.float64)
-        means = np.asarray(means, dtype=np.float64)
-        covs = np.asarray(covs, dtype=np.float64)
-        shape = tuple(int(s) for s in np.asarray(shape).reshape(-1))
+        weights, means, covs = (_float_array(n, a) for n, a in (("weights", weights), ("means", means), ("covs", covs)))
+        shape_arr = np.asarray(shape)
+        if shape_arr.dtype.kind not in "iu" or shape_arr.size != 3 or np.any(shape_arr < 1) or np.any(shape_arr > 4096):
+            raise ValueError(f"mixture field 'shape' must be three positive integers (C, H, W) up to 4096, got "
+                             f"{shape_arr.reshape(-1)[:8].tolist()} ({shape_arr.dtype})")
+        shape = tuple(int(s) for s in shape_arr.reshape(-1))
+        if weights.ndim != 1 or weights.shape[0] < 1:
+            raise ValueError(f"mixture field 'weights' must be a 1-D array with one weight per component, got shape "
+                             f"{weights.shape}")
         K = weights.shape[0]
         D = int(np.prod(shape))
-        if len(shape) != 3:
-            raise ValueError(f"shape must be (C, H, W), got {shape}")
         if means.shape != (K, D) or covs.shape != (K, D, D):
             raise ValueError(
                 f"mixture arrays disagree: weights {weights.shape}, means {means.shape} (want {(K, D)}), "
                 f"covs {covs.shape} (want {(K, D, D)}) for shape {shape}"
             )
         if not np.all(weights > 0) or not math.isclose(weights.sum(), 1.0, rel_tol=1e-6):
-            raise ValueError("weights must be positive and sum to 1")
+            raise ValueError("mixture field 'weights' must be positive and sum to 1")
         covs = 0.5 * (covs + covs.transpose(0, 2, 1))
         evals, evecs = np.linalg.eigh(covs)
         if evals.min() < -1e-10:
@@ -73,17 +87,43 @@ class GaussianMixtureDenoiser(BaseDenoiser):
 
     @classmethod
     def from_npz(cls, path: str | Path, **kwargs) -> "GaussianMixtureDenoiser":
-        """Load a mixture file with ``weights``, ``means``, ``covs``, ``shape`` (no pickles)."""
+        """Load a mixture file with ``weights``, ``means``, ``covs``, ``shape`` (no pickles).
+
+        Anything else (a text file, a pickle, a ``.npy``, an object array, NaN/inf, wrong shapes) raises one
+        ValueError naming the file and the field."""
+        import zipfile
+
+        need = ("weights", "means", "covs", "shape")
         try:
-            with np.load(path, allow_pickle=False) as d:
-                missing = {"weights", "means", "covs", "shape"} - set(d.files)
-                if missing:
-                    raise ValueError(f"mixture file {path} lacks {sorted(missing)}; it needs weights, means, covs, shape")
-                arrays = {k: d[k] for k in ("weights", "means", "covs", "shape")}
+            with open(path, "rb") as f:
+                magic = f.read(4)
         except FileNotFoundError:
             raise ValueError(f"mixture file {path} does not exist (use gmm:PATH.npz with an existing file)") from None
+        except (IsADirectoryError, PermissionError) as e:
+            raise ValueError(f"mixture file {path} cannot be read ({e.strerror})") from None
+        if magic[:4] != b"PK\x03\x04" and magic[:4] != b"PK\x05\x06":
+            kind = "a .npy array" if magic[:4] == b"\x93NUM" else "not an .npz archive"
+            raise ValueError(f"mixture file {path} is {kind}; it must be an .npz with arrays {', '.join(need)} "
+                             "(np.savez(path, weights=..., means=..., covs=..., shape=...))")
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                missing = set(need) - set(d.files)
+                if missing:
+                    raise ValueError(f"mixture file {path} lacks {sorted(missing)}; it needs weights, means, covs, shape")
+                arrays = {}
+                for k in need:
+                    try:
+                        arrays[k] = d[k]
+                    except ValueError:  # numpy's "Object arrays cannot be loaded when allow_pickle=False"
+                        raise ValueError(f"mixture file {path}: field {k!r} is an object array (pickled data), which "
+                                         "is never loaded; save it as numbers") from None
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ValueError(f"mixture file {path} is not a readable .npz archive ({e})") from None
         kwargs.setdefault("name", f"gmm:{Path(path).name}")
-        return cls(**arrays, **kwargs)
+        try:
+            return cls(**arrays, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"mixture file {path}: {e}") from None
 
     @property
     def dim(self) -> int:
