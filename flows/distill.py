@@ -191,22 +191,44 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
     logger = get_run_logger()
     cfg = SweepConfig.model_validate(cfg_json)
     store = RunStore(plan.store_url, cfg.storage_options)
+    panels = panel_summaries(plan, scores)
     results: list[CandidateResult] = []
     for c in plan.candidates:
         tr, sc, base = trained[c.id], scores[c.eval.id], scores[c.base_id]
         teacher = teachers[c.train.dataset.name]
+        if c.family == "gits":
+            teacher = teachers.get(f"{c.train.dataset.name}:gits", teacher)
         artifacts = {}
         if sc.get("grid_url"):
             artifacts["samples.png"] = sc["grid_url"]
         if base.get("grid_url"):
             artifacts["base_samples.png"] = base["grid_url"]
+        best = panels.get((c.train.dataset.name, c.train.nfe), {}).get("best") or {}
         results.append(CandidateResult(
             dataset=c.train.dataset.name, solver=c.train.solver, base_solver=c.base_solver, nfe=c.train.nfe,
             seed=c.train.seed, checkpoint_url=store.url_of(c.train.checkpoint), protocol=c.protocol,
             value=sc["value"], base_value=base["value"], rmse=sc.get("rmse"), train_seconds=tr.get("train_seconds", 0.0),
             teacher_nfe=int(teacher.get("nfe_total", 0)), loss_history=tr.get("loss_history", []),
-            artifacts=artifacts, sampler_spec=c.train.sampler_spec))
-    payload = {"sweep": cfg.name, "config": redact(cfg_json), "results": [r.model_dump(mode="json") for r in results]}
+            artifacts=artifacts, sampler_spec=c.train.sampler_spec, family=c.family,
+            denoiser_calls=int(sc.get("nfe", c.train.nfe)), teacher_id=c.teacher_id,
+            panel_best=best, panel_value=best.get("value"), per_sample=sc.get("per_sample", {})))
+    for (dname, nfe), p in panels.items():  # the panel's winner is a candidate too (family free, no weights)
+        best = p["best"]
+        if not best:
+            continue
+        job = next(b for b in plan.baselines if b.id == best["id"])
+        sc = scores[job.id]
+        artifacts = {"samples.png": sc["grid_url"]} if sc.get("grid_url") else {}
+        results.append(CandidateResult(
+            dataset=dname, solver=job.solver, base_solver=job.solver, nfe=nfe, seed=0,
+            checkpoint_url=store.url_of(job.checkpoint), protocol=p["protocol"], value=sc["value"],
+            base_value=sc["value"], rmse=sc.get("rmse"), artifacts=artifacts, family="free",
+            denoiser_calls=int(sc.get("nfe", nfe)), teacher_id=p["teacher_id"], panel_best=best,
+            panel_value=best["value"], per_sample=sc.get("per_sample", {}),
+            sampler_spec={"solver": job.solver, "options": job.solver_options, "schedule": job.schedule}))
+    payload = {"sweep": cfg.name, "config": redact(cfg_json), "results": [r.model_dump(mode="json") for r in results],
+               "panels": [{**{k: v for k, v in p.items() if k != "protocol"}, "dataset": d, "nfe": n}
+                          for (d, n), p in panels.items()]}
     results_url = store.put_json(f"runs/{cfg.name}/results.json", payload)
     logger.info("results: %s", results_url)
     champions: dict[str, str] = {}
@@ -217,19 +239,111 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
         for name, uri in champions.items():
             logger.info("champion %s -> %s", name, uri)
     _artifacts(cfg, results, scores, plan, results_url, champions)
-    return {"results_url": results_url, "champions": champions, "results": payload["results"]}
+    return {"results_url": results_url, "champions": champions, "results": payload["results"],
+            "panels": payload["panels"]}
+
+
+def panel_summaries(plan: SweepPlan, scores: dict) -> dict:
+    """Per (dataset, NFE): every panel entry's score (solver, options, schedule, value) and the best one (lowest
+    finite value; ties: the first in plan order) - the baseline every candidate of that (dataset, NFE) faces."""
+    import math
+
+    jobs = {b.id: b for b in plan.baselines}
+    out = {}
+    for slot in plan.panels:
+        entries = []
+        for i in slot.entries:
+            b, sc = jobs[i], scores.get(i, {})
+            entries.append({"id": i, "solver": b.solver, "options": dict(b.solver_options),
+                            "schedule": b.schedule.get("schedule_type"), "rho": b.schedule.get("rho"),
+                            "value": sc.get("value"), "denoiser_calls": sc.get("nfe"),
+                            "per_sample": sc.get("per_sample", {})})
+        finite = [e for e in entries if e["value"] is not None and math.isfinite(e["value"])]
+        best = min(finite, key=lambda e: e["value"]) if finite else {}
+        out[(slot.dataset, slot.nfe)] = {"teacher_id": slot.teacher_id, "protocol": slot.protocol, "entries": entries,
+                                         "best": best}
+    return out
+
+
+def options_text(entry: dict) -> str:
+    """``poly7,afs=False,max_order=4`` for a panel entry (schedule first)."""
+    sched = entry.get("schedule") or ""
+    if sched == "polynomial" and entry.get("rho") is not None:
+        sched = f"poly{entry['rho']:g}"
+    return ",".join([sched] + [f"{k}={v}" for k, v in sorted((entry.get("options") or {}).items())])
 
 
 def results_table(results: list[CandidateResult]) -> list[dict]:
-    """One row per candidate: its score next to the base solver's at the same NFE (lower is better)."""
+    """One row per candidate (every family; the panel's winner as family free): its score, the best training-free
+    sampler of its (teacher, NFE) with its options, the margin value / panel best (< 1: better), the base solver at
+    the same NFE, denoiser calls and per-sample error percentiles where the protocol has a reference solution."""
     rows = []
     for r in results:
         gain = (r.base_value - r.value) / r.base_value * 100 if r.base_value else float("nan")
-        rows.append({"dataset": r.dataset, "solver": r.solver, "nfe": r.nfe, "seed": r.seed,
-                     "metric": r.protocol.metric, "amed": round(r.value, 6), "base_solver": r.base_solver,
-                     "base": round(r.base_value, 6), "improvement_%": round(gain, 1),
+        best = r.panel_best or {}
+        ps = r.per_sample or {}
+        rows.append({"dataset": r.dataset, "family": r.family, "solver": r.solver, "nfe": r.nfe,
+                     "calls": r.denoiser_calls if r.denoiser_calls is not None else r.nfe, "seed": r.seed,
+                     "metric": r.protocol.metric, "value": round(r.value, 6),
+                     "panel_best": f"{best.get('solver')}[{options_text(best)}]" if best else "-",
+                     "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
+                     "margin": round(r.margin, 3) if r.margin is not None else "-",
+                     "base_solver": r.base_solver, "base": round(r.base_value, 6), "improvement_%": round(gain, 1),
+                     **({"p50": round(ps["median"], 5), "p90": round(ps["p90"], 5), "p99": round(ps["p99"], 5)}
+                        if ps else {}),
                      "train_s": round(r.train_seconds, 1)})
-    return rows
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # rows of equal keys (text_table)
+    return [{k: row.get(k, "-") for k in keys} for row in rows]
+
+
+def champion_rows(results: list[CandidateResult]) -> list[dict]:
+    """Per (teacher, NFE): the best candidate across families (lowest value under one protocol: where the champion
+    alias moves when the sweep registers), the best training-free sampler and the margin."""
+    best: dict = {}
+    for r in results:
+        k = (r.teacher_id or r.dataset, r.nfe, r.protocol.hash)
+        if k not in best or r.value < best[k].value:
+            best[k] = r
+    return [{"teacher": k[0], "nfe": k[1], "best": f"{r.family}:{r.solver}", "value": round(r.value, 6),
+             "panel_best": (r.panel_best or {}).get("solver", "-"),
+             "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
+             "margin": round(r.margin, 3) if r.margin is not None else "-"} for k, r in sorted(best.items())]
+
+
+def quality_plot_png(results: list[CandidateResult]) -> Optional[bytes]:
+    """Quality vs NFE, a line per family (each family's best value per (teacher, NFE); log scale); None if empty."""
+    import io
+
+    if not results:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    teachers = sorted({r.teacher_id or r.dataset for r in results})
+    for ti, t in enumerate(teachers):
+        for fi, fam in enumerate(("free", "gits", "amed", "epd")):
+            pts: dict[int, float] = {}
+            for r in results:
+                if (r.teacher_id or r.dataset) == t and r.family == fam and r.value > 0:
+                    pts[r.nfe] = min(pts.get(r.nfe, float("inf")), r.value)
+            if pts:
+                xs = sorted(pts)
+                ax.plot(xs, [pts[x] for x in xs], marker="os^D"[fi], color=f"C{fi}",
+                        linestyle=["-", "--", ":", "-."][ti % 4],
+                        label=fam + (f" ({t})" if len(teachers) > 1 else ""))
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(results[0].protocol.metric + " (lower is better)")
+    ax.set_title("best per family" + (f": {teachers[0]}" if len(teachers) == 1 else ""), fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _artifacts(cfg, results, scores, plan, results_url, champions) -> None:
@@ -246,6 +360,13 @@ def _artifacts(cfg, results, scores, plan, results_url, champions) -> None:
              "MLflow registry: none (register_models: false)", ""]
     if champions:
         lines += ["## Champions", ""] + [f"- `{n}` -> `{u}`" for n, u in champions.items()] + [""]
+    rows = champion_rows(results)
+    if rows:
+        lines += ["## Best per (teacher, NFE) across families", "", "| " + " | ".join(rows[0]) + " |",
+                  "|" + "---|" * len(rows[0])] + ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows] + [""]
+    png = quality_plot_png(results)
+    if png:
+        lines += ["## Quality vs NFE", "", _img(png, "quality vs NFE per family"), ""]
     lines += ["## Samples", ""]
     grids = [(f"{c.eval.title} (seed {c.train.seed})", c.eval.id, c.eval.grid_key) for c in plan.candidates]
     grids += [(f"{b.title} (base solver)", b.id, b.grid_key) for b in plan.baselines]
@@ -339,15 +460,16 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
     with ray_session(cfg.compute) as ray_info:
         logger.info("Ray at %s (%s, %.1f s): %s", ray_info.address, "started here" if ray_info.started_here else
                     "existing", ray_info.seconds, {k: v for k, v in ray_info.resources.items() if "node" not in k})
-        t_fut = {t.name: teacher_stage.with_options(tags=[f"dataset:{t.name}", "stage:teacher"],
-                                                    task_run_name=f"teacher-{t.name}").submit(t, compute)
+        t_fut = {t.key: teacher_stage.with_options(tags=[f"dataset:{t.name}", "stage:teacher"],
+                                                   task_run_name=f"teacher-{slug(t.key)}").submit(t, compute)
                  for t in plan.teachers}
+        t_by_hash = {t.spec_hash: t_fut[t.key] for t in plan.teachers}
         b_fut = {b.id: evaluate_stage.with_options(tags=b.tags + ["stage:evaluate"], task_run_name=b.id
                                                    ).submit(b, compute) for b in plan.baselines}
         tr_fut, ev_fut = {}, {}
         for c in plan.candidates:
             tr_fut[c.id] = train_stage.with_options(tags=c.train.tags + ["stage:train"], task_run_name=f"train-{c.name}"
-                                                    ).submit(c.train, compute, wait_for=[t_fut[c.train.dataset.name]])
+                                                    ).submit(c.train, compute, wait_for=[t_by_hash[c.train.teacher_hash]])
         for c in plan.candidates:
             ev_fut[c.id] = evaluate_stage.with_options(tags=c.train.tags + ["stage:evaluate"],
                                                        task_run_name=f"eval-{c.name}").submit(
@@ -371,12 +493,14 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
     spans = [s for t in teachers.values() for s in t.get("compute_spans", [])]
     spans += [s for r in list(trained.values()) + list(scores.values()) if not r.get("skipped")
               for s in r.get("compute_spans", [])]
-    table = results_table([CandidateResult.model_validate(r) for r in reg["results"]])
+    final = [CandidateResult.model_validate(r) for r in reg["results"]]
+    table, best = results_table(final), champion_rows(final)
     logger.info("sweep %s done in %.1f s (work: %s)", cfg.name, wall, work)
     _final_lines(logger, cfg, table, reg)
     return {"sweep": cfg.name, "store_url": plan.store_url, "results_url": reg["results_url"],
             "tracking_uri": _shown(cfg.mlflow_tracking_uri) if cfg.register_models else None,
-            "champions": reg["champions"], "results": reg["results"], "table": table,
+            "champions": reg["champions"], "results": reg["results"], "table": table, "best": best,
+            "panels": reg.get("panels", []),
             "work": work, "compute_seconds": compute_s, "compute_cpu_seconds": cpu_s, "compute_spans": spans, "ray_start_seconds": ray_info.seconds,
             "wall_seconds": wall, "flow_started": t_epoch}
 
@@ -391,7 +515,8 @@ def _final_lines(logger, cfg: SweepConfig, table: list[dict], reg: dict) -> None
     """The outcome as the run's last log lines (what `prefect deployment run --watch` and the UI end with)."""
     metric = cfg.evaluation.metric
     lines = [f"results of sweep {cfg.name} ({metric}, lower is better; 'base' = the training-free base solver "
-             f"at the same NFE):", text_table(table), f"results.json: {reg['results_url']}"]
+             f"at the same NFE; 'panel' = the best training-free sampler, margin = value / panel):", text_table(table),
+             f"results.json: {reg['results_url']}"]
     if reg["champions"]:
         lines.append(f"champions in {_shown(cfg.mlflow_tracking_uri)} (fetch: amed fetch URI --out DIR):")
         lines += [f"  {name}: {uri}" for name, uri in reg["champions"].items()]

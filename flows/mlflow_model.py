@@ -36,7 +36,7 @@ class _AMEDSamplerModel:
     """pyfunc: seeds -> samples of the learned sampler on its teacher."""
 
     def load_context(self, context):
-        from amed_core.amed import load_sampler
+        from amed_core.families import load_sampler  # any family: free / gits (JSON), amed, epd
 
         self.sampler = load_sampler(context.artifacts["checkpoint"])
         cfg = dict(context.model_config or {})

@@ -25,8 +25,9 @@ from flows.config import DatasetConfig, EvalConfig, SamplerConfig, SweepConfig
 from flows.results import EvalProtocol
 from flows.storage.checksums import json_digest
 
-__all__ = ["TeacherJob", "TrainJob", "EvalJob", "ScoreSettings", "Candidate", "SweepPlan", "plan_sweep",
-           "plan_dataset", "plan_baseline", "plan_candidate", "slug"]
+__all__ = ["TeacherJob", "TrainJob", "EvalJob", "ScoreSettings", "Candidate", "PanelSlot", "SweepPlan", "plan_sweep",
+           "plan_dataset", "plan_baseline", "plan_candidate", "plan_panel", "panel_job", "plan_gits_teacher",
+           "plan_gits_candidate", "plan_epd_candidate", "teacher_id", "slug"]
 
 
 def slug(s: str) -> str:
@@ -49,9 +50,13 @@ class _StoreJob(_Job):
 
 
 class TeacherJob(_Job):
-    """The shared teacher of one dataset: a TeacherSpec (JSON) whose shards the teacher stage generates."""
+    """The shared teacher of one dataset: a TeacherSpec (JSON) whose shards the teacher stage generates.
+
+    role "students": the trajectories at the union of the student grids (AMED, EPD); role "gits": a small teacher on
+    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points)."""
 
     name: str                  # the dataset's name
+    role: Literal["students", "gits"] = "students"
     dataset: DatasetConfig
     spec_json: str
     spec_hash: str
@@ -59,6 +64,11 @@ class TeacherJob(_Job):
     num_trajectories: int
     store_url: str
     storage_options: dict[str, Any] = {}
+
+    @property
+    def key(self) -> str:
+        """The teacher's key in a sweep: the dataset's name (role students), ``<name>:gits`` (role gits)."""
+        return self.name if self.role == "students" else f"{self.name}:{self.role}"
 
 
 class ScoreSettings(_Job):
@@ -91,6 +101,8 @@ class EvalJob(_StoreJob):
     num_steps: Optional[int] = None
     solver_options: dict[str, Any] = {}
     tags: list[str] = []
+    family: str = "amed"                       # candidate: the checkpoint's family; baseline: "free"
+    teacher_identity: dict[str, Any] = {}      # baseline: written into its free sampler.json
 
 
 class TrainJob(_StoreJob):
@@ -106,6 +118,8 @@ class TrainJob(_StoreJob):
     teacher_hash: str
     checkpoint: str                            # key of the checkpoint folder in the run store
     tags: list[str] = []
+    family: str = "amed"                       # amed | gits | epd (what train_job fits)
+    fit: dict[str, Any] = {}                   # gits: metric, coeff, warmup, options, afs; epd: EPDTrainConfig fields
 
 
 class Candidate(_Job):
@@ -116,6 +130,8 @@ class Candidate(_Job):
     base_id: str
     base_solver: str
     protocol: EvalProtocol
+    family: str = "amed"
+    teacher_id: str = ""
 
     @property
     def id(self) -> str:
@@ -126,6 +142,16 @@ class Candidate(_Job):
         return self.train.name
 
 
+class PanelSlot(_Job):
+    """The training-free panel of one (dataset, NFE): ids of its evaluate jobs (in ``SweepPlan.baselines``)."""
+
+    dataset: str
+    nfe: int
+    teacher_id: str
+    protocol: EvalProtocol
+    entries: list[str]
+
+
 class SweepPlan(_Job):
     sweep: str
     store_url: str
@@ -133,6 +159,10 @@ class SweepPlan(_Job):
     teachers: list[TeacherJob]
     candidates: list[Candidate]
     baselines: list[EvalJob]
+    panels: list[PanelSlot] = []
+
+    def panel_for(self, dataset: str, nfe: int) -> Optional[PanelSlot]:
+        return next((p for p in self.panels if p.dataset == dataset and p.nfe == nfe), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,20 +175,64 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     cannot be built.
     """
     store_url = cfg.resolved_store_url()
-    teachers, candidates, baselines = [], [], {}
+    teachers, candidates, baselines, panels = [], [], {}, []
     for d in cfg.datasets:
         teacher, den, specs = plan_dataset(cfg, d, store_url)
         teachers.append(teacher)
         reference = den.identity().get("content_sha256") or json_digest(den.identity())
+        tid = teacher_id(d, den)
+        proto = EvalProtocol(metric=cfg.evaluation.metric, num_samples=cfg.evaluation.num_samples,
+                             seed=cfg.evaluation.seed, reference=_reference(cfg.evaluation, reference, cfg.teacher.solver))
+        slots: dict[int, dict[str, EvalJob]] = {nfe: {} for nfe in cfg.nfes}
+
+        def add(job: EvalJob, nfe: int) -> EvalJob:
+            job = baselines.setdefault(job.id, job)
+            slots[nfe].setdefault(job.id, job)
+            return job
+
         for (s, nfe), sp in specs.items():
-            proto = EvalProtocol(metric=cfg.evaluation.metric, num_samples=cfg.evaluation.num_samples,
-                                 seed=cfg.evaluation.seed, reference=_reference(cfg.evaluation, reference, cfg.teacher.solver))
             base = plan_baseline(cfg, teacher, sp, proto, reference)
-            base = baselines.setdefault((d.name, base.solver, nfe, json_digest(base.solver_options)), base)
+            if cfg.panel.include_base_solvers or get_family_name(s) != "amed":
+                base = add(base, nfe)
+            else:
+                base = baselines.setdefault(base.id, base)
             for seed in cfg.seeds:
-                candidates.append(plan_candidate(cfg, teacher, sp, proto, base, seed))
+                if get_family_name(s) == "epd":
+                    candidates.append(plan_epd_candidate(cfg, teacher, sp, proto, base, seed, tid))
+                else:
+                    candidates.append(plan_candidate(cfg, teacher, sp, proto, base, seed).model_copy(
+                        update={"teacher_id": tid}))
+        for nfe in cfg.nfes:
+            for entry in plan_panel(cfg, teacher, den, nfe, proto, reference):
+                add(entry, nfe)
+        if cfg.families.gits.solvers:
+            gt = plan_gits_teacher(cfg, d, teacher, den, store_url)
+            teachers.append(gt)
+            for b in cfg.families.gits.solvers:
+                for nfe in cfg.nfes:
+                    planned = plan_gits_candidate(cfg, gt, den, b, nfe, proto, reference, tid)
+                    if planned is not None:
+                        candidates.append(planned[0])
+                        add(planned[1], nfe)
+        panels += [PanelSlot(dataset=d.name, nfe=nfe, teacher_id=tid, protocol=proto, entries=list(jobs))
+                   for nfe, jobs in slots.items()]
     return SweepPlan(sweep=cfg.name, store_url=store_url, storage_options=dict(cfg.storage_options),
-                     teachers=teachers, candidates=candidates, baselines=list(baselines.values()))
+                     teachers=teachers, candidates=candidates, baselines=list(baselines.values()), panels=panels)
+
+
+def get_family_name(method: str) -> str:
+    from amed_core.methods import get_method
+
+    return get_method(method).family
+
+
+def teacher_id(d: DatasetConfig, den) -> str:
+    """The teacher's identity in registered model names: the user's ``model_id``, else ``<dataset>-<hash8>``."""
+    if d.model_id:
+        return d.model_id
+    ident = den.identity()
+    digest = ident.get("content_sha256") or json_digest(ident)
+    return f"{d.name}-{digest[:8]}"
 
 
 def plan_dataset(cfg: SweepConfig, d: DatasetConfig, store_url: str):
@@ -184,6 +258,12 @@ def plan_dataset(cfg: SweepConfig, d: DatasetConfig, store_url: str):
                 specs[(s, nfe)] = _sampler_spec(s, nfe, sc, schedule, pc, den)
             except ValueError as e:
                 raise ValueError(f"solvers/nfes: {s} at NFE {nfe} on dataset {d.name}: {e}") from None
+    for s in cfg.families.epd.solvers:
+        for nfe in cfg.nfes:
+            try:
+                specs[(s, nfe)] = _epd_spec(cfg, s, nfe, den, d)
+            except ValueError as e:
+                raise ValueError(f"families.epd: {s} at NFE {nfe} on dataset {d.name}: {e}") from None
     grids = sorted({StudentGrid(sp.schedule, sp.num_steps) for sp in specs.values()}, key=lambda g: g.num_steps)
     t = cfg.teacher
     tspec = TeacherSpec.for_denoiser(den, grids, num_trajectories=t.num_trajectories, shard_size=t.shard_size,
@@ -209,7 +289,176 @@ def plan_baseline(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol
     return EvalJob(**_eval_common(cfg, teacher, sp, proto), id=f"base-{slug(name)}-{base}-nfe{nfe}-{bid[:8]}",
                    kind="baseline", solver=base, nfe=nfe, num_steps=bsteps, solver_options=bopts,
                    result_key=f"evals/{bid}.json", grid_key=f"evals/{bid}-samples.png", title=f"{name} {base} NFE {nfe}",
-                   tags=[f"dataset:{name}", f"solver:{base}", f"nfe:{nfe}", "baseline"])
+                   tags=[f"dataset:{name}", f"solver:{base}", f"nfe:{nfe}", "baseline"], family="free",
+                   checkpoint=f"checkpoints/free-{slug(name)}-{base}-nfe{nfe}-{bid[:12]}",
+                   teacher_identity=_identity(teacher))
+
+
+def _identity(teacher: TeacherJob) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads(teacher.spec_json).get("teacher") or {})
+
+
+def _schedule_for(cfg: SweepConfig, den, schedule_type: str, rho: float):
+    from amed_core.schedules import ScheduleSpec
+
+    sc = cfg.sampler
+    return ScheduleSpec(schedule_type=schedule_type, rho=rho, sigma_min=sc.sigma_min or float(den.sigma_min),
+                        sigma_max=sc.sigma_max or float(den.sigma_max))
+
+
+def panel_job(cfg: SweepConfig, teacher: TeacherJob, den, entry, nfe: int, proto: EvalProtocol,
+              reference: str) -> Optional[EvalJob]:
+    """The evaluate job of one panel entry at ``nfe`` (None where the solver cannot spend exactly ``nfe``). Its id and
+    score key use plan_baseline's hash, so an entry equal to a candidate's base solver is evaluated once."""
+    from amed_core.methods import get_method, num_steps_for, pick_afs
+
+    m = get_method(entry.solver)
+    default = m.default_schedule
+    schedule = _schedule_for(cfg, den, entry.schedule_type or default.schedule_type,
+                             entry.schedule_rho if entry.schedule_rho is not None else
+                             (default.rho if entry.schedule_type in (None, default.schedule_type) else 7.0))
+    afs = pick_afs(entry.solver, nfe, None if entry.afs == "auto" else entry.afs)
+    opts = {**dict(m.default_options), **dict(entry.options), "afs": afs}
+    try:
+        steps = num_steps_for(entry.solver, nfe, afs, opts)
+    except ValueError:
+        return None
+    if entry.schedule_type == "discrete" or (entry.options and set(entry.options) - m.options):
+        raise ValueError(f"panel: {entry.solver} takes options {sorted(m.options)} and a continuous schedule")
+    name, solver = teacher.name, entry.solver
+    bid = json_digest({"reference": reference, "solver": solver, "steps": steps, "schedule": schedule.to_dict(),
+                       "options": opts, "protocol": proto.hash})
+    ev = cfg.evaluation
+    settings = ScoreSettings(metric=ev.metric, num_samples=ev.num_samples, seed=ev.seed, batch_size=ev.batch_size,
+                             reference_steps=ev.reference_steps,
+                             **({"fid_stats": ev.fid_stats, "inception_weights": ev.inception_weights}
+                                if ev.metric == "fid" else {}))
+    return EvalJob(id=f"base-{slug(name)}-{solver}-nfe{nfe}-{bid[:8]}", store_url=teacher.store_url,
+                   storage_options=teacher.storage_options, torch_threads=cfg.compute.torch_threads,
+                   dataset=teacher.dataset, kind="baseline", protocol=settings, protocol_hash=proto.hash,
+                   grid_samples=ev.grid_samples, reference_solver=cfg.teacher.solver, schedule=schedule.to_dict(),
+                   result_key=f"evals/{bid}.json", grid_key=f"evals/{bid}-samples.png",
+                   title=f"{name} {solver} NFE {nfe}", solver=solver, nfe=nfe, num_steps=steps, solver_options=opts,
+                   tags=[f"dataset:{name}", f"solver:{solver}", f"nfe:{nfe}", "baseline", "panel"], family="free",
+                   checkpoint=f"checkpoints/free-{slug(name)}-{solver}-nfe{nfe}-{bid[:12]}",
+                   teacher_identity=_identity(teacher))
+
+
+def plan_panel(cfg: SweepConfig, teacher: TeacherJob, den, nfe: int, proto: EvalProtocol, reference: str) -> list[EvalJob]:
+    """The configured panel entries at ``nfe`` (unreachable combinations skipped)."""
+    jobs = (panel_job(cfg, teacher, den, e, nfe, proto, reference) for e in cfg.panel.entries)
+    return [j for j in jobs if j is not None]
+
+
+def plan_gits_teacher(cfg: SweepConfig, d: DatasetConfig, students: TeacherJob, den, store_url: str) -> TeacherJob:
+    """A small teacher on the fine grid GITS selects from: ``families.gits.warmup`` trajectories at
+    ``grid_points`` points (the students' teacher keeps only the union of the student grids, too coarse to select
+    from; its spec stays unchanged, so AMED's trajectories do not move)."""
+    from amed_core.teacher import StudentGrid, TeacherSpec
+
+    g, t = cfg.families.gits, cfg.teacher
+    schedule = _schedule_for(cfg, den, g.schedule_type, g.schedule_rho)
+    spec = TeacherSpec.for_denoiser(den, [StudentGrid(schedule, g.grid_points)], num_trajectories=g.warmup,
+                                    shard_size=g.warmup, sub_steps=g.sub_steps, solver=t.solver, dtype=t.dtype,
+                                    base_seed=t.seed)
+    return TeacherJob(name=d.name, role="gits", dataset=students.dataset, spec_json=spec.to_json(),
+                      spec_hash=spec.spec_hash, num_shards=spec.num_shards, num_trajectories=g.warmup,
+                      store_url=store_url, storage_options=dict(cfg.storage_options))
+
+
+def plan_gits_candidate(cfg: SweepConfig, gt: TeacherJob, den, base: str, nfe: int, proto: EvalProtocol,
+                        reference: str, tid: str):
+    """(Candidate, its base solver's panel job) of ``gits+<base>`` at ``nfe``, or None where ``base`` cannot spend
+    exactly ``nfe`` without AFS. The fit reads the GITS teacher ``gt``; the checkpoint is a sampler.json."""
+    from amed_core.methods import get_method, num_steps_for
+
+    from flows.config import PanelEntry
+
+    g = cfg.families.gits
+    opts = {**dict(get_method(base).default_options), **dict(g.options.get(base, {}))}
+    try:
+        num_steps_for(base, nfe, False, opts)
+    except ValueError:
+        return None
+    base_job = panel_job(cfg, gt, den, PanelEntry(solver=base, options=dict(g.options.get(base, {}))), nfe, proto,
+                         reference)
+    method, dname = f"gits+{base}", gt.name
+    fit = {"metric": g.metric, "coeff": g.coeff, "warmup": g.warmup, "options": opts, "afs": False}
+    cid = json_digest({"teacher": gt.spec_hash, "method": method, "nfe": nfe, "fit": fit})
+    name = f"{slug(dname)}-{slug(method)}-nfe{nfe}"
+    ckpt = f"checkpoints/{name}-{cid[:12]}"
+    job = TrainJob(id=f"{name}-{cid[:8]}", name=name, store_url=gt.store_url, storage_options=gt.storage_options,
+                   torch_threads=cfg.compute.torch_threads, dataset=gt.dataset, solver=method, nfe=nfe, seed=0,
+                   sampler_spec={}, train={"num_trajectories": g.warmup, "batch_size": g.warmup}, epochs=1,
+                   teacher_hash=gt.spec_hash, checkpoint=ckpt, family="gits", fit=fit,
+                   tags=[f"dataset:{dname}", f"solver:{method}", f"nfe:{nfe}", "family:gits"])
+    eid = json_digest({"checkpoint": cid, "protocol": proto.hash})
+    common = {k: v for k, v in base_job.model_dump().items() if k in (
+        "store_url", "storage_options", "torch_threads", "dataset", "protocol", "protocol_hash", "grid_samples",
+        "reference_solver", "schedule")}
+    ev = EvalJob(**common, id=f"eval-{name}-{eid[:8]}", kind="candidate", checkpoint=ckpt, family="gits",
+                 result_key=f"evals/{eid}.json", grid_key=f"{ckpt}/samples.png", title=f"{dname} {method} NFE {nfe}")
+    cand = Candidate(train=job, eval=ev, base_id=base_job.id, base_solver=base, protocol=proto, family="gits",
+                     teacher_id=tid)
+    return cand, base_job
+
+
+class _EPDSpec(BaseModel):
+    """What plan_baseline / _eval_common read of a student (an EPD student has no SamplerSpec)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    solver: str
+    nfe: int
+    num_steps: int
+    afs: bool
+    schedule: Any
+    base_solver: str
+    max_order: Optional[int] = None
+    predict_x0: Optional[bool] = None
+    lower_order_final: Optional[bool] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "epd", "solver": self.solver, "nfe": self.nfe, "num_steps": self.num_steps, "afs": self.afs,
+                "schedule": self.schedule.to_dict(), "max_order": self.max_order}
+
+
+def _epd_spec(cfg: SweepConfig, s: str, nfe: int, den, d: DatasetConfig) -> _EPDSpec:
+    from amed_core.methods import get_method, num_steps_for
+
+    e = cfg.families.epd
+    afs = bool(nfe % 2 == 1) if e.afs == "auto" else bool(e.afs)
+    steps = num_steps_for(s, nfe, afs)
+    return _EPDSpec(solver=s, nfe=nfe, num_steps=steps, afs=afs, schedule=_schedule_for(cfg, den, e.schedule_type,
+                    e.schedule_rho), base_solver=str(get_method(s).base),
+                    max_order=e.max_order if s == "epd+ipndm" else None)
+
+
+def plan_epd_candidate(cfg: SweepConfig, teacher: TeacherJob, sp: _EPDSpec, proto: EvalProtocol, base: EvalJob,
+                       seed: int, tid: str) -> Candidate:
+    """Training of EPD tables for ``sp`` on the students' teacher (at the student grid) and its evaluation."""
+    from amed_core.methods.epd import EPDTrainConfig
+
+    e, s, nfe, dname = cfg.families.epd, sp.solver, sp.nfe, teacher.name
+    tc = EPDTrainConfig(solver=s, num_points=e.num_points, scale_dir=e.scale_dir, scale_time=e.scale_time, afs=sp.afs,
+                        max_order=e.max_order, lr=e.lr, seed=seed, loss_weighting=e.loss_weighting,
+                        num_trajectories=cfg.teacher.num_trajectories * e.epochs).to_dict()
+    cid = json_digest({"teacher": teacher.spec_hash, "spec": sp.to_dict(), "train": tc, "epochs": e.epochs,
+                       "batch_size": e.batch_size})
+    name = f"{slug(dname)}-{slug(s)}-nfe{nfe}-seed{seed}"
+    ckpt = f"checkpoints/{name}-{cid[:12]}"
+    eid = json_digest({"checkpoint": cid, "protocol": proto.hash})
+    job = TrainJob(id=f"{name}-{cid[:8]}", name=name, store_url=teacher.store_url, storage_options=teacher.storage_options,
+                   torch_threads=cfg.compute.torch_threads, dataset=teacher.dataset, solver=s, nfe=nfe, seed=seed,
+                   sampler_spec=sp.to_dict(), train={**tc, "batch_size": e.batch_size}, epochs=e.epochs,
+                   teacher_hash=teacher.spec_hash, checkpoint=ckpt, family="epd",
+                   tags=[f"dataset:{dname}", f"solver:{s}", f"nfe:{nfe}", f"seed:{seed}", "family:epd"])
+    ev = EvalJob(**_eval_common(cfg, teacher, sp, proto), id=f"eval-{name}-{eid[:8]}", kind="candidate",
+                 checkpoint=ckpt, family="epd", result_key=f"evals/{eid}.json", grid_key=f"{ckpt}/samples.png",
+                 title=f"{dname} {s} NFE {nfe}")
+    return Candidate(train=job, eval=ev, base_id=base.id, base_solver=base.solver, protocol=proto, family="epd",
+                     teacher_id=tid)
 
 
 def plan_candidate(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol, base: EvalJob, seed: int) -> Candidate:

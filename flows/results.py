@@ -47,8 +47,24 @@ class CandidateResult(BaseModel):
     loss_history: list[float] = Field(default_factory=list)
     artifacts: dict[str, str] = Field(default_factory=dict)  # name -> URL (samples.png, schedule.png)
     sampler_spec: dict = Field(default_factory=dict)          # the SamplerSpec JSON
+    # Families (issue 12): what the candidate is, what it costs, and the training-free panel it is compared with.
+    family: str = "amed"              # free | gits | amed | epd
+    denoiser_calls: Optional[int] = None   # per sample (EPD: (N - 1)(K + 1) - afs; the others: the NFE)
+    teacher_id: str = ""              # the teacher's identity: model_id, else <dataset>-<content hash[:8]>
+    panel_best: dict = Field(default_factory=dict)            # the best training-free entry: solver, options, value
+    panel_value: Optional[float] = None                       # its metric (the baseline every candidate faces)
+    per_sample: dict = Field(default_factory=dict)            # error vs the reference solution: median, p90, p99
+
+    @property
+    def margin(self) -> Optional[float]:
+        """value / panel_value (< 1: better than the best training-free sampler)."""
+        if self.panel_value is None or not self.panel_value:
+            return None
+        return self.value / self.panel_value
 
     @property
     def registered_name(self) -> str:
-        """Registered model per (dataset, NFE)."""
-        return f"amed-{self.dataset}-nfe{self.nfe}".replace(":", "-").replace("/", "-")
+        """Registered model per (teacher identity, NFE): ``amed-<model_id or dataset-hash8>-nfe<N>``, so a new
+        checkpoint of a model never inherits the old one's champion (results without a teacher id: the dataset)."""
+        ident = self.teacher_id or self.dataset
+        return f"amed-{ident}-nfe{self.nfe}".replace(":", "-").replace("/", "-").replace("+", "-")

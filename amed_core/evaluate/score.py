@@ -41,6 +41,14 @@ class ScoreResult:
     finite: bool
     samples: torch.Tensor
     stats: FIDStats | None = None
+    per_sample: dict | None = None  # rmse: each sample's RMSE to its reference solution: median, p90, p99, max
+
+
+def per_sample_summary(errors: torch.Tensor) -> dict:
+    """{"median", "p90", "p99", "max", "mean"} of per-sample errors (float64)."""
+    e = errors.to(torch.float64).reshape(-1)
+    q = torch.quantile(e, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    return {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(e.max()), "mean": float(e.mean())}
 
 
 def _inputs(seeds: Sequence[int], denoiser, label_dim: int, device, dtype=torch.float64):
@@ -125,6 +133,7 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
     kept: list[torch.Tensor] = []
     xs: list[torch.Tensor] = []
     err2, nfe, numel = 0.0, None, 0
+    per: list[torch.Tensor] = []
 
     def draw(chunk, pictures: int):
         """(states, NFE, squared error to the reference, images of the first ``pictures`` (all for fid))."""
@@ -136,7 +145,8 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
             if metric == "rmse":
                 ref = reference(noise, onehot)
                 ref = getattr(ref, "x", ref)
-                e2 = float(((x - ref.to(device="cpu", dtype=torch.float64)) ** 2).sum())
+                d2 = ((x - ref.to(device="cpu", dtype=torch.float64)) ** 2).reshape(x.shape[0], -1)
+                e2 = (float(d2.sum()), d2.mean(dim=1).sqrt())
             m = len(chunk) if metric == "fid" else pictures
             img = to_images(denoiser, res.x[:m]).to(device="cpu", dtype=torch.float64) if m else x[:0]
         if metric == "fid" and (img.ndim != 4 or img.shape[1] not in (1, 3)):
@@ -153,7 +163,8 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
         x, nfe, e2, img = draw(chunk, max(0, min(keep - have, len(chunk))))
         finite = finite and bool(torch.isfinite(x).all())
         if metric == "rmse":
-            err2 += e2
+            err2 += e2[0]
+            per.append(e2[1])
         numel += x.numel()
         if have < keep:
             kept.append(img[: keep - have])
@@ -172,4 +183,5 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
     else:
         value = stats.fid(fid.mu_ref, fid.sigma_ref)
     samples = torch.cat(kept) if kept else torch.empty((0, *denoiser.shape), dtype=torch.float64)  # pictures
-    return ScoreResult(metric, float(value), int(nfe), n, finite, samples, stats)
+    summary = per_sample_summary(torch.cat(per)) if per else None
+    return ScoreResult(metric, float(value), int(nfe), n, finite, samples, stats, summary)

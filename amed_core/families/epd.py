@@ -83,7 +83,8 @@ def spec_doc(method: str, nfe: int, sigmas, *, afs: bool, options: Mapping | Non
     sig = [float(v) for v in sigmas]
     if nfe_for(method, len(sig), afs) != nfe:
         raise ValueError(f"{method} on {len(sig)} points (afs={afs}) has NFE {nfe_for(method, len(sig), afs)}, not {nfe}")
-    return {"kind": "epd", "format_version": 1, "method": method, "nfe": int(nfe), "sigmas": sig, "afs": bool(afs),
+    return {"kind": "epd", "format_version": 1, "method": method, "solver": method, "num_steps": len(sig),
+            "nfe": int(nfe), "sigmas": sig, "afs": bool(afs),
             "options": dict(options or {}), "num_points": int(num_points), "teacher": dict(teacher or {}),
             "train": dict(train or {})}
 

@@ -58,6 +58,7 @@ class StaticSpec:
         d = asdict(self)
         d["sigmas"] = list(self.sigmas)
         d["format_version"] = FORMAT_VERSION
+        d["num_steps"] = len(self.sigmas)  # for readers of the JSON (amed fetch's summary)
         return d
 
     def to_json(self) -> str:
@@ -67,6 +68,7 @@ class StaticSpec:
     def from_dict(cls, d: Mapping) -> "StaticSpec":
         d = dict(d)
         v = d.pop("format_version", FORMAT_VERSION)
+        d.pop("num_steps", None)
         if v != FORMAT_VERSION:
             raise ValueError(f"unsupported {SPEC_FILE} format_version {v!r}")
         known = set(cls.__dataclass_fields__)

@@ -23,7 +23,12 @@ __all__ = ["train_job", "eval_job"]
 
 
 def train_job(job: TrainJob) -> dict:
-    """Train one predictor on stored teacher trajectories and commit its checkpoint to the run store."""
+    """Fit one candidate of its family on stored teacher trajectories and commit its checkpoint to the run store
+    (amed: a predictor; gits: a schedule from the fine-grid teacher, JSON only; epd: EPD tables)."""
+    if job.family == "gits":
+        return _fit_gits(job)
+    if job.family == "epd":
+        return _fit_epd(job)
     from amed_core.amed import AMEDPredictor, SamplerSpec
     from amed_core.amed.checkpoint import checkpoint_files
     from amed_core.amed.train import TrainConfig, train_amed
@@ -61,6 +66,72 @@ def train_job(job: TrainJob) -> dict:
     return record
 
 
+def _commit(store: RunStore, job: TrainJob, files: dict, record: dict, t_start: float, progress=None) -> dict:
+    record["files"] = {name: sha256(data) for name, data in files.items()}
+    for name, data in sorted(files.items(), key=lambda kv: kv[0] == "sampler.json"):
+        store.put(f"{job.checkpoint}/{name}", data)
+    store.put_json(f"{job.checkpoint}/train.json", record)  # the commit marker, written last
+    if progress is not None:
+        progress.finish()
+    record["seconds"] = time.perf_counter() - t_start
+    return record
+
+
+def _fit_gits(job: TrainJob) -> dict:
+    """GITS: the cost matrix from the stored fine-grid teacher (first ``warmup`` trajectories; slopes recomputed),
+    the DP, and a sampler.json with the selected sigmas (amed_core.families.gits.fit)."""
+    from amed_core.families import gits as fam_gits
+    from flows.storage.teachers import TeacherStore
+
+    t_start = time.perf_counter()
+    setup_worker(job.torch_threads)
+    store = RunStore(job.store_url, job.storage_options)
+    denoiser = load_dataset_teacher(job.dataset)
+    tstore = TeacherStore(job.store_url, storage_options=job.storage_options)
+    shard = tstore.read_shard(job.teacher_hash, 0)
+    fit = job.fit
+    c0, cpu0 = time.time(), time.process_time()
+    labels = shard.one_hot_labels() if shard.label_dim else None
+    sampler = fam_gits.fit(denoiser, shard.states, shard.sigmas, method=job.solver, nfe=job.nfe, afs=fit.get("afs", False),
+                           options=fit.get("options"), metric=fit["metric"], coeff=fit["coeff"], class_labels=labels,
+                           warmup=fit["warmup"])
+    c1 = time.time()
+    record = {"id": job.id, "family": "gits", "loss_history": [], "train_seconds": c1 - c0, "compute_seconds": c1 - c0,
+              "updates": 0, "trajectories": int(sampler.spec.fit["warmup_trajectories"]), "pid": os.getpid(),
+              "compute_spans": [[c0, c1]], "cpu_seconds": time.process_time() - cpu0, "fit": dict(sampler.spec.fit)}
+    return _commit(store, job, sampler.files(), record, t_start)
+
+
+def _fit_epd(job: TrainJob) -> dict:
+    """EPD: tables trained on the stored teacher at the student grid (amed_core.families.epd.fit)."""
+    from amed_core.families import epd as fam_epd
+    from amed_core.methods.epd import EPDTrainConfig
+    from amed_core.schedules import ScheduleSpec
+    from flows.storage.teachers import TeacherStore
+
+    t_start = time.perf_counter()
+    setup_worker(job.torch_threads)
+    dev = device()
+    store = RunStore(job.store_url, job.storage_options)
+    denoiser = load_dataset_teacher(job.dataset).to(dev)
+    train = dict(job.train)
+    batch_size = int(train.pop("batch_size"))
+    cfg = EPDTrainConfig.from_dict(train)
+    sigmas = ScheduleSpec.from_dict(job.sampler_spec["schedule"]).grid(int(job.sampler_spec["num_steps"]))
+    tstore = TeacherStore(job.store_url, storage_options=job.storage_options)
+    progress = Progress(store, job.id, total=cfg.num_trajectories or 0)
+    batches = tstore.iter_batches(job.teacher_hash, sigmas, batch_size, seed=cfg.seed, epochs=job.epochs)
+    c0, cpu0 = time.time(), time.process_time()
+    sampler, result = fam_epd.fit(denoiser, sigmas, to_device(batches, dev), cfg, nfe=job.nfe,
+                                  callback=lambda p: progress.update(int(p.trajectories), p.loss))
+    c1 = time.time()
+    record = {"id": job.id, "family": "epd", "loss_history": [float(sum(b)) for b in result.losses],
+              "train_seconds": float(result.seconds), "compute_seconds": float(result.seconds),
+              "updates": int(result.updates), "trajectories": int(result.trajectories), "pid": os.getpid(),
+              "attempt": progress.state["attempt"], "compute_spans": [[c0, c1]], "cpu_seconds": time.process_time() - cpu0}
+    return _commit(store, job, sampler.files(), record, t_start, progress)
+
+
 def eval_job(job: EvalJob) -> dict:
     """Score a checkpoint (``job.checkpoint``) or a training-free solver under the sweep's protocol.
 
@@ -82,19 +153,27 @@ def eval_job(job: EvalJob) -> dict:
     denoiser = load_dataset_teacher(job.dataset).to(dev)
     proto = job.protocol
     label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
-    if job.checkpoint:
-        from amed_core.amed.checkpoint import sampler_from_files
+    if job.kind == "candidate":
+        from amed_core.families import sampler_from_files
 
         sampler = sampler_from_files(store.checkpoint_files(job.checkpoint))
-        sampler.predictor.to(dev)
+        if hasattr(sampler, "predictor"):
+            sampler.predictor.to(dev)
+        elif hasattr(sampler, "to"):
+            sampler.to(dev)
+    else:  # a training-free solver: the free family's sampler (sampler.json, what registers if it wins its panel)
+        from amed_core.families import StaticSampler, StaticSpec
 
-        def run(noise, labels):
-            return sampler(denoiser, noise, class_labels=labels)
-    else:
+        opts = dict(job.solver_options)
+        afs = bool(opts.pop("afs", False))
         sigmas = ScheduleSpec.from_dict(job.schedule).grid(job.num_steps)
+        sampler = StaticSampler(StaticSpec("free", job.solver, job.solver, int(job.nfe), tuple(float(v) for v in sigmas),
+                                           afs, opts, job.schedule, job.teacher_identity))
+        if job.checkpoint:
+            store.put(f"{job.checkpoint}/sampler.json", sampler.files()["sampler.json"])
 
-        def run(noise, labels):
-            return solve(job.solver, denoiser, noise * sigmas[0], sigmas, class_labels=labels, **job.solver_options)
+    def run(noise, labels):
+        return sampler(denoiser, noise, class_labels=labels)
 
     reference = None
     if proto.metric == "rmse":
@@ -119,6 +198,8 @@ def eval_job(job: EvalJob) -> dict:
               "num_samples": int(res.num_samples), "finite": bool(res.finite)}
     if proto.metric == "rmse":
         record["rmse"] = float(res.value)
+    if res.per_sample:
+        record["per_sample"] = dict(res.per_sample)
     if proto.metric == "fid" and fid_kw.get("partial") is not None:
         record["resumed_from"] = int(fid_kw["partial"].n)
     if job.grid_samples > 0:

@@ -18,17 +18,25 @@ CHECKPOINT_FILES = ("predictor.safetensors", "sampler.json")
 
 
 def read_checkpoint(url: str, storage_options: Optional[dict] = None) -> dict[str, bytes]:
-    """{"predictor.safetensors": ..., "sampler.json": ...} from a folder path or fsspec URL."""
+    """{"predictor.safetensors": ..., "sampler.json": ...} from a folder path or fsspec URL; the files of the family
+    ``sampler.json`` names (``amed_core.families``: free / gits have sampler.json only, epd its tables)."""
     import fsspec
+
+    from amed_core.families import checkpoint_kind, checkpoint_names
 
     fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     files = {}
-    for name in CHECKPOINT_FILES:
+    try:
+        spec = fs.cat_file(f"{root.rstrip('/')}/sampler.json")
+    except FileNotFoundError:
+        raise ValueError(f"{url!r} is not a sampler checkpoint: sampler.json is missing") from None
+    names = checkpoint_names(checkpoint_kind(spec))
+    for name in names:
         path = f"{root.rstrip('/')}/{name}"
         try:
             files[name] = fs.cat_file(path)
         except FileNotFoundError:
-            raise ValueError(f"{url!r} is not an AMED checkpoint: {name} is missing (it needs {', '.join(CHECKPOINT_FILES)})") from None
+            raise ValueError(f"{url!r} is not an AMED checkpoint: {name} is missing (it needs {', '.join(names)})") from None
     return files
 
 
@@ -57,8 +65,12 @@ def model_files(uri: str, tracking_uri: Optional[str]) -> dict[str, bytes]:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri))
         except MlflowException as e:
             raise ValueError(f"cannot resolve {uri!r} on {tracking_uri}: {e.message}") from None
-        found = {p.name: p for p in local.rglob("*") if p.name in CHECKPOINT_FILES}
-        missing = set(CHECKPOINT_FILES) - set(found)
+        from amed_core.families import checkpoint_kind, checkpoint_names
+
+        spec = next((p for p in local.rglob("sampler.json")), None)
+        names = checkpoint_names(checkpoint_kind(spec.read_bytes())) if spec is not None else CHECKPOINT_FILES
+        found = {p.name: p for p in local.rglob("*") if p.name in names}
+        missing = set(names) - set(found)
         if missing:
             raise ValueError(f"{uri!r} holds no AMED checkpoint ({sorted(missing)} missing)")
         return {name: p.read_bytes() for name, p in found.items()}
@@ -74,9 +86,10 @@ def checkpoint_bytes(uri: str, *, tracking_uri: Optional[str] = None, storage_op
 def load_sampler(uri, *, tracking_uri: Optional[str] = None, storage_options: Optional[dict] = None):
     """An ``amed_core`` Sampler from a local folder, an fsspec URL or a registry URI (``models:/NAME@champion``).
 
-    Nothing is unpickled: the checkpoint is safetensors + JSON wherever it lives."""
-    from amed_core.amed import load_sampler as load_local
-    from amed_core.amed import sampler_from_files
+    Nothing is unpickled: the checkpoint is safetensors + JSON wherever it lives. Any family (sampler.json's kind:
+    free, gits, amed, epd; ``amed_core.families``)."""
+    from amed_core.families import load_sampler as load_local
+    from amed_core.families import sampler_from_files
 
     uri = str(uri)
     if not is_models_uri(uri) and "://" not in uri:
@@ -94,7 +107,7 @@ def fetch(uri: str, out, *, tracking_uri: Optional[str] = None, storage_options:
     import os
     import shutil
 
-    from amed_core.amed import load_sampler as load_local
+    from amed_core.families import load_sampler as load_local
 
     out = Path(out)
     _check_out(out, force)

@@ -190,9 +190,26 @@ def register_version(mlflow, client, cand: CandidateResult, info, digest: str, r
             "dataset": cand.dataset, "metric": cand.protocol.metric, "protocol_hash": cand.protocol.hash,
             "protocol": json.dumps(cand.protocol.model_dump(mode="json"), sort_keys=True),
             "value": repr(float(cand.value)), "base_value": repr(float(cand.base_value)),
-            "checkpoint_sha256": digest, "checkpoint_url": cand.checkpoint_url}
+            "checkpoint_sha256": digest, "checkpoint_url": cand.checkpoint_url, **family_tags(cand)}
     mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     return str(mv.version)
+
+
+def family_tags(cand: CandidateResult) -> dict[str, str]:
+    """Version tags of the families issue: family, method, NFE, denoiser calls, teacher id, the best training-free
+    sampler (the baseline) with its value and the margin, and the per-sample error percentiles (where measured)."""
+    best = cand.panel_best or {}
+    tags = {"family": cand.family, "method": cand.solver, "teacher_id": cand.teacher_id or cand.dataset,
+            "denoiser_calls": str(cand.denoiser_calls if cand.denoiser_calls is not None else cand.nfe)}
+    if cand.panel_value is not None:
+        tags.update(baseline_value=repr(float(cand.panel_value)), baseline_solver=str(best.get("solver", "")),
+                    baseline_options=json.dumps({"schedule": best.get("schedule"), "rho": best.get("rho"),
+                                                 **(best.get("options") or {})}, sort_keys=True))
+        if cand.margin is not None:
+            tags["margin"] = repr(float(cand.margin))
+    for k, v in (cand.per_sample or {}).items():
+        tags[f"per_sample_{k}"] = repr(float(v))
+    return tags
 
 
 def ensure_model(client, name: str, *, tags: Optional[dict] = None, description: str = "") -> None:

@@ -143,7 +143,8 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
 
 def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teachers: dict, res: SweepLog,
                    register: bool) -> Optional[str]:
-    from amed_core.amed import sampler_from_files
+    from amed_core.families import describe as describe_sampler
+    from amed_core.families import sampler_from_files
 
     metric = cand.protocol.metric
     files = read_checkpoint(cand.checkpoint_url, config.storage_options)
@@ -153,21 +154,24 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
     with mlflow.start_run(experiment_id=res.experiment_id, run_name=run_name, nested=True, tags={
             "amed.dataset": cand.dataset, "amed.solver": cand.solver, "amed.nfe": str(cand.nfe),
             "amed.seed": str(cand.seed), "amed.metric": metric, "amed.protocol_hash": cand.protocol.hash,
-            "amed.checkpoint_sha256": digest}) as run:
+            "amed.checkpoint_sha256": digest, "amed.family": cand.family, "amed.teacher_id": cand.teacher_id}) as run:
         rid = run.info.run_id
         res.child_run_ids.append(rid)
         params = flatten(cfg_dict)
         params.update(flatten({"candidate": {k: v for k, v in cand.model_dump(mode="json").items()
                                               if k not in ("loss_history", "sampler_spec", "artifacts", "value",
                                                            "base_value", "rmse", "train_seconds")}}))
-        params.update(flatten({"spec": sampler.spec.to_dict()}))
+        params.update(flatten({"spec": sampler.spec.to_dict() if hasattr(sampler.spec, "to_dict") else
+                               {k: v for k, v in describe_sampler(sampler).items() if k != "sigmas"}}))
         log_params(client, rid, params)
         improvement = cand.base_value - cand.value
         log_metrics(client, rid, {
             metric: cand.value, f"base_{metric}": cand.base_value, "improvement": improvement,
             "improvement_pct": 100 * improvement / cand.base_value if cand.base_value else None,
             "rmse": cand.rmse, "train_seconds": cand.train_seconds, "teacher_nfe": cand.teacher_nfe,
-            "nfe": cand.nfe}, curves={"train_loss": cand.loss_history})
+            "nfe": cand.nfe, "denoiser_calls": cand.denoiser_calls, "panel_value": cand.panel_value,
+            "margin": cand.margin, **{f"per_sample_{k}": v for k, v in (cand.per_sample or {}).items()}},
+            curves={"train_loss": cand.loss_history})
         with tempfile.TemporaryDirectory(prefix="amed-log-") as tmp:
             ckpt = write_files(Path(tmp, "checkpoint"), files)
             mlflow.log_artifacts(str(ckpt), "checkpoint")
@@ -184,11 +188,15 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
             ds, denoiser = teachers[cand.dataset]
             seeds = [cand.protocol.seed, cand.protocol.seed + 1]
             try:
+                if not hasattr(sampler, "predictor"):
+                    raise _NoPlot
                 png = schedule_png(sampler, denoiser, list(range(cand.protocol.seed, cand.protocol.seed + 8)),
                                     f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})")
                 Path(tmp, "plots").mkdir(exist_ok=True)
                 Path(tmp, "plots", "schedule.png").write_bytes(png)
                 mlflow.log_artifact(str(Path(tmp, "plots", "schedule.png")), "plots")
+            except _NoPlot:  # a schedule without a predictor: its sigmas are the spec's (params)
+                pass
             except Exception as e:  # a plot must never lose a candidate
                 log.warning("schedule plot for %s not made: %s", run_name, e)
             if not register:
@@ -201,6 +209,10 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
         res.versions.append((cand.registered_name, version))
         return version
+
+
+class _NoPlot(Exception):
+    """A sampler without a learned per-step policy (free, gits, epd): no schedule plot."""
 
 
 def register_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Optional[str] = None) -> dict[str, str]:
