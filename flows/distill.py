@@ -439,6 +439,16 @@ def _preflight(cfg: SweepConfig, logger) -> SweepConfig:
     return cfg
 
 
+def _this_run(future) -> dict:
+    """A stage's result as work of this run: a result Prefect served from its cache (an earlier, maybe killed, run
+    computed it) counts as skipped, so a rerun's summary never claims the earlier run's shards, training or seconds."""
+    rec = future.result()
+    if getattr(future.state, "name", None) == "Cached":
+        rec = {**rec, "skipped": True, "shards_written": 0, "compute_seconds": 0.0, "cpu_seconds": 0.0,
+               "compute_spans": []}
+    return rec
+
+
 @flow(name="distill", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=True)
 def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") -> dict:
     """Distill AMED samplers for every dataset x solver x NFE x seed of a sweep (arXiv 2312.00094).
@@ -474,10 +484,10 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
             ev_fut[c.id] = evaluate_stage.with_options(tags=c.train.tags + ["stage:evaluate"],
                                                        task_run_name=f"eval-{c.name}").submit(
                 c.eval, compute, wait_for=[tr_fut[c.id]])
-        teachers = {n: f.result() for n, f in t_fut.items()}
-        trained = {k: f.result() for k, f in tr_fut.items()}
-        scores = {b: f.result() for b, f in b_fut.items()}
-        scores.update({c.eval.id: ev_fut[c.id].result() for c in plan.candidates})
+        teachers = {n: _this_run(f) for n, f in t_fut.items()}
+        trained = {k: _this_run(f) for k, f in tr_fut.items()}
+        scores = {b: _this_run(f) for b, f in b_fut.items()}
+        scores.update({c.eval.id: _this_run(ev_fut[c.id]) for c in plan.candidates})
     if warm is not None:
         warm.join()
     reg = register_stage(cfg.model_dump(mode="json"), plan, trained, scores, teachers)

@@ -486,3 +486,48 @@ def test_fid_reference_stats_errors_name_the_file_and_never_suggest_pickles(tmp_
         with pytest.raises(ValueError) as e:
             load_reference_stats(str(tmp_path / name))
         assert str(tmp_path / name) in str(e.value) and "allow_pickle" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Killed attempts: their MLflow runs are closed on the rerun; one amed distill per output folder.
+
+def test_runs_of_a_killed_attempt_are_marked_killed(tmp_path):
+    import socket
+
+    import mlflow
+
+    from flows.registry.sweep import close_stale_runs
+    from flows.registry.tracking import tracking
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking(uri) as client:
+        exp = client.create_experiment("s")
+        tags = {"amed.sweep": "s", "amed.host": socket.gethostname()}
+        killed = client.create_run(exp, tags={**tags, "amed.pid": str(dead.pid)})
+        child = client.create_run(exp, tags={"mlflow.parentRunId": killed.info.run_id})
+        live = client.create_run(exp, tags={**tags, "amed.pid": str(os.getpid())})
+        other = client.create_run(exp, tags={**tags, "amed.sweep": "other", "amed.pid": str(dead.pid)})
+        assert sorted(close_stale_runs(client, exp, "s")) == sorted([killed.info.run_id, child.info.run_id])
+        status = {r: client.get_run(r.info.run_id).info.status for r in (killed, child, live, other)}
+    assert [status[r] for r in (killed, child, live, other)] == ["KILLED", "KILLED", "RUNNING", "RUNNING"]
+
+
+def test_second_distill_on_the_same_folder_is_refused_while_the_first_lives(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, %r); "
+                               "from flows.storage.locks import hold_lock; hold_lock(%r, 'x'); print('held', flush=True); "
+                               "time.sleep(60)" % (str(REPO), str(tmp_path / "out" / ".amed-distill.lock"))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = one_line_error(amed("distill", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store")))
+        assert "in use by another amed distill" in err and f"pid {holder.pid}" in err
+        assert not (tmp_path / "store").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    from flows.storage.locks import hold_lock, release_lock
+
+    hold_lock(tmp_path / "out" / ".amed-distill.lock", "x")  # SIGKILL freed it: no stale lock
+    release_lock(tmp_path / "out" / ".amed-distill.lock")

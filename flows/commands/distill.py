@@ -60,6 +60,9 @@ def run(args) -> int:
     cfg = load_sweep(source)  # ValueError -> "amed distill: error: ..." before anything starts
     out = Path(args.out or Path("amed-runs", cfg.name)).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    from flows.storage.locks import hold_lock
+
+    hold_lock(out / ".amed-distill.lock", f"output folder {out}")  # one run per folder; the kernel frees it on any exit
     from flows.registry.tracking import check_registry, redact_uri, resolve_endpoints
 
     # flows.registry.tracking.PRECEDENCE: flag > sweep field > MLFLOW_TRACKING_URI / AMED_STORE_URL > under --out

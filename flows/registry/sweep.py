@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from flows.storage.urls import read_url
 
 log = logging.getLogger("flows.registry")
 
-__all__ = ["SweepLog", "log_sweep", "register_sweep"]
+__all__ = ["SweepLog", "log_sweep", "register_sweep", "close_stale_runs"]
 
 
 @dataclass
@@ -105,6 +107,40 @@ def schedule_png(sampler, denoiser, seeds: list[int], title: str) -> bytes:
     return buf.getvalue()
 
 
+def close_stale_runs(client, experiment_id: str, sweep: str) -> list[str]:
+    """Mark KILLED the runs a killed attempt of this sweep left RUNNING: its parent runs (tagged with this host and
+    a process that no longer exists) and their child runs. Runs of live processes, or of other hosts, are left alone.
+    Returns the ids marked."""
+    host = socket.gethostname()
+    marked = []
+    parents = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`amed.sweep` = '{sweep}'",
+                                 max_results=1000)
+    for run in parents:
+        tags = run.data.tags
+        if tags.get("amed.host") != host or not tags.get("amed.pid", "").isdigit() or _alive(int(tags["amed.pid"])):
+            continue
+        children = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                      f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", max_results=10000)
+        for r in [*children, run]:
+            client.set_terminated(r.info.run_id, status="KILLED")
+            marked.append(r.info.run_id)
+    if marked:
+        log.info("marked %d run(s) of a killed attempt of sweep %s as KILLED", len(marked), sweep)
+    return marked
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Optional[str] = None,
               register: bool = True) -> SweepLog:
     """Track a sweep (parent + child runs) and, with ``register``, register each candidate and move aliases."""
@@ -116,8 +152,10 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
     teachers: dict[str, tuple] = {}
     with tracking(uri) as client:
         exp_id = experiment(client, config.name, uri)
+        close_stale_runs(client, exp_id, config.name)
         with mlflow.start_run(experiment_id=exp_id, run_name=f"sweep-{config.name}-{config.hash[:8]}",
-                              tags={"amed.sweep": config.name, "amed.config_hash": config.hash}) as parent:
+                              tags={"amed.sweep": config.name, "amed.config_hash": config.hash,
+                                    "amed.host": socket.gethostname(), "amed.pid": str(os.getpid())}) as parent:
             res = SweepLog(uri, exp_id, parent.info.run_id)
             log_params(client, parent.info.run_id, flatten(cfg_dict))
             mlflow.log_text(json.dumps(cfg_dict, indent=2), "sweep.json")
