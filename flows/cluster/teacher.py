@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from flows.cluster.session import task_options
-from flows.cluster.worker import device, load_dataset_teacher, setup_worker
+from flows.cluster.worker import device, load_dataset_teacher, node_info, setup_worker
 from flows.config import DatasetConfig
 
 __all__ = ["TeacherWorker", "TeacherRun", "start_teacher"]
@@ -44,8 +44,20 @@ class TeacherWorker:
             span = [[c0, c0 + compute]]
             nfe = shard.nfe * shard.num_samples
             entry = store.commit_shard(spec, shard)
+        where = node_info()
+        self._report(spec.spec_hash, index, {**where, "index": index, "generated": bool(nfe), "done": True})
         return {"index": index, "compute_seconds": compute, "seconds": time.perf_counter() - t0, "nfe": nfe,
-                "entry": entry, "pid": os.getpid(), "compute_spans": span, "cpu_seconds": cpu}
+                "entry": entry, "pid": os.getpid(), "node": where["node"], "compute_spans": span, "cpu_seconds": cpu}
+
+    def _report(self, spec_hash: str, index: int, state: dict) -> None:
+        """``progress/teacher-<hash[:16]>-<index>.json`` in the run store: which node made (or adopted) the shard."""
+        from flows.storage.runs import RunStore
+
+        try:
+            RunStore(self.store_url, self.storage_options).put_json(
+                f"progress/teacher-{spec_hash[:16]}-{index:05d}.json", {**state, "updated": time.time()})
+        except Exception:  # noqa: BLE001 - a report must never fail a committed shard
+            pass
 
 
 @dataclass
