@@ -238,11 +238,11 @@ def teacher_id(d: DatasetConfig, den) -> str:
 def plan_dataset(cfg: SweepConfig, d: DatasetConfig, store_url: str):
     """(TeacherJob, the loaded teacher, {(solver, nfe): SamplerSpec}) of one dataset."""
     from amed_core.adapters import expand_paths
-    from amed_core.denoisers import load_teacher
     from amed_core.teacher import StudentGrid, TeacherSpec
+    from flows.cluster.probe import probe_teacher
 
-    try:
-        den = load_teacher(d.teacher, **d.load_kwargs())
+    try:  # identity, sigma range, VP table, shape: from a probe (Ray task / child process), no weights in this process
+        den = probe_teacher(d)
     except (ValueError, OSError) as e:
         raise ValueError(f"datasets[{d.name}].teacher: {e}") from None
     teacher, options = expand_paths(d.teacher, dict(d.options or {}))

@@ -1,0 +1,245 @@
+"""Method families on one teacher under one protocol: the training-free panel, GITS, AMED and EPD at NFE 3/5/7/9.
+
+    .venv/bin/python bench/families.py --teacher digits-gmm --json bench/families_gmm.json
+    .venv/bin/python bench/families.py --teacher digits-tiny-unet --json bench/families_unet.json --n 256 \
+        --trajectories 512 --reference-steps 100
+    .venv/bin/python bench/families.py --table bench/families_gmm.json bench/families_unet.json   # print only
+
+Scores: digits-gmm: FD of --n samples (noise seeds 12345..) to --n exact mixture samples (the noise floor is
+printed); every teacher: RMSE to a near-exact solution of the same noise (DPM-Solver++ 3M on --reference-steps logSNR
+points, float64) with the per-sample RMSE median / p90 / p99. Learned families (3 training seeds; mean +- std):
+- GITS: gits+ipndm, the DP over a 41-point polynomial teacher grid on 256 warm-up trajectories (seed s uses
+  trajectories 256 s .. 256 s + 255 of one stored teacher), no AFS;
+- AMED: amed+ipndm with the improved recipe (TrainConfig.improved, afs_in_history False, scale_time 0.2), AFS on;
+- EPD: epd+ipndm (K = 2, batched), AFS on, relative loss weighting, lr --epd-lr, --epd-epochs passes over
+  --trajectories stored trajectories at its grid (heun teacher, --epd-teacher-m sub-steps).
+NFE is each method's reported count (EPD: the paper's parallel count); ``calls`` = denoiser evaluations per sample.
+Each finished cell is appended to --json at once and skipped on a rerun (the machine is shared; resume freely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from amed_core import families as F
+from amed_core.amed import PredictorConfig, Sampler, SamplerSpec, TrainConfig, train_amed
+from amed_core.adapters import load_teacher
+from amed_core.evaluate import exact_samples, reference_solution, sample_solver, seeded_noise
+from amed_core.evaluate.score import per_sample_summary
+from amed_core.io import atomic_write_bytes
+from amed_core.metrics import fd_to_samples
+from amed_core.methods.epd import EPDTrainConfig
+from amed_core.schedules import ScheduleSpec
+from amed_core.teacher import StudentGrid, TeacherSpec, generate_shard, shard_to_batches
+
+PANEL = [("ipndm", False), ("ipndm", True), ("dpmpp", False), ("deis", False), ("unipc", False), ("heun", None)]
+POLY = ScheduleSpec("polynomial", rho=7.0)
+
+
+def _save(path: Path, db) -> None:
+    atomic_write_bytes(path, json.dumps(db, indent=1).encode())
+
+
+def _scores(x: torch.Tensor, ctx: dict) -> dict:
+    x = x.to(torch.float64)
+    per = ((x - ctx["ref"]) ** 2).reshape(x.shape[0], -1).mean(dim=1).sqrt()
+    out = {"rmse": float(((x - ctx["ref"]) ** 2).mean().sqrt()), **{f"ps_{k}": v for k, v in per_sample_summary(per).items()}}
+    if ctx.get("exact") is not None:
+        out["fd"] = fd_to_samples(x, ctx["exact"])
+    return out
+
+
+def _batched(sampler, teacher, noise, batch: int = 1024):
+    xs, calls = [], 0
+    for lo in range(0, noise.shape[0], batch):
+        res = sampler(teacher, noise[lo:lo + batch])
+        xs.append(res.x)
+        calls = int(res.nfe)
+    return torch.cat(xs), calls
+
+
+def _shard(teacher, grid: StudentGrid, n: int, M: int, cache: dict):
+    key = (grid.schedule.to_json() if hasattr(grid.schedule, "to_json") else str(grid.schedule), grid.num_steps, n, M)
+    if key not in cache:
+        spec = TeacherSpec.for_denoiser(teacher, [grid], num_trajectories=n, shard_size=n, sub_steps=M, solver="heun",
+                                        dtype="float64")
+        cache[key] = generate_shard(teacher, spec, 0)
+    return cache[key]
+
+
+def run(args) -> None:
+    teacher = load_teacher(args.teacher)
+    path = Path(args.json)
+    db = json.loads(path.read_text()) if path.exists() else {"cells": {}}
+    noise = seeded_noise(range(args.sample_seed, args.sample_seed + args.n), teacher.shape)
+    t0 = time.perf_counter()
+    ctx = {"ref": reference_solution(teacher, noise, num_steps=args.reference_steps).to(torch.float64)}
+    exact = None
+    if hasattr(teacher, "sample"):
+        exact = exact_samples(teacher, args.n, args.sample_seed)
+        ctx["exact"] = exact
+        db["fd_floor"] = fd_to_samples(exact_samples(teacher, args.n, args.sample_seed + 1), exact)
+    db["meta"] = {"teacher": args.teacher, "n": args.n, "sample_seed": args.sample_seed, "trajectories": args.trajectories,
+                  "reference_steps": args.reference_steps, "reference_seconds": time.perf_counter() - t0,
+                  "metric": "fd" if exact is not None else "rmse"}
+    _save(path, db)
+    nfes = [int(v) for v in args.nfes.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sch = ScheduleSpec("polynomial", rho=7.0, sigma_min=float(teacher.sigma_min), sigma_max=float(teacher.sigma_max))
+    shards: dict = {}
+
+    def done(key, cell):
+        db["cells"][key] = cell
+        _save(path, db)
+        shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in cell.items() if k in ("fd", "rmse", "ps_p99", "calls", "seconds")}
+        print(f"{key}: {shown}", flush=True)
+
+    for nfe in nfes:  # the panel (deterministic)
+        for solver, afs in PANEL:
+            key = f"free|{solver}{'+afs' if afs else ''}|{nfe}|-"
+            if key in db["cells"]:
+                continue
+            try:
+                t = time.perf_counter()
+                r = sample_solver(teacher, solver, nfe, args.n, args.sample_seed, noise=noise, afs=afs)
+            except ValueError as e:
+                print(f"skip {key}: {e}", file=sys.stderr)
+                continue
+            done(key, {"family": "free", "method": solver, "afs": r.afs, "nfe": nfe, "calls": nfe,
+                       "schedule": r.schedule.schedule_type, "seconds": time.perf_counter() - t, **_scores(r.x, ctx)})
+    gits_shard = _shard(teacher, StudentGrid(sch, 41), 256 * len(seeds), 1, shards)
+    for nfe in nfes:
+        for seed in seeds:
+            key = f"gits|gits+ipndm|{nfe}|{seed}"
+            if key in db["cells"]:
+                continue
+            t = time.perf_counter()
+            lo = 256 * seeds.index(seed)
+            labels = gits_shard.one_hot_labels(torch.float64) if gits_shard.label_dim else None
+            s = F.gits.fit(teacher, gits_shard.states[:, lo:lo + 256], gits_shard.sigmas, method="gits+ipndm", nfe=nfe,
+                           class_labels=None if labels is None else labels[lo:lo + 256], warmup=None)
+            fit_s = time.perf_counter() - t
+            x, calls = _batched(s, teacher, noise)
+            done(key, {"family": "gits", "method": "gits+ipndm", "nfe": nfe, "calls": calls, "seconds": fit_s,
+                       "sigmas": list(s.spec.sigmas), **_scores(x, ctx)})
+    for nfe in nfes:
+        for seed in seeds:
+            key = f"amed|amed+ipndm|{nfe}|{seed}"
+            if key in db["cells"]:
+                continue
+            spec = SamplerSpec.create("amed+ipndm", nfe, afs=True, schedule=POLY, predictor=PredictorConfig(
+                scale_dir=0.01, scale_time=0.2), afs_in_history=False, denoiser=teacher)
+            cfg = TrainConfig.improved("amed+ipndm", seed=seed, num_trajectories=args.trajectories)
+            t = time.perf_counter()
+            res = train_amed(teacher, spec, cfg)
+            fit_s = time.perf_counter() - t
+            x, calls = _batched(Sampler(spec, res.predictor), teacher, noise)
+            done(key, {"family": "amed", "method": "amed+ipndm", "nfe": nfe, "calls": calls, "seconds": fit_s,
+                       **_scores(x, ctx)})
+    for nfe in nfes:
+        for seed in seeds:
+            key = f"epd|epd+ipndm|{nfe}|{seed}"
+            if key in db["cells"]:
+                continue
+            from amed_core.methods import num_steps_for
+
+            N = num_steps_for("epd+ipndm", nfe, True)
+            shard = _shard(teacher, StudentGrid(sch, N), args.trajectories, args.epd_teacher_m, shards)
+            grid = sch.grid(N)
+            cfg = EPDTrainConfig(solver="epd+ipndm", afs=True, seed=seed, loss_weighting="relative", lr=args.epd_lr)
+            t = time.perf_counter()
+            batches = list(shard_to_batches(shard, grid, batch_size=128)) * args.epd_epochs  # the seed: the tables' init
+            s, _ = F.epd.fit(teacher, grid, batches, cfg, nfe=nfe)
+            fit_s = time.perf_counter() - t
+            x, calls = _batched(s, teacher, noise)
+            done(key, {"family": "epd", "method": "epd+ipndm", "nfe": nfe, "calls": calls, "seconds": fit_s,
+                       **_scores(x, ctx)})
+
+
+def _ms(vals):
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return m, sd
+
+
+def table(db) -> str:
+    metric = db["meta"]["metric"]
+    cells = db["cells"].values()
+    nfes = sorted({c["nfe"] for c in cells})
+    lines = [f"teacher {db['meta']['teacher']}: {metric} of {db['meta']['n']} samples"
+             + (f" (noise floor {db['fd_floor']:.4f})" if "fd_floor" in db else "")
+             + f"; per-sample RMSE to a {db['meta']['reference_steps']}-step DPM-Solver++(3M) solution",
+             "| NFE | family | method | calls | " + metric + " (mean ± std) | RMSE | p50 | p90 | p99 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    summary = []
+    for nfe in nfes:
+        groups: dict = {}
+        for c in cells:
+            if c["nfe"] == nfe:
+                name = c["method"] + ("+afs" if c.get("afs") and c["family"] == "free" and c["method"] != "heun" else "")
+                groups.setdefault((c["family"], name), []).append(c)
+        best_per_family = {}
+        for (fam, name), cs in groups.items():
+            m, sd = _ms([c[metric] for c in cs])
+            if m is None:
+                continue
+            if fam not in best_per_family or m < best_per_family[fam][1]:
+                best_per_family[fam] = (name, m, sd, cs)
+        for fam in ("free", "gits", "amed", "epd"):
+            if fam not in best_per_family:
+                continue
+            name, m, sd, cs = best_per_family[fam]
+            r = [_ms([c[k] for c in cs])[0] for k in ("rmse", "ps_median", "ps_p90", "ps_p99")]
+            lines.append(f"| {nfe} | {fam}{' (best of the panel)' if fam == 'free' else ''} | {name} | {cs[0]['calls']} | "
+                         f"{m:.4g} ± {sd:.2g} | " + " | ".join(f"{v:.4g}" for v in r) + " |")
+        if best_per_family:
+            champ = min(best_per_family.items(), key=lambda kv: kv[1][1])
+            free = best_per_family.get("free")
+            ipndm = groups.get(("free", "ipndm"))
+            gits = best_per_family.get("gits")
+            summary.append(f"NFE {nfe}: champion {champ[0]}:{champ[1][0]} {champ[1][1]:.4g}"
+                           + (f", best free {free[0]} {free[1]:.4g}, ratio {champ[1][1] / free[1]:.3f}" if free else "")
+                           + (f"; GITS+iPNDM {gits[1]:.4g} vs iPNDM (poly7) {_ms([c[metric] for c in ipndm])[0]:.4g}"
+                              if gits and ipndm else ""))
+    return "\n".join(lines + [""] + summary)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", default="digits-gmm")
+    ap.add_argument("--json", default="bench/families_gmm.json")
+    ap.add_argument("--nfes", default="3,5,7,9")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--n", type=int, default=4096, help="samples per cell")
+    ap.add_argument("--sample-seed", type=int, default=12345)
+    ap.add_argument("--trajectories", type=int, default=4096, help="teacher trajectories per AMED / EPD training run")
+    ap.add_argument("--epd-teacher-m", type=int, default=4, help="teacher sub-steps of EPD's stored teacher")
+    ap.add_argument("--epd-epochs", type=int, default=8, help="EPD: passes over its stored teacher")
+    ap.add_argument("--epd-lr", type=float, default=5e-2,
+                    help="EPD: Adam lr (the reference's 5e-3 needs ~24 passes from its random init on digits-gmm)")
+    ap.add_argument("--reference-steps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the tables of these result files")
+    args = ap.parse_args(argv)
+    if args.table:
+        for f in args.table:
+            print(table(json.loads(Path(f).read_text())), "\n")
+        return 0
+    torch.set_num_threads(args.threads)
+    run(args)
+    print(table(json.loads(Path(args.json).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
