@@ -53,3 +53,30 @@ def to_files(sampler: StaticSampler) -> dict[str, bytes]:
 
 def describe(sampler: StaticSampler) -> dict:
     return _describe(sampler)
+
+
+PANEL_SCHEDULES = (("polynomial", 7.0), ("logsnr", 1.0), ("time_uniform", 1.0))
+
+
+def option_sets(solver: str, nfe: int, *, schedules=PANEL_SCHEDULES, afs=(False, True), thresholding=(False, True)):
+    """The training-free panel of one solver at ``nfe``: every (schedule, AFS, options) that spends exactly ``nfe``
+    (AFS on/off where reachable; schedules polynomial rho 7 / logSNR / time-uniform; dynamic thresholding on/off for
+    the data-prediction solvers, dpmpp and unipc). Yields dicts {solver, schedule (ScheduleSpec), afs, options}."""
+    from ..methods import get_method, num_steps_for
+    from ..schedules import ScheduleSpec
+
+    m = get_method(solver)
+    if m.family != "free":
+        raise ValueError(f"{solver!r} is not a training-free solver")
+    dts = thresholding if "dynamic_thresholding" in m.options else (None,)
+    for stype, rho in schedules:
+        for a in afs:
+            for dt in dts:
+                opts = dict(m.default_options)
+                if dt is not None:
+                    opts["dynamic_thresholding"] = bool(dt)
+                try:
+                    num_steps_for(solver, nfe, a, opts)
+                except ValueError:
+                    continue
+                yield {"solver": solver, "schedule": ScheduleSpec(stype, rho=rho), "afs": bool(a), "options": opts}

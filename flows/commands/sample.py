@@ -58,6 +58,10 @@ def register(subparsers) -> None:
                    help="a trained AMED checkpoint (amed train --out DIR): score it next to its base solver at the "
                         "same NFE, write predictor-samples.png and policy.png (learned r/scales per step)")
     p.add_argument("--out", default=None, metavar="FILE.npz", help="with --predictor: save the samples as 'samples' (n, C, H, W)")
+    p.add_argument("--panel", action="store_true",
+                   help="the training-free panel: each of --solvers with every option set that reaches the NFE (AFS "
+                        "on/off, schedules polynomial rho 7 / logsnr / time_uniform, dynamic thresholding on/off for "
+                        "dpmpp/unipc), ranked per NFE by FD (RMSE for networks); writes panel.json")
     p.set_defaults(func=run)
 
 
@@ -75,7 +79,61 @@ def run(args) -> int:
         raise ValueError("--out saves a learned sampler's samples: use it with --predictor DIR")
     if getattr(args, "teacher", None) is None:
         args.teacher = "digits-gmm"
+    if getattr(args, "panel", False):
+        return run_panel(args)
     return run_base_solvers(args)
+
+
+def run_panel(args) -> int:
+    """Every option set of every solver at every NFE (amed_core.families.free.option_sets), ranked; the best per NFE
+    is the baseline a learned sampler must beat."""
+    import math
+
+    from amed_core import evaluate
+    from amed_core.denoisers import load_teacher
+    from amed_core.families.free import option_sets
+    from amed_core.metrics import fd_to_samples, rmse
+
+    denoiser = load_teacher(args.teacher)
+    exact = _fd_scored(args, denoiser)
+    solvers = _parse_list(args.solvers, "--solvers")
+    nfes = _parse_list(args.nfe, "--nfe", int)
+    for s in solvers:
+        if s not in evaluate.BASE_SOLVERS:
+            raise ValueError(f"--solvers: unknown solver {s!r}; choose from {','.join(evaluate.BASE_SOLVERS)}")
+    noise = evaluate.seeded_noise(range(args.seed, args.seed + args.n), denoiser.shape)
+    m = min(args.rmse_samples, args.n)
+    ref = evaluate.reference_solution(denoiser, noise[:m], num_steps=args.reference_steps)
+    target = evaluate.exact_samples(denoiser, args.n, args.seed) if exact else None
+    key = "fd" if exact else "rmse"
+    print(f"amed sample --panel: {args.teacher}, n={args.n}, seed={args.seed}; {_score_note(args.teacher, exact)}",
+          flush=True)
+    rows = []
+    for nfe in nfes:
+        here = []
+        for s in solvers:
+            for o in option_sets(s, nfe):
+                run = evaluate.sample_solver(denoiser, s, nfe, args.n, args.seed, schedule=o["schedule"],
+                                             options=o["options"], afs=o["afs"], noise=noise, batch_size=args.batch_size)
+                fd = fd_to_samples(run.x, target) if exact else None
+                here.append({"nfe": nfe, "solver": s, "schedule": o["schedule"].schedule_type,
+                             "rho": o["schedule"].rho, "afs": o["afs"], "options": o["options"], "fd": fd,
+                             "rmse": rmse(run.x[:m], ref), "num_steps": run.num_steps})
+        here.sort(key=lambda r: (not math.isfinite(r[key]), r[key]))
+        rows += here
+        print(f"\nNFE {nfe}: {len(here)} entries, best first ({key}, lower is better)")
+        print(f"  {'solver':<7} {'schedule':<13} {'afs':<5} {'options':<72} {'FD':>9} {'RMSE':>9}")
+        for i, r in enumerate(here):
+            opts = ",".join(f"{k}={v}" for k, v in sorted(r["options"].items()))
+            sched = f"{r['schedule']}" + (f" {r['rho']:g}" if r["schedule"] != "logsnr" else "")
+            print(f"{'*' if i == 0 else ' '} {r['solver']:<7} {sched:<13} {str(r['afs']):<5} {opts:<72} "
+                  f"{evaluate.fmt_score(r['fd'])} {r['rmse']:>9.5f}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "panel.json", {"teacher": args.teacher, "n": args.n, "seed": args.seed, "metric": key,
+                                         "rows": rows})
+    print(f"\nwrote {out_dir / 'panel.json'}  (* = the best training-free sampler at that NFE)")
+    return 0
 
 
 def _fd_scored(args, denoiser) -> bool:

@@ -1,6 +1,13 @@
-"""`amed train`: fit one AMED predictor to a teacher and write a checkpoint directory.
+"""`amed train`: fit one sampler of a family to a teacher and write a checkpoint directory.
 
     amed train --teacher digits-gmm --solver amed --nfe 5 --seed 0 --out runs/amed-nfe5
+    amed train --method gits --solver ipndm --nfe 5 --teacher digits-gmm --out runs/gits-ipndm-nfe5
+    amed train --method epd --solver ipndm --nfe 5 --teacher digits-gmm --out runs/epd-ipndm-nfe5
+
+--method amed (default): an AMED predictor; gits: a GITS schedule for a training-free --solver, selected by DP from a
+fine teacher grid (--gits-grid points, --trajectories warm-up trajectories, default 256); the checkpoint is
+sampler.json only; epd: EPD tables (--solver epd | epd+ipndm, or heun / ipndm for those) trained on a stored teacher
+at the student grid. Every checkpoint loads with ``amed_core.families.load_sampler``.
 
 The math lives in amed_core.amed (train_amed); this command parses options, shows progress (tqdm),
 and writes predictor.safetensors + sampler.json (+ train.json with the config and loss history).
@@ -16,13 +23,23 @@ from amed_core.methods import get_method, method_names
 # The AMED methods (the method table's "amed" family); each one's default schedule is the table's (the reference's:
 # AMED-Solver on time_uniform rho=1, DPM-Solver++ on logSNR, the rest on EDM's polynomial rho=7).
 SOLVER_CHOICES = list(method_names("amed"))
+METHOD_CHOICES = ("amed", "gits", "epd")
+EPD_FOR = {"epd": "epd", "epd+ipndm": "epd+ipndm", "heun": "epd", "ipndm": "epd+ipndm"}
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train an AMED predictor (AMED-Solver or AMED-Plugin) against a teacher",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="digits-gmm or gmm:PATH.npz (a mixture file with weights, means, covs, shape)")
-    p.add_argument("--solver", required=True, choices=SOLVER_CHOICES)
+    p.add_argument("--method", choices=METHOD_CHOICES, default="amed",
+                   help="family: amed (default), gits (a schedule for a training-free solver), epd")
+    p.add_argument("--solver", required=True,
+                   help=f"amed: {', '.join(SOLVER_CHOICES)}; gits: a training-free solver ({', '.join(method_names('free'))}); "
+                        f"epd: epd, epd+ipndm (or heun, ipndm)")
+    p.add_argument("--gits-grid", type=int, default=41, help="gits: points of the fine teacher grid (polynomial rho 7)")
+    p.add_argument("--gits-metric", choices=["dev", "l1", "l2"], default="dev", help="gits: cost metric")
+    p.add_argument("--gits-coeff", type=float, default=1.15, help="gits: DP coefficient")
+    p.add_argument("--epochs", type=int, default=None, help="epd: passes over the stored teacher (default 8; reference 1)")
     p.add_argument("--nfe", required=True, type=int, help="denoiser evaluations per sample (N follows: NFE = 2(N-1) - afs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -80,6 +97,12 @@ def build(args):
 
 
 def run(args) -> int:
+    if args.method == "amed" and args.solver not in SOLVER_CHOICES:
+        raise ValueError(f"--solver {args.solver!r}: --method amed takes {', '.join(SOLVER_CHOICES)}")
+    if args.method == "gits":
+        return run_gits(args)
+    if args.method == "epd":
+        return run_epd(args)
     from tqdm import tqdm
 
     from amed_core.amed import save_checkpoint, train_amed
@@ -106,4 +129,92 @@ def run(args) -> int:
         "final_losses": result.losses[-1] if result.losses else [],
     }, indent=2) + "\n").encode())
     print(f"wrote {out}/predictor.safetensors, sampler.json, train.json ({result.seconds:.1f} s, {result.updates} updates)")
+    return 0
+
+
+def _teacher_shard(denoiser, schedule, num_steps: int, trajectories: int, M: int, seed: int):
+    from amed_core.teacher import StudentGrid, TeacherSpec, generate_shard
+
+    spec = TeacherSpec.for_denoiser(denoiser, [StudentGrid(schedule, num_steps)], num_trajectories=trajectories,
+                                    shard_size=trajectories, sub_steps=M, solver="heun", dtype="float64", base_seed=seed)
+    return generate_shard(denoiser, spec, 0)
+
+
+def _write(out: Path, sampler, record: dict) -> None:
+    from amed_core.families import describe, save_sampler
+    from amed_core.io import atomic_write_bytes
+
+    save_sampler(out, sampler)
+    d = {k: v for k, v in describe(sampler).items() if k != "sigmas"}
+    atomic_write_bytes(out / "train.json", (json.dumps({**record, "sampler": d}, indent=2) + "\n").encode())
+    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}): {d['method']} NFE {d['nfe']}, "
+          f"{d['denoiser_calls']} denoiser calls per sample, {d['num_steps']} time points")
+
+
+def run_gits(args) -> int:
+    """GITS: warm-up teacher on a fine polynomial grid, the DP, a sampler.json with the selected sigmas."""
+    import time
+
+    from amed_core.denoisers import load_teacher
+    from amed_core.families import gits
+    from amed_core.schedules import ScheduleSpec
+
+    den = load_teacher(args.teacher)
+    base = gits.base_of(args.solver)
+    schedule = ScheduleSpec("polynomial", rho=args.rho or 7.0, sigma_min=den.sigma_min, sigma_max=den.sigma_max)
+    n = args.trajectories or 256
+    t0 = time.perf_counter()
+    shard = _teacher_shard(den, schedule, args.gits_grid, n, args.teacher_m or 1, args.seed)
+    opts = {"max_order": args.max_order} if args.max_order is not None else {}
+    labels = shard.one_hot_labels(torch_dtype()) if shard.label_dim else None
+    sampler = gits.fit(den, shard.states, shard.sigmas, method=base, nfe=args.nfe, options=opts,
+                       metric=args.gits_metric, coeff=args.gits_coeff, class_labels=labels, warmup=None)
+    print(f"GITS for {base} at NFE {args.nfe} on {args.teacher}: sigmas {[round(v, 4) for v in sampler.spec.sigmas]} "
+          f"(indices {sampler.spec.fit['dp_list']} of {args.gits_grid})")
+    _write(Path(args.out), sampler, {"method": "gits", "seconds": time.perf_counter() - t0, "trajectories": n,
+                                     "fit": sampler.spec.fit})
+    return 0
+
+
+def torch_dtype():
+    import torch
+
+    return torch.float64
+
+
+def run_epd(args) -> int:
+    """EPD: a stored teacher at the student grid, then train_epd (our recipe: lr 5e-2, 8 passes; --preset reference:
+    lr 5e-3, one pass, loss summed)."""
+    import time
+
+    from amed_core.denoisers import load_teacher
+    from amed_core.families import epd
+    from amed_core.methods import get_method, num_steps_for
+    from amed_core.methods.epd import EPDTrainConfig
+    from amed_core.schedules import ScheduleSpec
+    from amed_core.teacher import shard_to_batches
+
+    method = EPD_FOR.get(args.solver)
+    if method is None:
+        raise ValueError(f"--solver {args.solver!r}: --method epd takes {', '.join(EPD_FOR)}")
+    den = load_teacher(args.teacher)
+    afs = args.afs == "on"
+    steps = num_steps_for(method, args.nfe, afs)
+    default = get_method(method).default_schedule
+    stype = args.schedule or default.schedule_type
+    rho = args.rho if args.rho is not None else (1.0 if stype == "time_uniform" else default.rho)
+    schedule = ScheduleSpec(stype, rho=rho, sigma_min=den.sigma_min, sigma_max=den.sigma_max)
+    ref = args.preset == "reference"
+    n, epochs = args.trajectories or 4096, args.epochs or (1 if ref else 8)
+    t0 = time.perf_counter()
+    shard = _teacher_shard(den, schedule, steps, n, args.teacher_m or 4, args.seed)
+    grid = schedule.grid(steps)
+    cfg = EPDTrainConfig(solver=method, afs=afs, seed=args.seed, max_order=args.max_order or 4,
+                         scale_dir=args.scale_dir, scale_time=args.scale_time or 0.0,
+                         lr=args.lr or (5e-3 if ref else 5e-2), loss_weighting="sum" if ref else "relative")
+    batches = list(shard_to_batches(shard, grid, batch_size=args.batch or 128)) * epochs
+    sampler, res = epd.fit(den, grid, batches, cfg, nfe=args.nfe)
+    _write(Path(args.out), sampler, {"method": "epd", "seconds": time.perf_counter() - t0, "trajectories": n,
+                                     "epochs": epochs, "train_config": cfg.to_dict(), "updates": res.updates,
+                                     "final_losses": res.losses[-1] if res.losses else []})
     return 0
