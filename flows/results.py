@@ -68,3 +68,87 @@ class CandidateResult(BaseModel):
         checkpoint of a model never inherits the old one's champion (results without a teacher id: the dataset)."""
         ident = self.teacher_id or self.dataset
         return f"amed-{ident}-nfe{self.nfe}".replace(":", "-").replace("/", "-").replace("+", "-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readable views of a sweep's results (the flow's table, the Prefect artifacts and the MLflow parent run).
+
+def options_text(entry: dict) -> str:
+    """``poly7,afs=False,max_order=4`` for a panel entry (schedule first)."""
+    sched = entry.get("schedule") or ""
+    if sched == "polynomial" and entry.get("rho") is not None:
+        sched = f"poly{entry['rho']:g}"
+    return ",".join([sched] + [f"{k}={v}" for k, v in sorted((entry.get("options") or {}).items())])
+
+
+def results_table(results: list[CandidateResult]) -> list[dict]:
+    """One row per candidate (every family; the panel's winner as family free): its score, the best training-free
+    sampler of its (teacher, NFE) with its options, the margin value / panel best (< 1: better), the base solver at
+    the same NFE, denoiser calls and per-sample error percentiles where the protocol has a reference solution."""
+    rows = []
+    for r in results:
+        gain = (r.base_value - r.value) / r.base_value * 100 if r.base_value else float("nan")
+        best = r.panel_best or {}
+        ps = r.per_sample or {}
+        rows.append({"dataset": r.dataset, "family": r.family, "solver": r.solver, "nfe": r.nfe,
+                     "calls": r.denoiser_calls if r.denoiser_calls is not None else r.nfe, "seed": r.seed,
+                     "metric": r.protocol.metric, "value": round(r.value, 6),
+                     "panel_best": f"{best.get('solver')}[{options_text(best)}]" if best else "-",
+                     "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
+                     "margin": round(r.margin, 3) if r.margin is not None else "-",
+                     "base_solver": r.base_solver, "base": round(r.base_value, 6), "improvement_%": round(gain, 1),
+                     **({"p50": round(ps["median"], 5), "p90": round(ps["p90"], 5), "p99": round(ps["p99"], 5)}
+                        if ps else {}),
+                     "train_s": round(r.train_seconds, 1)})
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # rows of equal keys (text_table)
+    return [{k: row.get(k, "-") for k in keys} for row in rows]
+
+
+def champion_rows(results: list[CandidateResult]) -> list[dict]:
+    """Per (teacher, NFE): the best candidate across families (lowest value under one protocol: where the champion
+    alias moves when the sweep registers), the best training-free sampler and the margin."""
+    best: dict = {}
+    for r in results:
+        k = (r.teacher_id or r.dataset, r.nfe, r.protocol.hash)
+        if k not in best or r.value < best[k].value:
+            best[k] = r
+    return [{"teacher": k[0], "nfe": k[1], "best": f"{r.family}:{r.solver}", "value": round(r.value, 6),
+             "panel_best": (r.panel_best or {}).get("solver", "-"),
+             "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
+             "margin": round(r.margin, 3) if r.margin is not None else "-"} for k, r in sorted(best.items())]
+
+
+def quality_plot_png(results: list[CandidateResult]) -> Optional[bytes]:
+    """Quality vs NFE, a line per family (each family's best value per (teacher, NFE); log scale); None if empty."""
+    import io
+
+    if not results:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    teachers = sorted({r.teacher_id or r.dataset for r in results})
+    for ti, t in enumerate(teachers):
+        for fi, fam in enumerate(("free", "gits", "amed", "epd")):
+            pts: dict[int, float] = {}
+            for r in results:
+                if (r.teacher_id or r.dataset) == t and r.family == fam and r.value > 0:
+                    pts[r.nfe] = min(pts.get(r.nfe, float("inf")), r.value)
+            if pts:
+                xs = sorted(pts)
+                ax.plot(xs, [pts[x] for x in xs], marker="os^D"[fi], color=f"C{fi}",
+                        linestyle=["-", "--", ":", "-."][ti % 4],
+                        label=fam + (f" ({t})" if len(teachers) > 1 else ""))
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(results[0].protocol.metric + " (lower is better)")
+    ax.set_title("best per family" + (f": {teachers[0]}" if len(teachers) == 1 else ""), fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

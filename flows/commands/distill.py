@@ -128,6 +128,9 @@ def run(args) -> int:
 
     print()
     print(text_table(summary["table"]))
+    if summary.get("best"):  # the champion across families per (teacher, NFE), next to the best training-free sampler
+        print("\nbest per (teacher, NFE) across families (margin = value / best training-free):")
+        print(text_table(summary["best"]))
     print()
     print(f"metric: {cfg.evaluation.metric} (lower is better), {cfg.evaluation.num_samples} samples; "
           f"'base' = the training-free base solver at the same NFE")

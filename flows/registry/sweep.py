@@ -166,6 +166,7 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
                 log.info("candidate %s %s nfe=%d seed=%d: %s=%.5g (base %s %.5g)%s in %.1fs", cand.dataset, cand.solver,
                          cand.nfe, cand.seed, cand.protocol.metric, cand.value, cand.base_solver, cand.base_value,
                          f" -> {cand.registered_name} v{version}" if version else "", res.seconds_per_candidate[-1])
+            _log_views(mlflow, client, parent.info.run_id, candidates)
             if register:
                 for name in sorted({c.registered_name for c in candidates}):
                     try:
@@ -247,6 +248,35 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
         res.versions.append((cand.registered_name, version))
         return version
+
+
+def _log_views(mlflow, client, run_id: str, candidates: list[CandidateResult]) -> None:
+    """On the parent run: every candidate with the best training-free sampler and the margin (results_table.json,
+    results.md), the best per (teacher, NFE) across families (tags ``best.<teacher>.nfe<N>``, metrics ``margin.*``),
+    and the quality-vs-NFE plot with a line per family (plots/quality_vs_nfe.png)."""
+    from flows.results import champion_rows, quality_plot_png, results_table
+
+    if not candidates:
+        return
+    rows = results_table(candidates)
+    mlflow.log_dict(rows, "results_table.json")
+    cols = list(rows[0])
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    best = champion_rows(candidates)
+    md += ["", "Best per (teacher, NFE) across families:", "", "| " + " | ".join(best[0]) + " |", "|" + "---|" * len(best[0])]
+    md += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in best]
+    mlflow.log_text("\n".join(md) + "\n", "results.md")
+    for r in best:
+        key = f"{r['teacher']}.nfe{r['nfe']}"
+        mlflow.set_tag(f"best.{key}", f"{r['best']} {r['value']} (panel {r['panel_best']} {r['panel']}, margin {r['margin']})")
+        if isinstance(r["margin"], float):
+            log_metrics(client, run_id, {f"margin.{key}": r["margin"], f"best_value.{key}": r["value"]})
+    png = quality_plot_png(candidates)
+    if png:
+        with tempfile.TemporaryDirectory(prefix="amed-plot-") as tmp:
+            Path(tmp, "quality_vs_nfe.png").write_bytes(png)
+            mlflow.log_artifact(str(Path(tmp, "quality_vs_nfe.png")), "plots")
 
 
 class _NoPlot(Exception):
