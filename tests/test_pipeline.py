@@ -46,6 +46,8 @@ def _checkpoints(store_url: str) -> dict[str, tuple[float, bytes]]:
     store = RunStore(store_url)
     out = {}
     for name in store.list("checkpoints"):
+        if not store.exists(f"checkpoints/{name}/predictor.safetensors"):
+            continue  # a training-free panel entry's sampler.json (family free)
         p = store.path(f"checkpoints/{name}/predictor.safetensors")
         out[name] = (store.fs.modified(p).timestamp(), store.get(f"checkpoints/{name}/predictor.safetensors"))
     return out
@@ -62,9 +64,14 @@ def first_run(tmp_path_factory, prefect_harness, ray_local):  # noqa: F811
 
 def test_distill_results_store_and_artifacts(first_run):
     cfg, out = first_run
-    assert out["work"] == {"teacher_shards_written": 4, "trained": 2, "evaluated": 4}
-    res = _results(cfg.store_url)
+    # 2 candidates + the panel at NFE 3: its 5 default entries, two of them the candidates' base solvers
+    assert out["work"] == {"teacher_shards_written": 4, "trained": 2, "evaluated": 7}
+    everything = _results(cfg.store_url)
+    res = [r for r in everything if r.family == "amed"]
     assert [(r.solver, r.base_solver, r.nfe) for r in res] == [("amed", "heun", 3), ("amed+ipndm", "ipndm", 3)]
+    (free,) = [r for r in everything if r.family == "free"]  # the panel's winner is a candidate (no weights)
+    assert free.value == free.panel_value == min(r.panel_value for r in res)
+    assert os.listdir(free.checkpoint_url) == ["sampler.json"]
     for r in res:
         assert r.value > 0 and r.base_value > 0 and r.protocol.metric == "fd_exact" and r.protocol.num_samples == 512
         assert os.path.isfile(os.path.join(r.checkpoint_url, "sampler.json"))
@@ -84,8 +91,10 @@ def test_distill_results_store_and_artifacts(first_run):
     with get_client(sync_client=True) as client:
         arts = {a.key: a for a in client.read_artifacts()}
     table = json.loads(arts["tiny-results"].data)
-    assert [row["solver"] for row in table] == ["amed", "amed+ipndm"] and "base" in table[0]
-    assert arts["tiny-samples"].data.count("data:image/png;base64,") == 4  # 2 candidates + 2 base solvers
+    assert [row["solver"] for row in table if row["family"] == "amed"] == ["amed", "amed+ipndm"] and "base" in table[0]
+    assert all(row["panel"] == free.panel_value and row["panel_best"].startswith(free.solver) for row in table)
+    # 2 candidates + 5 panel entries + the quality-vs-NFE plot
+    assert arts["tiny-samples"].data.count("data:image/png;base64,") == 8
 
 
 def test_rerun_does_no_teacher_or_training_work(first_run):
@@ -168,7 +177,7 @@ def test_amed_distill_cli_prints_results_and_where_things_are(first_run, tmp_pat
     assert f"results       {tmp_path / 'out' / 'store'}/runs/tiny/results.json" in text
     assert "prefect server start --host 127.0.0.1" in text and "mlflow ui --backend-store-uri sqlite:///" in text
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["work"] == {"teacher_shards_written": 2, "trained": 2, "evaluated": 4}
+    assert summary["work"] == {"teacher_shards_written": 2, "trained": 2, "evaluated": 7}
     assert not PREFETCHED
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.json", "tiny.yaml"]
     assert main(["distill", str(tmp_path / "missing.yaml")]) == 2
