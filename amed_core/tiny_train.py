@@ -119,9 +119,9 @@ def train_tiny(
     steps = range(c.steps)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress as progress_bar
 
-        bar = tqdm(total=c.steps, desc="train-tiny", unit="step")
+        bar = progress_bar(total=c.steps, desc="train-tiny", unit="step")  # a bar on a terminal, lines elsewhere
     model.train()
     running = None
     for step in steps:
@@ -150,7 +150,7 @@ def train_tiny(
         if bar is not None:
             bar.update(1)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{running:.4f}")
+                bar.set_postfix(loss=f"{running:.4g}")
         elif step % 500 == 0 or step == c.steps - 1:
             log.info("train-tiny step %d/%d loss %.4f", step + 1, c.steps, running)
     if bar is not None:

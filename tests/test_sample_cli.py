@@ -170,7 +170,7 @@ def test_amed_sample_cli_neural_teacher(tmp_path, capsys):
     assert all(r["fd"] is None and np.isfinite(r["rmse"]) for r in record["rows"])
     by = {(r["solver"], r["nfe"]): r["rmse"] for r in record["rows"]}
     assert by["euler", 5] < by["euler", 3] and by["ipndm", 5] < by["ipndm", 3]
-    assert Image.open(out / "samples.png").size == (8 * (4 * 9 + 1), 8 * (2 * 9 + 1))  # 4 x 2 rows: no exact row
+    assert Image.open(out / "samples.png").size == (16 * (4 * 9 + 1), 16 * (2 * 9 + 1))  # 4 x 2 rows: no exact row; 8 px -> 128 px
     assert Image.open(out / "quality.png").format == "PNG"
 
 

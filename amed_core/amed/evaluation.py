@@ -23,7 +23,7 @@ from ..evaluate import (batch_ranges, denoiser_range, exact_samples, has_exact_s
 from ..metrics import fd_to_samples, rmse
 from .checkpoint import Sampler
 
-__all__ = ["AmedRun", "sample_amed", "policy_trace", "compare_with_base", "save_policy_plot", "Scores"]
+__all__ = ["AmedRun", "sample_amed", "policy_trace", "compare_with_base", "save_policy_plot", "policy_plot_png", "Scores"]
 
 
 @dataclass
@@ -124,15 +124,25 @@ def compare_with_base(sampler: Sampler, denoiser, n: int, seed: int, *, base_sol
 
 
 def save_policy_plot(trace: dict, path: str | os.PathLike, *, title: str = "") -> Path:
-    """Plot r and the scales per step (mean with a +-std band) into a PNG, written atomically."""
+    """The learned schedule and scales per step, as one PNG written atomically: the student's sigma grid with the
+    learned intermediate times s (log axis), then r, scale_dir and scale_time (mean with a +-std band)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = np.arange(len(trace["r_mean"]))
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, name in zip(axes, ("r", "scale_dir", "scale_time")):
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    if trace.get("t_cur"):
+        grid = list(trace["t_cur"]) + [trace["t_next"][-1]]
+        axes[0].plot(np.arange(len(grid)), grid, "o-", color="0.4", label="grid sigma_i")
+        axes[0].plot(steps + np.asarray(trace["r_mean"]), trace["s_mean"], "s", color="C1", label="learned s (mean)")
+        axes[0].set_yscale("log")
+        axes[0].legend(fontsize=7)
+    axes[0].set_title("schedule")
+    axes[0].set_xlabel("step i")
+    axes[0].grid(alpha=0.3)
+    for ax, name in zip(axes[1:], ("r", "scale_dir", "scale_time")):
         mu, sd = np.asarray(trace[f"{name}_mean"]), np.asarray(trace[f"{name}_std"])
         ax.plot(steps, mu, "o-")
         ax.fill_between(steps, mu - sd, mu + sd, alpha=0.25)
@@ -140,7 +150,16 @@ def save_policy_plot(trace: dict, path: str | os.PathLike, *, title: str = "") -
         ax.set_title(name)
         ax.set_xticks(steps)
         ax.grid(alpha=0.3)
-    axes[0].set_ylim(0, 1)
+    axes[1].set_ylim(0, 1)
     if title:
         fig.suptitle(title)
     return save_figure_png(fig, path, dpi=110)
+
+
+def policy_plot_png(sampler: Sampler, denoiser, noise: torch.Tensor, *, title: str = "") -> bytes:
+    """PNG bytes of :func:`save_policy_plot` for ``sampler`` on ``noise`` (the registry's learned-schedule plot)."""
+    import tempfile
+
+    trace = policy_trace(sampler, denoiser, noise)
+    with tempfile.TemporaryDirectory(prefix="amed-plot-") as tmp:
+        return save_policy_plot(trace, Path(tmp) / "policy.png", title=title).read_bytes()

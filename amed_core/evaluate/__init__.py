@@ -13,7 +13,7 @@
   gets RMSE only: its FD fields are None.
 - ``score_run(run, denoiser, ...)``: one sampler's score under a sweep's evaluation protocol (fd_exact,
   rmse or fid) on per-seed noise, resumable for FID (partial :class:`~amed_core.fid.FIDStats`).
-- ``save_grid_png`` / ``save_quality_plot``: the pictures (PIL / matplotlib Agg), written atomically.
+- ``save_grid_png`` / ``save_side_by_side_png`` / ``save_quality_plot``: the pictures (PIL / matplotlib Agg), written atomically.
 
 Modules: :mod:`.sampling` (noise, grids, sampling, the reference solution), :mod:`.tables` (the quality table),
 :mod:`.pictures` (PNG files), :mod:`.score` (the sweep's evaluate stage); this package re-exports their names.
@@ -22,7 +22,7 @@ Modules: :mod:`.sampling` (noise, grids, sampling, the reference solution), :mod
 from ..io import atomic_write
 from ..methods import evals_per_step, num_steps_for, pick_afs
 from ..metrics import rmse
-from .pictures import save_figure_png, save_grid_png, save_quality_plot
+from .pictures import save_figure_png, save_grid_png, save_quality_plot, save_side_by_side_png
 from .sampling import (BASE_SOLVERS, DEFAULT_OPTIONS, DEFAULT_SCHEDULES, REFERENCE_OPTIONS, REFERENCE_SOLVER, SampleRun,
                        batch_ranges, default_schedule, denoiser_range, reference_solution, sample_solver, schedule_for,
                        seeded_noise, solve_batches)
@@ -57,6 +57,7 @@ __all__ = [
     "save_grid_png",
     "to_images",
     "save_quality_plot",
+    "save_side_by_side_png",
     "seeded_noise",
     "format_table",
     "fmt_score",

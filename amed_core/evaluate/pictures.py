@@ -13,29 +13,71 @@ import torch
 from ..io import atomic_write
 from .tables import QualityTable
 
-__all__ = ["save_figure_png", "save_grid_png", "save_quality_plot"]
+__all__ = ["save_figure_png", "save_grid_png", "save_quality_plot", "save_side_by_side_png"]
 
-def save_grid_png(samples: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None, scale: int | None = None,
-                  pad: int = 1) -> Path:
-    """A PNG grid of images in [-1, 1] (B, C, H, W) with C = 1 or 3; small images are enlarged (nearest)."""
-    from PIL import Image
-
+def _grid_array(samples, nrow: int | None, pad: int, value_range) -> np.ndarray:
     x = torch.as_tensor(samples).detach().to("cpu", torch.float64)
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
         raise ValueError(f"samples must be (B, 1 or 3, H, W) with B >= 1, got {tuple(x.shape)}")
     B, C, H, W = x.shape
+    if value_range is None:  # stretch the grid's own range
+        lo, hi = float(x.min()), float(x.max())
+        lo, hi = (lo, hi) if hi > lo else (lo - 1, lo + 1)
+    else:
+        lo, hi = (float(v) for v in value_range)
     nrow = nrow or max(1, math.ceil(math.sqrt(B)))
     rows = math.ceil(B / nrow)
-    scale = scale or max(1, 64 // max(H, W))
-    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    img = ((x.clamp(lo, hi) - lo) / (hi - lo) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, C), 255, dtype=np.uint8)
     for k in range(B):
         r, c = divmod(k, nrow)
         grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = img[k]
+    return grid
+
+
+def _default_scale(H: int, W: int) -> int:
+    return max(1, 128 // max(H, W))  # an 8x8 digit becomes 128 px; 32x32 images 128 px; 256 px images stay
+
+
+def save_grid_png(samples: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None, scale: int | None = None,
+                  pad: int = 1, value_range: tuple[float, float] | None = (-1.0, 1.0)) -> Path:
+    """A PNG grid of images (B, C, H, W) with C = 1 or 3, values in ``value_range`` (default [-1, 1]; None: the
+    grid's own min..max); small images are enlarged (nearest) to about 128 px each unless ``scale`` is given."""
+    from PIL import Image
+
+    grid = _grid_array(samples, nrow, pad, value_range)
+    C = grid.shape[2]
+    H, W = torch.as_tensor(samples).shape[-2:]
+    scale = scale or _default_scale(int(H), int(W))
     pil = Image.fromarray(grid[..., 0] if C == 1 else grid, mode="L" if C == 1 else "RGB")
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def save_side_by_side_png(panels: dict[str, torch.Tensor], path: str | os.PathLike, *, nrow: int | None = None,
+                          scale: int | None = None, value_range: tuple[float, float] | None = (-1.0, 1.0)) -> Path:
+    """Grids side by side under their titles (e.g. ``{"amed+ipndm NFE 5": x, "ipndm NFE 5 (base)": x_base}``: the
+    same seeds, so a column compares the same noise), as one PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("panels must hold at least one grid")
+    grids = [(title, _grid_array(x, nrow, 1, value_range)) for title, x in panels.items()]
+    H, W = next(iter(panels.values())).shape[-2:]
+    scale = scale or _default_scale(int(H), int(W))
+    width = sum(g.shape[1] for _, g in grids) * scale / 100 + 0.3 * len(grids)
+    height = max(g.shape[0] for _, g in grids) * scale / 100 + 0.5
+    fig, axes = plt.subplots(1, len(grids), figsize=(width, height), squeeze=False)
+    for ax, (title, g) in zip(axes[0], grids):
+        ax.imshow(g[..., 0] if g.shape[2] == 1 else g, cmap="gray" if g.shape[2] == 1 else None, vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    return save_figure_png(fig, path, dpi=100)
 
 
 def save_quality_plot(table: QualityTable, path: str | os.PathLike, *, title: str = "") -> Path:

@@ -41,8 +41,10 @@ def _remote(fn: Callable, compute, *, gpu: bool):
 def _log_progress(logger: logging.Logger, label: str, job_id: str, store: RunStore) -> None:
     p = store.progress(job_id)
     if p is not None:
+        from amed_core.progress import fmt_loss
+
         logger.info("%s %s: step %s/%s, loss %s (attempt %s)", label, job_id, p.get("step"), p.get("total"),
-                    p.get("loss"), p.get("attempt"))
+                    fmt_loss(p.get("loss")), p.get("attempt"))
 
 
 def run_one(fn: Callable, job, *, compute, gpu: bool, logger: Optional[logging.Logger] = None,
