@@ -85,14 +85,21 @@ class SamplerSpec:
     def create(cls, solver: str, nfe: int, *, afs: bool = True, schedule: ScheduleSpec | None = None,
                predictor: PredictorConfig | None = None, max_order: int | None = None, predict_x0: bool | None = None,
                lower_order_final: bool | None = None, dynamic_thresholding: bool | None = None,
-               afs_in_history: bool | None = None, denoiser=None) -> "SamplerSpec":
-        """Spec for ``solver`` at ``nfe`` (N derived); plugin defaults filled in; teacher/feature source from ``denoiser``."""
+               afs_in_history: bool | None = None, denoiser=None, recipe: str = "reference") -> "SamplerSpec":
+        """Spec for ``solver`` at ``nfe`` (N derived); teacher/feature source from ``denoiser``. What is not given
+        comes from ``recipe`` (:mod:`amed_core.amed.recipes`, the same defaults ``amed train --preset`` uses): the
+        method table's schedule over the denoiser's sigma range, the predictor's scales, ``afs_in_history``."""
+        from .recipes import default_schedule_for, sampler_defaults
+
         if solver not in method_names("amed"):
             raise ValueError(f"solver must be one of {sorted(method_names('amed'))}, got {solver!r}")
+        rec = sampler_defaults(solver, recipe)
         if schedule is None:
-            schedule = ScheduleSpec()
-            if denoiser is not None:
-                schedule = replace(schedule, sigma_min=float(denoiser.sigma_min), sigma_max=float(denoiser.sigma_max))
+            schedule = default_schedule_for(solver, denoiser)
+        if predictor is None:
+            predictor = PredictorConfig(scale_dir=rec["scale_dir"], scale_time=rec["scale_time"])
+        if afs_in_history is None:
+            afs_in_history = rec["afs_in_history"]
         given = dict(max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
                      dynamic_thresholding=dynamic_thresholding, afs_in_history=afs_in_history)
         defaults = get_method(solver).default_options  # the plugin's defaults fill what is not given
