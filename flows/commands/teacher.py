@@ -183,6 +183,8 @@ def verify(args) -> int:
             print(f"  missing shards: {report.missing}")
         for i, why in report.bad.items():
             print(f"  shard {i}: {why}")
+        for where, why in sorted(report.invalid.items()):
+            print(f"  {where}: {why} (`amed teacher repair` removes it)")
         failed |= not report.passed
     return 1 if failed else 0
 

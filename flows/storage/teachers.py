@@ -84,10 +84,11 @@ class VerifyReport:
     missing: list[int] = field(default_factory=list)
     bad: dict[int, str] = field(default_factory=dict)
     bytes: int = 0
+    invalid: dict[str, str] = field(default_factory=dict)  # records that are not valid commit records (where -> why)
 
     @property
     def passed(self) -> bool:
-        return not self.missing and not self.bad
+        return not self.missing and not self.bad and not self.invalid
 
 
 @dataclass
@@ -286,9 +287,10 @@ class TeacherStore:
                         spec_hash[:12], where, why)
         return entries
 
-    def _manifest(self, spec_hash: str) -> tuple[dict[int, dict], dict[str, str]]:
+    def _manifest(self, spec_hash: str, strict: bool = True) -> tuple[dict[int, dict], dict[str, str]]:
         """(valid entries, {record: why it is ignored}): records that are not commit records (a stray file, bad
-        fields, an index outside the spec) never count as shards."""
+        fields, an index outside the spec) never count as shards. Two different records for one shard raise; with
+        ``strict=False`` (verify, repair) the commit record in manifest.d/ wins and the other is reported."""
         d = self.spec_dir(spec_hash)
         num_shards = self.num_shards(spec_hash)
         entries: dict[int, dict] = {}
@@ -300,7 +302,9 @@ class TeacherStore:
                 invalid[where] = why
                 return
             i = e["index"]
-            if i in entries and (entries[i]["sha256"], entries[i]["bytes"]) != (e["sha256"], e["bytes"]):
+            if i in entries and (entries[i]["sha256"], entries[i]["bytes"]) != (e["sha256"], e["bytes"]) and not strict:
+                invalid[f"manifest.json[{i:05d}]"] = f"disagrees with the commit record {where}"
+            elif i in entries and (entries[i]["sha256"], entries[i]["bytes"]) != (e["sha256"], e["bytes"]):
                 raise ShardVerificationError(f"conflicting manifest records for shard {i} of {spec_hash} ({where}); "
                                              f"run `amed teacher repair {spec_hash[:16]} --store {self.url}`")
             entries[i] = e
@@ -550,8 +554,8 @@ class TeacherStore:
     def verify(self, spec_hash: str) -> VerifyReport:
         """Check every shard of a spec: present in the manifest, object present, size, SHA-256 (and XXH3-128), parse."""
         spec = self.get_spec(spec_hash)
-        entries = self.manifest(spec_hash)
-        report = VerifyReport(spec_hash=spec_hash, num_shards=spec.num_shards)
+        entries, invalid = self._manifest(spec_hash, strict=False)
+        report = VerifyReport(spec_hash=spec_hash, num_shards=spec.num_shards, invalid=invalid)
         for i in range(spec.num_shards):
             if i not in entries:
                 report.missing.append(i)
@@ -575,7 +579,7 @@ class TeacherStore:
         place of shards are removed, and manifest.json is rewritten from what remains. Returns what was removed."""
         spec = self.get_spec(spec_hash)
         report = self.verify(spec_hash)
-        entries, invalid = self._manifest(spec_hash)
+        entries, invalid = self._manifest(spec_hash, strict=False)
         d = self.spec_dir(spec_hash)
         out = RepairReport(spec_hash=spec_hash, num_shards=spec.num_shards, bad=dict(report.bad))
         for i in sorted(report.bad):  # record first (the shard stops counting), then the object

@@ -1,0 +1,777 @@
+"""Reliability bench (issue 15): faults and bad inputs against real processes and servers on 127.0.0.1.
+
+    .venv/bin/python bench/reliability.py                 # every probe; one table row each (BENCHMARKS.md "Reliability")
+    .venv/bin/python bench/reliability.py --fast          # the probes CI also runs (tests/test_faults.py)
+    .venv/bin/python bench/reliability.py --only kill-train,full-disk --json out.json
+
+Each probe runs the real ``amed`` command (a new process, its own process group) against a local store, SQLite MLflow,
+an ephemeral Prefect and a local Ray (each probe its own RAY_TMPDIR, so it never joins another Ray on the machine), a
+moto S3 server behind a TCP proxy the probe can kill, or a small tmpfs. Row: probe, expected, observed, verdict
+(``survived`` = the fault happened and the system came through with nothing lost; ``refused`` = a bad input or an
+unusable service was refused with one line, a non-zero exit and nothing written; ``FAIL`` otherwise; ``skipped`` =
+the machine does not allow it, e.g. no permission to mount a tmpfs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+CANARY = "AMEDCANARY0SECRET0do0not0leak0000000000"
+
+TINY = {
+    "name": "tiny",
+    "datasets": [{"name": "digits", "teacher": "digits-gmm"}],
+    "solvers": ["amed"], "nfes": [3], "seeds": [0],
+    "teacher": {"solver": "heun", "M": 1, "num_trajectories": 256, "shard_size": 64},
+    "train": {"batch_size": 64, "epochs": 1},
+    "evaluation": {"metric": "fd_exact", "num_samples": 256, "batch_size": 256, "grid_samples": 16},
+    "compute": {"num_cpus": 2, "object_store_memory": 200_000_000, "max_parallel": 2, "teacher_actors": 1,
+                "torch_threads": 1},
+}
+# Long enough stages to be killed in the middle of each (about a minute on 2 cores).
+SLOW = {**TINY, "teacher": {"solver": "heun", "M": 4, "num_trajectories": 4096, "shard_size": 256},
+        "train": {"batch_size": 64, "epochs": 4}, "evaluation": {**TINY["evaluation"], "num_samples": 2048}}
+
+
+@dataclass
+class Row:
+    probe: str
+    expected: str
+    observed: str
+    verdict: str
+    seconds: float = 0.0
+
+
+class Skip(Exception):
+    """The machine does not allow this probe (reported as skipped, not failed)."""
+
+
+PROBES: list[tuple[str, str, Callable, bool]] = []  # (name, expected, fn(workdir) -> (observed, verdict), fast)
+
+
+def probe(name: str, expected: str, fast: bool = False):
+    def deco(fn):
+        PROBES.append((name, expected, fn, fast))
+        return fn
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes.
+
+def _env(work: Path, extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_", "AMED_"))}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+    env.update({"PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+def amed(args: list[str], work: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``amed ARGS`` as a new process (its own session), output captured; its Ray leftovers are stopped after."""
+    env = env or _env(work)
+    try:
+        return subprocess.run([PY, "-m", "flows.cli", *args], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=timeout, start_new_session=True)
+    finally:
+        _stop_ray(env)
+
+
+def _stop_ray(env: dict) -> None:
+    """Kill the processes of the Ray this probe started (found by its private RAY_TMPDIR), by pid."""
+    tmp = env.get("RAY_TMPDIR")
+    if not tmp:
+        return
+    for pid in _pids_with(tmp):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pids_with(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if text in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def start_amed(args: list[str], work: Path, log: Path, env: dict | None = None) -> tuple[subprocess.Popen, dict]:
+    env = env or _env(work)
+    f = open(log, "w")
+    p = subprocess.Popen([PY, "-m", "flows.cli", *args], cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    f.close()
+    return p, env
+
+
+def wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 600) -> bool:
+    rx = re.compile(pattern)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if log.exists() and rx.search(log.read_text(errors="replace")):
+            return True
+        if proc.poll() is not None:
+            return bool(log.exists() and rx.search(log.read_text(errors="replace")))
+        time.sleep(0.05)
+    return False
+
+
+def kill_group(proc: subprocess.Popen, env: dict) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _stop_ray(env)
+
+
+def one_line(proc: subprocess.CompletedProcess) -> tuple[bool, str]:
+    """A refusal: non-zero exit, no traceback, a short error. Returns (ok, the error's last line)."""
+    err = proc.stderr.strip()
+    last = err.splitlines()[-1] if err else ""
+    ok = proc.returncode != 0 and "Traceback" not in err and 0 < len(err) < 2000
+    return ok, f"rc {proc.returncode}: {last[:160]}"
+
+
+def write_cfg(work: Path, cfg: dict, name: str = "sweep.yaml") -> Path:
+    import yaml
+
+    path = work / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a finished sweep left behind.
+
+def registry_state(db: Path) -> dict:
+    """Versions per model, duplicates (same checkpoint sha256 + protocol twice), champion right, runs still RUNNING."""
+    con = sqlite3.connect(db)
+    try:
+        tags: dict[tuple[str, int], dict] = {}
+        for name, version, key, value in con.execute("select name, version, key, value from model_version_tags"):
+            tags.setdefault((name, int(version)), {})[key] = value
+        seen, dups = set(), 0
+        for (name, _), t in tags.items():
+            k = (name, t.get("checkpoint_sha256"), t.get("protocol_hash"))
+            dups += k in seen
+            seen.add(k)
+        champion_ok = True
+        for name, alias, version in con.execute("select name, alias, version from registered_model_aliases"):
+            if alias != "champion":
+                continue
+            proto = tags[(name, int(version))].get("protocol_hash")
+            values = [float(t["value"]) for (n, _), t in tags.items() if n == name and t.get("protocol_hash") == proto]
+            champion_ok &= float(tags[(name, int(version))]["value"]) == min(values)
+        running = con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
+        return {"versions": len(tags), "duplicates": dups, "champion_ok": champion_ok, "running": running}
+    finally:
+        con.close()
+
+
+def store_verifies(work: Path, store: Path) -> bool:
+    proc = amed(["teacher", "verify", "--store", str(store)], work)
+    return proc.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults: SIGKILL during each stage, then the same command again.
+
+STAGE_MARKERS = {
+    "teacher": r"teacher \S+: shard \d+ committed",
+    "train": r"train \S+: \d+ trajectories x",
+    "evaluate": r"train \S+: done in",          # the candidate's evaluation starts right after its training
+    "register": r"flows.registry: candidate .* -> \S+ v\d+",  # one version registered, the others not yet
+}
+
+
+def _kill_and_rerun(work: Path, stage: str) -> tuple[str, str]:
+    cfg = write_cfg(work, SLOW)
+    out, log = work / "out", work / "killed.log"
+    proc, env = start_amed(["distill", str(cfg), "--out", str(out)], work, log)
+    hit = wait_for(log, STAGE_MARKERS[stage], proc)
+    kill_group(proc, env)
+    if not hit:
+        return f"marker for {stage} never seen (rc {proc.returncode})", "FAIL"
+    rerun = amed(["distill", str(cfg), "--out", str(out), "--summary-json", str(work / "s.json")], work)
+    if rerun.returncode != 0:
+        return f"rerun rc {rerun.returncode}: {rerun.stderr.strip().splitlines()[-1:]}", "FAIL"
+    work_done = json.loads((work / "s.json").read_text())["work"]
+    reg = registry_state(out / "mlflow.db")
+    verified = store_verifies(work, out / "store")
+    skipped = {"teacher": True, "train": work_done["teacher_shards_written"] == 0,
+               "evaluate": work_done["teacher_shards_written"] == 0 and work_done["trained"] == 0,
+               "register": work_done["teacher_shards_written"] == 0 and work_done["trained"] == 0}[stage]
+    ok = verified and skipped and reg["duplicates"] == 0 and reg["champion_ok"] and reg["running"] == 0
+    return (f"rerun rc 0, work {work_done}, {reg['versions']} versions, {reg['duplicates']} duplicates, champion "
+            f"{'right' if reg['champion_ok'] else 'WRONG'}, {reg['running']} runs RUNNING, store "
+            f"{'verifies' if verified else 'FAILS verify'}"), "survived" if ok else "FAIL"
+
+
+for _stage in STAGE_MARKERS:
+    probe(f"kill-{_stage}", f"SIGKILL of amed distill's process group during {_stage}; rerun completes, skips committed "
+          "work, no duplicate version, champion right, no run left RUNNING")(
+        (lambda s: lambda work: _kill_and_rerun(work, s))(_stage))
+
+
+@probe("two-generates", "two amed teacher generate on one store at once: both exit 0, every shard once, verify OK",
+       fast=True)
+def two_generates(work: Path):
+    store = work / "store"
+    args = ["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3,5", "--n", "1024",
+            "--shard-size", "64", "--sub-steps", "2", "--no-progress", "--store", str(store)]
+    procs = [start_amed(args, work, work / f"gen{i}.log") for i in range(2)]
+    rcs = [p.wait(timeout=600) for p, _ in procs]
+    for p, env in procs:
+        _stop_ray(env)
+    (h,) = os.listdir(store / "teachers")
+    records = sorted(os.listdir(store / "teachers" / h / "manifest.d"))
+    ok = rcs == [0, 0] and len(records) == 16 and store_verifies(work, store)
+    return f"rc {rcs}, {len(records)}/16 commit records, verify {'OK' if ok else 'FAILED'}", "survived" if ok else "FAIL"
+
+
+@probe("two-distills", "two amed distill with the same config and --out at once: one refused in one line naming "
+       "the other's pid, the other completes; store verifies")
+def two_distills(work: Path):
+    cfg = write_cfg(work, TINY)
+    out = work / "out"
+    first, env1 = start_amed(["distill", str(cfg), "--out", str(out)], work, work / "a.log")
+    wait_for(work / "a.log", r"writing under", first, timeout=120)
+    second = amed(["distill", str(cfg), "--out", str(out)], work)
+    rc1 = first.wait(timeout=600)
+    _stop_ray(env1)
+    refused, line = one_line(second)
+    ok = refused and "in use by another amed distill" in second.stderr and rc1 == 0 and store_verifies(work, out / "store")
+    return f"first rc {rc1}; second {line}", "survived" if ok else "FAIL"
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@probe("full-disk", "a 2 MB tmpfs under the store fills mid-generate: one line, exit non-zero, no partial shard "
+       "counted (verify OK); after the tmpfs grows, generate resumes and completes", fast=True)
+def full_disk(work: Path):
+    with tmpfs(work / "disk", "2m") as disk:
+        store = disk / "store"
+        args = ["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3", "--n", "4096",
+                "--shard-size", "256", "--no-progress", "--store", str(store)]
+        first = amed(args, work)
+        refused, line = one_line(first)
+        (h,) = os.listdir(store / "teachers")
+        counted = len([n for n in os.listdir(store / "teachers" / h / "manifest.d") if n.endswith(".json")])
+        verified_partial = amed(["teacher", "verify", "--store", str(store)], work)
+        partial_ok = "FAILED" in verified_partial.stdout and "shards verified" in verified_partial.stdout and \
+            not re.search(r"shard \d+:", verified_partial.stdout)  # only missing shards, none bad
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        second = amed(args, work)
+        ok = refused and "No space left" in first.stderr and partial_ok and second.returncode == 0 and \
+            store_verifies(work, store)
+        return (f"first {line[:120]}; {counted} shards counted, none bad; after remount rc {second.returncode}, "
+                f"verify {'OK' if ok else 'FAILED'}"), "survived" if ok else "FAIL"
+
+
+# -- S3 (moto) behind a TCP proxy the probe kills and restarts (moto keeps its data; clients see the server go away).
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PROXY = r'''
+import socket, sys, threading
+lport, tport = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); srv.bind(("127.0.0.1", lport)); srv.listen(64)
+def pipe(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d: break
+            b.sendall(d)
+    except OSError: pass
+    finally:
+        for s in (a, b):
+            try: s.close()
+            except OSError: pass
+while True:
+    c, _ = srv.accept()
+    u = socket.create_connection(("127.0.0.1", tport))
+    threading.Thread(target=pipe, args=(c, u), daemon=True).start()
+    threading.Thread(target=pipe, args=(u, c), daemon=True).start()
+'''
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def moto_server():
+    port = _free_port()
+    proc = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_port(port)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _proxy(lport: int, tport: int) -> subprocess.Popen:
+    p = subprocess.Popen([PY, "-c", PROXY, str(lport), str(tport)], start_new_session=True)
+    _wait_port(lport)
+    return p
+
+
+def _s3_env(work: Path, port: int, extra: dict | None = None) -> dict:
+    return _env(work, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                       "AWS_CONFIG_FILE": os.devnull, **(extra or {})})
+
+
+@probe("s3-killed", "the S3 server goes away mid-generate (its proxy killed), then comes back: one line, exit "
+       "non-zero, then the same command resumes and verify passes", fast=True)
+def s3_killed(work: Path):
+    with moto_server() as mport:
+        lport = _free_port()
+        proxy = _proxy(lport, mport)
+        env = _s3_env(work, lport)
+        subprocess.run([PY, "-c", "import s3fs; s3fs.S3FileSystem().mkdir('teach')"], env=env, check=True)
+        store = "s3://teach/x"
+        args = ["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3,5", "--n", "4096",
+                "--shard-size", "128", "--sub-steps", "4", "--no-progress", "--store", store]
+        log = work / "gen.log"
+        gen, genv = start_amed(args, work, log, env={**env, "AWS_MAX_ATTEMPTS": "2"})
+        time.sleep(0.5)
+        t0 = time.time()
+        while time.time() - t0 < 120 and gen.poll() is None:  # wait for a first committed shard
+            r = subprocess.run([PY, "-c", "import s3fs,sys; fs=s3fs.S3FileSystem(); "
+                                "print(len(fs.glob('teach/x/teachers/*/manifest.d/*.json')))"],
+                               env=env, capture_output=True, text=True)
+            if r.stdout.strip().isdigit() and int(r.stdout) >= 2:
+                break
+            time.sleep(0.3)
+        proxy.kill()
+        proxy.wait()
+        try:
+            rc = gen.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            kill_group(gen, genv)
+            return "generate hung after the server went away", "FAIL"
+        _stop_ray(genv)
+        text = log.read_text(errors="replace")
+        last = text.strip().splitlines()[-1] if text.strip() else ""
+        first_ok = rc != 0 and "Traceback" not in text and "amed teacher: error" in text
+        proxy = _proxy(lport, mport)
+        try:
+            again = amed(args, work, env=env)
+            verified = amed(["teacher", "verify", "--store", store], work, env=env)
+        finally:
+            proxy.kill()
+            proxy.wait()
+        m = re.search(r"\((\d+) written now, (\d+) already done\)", again.stdout)
+        ok = first_ok and again.returncode == 0 and verified.returncode == 0 and m and int(m.group(2)) > 0
+        return (f"first rc {rc}: {last[:110]}; resumed rc {again.returncode} "
+                f"({m.group(0) if m else '?'}), verify rc {verified.returncode}"), "survived" if ok else "FAIL"
+
+
+@probe("tracking-unreachable", "MLflow at a closed port: refused in one line before any compute (no store, no Ray)",
+       fast=True)
+def tracking_unreachable(work: Path):
+    t0 = time.time()
+    proc = amed(["distill", str(write_cfg(work, TINY)), "--out", str(work / "out"), "--tracking-uri",
+                 f"http://127.0.0.1:{_free_port()}"], work)
+    refused, line = one_line(proc)
+    ok = refused and not (work / "out" / "store").exists() and "MLflow registry" in proc.stderr
+    return f"{line} after {time.time() - t0:.1f} s; store created: {(work / 'out' / 'store').exists()}", \
+        "refused" if ok else "FAIL"
+
+
+@probe("store-unreachable", "store on a dead S3 endpoint: refused in one line before any compute", fast=True)
+def store_unreachable(work: Path):
+    env = _s3_env(work, _free_port())
+    proc = amed(["distill", str(write_cfg(work, TINY)), "--out", str(work / "out"), "--store", "s3://nobucket/x"],
+                work, env=env, timeout=120)
+    refused, line = one_line(proc)
+    return line, "refused" if refused and "store s3://nobucket/x" in proc.stderr else "FAIL"
+
+
+@probe("ray-oom", "Ray's memory monitor kills the train task (memory threshold near zero): the run fails with a "
+       "clear error after its retries, nothing partial is committed, and a normal rerun completes")
+def ray_oom(work: Path):
+    cfg = write_cfg(work, TINY)
+    out = work / "out"
+    env = _env(work, {"RAY_memory_usage_threshold": "0.001", "RAY_memory_monitor_refresh_ms": "50"})
+    first = amed(["distill", str(cfg), "--out", str(out)], work, env=env, timeout=600)
+    text = first.stdout + first.stderr
+    oom = "OutOfMemoryError" in text or "memory" in text.lower()
+    ckpts = list((out / "store" / "checkpoints").glob("*/predictor.safetensors")) if (out / "store").exists() else []
+    partial = [c for c in ckpts if not (c.parent / "train.json").exists()]
+    again = amed(["distill", str(cfg), "--out", str(out)], work)
+    last = (first.stderr.strip().splitlines() or [""])[-1][:120]
+    ok = first.returncode != 0 and oom and not partial and again.returncode == 0 and store_verifies(work, out / "store")
+    if first.returncode == 0:
+        return "the memory monitor did not kill anything on this machine (run completed)", "skipped"
+    return f"first rc {first.returncode}: {last}; partial checkpoints {len(partial)}; rerun rc {again.returncode}", \
+        "survived" if ok else "FAIL"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Secrets.
+
+@probe("secret-canary", "a canary AWS secret in the environment of a full sweep never appears in its output, store, "
+       "MLflow database/artifacts or Prefect database; a secret in storage_options is refused", fast=True)
+def secret_canary(work: Path):
+    cfg = write_cfg(work, TINY)
+    out = work / "out"
+    env = _env(work, {"AWS_SECRET_ACCESS_KEY": CANARY, "AWS_ACCESS_KEY_ID": "AKIACANARY", "AWS_SESSION_TOKEN": CANARY})
+    proc = amed(["distill", str(cfg), "--out", str(out)], work, env=env)
+    hits = [str(p.relative_to(work)) for p in out.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    hits += ["stdout/stderr"] * (CANARY in proc.stdout + proc.stderr)
+    bad_cfg = write_cfg(work, {**TINY, "storage_options": {"client_kwargs": {"aws_secret_access_key": CANARY}}}, "bad.yaml")
+    refused = amed(["distill", str(bad_cfg), "--out", str(work / "out2")], work)
+    ok_ref, line = one_line(refused)
+    ok = proc.returncode == 0 and not hits and ok_ref and CANARY not in refused.stderr + refused.stdout \
+        and not (work / "out2").exists()
+    return (f"sweep rc {proc.returncode}, canary found in {hits or 'nothing'} ({sum(1 for _ in out.rglob('*'))} files "
+            f"grepped); nested secret: {line[:90]}"), "survived" if ok else "FAIL"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: each one line naming the problem and the fix, a non-zero exit, nothing written.
+
+def _bad_sweeps(work: Path) -> dict[str, tuple[str, str]]:
+    """name -> (YAML text or path, a word the error must contain)."""
+    big = work / "big.yaml"
+    with open(big, "wb") as f:
+        f.write(b"datasets: []\n")
+        f.truncate(50 << 20)
+    bomb = "datasets:\n  - name: d\n    teacher: digits-gmm\n    options:\n      bomb:\n" + "".join(
+        f"        - &a{i} [{','.join(['*a' + str(i - 1)] * 9) if i else ','.join(['lol'] * 9)}]\n" for i in range(9))
+    d = "datasets: [{name: d, teacher: digits-gmm}]\n"
+    return {
+        "wrong type": (d + "nfes: three\n", "nfes"), "unknown field": (d + "colour: red\n", "colour"),
+        "NFE 0": (d + "nfes: [0]\n", "nfes"), "NFE -3": (d + "nfes: [-3]\n", "nfes"),
+        "NFE 10^9": (d + "nfes: [1000000000]\n", "nfes"), "NFE true": (d + "nfes: [true]\n", "nfes"),
+        "empty list": (d + "solvers: []\n", "solvers"), "unknown solver": (d + "solvers: [nope]\n", "solvers"),
+        "duplicates": ("datasets: [{name: d, teacher: digits-gmm}, {name: d, teacher: digits-gmm}]\n", "unique"),
+        "not a mapping": ("- a\n- b\n", "mapping"),
+        "python tag": ("!!python/object/apply:os.system ['touch pwned']\n", "YAML"),
+        "seed 2**70": (d + "seeds: [1180591620717411303424]\n", "seeds"),
+        "unknown teacher option": ("datasets: [{name: d, teacher: digits-gmm, options: {foo: 1}}]\n", "foo"),
+        "alias bomb": (bomb, "aliases"), "50 MB file": (str(big), "bytes"),
+        "traversal in name": (d + "name: ../../etc\n", "name"),
+        "nested secret": (d + f"storage_options: {{client_kwargs: {{aws_secret_access_key: {CANARY}}}}}\n", "credentials"),
+    }
+
+
+@probe("bad-sweeps", "each bad sweep (wrong types, unknown fields, NFE 0/-3/10^9/true, empty lists, unknown solver, "
+       "duplicates, not a mapping, !!python tags, 2**70 seed, unknown teacher option, alias bomb, 50 MB file, traversal, "
+       "nested secret): one line naming the field, exit 2, nothing written", fast=True)
+def bad_sweeps(work: Path):
+    failed = []
+    cases = _bad_sweeps(work)
+    for name, (text, word) in cases.items():
+        path = Path(text) if text.endswith(".yaml") else work / "case.yaml"
+        if path == work / "case.yaml":
+            path.write_text(text)
+        out = work / f"out-{abs(hash(name))}"
+        proc = amed(["distill", str(path), "--out", str(out)], work, timeout=120)
+        ok, line = one_line(proc)
+        if not ok or word not in proc.stderr or out.exists() or CANARY in proc.stderr or (work / "pwned").exists():
+            failed.append(f"{name}: {line[:60]}")
+    return (f"{len(cases) - len(failed)}/{len(cases)} refused cleanly" + (f"; {failed}" if failed else "")), \
+        "refused" if not failed else "FAIL"
+
+
+def _mixture_cases(work: Path) -> dict[str, Path]:
+    import pickle
+
+    import numpy as np
+
+    from amed_core.adapters import BUILTIN_TEACHERS, _data_path
+
+    with np.load(_data_path(BUILTIN_TEACHERS["digits-gmm"])) as z:
+        good = {k: z[k] for k in ("weights", "means", "covs", "shape")}
+    cases = {}
+
+    def save(name, **over):
+        p = work / f"{name}.npz"
+        with open(p, "wb") as f:
+            np.savez(f, **{**good, **over})
+        cases[name] = p
+
+    nan = good["means"].copy()
+    nan[0, 0] = np.nan
+    save("nan-means", means=nan)
+    inf = good["covs"].copy()
+    inf[0, 0, 0] = np.inf
+    save("inf-covs", covs=inf)
+    save("wrong-shapes", means=good["means"][:, :10])
+    save("object-array", weights=np.array([{"x": 1}], dtype=object))
+    save("scalar-weights", weights=np.float64(1.0))
+    save("negative-shape", shape=np.array([1, -8, 8]))
+    (work / "text.npz").write_text("not an archive")
+    cases["text-renamed"] = work / "text.npz"
+    (work / "pickle.npz").write_bytes(pickle.dumps({"weights": 1}))
+    cases["pickle-renamed"] = work / "pickle.npz"
+    with open(work / "array.npz", "wb") as f:
+        np.save(f, np.ones(3))
+    cases["npy-renamed"] = work / "array.npz"
+    cases["missing"] = work / "nope.npz"
+    return cases
+
+
+@probe("bad-teachers", "mixture files (missing, NaN/inf, wrong shapes, object array, scalar weights, negative shape, "
+       "text/pickle/.npy renamed .npz) given to amed teacher generate: one line naming the file, exit non-zero, "
+       "no allow_pickle advice, nothing written", fast=True)
+def bad_teachers(work: Path):
+    failed = []
+    cases = _mixture_cases(work)
+    for name, path in cases.items():
+        store = work / f"store-{name}"
+        proc = amed(["teacher", "generate", "--teacher", f"gmm:{path}", "--grid-for", "amed:3", "--n", "8",
+                     "--no-progress", "--store", str(store)], work, timeout=120)
+        ok, line = one_line(proc)
+        if not ok or str(path) not in proc.stderr or "allow_pickle" in proc.stderr or store.exists():
+            failed.append(f"{name}: {line[:70]}")
+    return (f"{len(cases) - len(failed)}/{len(cases)} refused cleanly" + (f"; {failed}" if failed else "")), \
+        "refused" if not failed else "FAIL"
+
+
+def _checkpoint_cases(work: Path) -> dict[str, Path]:
+    import pickle
+
+    from amed_core.amed import AMEDPredictor, SamplerSpec, checkpoint_files
+    from amed_core.denoisers import load_teacher
+
+    spec = SamplerSpec.create("amed", 5, denoiser=load_teacher("digits-gmm"))
+    good = checkpoint_files(AMEDPredictor(spec.predictor), spec)
+    sj = json.loads(good["sampler.json"])
+    st = good["predictor.safetensors"]
+
+    def lying():
+        h = json.dumps({"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4]}}).encode()
+        return len(h).to_bytes(8, "little") + h + b"\0" * 4
+
+    variants = {
+        "unknown solver": {"sampler.json": json.dumps({**sj, "solver": "euler9"}).encode()},
+        "negative NFE": {"sampler.json": json.dumps({**sj, "nfe": -5}).encode()},
+        "extra field": {"sampler.json": json.dumps({**sj, "colour": 1}).encode()},
+        "spec is a list": {"sampler.json": b"[1, 2]"},
+        "huge string": {"sampler.json": json.dumps({**sj, "solver": "x" * (100 << 20)}).encode()},
+        "mismatched predictor config": {"sampler.json": json.dumps({**sj, "predictor": {**sj["predictor"],
+                                                                                        "hidden_dim": 2**24}}).encode()},
+        "truncated safetensors": {"predictor.safetensors": st[: len(st) // 2]},
+        "zero-byte safetensors": {"predictor.safetensors": b""},
+        "huge header": {"predictor.safetensors": (10**15).to_bytes(8, "little") + b"{}"},
+        "offsets lie": {"predictor.safetensors": lying()},
+        "wrong-shape safetensors": {"predictor.safetensors": _wrong_shape(st)},
+        "pickle as predictor": {"predictor.safetensors": pickle.dumps({"w": 1})},
+    }
+    out = {}
+    for i, (name, files) in enumerate(variants.items()):
+        d = work / f"ckpt{i}"
+        d.mkdir()
+        for k, v in {**good, **files}.items():
+            (d / k).write_bytes(v)
+        out[name] = d
+    return out
+
+
+def _wrong_shape(st: bytes) -> bytes:
+    import torch
+    from safetensors.torch import load, save
+
+    state = load(st)
+    k = next(iter(state))
+    state[k] = torch.zeros(3, 3)
+    return save(state)
+
+
+@probe("bad-checkpoints", "checkpoints (unknown solver, negative NFE, extra fields, a list, a 100 MB string, "
+       "mismatched predictor config, truncated/zero-byte/wrong-shape/huge-header/offset-lying safetensors, a pickle) "
+       "fetched: one line naming the file, exit non-zero, --out untouched", fast=True)
+def bad_checkpoints(work: Path):
+    failed = []
+    cases = _checkpoint_cases(work)
+    for name, d in cases.items():
+        out = work / f"fetched-{d.name}"
+        proc = amed(["fetch", str(d), "--out", str(out)], work, timeout=120)
+        ok, line = one_line(proc)
+        if not ok or out.exists() or not re.search(r"sampler\.json|predictor\.safetensors", proc.stderr):
+            failed.append(f"{name}: {line[:70]}")
+    return (f"{len(cases) - len(failed)}/{len(cases)} refused cleanly" + (f"; {failed}" if failed else "")), \
+        "refused" if not failed else "FAIL"
+
+
+@probe("edm-pickle", "an EDM pickle that would run code, given without --trust-pickle: refused before it is opened",
+       fast=True)
+def edm_pickle(work: Path):
+    marker = work / "pwned"
+    evil = work / "net.pkl"
+    evil.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    proc = amed(["sample", "--teacher", f"edm:{evil}", "--nfe", "3", "--n", "4", "--solvers", "euler",
+                 "--out-dir", str(work / "o")], work, timeout=120)
+    ok, line = one_line(proc)
+    ok = ok and not marker.exists() and "trust" in proc.stderr
+    return f"{line[:120]}; code ran: {marker.exists()}", "refused" if ok else "FAIL"
+
+
+def _small_store(work: Path) -> tuple[Path, Path]:
+    store = work / "store"
+    r = amed(["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3", "--n", "40",
+              "--shard-size", "8", "--no-progress", "--store", str(store)], work)
+    assert r.returncode == 0, r.stderr
+    (h,) = os.listdir(store / "teachers")
+    return store, store / "teachers" / h
+
+
+@probe("tampered-store", "a tampered spec.json / manifest, a record pointing outside the store, a shard swapped for "
+       "another valid shard, a symlink, a FIFO: verify exits 1 naming each, never hangs; repair + generate restore it",
+       fast=True)
+def tampered_store(work: Path):
+    results = []
+    for case in ("spec", "manifest", "outside", "swapped", "symlink", "fifo"):
+        sub = work / case
+        sub.mkdir()
+        store, d = _small_store(sub)
+        if case == "spec":
+            spec = json.loads((d / "spec.json").read_text())
+            spec["base_seed"] = spec.get("base_seed", 0) + 1
+            (d / "spec.json").write_text(json.dumps(spec))
+        elif case == "manifest":
+            m = json.loads((d / "manifest.json").read_text())
+            m["shards"]["00001"]["sha256"] = "0" * 64
+            (d / "manifest.json").write_text(json.dumps(m))
+        elif case == "outside":
+            e = json.loads((d / "manifest.d" / "shard-00001.json").read_text())
+            (d / "manifest.d" / "shard-00001.json").write_text(json.dumps({**e, "path": "../../../../etc/passwd"}))
+        elif case == "swapped":
+            shutil.copy(d / "shard-00000.safetensors", d / "shard-00001.safetensors.new")
+            os.replace(d / "shard-00001.safetensors.new", d / "shard-00001.safetensors")
+        elif case == "symlink":
+            (d / "shard-00001.safetensors").unlink()
+            os.symlink(d / "shard-00000.safetensors", d / "shard-00001.safetensors")
+        else:
+            (d / "shard-00001.safetensors").unlink()
+            os.mkfifo(d / "shard-00001.safetensors")
+        v = amed(["teacher", "verify", "--store", str(store)], sub, timeout=60)
+        refused = v.returncode == 1 and "Traceback" not in v.stderr
+        if case == "spec":
+            restored = True  # a spec.json that no longer hashes to its folder is not ours to rewrite: reported only
+        else:
+            amed(["teacher", "repair", "--store", str(store)], sub, timeout=60)
+            g = amed(["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3", "--n", "40",
+                      "--shard-size", "8", "--no-progress", "--store", str(store)], sub)
+            restored = g.returncode == 0 and store_verifies(sub, store)
+        results.append((case, refused, restored))
+    bad = [c for c, r, s in results if not (r and s)]
+    return (f"verify refused {sum(r for _, r, _ in results)}/6, repair+generate restored "
+            f"{sum(s for *_, s in results)}/6" + (f"; failed: {bad}" if bad else "")), "refused" if not bad else "FAIL"
+
+
+@probe("bad-registry-uris", "fetch from foo://bar, an unreachable http server, a missing model, a bad alias, a "
+       "traversal name, into a non-empty --out: one line each, exit non-zero, --out untouched", fast=True)
+def bad_registry(work: Path):
+    db = f"sqlite:///{work / 'mlflow.db'}"
+    (work / "full").mkdir()
+    (work / "full" / "keep.txt").write_text("mine")
+    cases = {
+        "foo scheme": (["models:/m@champion", "--tracking-uri", "foo://bar"], "o1", "scheme"),
+        "unreachable": (["models:/m@champion", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"], "o2", "reached"),
+        "missing model": (["models:/nope@champion", "--tracking-uri", db], "o3", "nope"),
+        "bad alias": (["models:/nope@../x", "--tracking-uri", db], "o4", "models:/"),
+        "traversal": (["models:/../../etc/passwd/1", "--tracking-uri", db], "o5", "models:/"),
+        "non-empty out": ([str(work), "--tracking-uri", db], "full", "not empty"),
+    }
+    failed = []
+    for name, (args, out, word) in cases.items():
+        proc = amed(["fetch", *args, "--out", str(work / out)], work, timeout=120)
+        ok, line = one_line(proc)
+        untouched = (work / "full" / "keep.txt").read_text() == "mine" and sorted(os.listdir(work / "full")) == ["keep.txt"]
+        if not ok or word not in proc.stderr or (out != "full" and (work / out).exists()) or not untouched:
+            failed.append(f"{name}: {line[:70]}")
+    return (f"{len(cases) - len(failed)}/{len(cases)} refused cleanly" + (f"; {failed}" if failed else "")), \
+        "refused" if not failed else "FAIL"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_probe(name: str) -> Row:
+    entry = next(p for p in PROBES if p[0] == name)
+    _, expected, fn, _ = entry
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"amed-rel-{name}-") as tmp:
+        try:
+            observed, verdict = fn(Path(tmp))
+        except Skip as e:
+            observed, verdict = str(e), "skipped"
+        except Exception as e:  # noqa: BLE001 - a probe that breaks is a failed probe
+            observed, verdict = f"probe raised {type(e).__name__}: {str(e)[:200]}", "FAIL"
+        finally:
+            subprocess.run(["umount", "-l", str(Path(tmp) / "disk")], capture_output=True)
+    return Row(name, expected, observed, verdict, round(time.time() - t0, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fast", action="store_true", help="only the probes CI runs")
+    ap.add_argument("--only", default=None, help="comma-separated probe names")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    names = [p[0] for p in PROBES if not args.fast or p[3]]
+    if args.only:
+        names = [n for n in args.only.split(",") if n]
+    print("| probe | expected | observed | verdict | s |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for n in names:
+        row = run_probe(n)
+        rows.append(row)
+        print(f"| {row.probe} | {row.expected} | {row.observed.replace('|', '/')} | {row.verdict} | {row.seconds:.0f} |",
+              flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0 if all(r.verdict in ("survived", "refused", "skipped") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
