@@ -299,10 +299,12 @@ class EPDFamilyConfig(_Strict):
     max_order: int = Field(default=4, ge=1, le=4)
     schedule_type: Literal["polynomial", "logsnr", "time_uniform"] = "polynomial"
     schedule_rho: float = Field(default=7.0, gt=0)
-    lr: float = Field(default=5e-3, gt=0)
+    # Our recipe (bench/families.py on digits-gmm): from the reference's random init, lr 5e-3 and one pass leave
+    # the tables far from trained (FD 670 at NFE 5); lr 5e-2, 8 passes, relative weighting reach FD 0.16.
+    lr: float = Field(default=5e-2, gt=0, description="Adam lr (the reference: 5e-3)")
     batch_size: int = Field(default=128, ge=1)
-    epochs: int = Field(default=1, ge=1)
-    loss_weighting: Literal["sum", "relative"] = "sum"
+    epochs: int = Field(default=8, ge=1, description="passes over the stored teacher (the reference: 1)")
+    loss_weighting: Literal["sum", "relative"] = "relative"
 
 
 class FamiliesConfig(_Strict):
