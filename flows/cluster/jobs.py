@@ -144,7 +144,7 @@ def eval_job(job: EvalJob) -> dict:
     """
     from amed_core.evaluate import score_run
     from amed_core.schedules import ScheduleSpec
-    from amed_core.methods import solve
+    from amed_core.methods import nfe_for, solve
 
     t_start = time.perf_counter()
     setup_worker(job.torch_threads)
@@ -167,7 +167,8 @@ def eval_job(job: EvalJob) -> dict:
         opts = dict(job.solver_options)
         afs = bool(opts.pop("afs", False))
         sigmas = ScheduleSpec.from_dict(job.schedule).grid(job.num_steps)
-        sampler = StaticSampler(StaticSpec("free", job.solver, job.solver, int(job.nfe), tuple(float(v) for v in sigmas),
+        nfe = job.nfe if job.nfe is not None else nfe_for(job.solver, job.num_steps, afs, opts)
+        sampler = StaticSampler(StaticSpec("free", job.solver, job.solver, int(nfe), tuple(float(v) for v in sigmas),
                                            afs, opts, job.schedule, job.teacher_identity))
         if job.checkpoint:
             store.put(f"{job.checkpoint}/sampler.json", sampler.files()["sampler.json"])
