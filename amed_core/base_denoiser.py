@@ -88,7 +88,10 @@ class BaseDenoiser(torch.nn.Module):
 
     def identity(self) -> dict:
         """A JSON-able description naming this model, with a content hash of its parameters."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has no identity(): checkpoints record which model a sampler was trained for. "
+            "Wrap the model with amed_core.adapters.wrap_model(net, ..., identity='name@version'), or implement "
+            "identity() returning {'adapter': ..., 'name': ..., 'content_sha256': amed_core.adapters.content_sha256(net)}")
 
     # -- AMED features --------------------------------------------------------------------------
     def _feature_module(self) -> torch.nn.Module | None:

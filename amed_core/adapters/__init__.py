@@ -10,6 +10,8 @@ Teacher names (resolved by :func:`load_teacher`, the teacher registry, options f
 ``edm:PATH.pkl``             NVlabs EDM pickle; needs ``trust_pickle=True`` and the EDM code (``edm_code_dir``)
 ``diffusers:PATH_OR_ID``     diffusers pipeline / UNet folder, or a hub id already in the user's cache
 ``digits-tiny-unet``         the tiny digits UNet shipped with the package (trained by ``train_tiny``)
+``py:PKG.MODULE:FUNCTION``   your own model: ``FUNCTION(**options)`` returns ``wrap_model(...)`` (:mod:`.custom`);
+                             importing runs that module's code: name only modules you trust
 ==========================  =====================================================================================
 
 Pure torch: diffusers / transformers are imported lazily inside the diffusers adapter only.
@@ -25,6 +27,8 @@ from typing import Mapping
 
 from ..base_denoiser import BaseDenoiser
 from ._common import check_options
+from .custom import (CustomDenoiser, VPTime, cast_like, content_sha256, load_py_teacher, pool_feature_map, to_dtype,
+                     wrap_model)
 from .gmm import GaussianMixtureDenoiser
 from .edm import (
     EDMPickleDenoiser,
@@ -54,6 +58,14 @@ __all__ = [
     "load_edm_pickle",
     "load_network",
     "save_network",
+    "CustomDenoiser",
+    "VPTime",
+    "wrap_model",
+    "content_sha256",
+    "to_dtype",
+    "cast_like",
+    "pool_feature_map",
+    "load_py_teacher",
 ]
 
 _NETWORK_OPTIONS = ("edm_code_dir", "feature_layer", "sigma_min", "sigma_max", "device", "dtype")
@@ -89,11 +101,14 @@ def load_teacher(spec: str, **kwargs) -> BaseDenoiser:
         return GaussianMixtureDenoiser.from_npz(_data_path(BUILTIN_TEACHERS[spec]), name=spec, **kwargs)
     if spec.startswith("gmm:"):
         return GaussianMixtureDenoiser.from_npz(spec[4:], **kwargs)
+    if spec.startswith("py:"):  # the user's own model (importing runs its code)
+        return load_py_teacher(spec[3:], **kwargs)
     if spec in BUILTIN_NETWORKS or spec.partition(":")[0] in TEACHER_PREFIXES:
         return load_adapter(spec, **kwargs)
     raise ValueError(
         f"unknown teacher {spec!r}: use one of {sorted(BUILTIN_TEACHERS) + sorted(BUILTIN_NETWORKS)}, gmm:PATH.npz "
-        f"(a mixture file with weights, means, covs, shape) or {sorted(p + ':...' for p in TEACHER_PREFIXES)}"
+        f"(a mixture file with weights, means, covs, shape), {sorted(p + ':...' for p in TEACHER_PREFIXES)} or "
+        "py:PKG.MODULE:FUNCTION (your own model through amed_core.adapters.wrap_model)"
     )
 
 

@@ -1,0 +1,204 @@
+"""Bring your own model (README "Bring your own model"): wrap_model's conversions against the exact mixture, the
+public helpers and their errors, and the README's score-parameterized VP-time network (taken from README.md),
+trained briefly and distilled through `amed distill` as a `py:` teacher; the champion is fetched and samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amed_core.adapters import VPTime, content_sha256, load_teacher, pool_feature_map, wrap_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return load_teacher("digits-gmm")
+
+
+def _vp_inputs(gmm, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = gmm.sample(n, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 0.3, 1.0, 4.0, 20.0, 70.0], dtype=torch.float64)[:n]
+    x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    return x, sigma
+
+
+@pytest.mark.parametrize("param", ["x0", "eps", "v", "score"])
+def test_parameterizations_reproduce_the_exact_denoiser(gmm, param):
+    """Each model convention, written from the exact mixture in VP time, wraps back into the same EDM denoiser."""
+    vp = VPTime()
+
+    def model(x_in, t):  # the mixture in the model's own convention: VP inputs and time
+        s = vp.sigma(t).reshape(-1, 1, 1, 1)
+        a, std = torch.rsqrt(1 + s ** 2), s * torch.rsqrt(1 + s ** 2)
+        x = x_in / a
+        x0 = gmm(x, s.reshape(-1))
+        eps = (x - x0) / s
+        return {"x0": x0, "eps": eps, "v": a * eps - std * x0, "score": -eps / std}[param]
+
+    den = wrap_model(model, parameterization=param, vp=vp, sigma_min=0.002, sigma_max=80.0, shape=gmm.shape,
+                     identity="gmm-in-vp@v1")
+    x, sigma = _vp_inputs(gmm)
+    torch.testing.assert_close(den(x, sigma), gmm(x, sigma), rtol=1e-7, atol=1e-7)
+    with den.capture_features() as tap:
+        den(x, sigma)
+    assert tap.value.shape == (x.shape[0], 8, 8)
+    assert den.identity()["name"] == "gmm-in-vp@v1" and den.identity()["adapter"] == "custom"
+
+
+def test_helpers_and_errors_name_the_layer():
+    # (B, C, H, W), (B, T, C) and (B, C, T) tokens, flat vectors
+    assert pool_feature_map(torch.randn(2, 5, 16, 16)).shape == (2, 8, 8)
+    tok = torch.randn(2, 64, 7)
+    torch.testing.assert_close(pool_feature_map(tok), pool_feature_map(tok.transpose(1, 2).contiguous()))
+    assert pool_feature_map(torch.randn(3, 64)).shape == (3, 8, 8)
+    with pytest.raises(ValueError, match=r"feature_module 'blocks.2' gives features of shape \(4, 10, 7\)"):
+        pool_feature_map(torch.randn(4, 10, 7), "feature_module 'blocks.2'")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 8)  # (B, 8): not a map
+
+        def forward(self, x, t):
+            self.proj(x.flatten(1))
+            return x
+
+    net = Net()
+    den = wrap_model(net, sigma_min=0.01, sigma_max=10.0, shape=(1, 8, 8), feature_module="proj", identity="n@1")
+    with pytest.raises(ValueError, match="feature_module 'proj' gives flat features of size 8"):
+        with den.capture_features():
+            den(torch.randn(4, 1, 8, 8), 1.0)
+    with pytest.raises(ValueError, match="feature_module 'nope' is not a module of Net"):
+        wrap_model(net, sigma_min=0.01, sigma_max=10.0, shape=(1, 8, 8), feature_module="nope", identity="n@1")
+    with pytest.raises(ValueError, match="identity must name the model"):
+        wrap_model(net, sigma_min=0.01, sigma_max=10.0, shape=(1, 8, 8), identity="")
+    with pytest.raises(ValueError, match="parameterization 'v' is defined on VP inputs"):
+        wrap_model(net, parameterization="v", sigma_min=0.01, sigma_max=10.0, shape=(1, 8, 8), identity="n@1")
+    # the content hash changes with the weights, and is what identity() records
+    h = content_sha256(net)
+    assert den.identity()["content_sha256"] == h
+    with torch.no_grad():
+        net.proj.bias.add_(1)
+    assert content_sha256(net) != h and den.identity()["content_sha256"] == content_sha256(net)
+
+    # a denoiser without identity(): a clear error, not a bare NotImplementedError
+    from amed_core.amed import SamplerSpec
+    from amed_core.base_denoiser import BaseDenoiser
+
+    class NoIdentity(BaseDenoiser):
+        sigma_min, sigma_max, shape = 0.01, 10.0, (1, 8, 8)
+
+    with pytest.raises(NotImplementedError, match="wrap_model"):
+        SamplerSpec.create("amed", nfe=3, denoiser=NoIdentity())
+    # py: teachers: clear errors for a bad path, a non-denoiser
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_xyz'"):
+        load_teacher("py:no_such_module_xyz:build")
+    with pytest.raises(ValueError, match="must return a denoiser"):
+        load_teacher("py:os:getcwd")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README's worked example through the whole pipeline.
+
+def readme_module() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Bring your own model\n")
+    m = re.search(r"^```python\n(# mymodels\.py.*?)^```$", text[start:], re.S | re.M)
+    assert m, "README's mymodels.py block"
+    return m.group(1)
+
+
+def _train(module, gmm, steps=300, batch=256, seed=0) -> torch.nn.Module:
+    """Denoising score matching on exact mixture samples (a few seconds on 2 cores)."""
+    torch.manual_seed(seed)
+    net = module.ScoreMixer()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    data = gmm.sample(8192, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    for i in range(steps):
+        x0 = data[torch.randint(0, len(data), (batch,))]
+        t = 1e-3 + (1 - 1e-3) * torch.rand(batch)
+        std = net.std(t).reshape(-1, 1, 1, 1)
+        a = torch.sqrt(1 - std ** 2)
+        eps = torch.randn_like(x0)
+        score = net(a * x0 + std * eps, t)
+        loss = ((std * score + eps) ** 2).mean()  # = || eps_hat - eps ||^2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.mark.slow
+def test_readme_model_distilled_through_amed_distill(tmp_path, gmm):
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "mymodels.py").write_text(readme_module())
+    spec = importlib.util.spec_from_file_location("mymodels", tmp_path / "mymodels.py")
+    mymodels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mymodels)
+    net = _train(mymodels, gmm)
+    weights = tmp_path / "score-mixer.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+
+    teacher = mymodels.build(str(weights))
+    assert (teacher.sigma_min, teacher.sigma_max, teacher.feature_source) == (0.02, 80.0, "custom:blocks.1")
+    # the trained score model denoises: at a moderate noise level it is close to the exact mixture's denoiser
+    x, sigma = _vp_inputs(gmm)
+    with torch.no_grad():
+        err = (teacher(x, sigma) - gmm(x, sigma)).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    assert float(err[2]) < 0.5, err
+
+    sweep = tmp_path / "my-sweep.yaml"
+    sweep.write_text(json.dumps({
+        "name": "byom", "datasets": [{"name": "mine", "teacher": "py:mymodels:build",
+                                      "options": {"weights": str(weights)}}],
+        "solvers": ["amed", "amed+ipndm"], "nfes": [3], "seeds": [0],
+        "teacher": {"M": 2, "num_trajectories": 512, "shard_size": 256},
+        "train": {"batch_size": 64, "epochs": 2},
+        "evaluation": {"metric": "rmse", "num_samples": 256, "batch_size": 256, "grid_samples": 16, "reference_steps": 65},
+        "compute": {"num_cpus": 2, "object_store_memory": 200_000_000, "max_parallel": 2, "teacher_actors": 1,
+                    "torch_threads": 1}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AMED_STORE", "PREFECT_API"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "distill", str(sweep), "--out", str(out)], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
+    m = re.search(r"models:/(amed-mine[-\w]*-nfe3)@champion", r.stdout)  # amed-<model id>-nfe3
+    assert m, r.stdout[-3000:]
+    best_plugin = f"models:/{m.group(1)}@best-amed-ipndm"  # an AMED sampler (the champion may be a free solver)
+    results = json.loads((out / "store" / "runs" / "byom" / "results.json").read_text())["results"]
+    assert {"amed", "amed+ipndm"} <= {x["solver"] for x in results}
+    assert all(x["protocol"]["metric"] == "rmse" and x["value"] == x["value"] for x in results)
+
+    # fetch the AMED-Plugin from the run's registry and sample with the user's model
+    fetched = tmp_path / "champion"
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "fetch", best_plugin, "--out",
+                        str(fetched), "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "teacher  score-mixer@v1 (adapter custom, sha256 " in r.stdout, r.stdout
+    from amed_core.amed import load_sampler
+
+    sampler = load_sampler(fetched)
+    assert sampler.spec.teacher["name"] == "score-mixer@v1"
+    assert (sampler.spec.schedule.sigma_min, sampler.spec.schedule.sigma_max) == (0.02, 80.0)
+    with torch.no_grad():
+        xs = sampler(teacher, torch.randn(16, 1, 8, 8, dtype=torch.float64)).x
+    assert xs.shape == (16, 1, 8, 8) and torch.isfinite(xs).all()
+    # another model's weights are refused
+    other = mymodels.build()
+    with pytest.raises(ValueError, match="trained for teacher 'score-mixer@v1'"):
+        sampler(other, torch.randn(2, 1, 8, 8, dtype=torch.float64))
