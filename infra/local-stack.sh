@@ -454,6 +454,7 @@ start_prefect() {
     # the database password reaches asyncpg through PGPASSWORD, never in the URL or on a command line
     PGPASSWORD="$PG_PASSWORD" PREFECT_HOME="$STACK/prefect-home" PREFECT_SERVER_ANALYTICS_ENABLED=false \
     DO_NOT_TRACK=1 PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://amed@127.0.0.1:$PG_PORT/prefect" \
+    PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=true PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED=true \
       spawn prefect "$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT"
   )
   echo "  prefect starting (pid $(cat "$(pidfile prefect)")), $(prefect_url)"

@@ -52,7 +52,8 @@ def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionI
         num_cpus = compute.num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray (127.0.0.1, %d CPUs, object store %.1f GB)", num_cpus,
                  compute.object_store_memory / 1e9)
-        ray.init(num_cpus=num_cpus, object_store_memory=compute.object_store_memory, include_dashboard=False,
+        # address="local": always a new instance (address=None would join a cluster someone started with `ray start`)
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=compute.object_store_memory, include_dashboard=False,
                  log_to_driver=log_to_driver, runtime_env=env, configure_logging=False)
     info = RaySessionInfo(_address(), True, time.perf_counter() - t0, dict(ray.cluster_resources()))
     try:

@@ -12,7 +12,7 @@ from amed_core.io import atomic_write_bytes
 from flows.registry.tracking import check_registry, resolve_tracking_uri, tracking
 
 __all__ = ["CHECKPOINT_FILES", "read_checkpoint", "write_files", "is_models_uri", "model_files", "checkpoint_bytes",
-           "load_sampler", "fetch", "describe", "summary_lines"]
+           "load_sampler", "fetch", "describe", "summary_lines", "relocated_artifacts"]
 
 CHECKPOINT_FILES = ("predictor.safetensors", "sampler.json")
 
@@ -61,8 +61,10 @@ def model_files(uri: str, tracking_uri: Optional[str]) -> dict[str, bytes]:
     tracking_uri = resolve_tracking_uri(tracking_uri)
     check_registry(tracking_uri)  # an unknown scheme or a dead server: one line now, not minutes of retries
     with tracking(tracking_uri), tempfile.TemporaryDirectory(prefix="amed-fetch-") as tmp:
+        local = relocated_artifacts(uri, tracking_uri)  # a moved run folder: artifacts next to its database
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri))
+            if local is None:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri))
         except MlflowException as e:
             raise ValueError(f"cannot resolve {uri!r} on {tracking_uri}: {e.message}") from None
         from amed_core.families import checkpoint_kind, checkpoint_names
@@ -204,3 +206,38 @@ def json_short(d, n: int = 160) -> str:
 
     text = json.dumps(d, sort_keys=True)
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def relocated_artifacts(uri: str, tracking_uri: str) -> Optional[Path]:
+    """For a local (SQLite) registry whose run folder was moved or copied: the model's artifact folder found under
+    the database's folder (``<db folder>/mlartifacts/...``), when the absolute location MLflow recorded is gone.
+    None when nothing moved, the registry is a server, or the folder is not there either."""
+    import re
+    from urllib.parse import unquote, urlparse
+
+    if not str(tracking_uri).startswith("sqlite:///"):
+        return None
+    from mlflow.exceptions import MlflowException
+
+    db_dir = Path(tracking_uri[len("sqlite:///"):]).parent
+    with tracking(tracking_uri) as client:
+        try:
+            m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", str(uri).strip())
+            if m and not m.group(1).startswith("m-"):
+                name, alias, version = m.groups()
+                version = client.get_model_version_by_alias(name, alias).version if alias else version
+                src = client.get_model_version_download_uri(name, version)
+            elif str(uri).startswith("models:/m-"):
+                src = client.get_logged_model(str(uri)[len("models:/"):].strip("/")).artifact_location
+            else:
+                return None
+        except MlflowException:
+            return None  # the normal download reports it
+    parsed = urlparse(src)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = unquote(parsed.path)
+    if Path(path).exists() or "/mlartifacts/" not in path:
+        return None
+    moved = db_dir / path[path.rindex("/mlartifacts/") + 1:]
+    return moved if moved.is_dir() else None
