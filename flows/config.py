@@ -263,6 +263,16 @@ class PanelConfig(_Strict):
 
     entries: list[PanelEntry] = Field(default_factory=_default_panel)
     include_base_solvers: bool = Field(default=True, description="each candidate's base solver joins the panel")
+    expand: list[str] = Field(default_factory=list, description="solvers whose every option set joins the panel: AFS "
+                              "on/off, polynomial 7 / logsnr / time_uniform, dynamic thresholding on/off (dpmpp, unipc)")
+
+    @field_validator("expand")
+    @classmethod
+    def _expand(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in method_names("free")]
+        if bad:
+            raise ValueError(f"panel.expand: {bad} are not training-free solvers {list(method_names('free'))}")
+        return v
 
 
 class GITSFamilyConfig(_Strict):

@@ -348,7 +348,16 @@ def panel_job(cfg: SweepConfig, teacher: TeacherJob, den, entry, nfe: int, proto
 
 def plan_panel(cfg: SweepConfig, teacher: TeacherJob, den, nfe: int, proto: EvalProtocol, reference: str) -> list[EvalJob]:
     """The configured panel entries at ``nfe`` (unreachable combinations skipped)."""
-    jobs = (panel_job(cfg, teacher, den, e, nfe, proto, reference) for e in cfg.panel.entries)
+    from amed_core.families.free import option_sets
+
+    from flows.config import PanelEntry
+
+    entries = list(cfg.panel.entries)
+    for solver in cfg.panel.expand:  # every option set that reaches this NFE
+        entries += [PanelEntry(solver=solver, schedule_type=o["schedule"].schedule_type, schedule_rho=o["schedule"].rho,
+                               afs=o["afs"], options={k: v for k, v in o["options"].items()})
+                    for o in option_sets(solver, nfe)]
+    jobs = (panel_job(cfg, teacher, den, e, nfe, proto, reference) for e in entries)
     return [j for j in jobs if j is not None]
 
 

@@ -174,3 +174,17 @@ def test_champion_of_every_family_fetches_and_samples_identically(tmp_path, teac
     mv = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(name, "champion")
     assert mv.tags["family"] == "epd" and mv.tags["denoiser_calls"] == "5" and mv.tags["baseline_value"] == repr(0.95)
     assert mv.tags["per_sample_p99"] == repr(0.3) and float(mv.tags["margin"]) == pytest.approx(0.7 / 0.95)
+
+
+def test_panel_expand_every_option_set(tmp_path):
+    from flows.config import load_sweep
+    from flows.plan import plan_sweep
+
+    cfg = load_sweep({"name": "x", "datasets": [{"name": "d", "teacher": "digits-gmm"}], "solvers": ["amed"],
+                      "nfes": [3], "store_url": str(tmp_path), "panel": {"entries": [], "expand": ["dpmpp"]}})
+    jobs = {b.id: b for b in plan_sweep(cfg).baselines}
+    sets = {(jobs[i].schedule["schedule_type"], jobs[i].solver_options["afs"], jobs[i].solver_options["dynamic_thresholding"])
+            for i in plan_sweep(cfg).panel_for("d", 3).entries if jobs[i].solver == "dpmpp"}
+    assert len(sets) == 12  # 3 schedules x AFS on/off x thresholding on/off
+    with pytest.raises(ValueError, match="panel.expand"):
+        load_sweep({"datasets": [{"name": "d", "teacher": "digits-gmm"}], "panel": {"expand": ["amed"]}})
