@@ -306,6 +306,8 @@ def run_predictor(args) -> int:
     from flows.registry.loading import load_sampler  # a folder, an fsspec URL or models:/NAME@ALIAS
 
     sampler = load_sampler(args.predictor)
+    if not hasattr(sampler, "predictor"):  # free / gits / epd: no learned per-step policy to trace
+        return run_family_sampler(args, sampler)
     spec = sampler.spec
     args.teacher, denoiser = _checkpoint_teacher(args, spec)
     exact = _fd_scored(args, denoiser)
@@ -336,4 +338,32 @@ def run_predictor(args) -> int:
         _write_npz(Path(args.out), samples=run.x.numpy())
         written.append(Path(args.out))
     print(f"\nwrote {', '.join(map(str, written))}")
+    return 0
+
+
+def run_family_sampler(args, sampler) -> int:
+    """A free / GITS / EPD checkpoint (amed_core.families): FD / RMSE of its samples, NFE and denoiser calls."""
+    import torch
+
+    from amed_core import evaluate
+    from amed_core.denoisers import load_teacher
+    from amed_core.families import describe
+    from amed_core.metrics import fd_to_samples, rmse
+
+    d = describe(sampler)
+    args.teacher = args.teacher or sampler.spec.teacher.get("name") or "digits-gmm"
+    denoiser = load_teacher(args.teacher)
+    exact = _fd_scored(args, denoiser)
+    noise = evaluate.seeded_noise(range(args.seed, args.seed + args.n), denoiser.shape)
+    xs = [sampler(denoiser, noise[lo:lo + args.batch_size]).x for lo in range(0, args.n, args.batch_size)]
+    x = torch.cat(xs).to(torch.float64)
+    m = min(args.rmse_samples, args.n)
+    ref = evaluate.reference_solution(denoiser, noise[:m], num_steps=args.reference_steps)
+    fd = fd_to_samples(x, evaluate.exact_samples(denoiser, args.n, args.seed)) if exact else None
+    print(f"amed sample: {args.predictor} = {d['family']} {d['method']} at NFE {d['nfe']} ({d['denoiser_calls']} denoiser "
+          f"calls per sample, {d['num_steps']} time points) on {args.teacher}, n={args.n}\n{_score_note(args.teacher, exact)}")
+    print(f"FD {evaluate.fmt_score(fd)}  RMSE {rmse(x[:m], ref):.5f}")
+    if args.out:
+        _write_npz(Path(args.out), samples=x.numpy())
+        print(f"wrote {args.out}")
     return 0
