@@ -20,6 +20,11 @@ SAFE_DEFAULTS = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # Never reach a model hub at run time.
     "HF_HUB_OFFLINE": "1",
+    # Large sweeps on the embedded (SQLite) Prefect API: hundreds of task runs at once made it answer 503 (database
+    # busy) to tag-concurrency slot requests and the 256-candidate sweep of bench/scale.py failed; with more client
+    # retries and a longer SQLite busy timeout it completes (BENCHMARKS.md "Scale"). Servers on PostgreSQL need neither.
+    "PREFECT_CLIENT_MAX_RETRIES": "12",
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
 }
 
 
