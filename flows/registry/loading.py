@@ -157,7 +157,7 @@ def describe(uri: str, files: dict[str, bytes], *, tracking_uri: Optional[str] =
 
     spec = json.loads(files["sampler.json"])
     spec = spec.get("spec", spec) if isinstance(spec, dict) else {}
-    out: dict = {"source": str(uri), "method": spec.get("solver"), "nfe": spec.get("nfe"),
+    out: dict = {"source": str(uri), "method": spec.get("method") or spec.get("solver"), "nfe": spec.get("nfe"),
                  "num_steps": spec.get("num_steps"), "teacher": spec.get("teacher") or spec.get("teacher_identity")}
     m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", str(uri).strip())
     if not m:
