@@ -9,7 +9,8 @@ import pytest
 
 from amed_core.adapters import load_teacher
 from amed_core.amed import SamplerSpec, TrainConfig
-from amed_core.amed.recipes import RECIPES, train_config
+from amed_core.amed.recipes import RECIPES
+from amed_core.amed.train import train_config
 from amed_core.methods import get_method, method_names
 
 

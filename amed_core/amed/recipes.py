@@ -7,7 +7,7 @@ in for what the caller leaves unset, per AMED solver.
 - ``"improved"``: ours (BENCHMARKS.md "AMED quality"): as above, but the multistep plugins keep the AFS estimate
   out of their history (``afs_in_history=False``); ``TrainConfig.improved(solver)``. ``amed train``'s default.
 
-Both take the schedule family from the method table (AMED-Solver: time-uniform rho=1; plugins: their base solver's)
+The training recipe of each: ``amed_core.amed.train.train_config(solver, recipe)``. Both take the schedule family from the method table (AMED-Solver: time-uniform rho=1; plugins: their base solver's)
 over the denoiser's own sigma range.
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 from ..methods import get_method, method_names
 from ..schedules import ScheduleSpec
 
-__all__ = ["RECIPES", "sampler_defaults", "train_config", "default_schedule_for"]
+__all__ = ["RECIPES", "sampler_defaults", "default_schedule_for", "check_recipe"]
 
 RECIPES = ("reference", "improved")
 
 
-def _check(solver: str, recipe: str) -> None:
+def check_recipe(solver: str, recipe: str) -> None:
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     if solver not in method_names("amed"):
@@ -42,16 +42,8 @@ def default_schedule_for(solver: str, denoiser=None) -> ScheduleSpec:
 def sampler_defaults(solver: str, recipe: str = "reference") -> dict[str, Any]:
     """``{"scale_dir", "scale_time", "afs_in_history"}`` of ``recipe`` for ``solver`` (``afs_in_history`` None where
     the solver has no multistep history)."""
-    _check(solver, recipe)
+    check_recipe(solver, recipe)
     improved = recipe == "improved"
     has_history = "afs_in_history" in get_method(solver).options
     return {"scale_dir": 0.01, "scale_time": 0.2 if solver == "amed+ipndm" else 0.0,
             "afs_in_history": (not improved) if has_history else None}
-
-
-def train_config(solver: str, recipe: str = "reference", **overrides):
-    """``TrainConfig.reference(**overrides)`` or ``TrainConfig.improved(solver, **overrides)``."""
-    from .train import TrainConfig
-
-    _check(solver, recipe)
-    return TrainConfig.reference(**overrides) if recipe == "reference" else TrainConfig.improved(solver, **overrides)

@@ -30,11 +30,12 @@ from ..methods import get_method, get_solver, solve, solver_options
 from ..methods.amed import STEPS, History, make_context
 from ..teacher import COMPUTE_DTYPES, TeacherBatch
 from .predictor import AMEDPredictor
+from .recipes import check_recipe
 from .spec import SamplerSpec
 from .._fields import check_fields
 
 __all__ = ["TrainConfig", "TrainResult", "TrainProgress", "train_amed", "teacher_batches", "teacher_states",
-           "default_teacher"]
+           "default_teacher", "train_config"]
 
 _DTYPES = COMPUTE_DTYPES  # "float32" | "float64"
 
@@ -139,6 +140,13 @@ class TrainConfig:
         if self.restart is not None:
             return self.restart
         return "own" if get_method(solver).multistep else "teacher"
+
+
+def train_config(solver: str, recipe: str = "reference", **overrides) -> TrainConfig:
+    """The training recipe named like :mod:`amed_core.amed.recipes`: ``TrainConfig.reference(**overrides)`` or
+    ``TrainConfig.improved(solver, **overrides)`` (what ``amed train --preset`` uses)."""
+    check_recipe(solver, recipe)
+    return TrainConfig.reference(**overrides) if recipe == "reference" else TrainConfig.improved(solver, **overrides)
 
 
 @dataclass
