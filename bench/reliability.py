@@ -77,9 +77,13 @@ def probe(name: str, expected: str, fast: bool = False):
 # ---------------------------------------------------------------------------------------------------------------
 # Processes.
 
+_RAY_DIRS: list[Path] = []  # removed after each probe
+
+
 def _env(work: Path, extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_", "AMED_"))}
     ray_tmp = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+    _RAY_DIRS.append(ray_tmp)
     env.update({"PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"})
     env.update(extra or {})
     return env
@@ -215,7 +219,10 @@ def _kill_and_rerun(work: Path, stage: str) -> tuple[str, str]:
         return f"marker for {stage} never seen (rc {proc.returncode})", "FAIL"
     rerun = amed(["distill", str(cfg), "--out", str(out), "--summary-json", str(work / "s.json")], work)
     if rerun.returncode != 0:
-        return f"rerun rc {rerun.returncode}: {rerun.stderr.strip().splitlines()[-1:]}", "FAIL"
+        errors = [ln for ln in (rerun.stdout + rerun.stderr).splitlines() if re.search(r"Error|error:", ln)]
+        keep = Path(tempfile.gettempdir(), f"amed-rel-{stage}-rerun.log")
+        keep.write_text(rerun.stdout + rerun.stderr)
+        return f"rerun rc {rerun.returncode}: {(errors or ['?'])[-1][:200]} (log: {keep})", "FAIL"
     work_done = json.loads((work / "s.json").read_text())["work"]
     reg = registry_state(out / "mlflow.db")
     verified = store_verifies(work, out / "store")
@@ -238,8 +245,8 @@ for _stage in STAGE_MARKERS:
        fast=True)
 def two_generates(work: Path):
     store = work / "store"
-    args = ["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3,5", "--n", "1024",
-            "--shard-size", "64", "--sub-steps", "2", "--no-progress", "--store", str(store)]
+    args = ["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3,5", "--n", "512",
+            "--shard-size", "32", "--sub-steps", "2", "--no-progress", "--store", str(store)]
     procs = [start_amed(args, work, work / f"gen{i}.log") for i in range(2)]
     rcs = [p.wait(timeout=600) for p, _ in procs]
     for p, env in procs:
@@ -375,8 +382,8 @@ def s3_killed(work: Path):
         env = _s3_env(work, lport)
         subprocess.run([PY, "-c", "import s3fs; s3fs.S3FileSystem().mkdir('teach')"], env=env, check=True)
         store = "s3://teach/x"
-        args = ["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3,5", "--n", "4096",
-                "--shard-size", "128", "--sub-steps", "4", "--no-progress", "--store", store]
+        args = ["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3,5", "--n", "2048",
+                "--shard-size", "128", "--sub-steps", "2", "--no-progress", "--store", store]
         log = work / "gen.log"
         gen, genv = start_amed(args, work, log, env={**env, "AWS_MAX_ATTEMPTS": "2"})
         time.sleep(0.5)
@@ -463,15 +470,18 @@ def secret_canary(work: Path):
     out = work / "out"
     env = _env(work, {"AWS_SECRET_ACCESS_KEY": CANARY, "AWS_ACCESS_KEY_ID": "AKIACANARY", "AWS_SESSION_TOKEN": CANARY})
     proc = amed(["distill", str(cfg), "--out", str(out)], work, env=env)
-    hits = [str(p.relative_to(work)) for p in out.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    files = [p for p in out.rglob("*") if p.is_file()] + [p for p in Path(env["RAY_TMPDIR"]).rglob("*") if p.is_file()
+                                                          and not p.is_symlink()]
+    hits = [p.name for p in files if CANARY.encode() in p.read_bytes()]
     hits += ["stdout/stderr"] * (CANARY in proc.stdout + proc.stderr)
     bad_cfg = write_cfg(work, {**TINY, "storage_options": {"client_kwargs": {"aws_secret_access_key": CANARY}}}, "bad.yaml")
     refused = amed(["distill", str(bad_cfg), "--out", str(work / "out2")], work)
     ok_ref, line = one_line(refused)
     ok = proc.returncode == 0 and not hits and ok_ref and CANARY not in refused.stderr + refused.stdout \
         and not (work / "out2").exists()
-    return (f"sweep rc {proc.returncode}, canary found in {hits or 'nothing'} ({sum(1 for _ in out.rglob('*'))} files "
-            f"grepped); nested secret: {line[:90]}"), "survived" if ok else "FAIL"
+    return (f"sweep rc {proc.returncode}, canary found in {hits or 'nothing'} ({len(files)} files grepped: store, "
+            f"MLflow db + artifacts, Prefect db, Ray logs; and the output); nested secret: {line[:90]}"), \
+        "survived" if ok else "FAIL"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -504,7 +514,7 @@ def _bad_sweeps(work: Path) -> dict[str, tuple[str, str]]:
 
 @probe("bad-sweeps", "each bad sweep (wrong types, unknown fields, NFE 0/-3/10^9/true, empty lists, unknown solver, "
        "duplicates, not a mapping, !!python tags, 2**70 seed, unknown teacher option, alias bomb, 50 MB file, traversal, "
-       "nested secret): one line naming the field, exit 2, nothing written", fast=True)
+       "nested secret): one line naming the field, exit 2, nothing written")
 def bad_sweeps(work: Path):
     failed = []
     cases = _bad_sweeps(work)
@@ -561,7 +571,7 @@ def _mixture_cases(work: Path) -> dict[str, Path]:
 
 @probe("bad-teachers", "mixture files (missing, NaN/inf, wrong shapes, object array, scalar weights, negative shape, "
        "text/pickle/.npy renamed .npz) given to amed teacher generate: one line naming the file, exit non-zero, "
-       "no allow_pickle advice, nothing written", fast=True)
+       "no allow_pickle advice, nothing written")
 def bad_teachers(work: Path):
     failed = []
     cases = _mixture_cases(work)
@@ -628,7 +638,7 @@ def _wrong_shape(st: bytes) -> bytes:
 
 @probe("bad-checkpoints", "checkpoints (unknown solver, negative NFE, extra fields, a list, a 100 MB string, "
        "mismatched predictor config, truncated/zero-byte/wrong-shape/huge-header/offset-lying safetensors, a pickle) "
-       "fetched: one line naming the file, exit non-zero, --out untouched", fast=True)
+       "fetched: one line naming the file, exit non-zero, --out untouched")
 def bad_checkpoints(work: Path):
     failed = []
     cases = _checkpoint_cases(work)
@@ -665,8 +675,7 @@ def _small_store(work: Path) -> tuple[Path, Path]:
 
 
 @probe("tampered-store", "a tampered spec.json / manifest, a record pointing outside the store, a shard swapped for "
-       "another valid shard, a symlink, a FIFO: verify exits 1 naming each, never hangs; repair + generate restore it",
-       fast=True)
+       "another valid shard, a symlink, a FIFO: verify exits 1 naming each, never hangs; repair + generate restore it")
 def tampered_store(work: Path):
     results = []
     for case in ("spec", "manifest", "outside", "swapped", "symlink", "fifo"):
@@ -709,7 +718,7 @@ def tampered_store(work: Path):
 
 
 @probe("bad-registry-uris", "fetch from foo://bar, an unreachable http server, a missing model, a bad alias, a "
-       "traversal name, into a non-empty --out: one line each, exit non-zero, --out untouched", fast=True)
+       "traversal name, into a non-empty --out: one line each, exit non-zero, --out untouched")
 def bad_registry(work: Path):
     db = f"sqlite:///{work / 'mlflow.db'}"
     (work / "full").mkdir()
@@ -748,6 +757,8 @@ def run_probe(name: str) -> Row:
             observed, verdict = f"probe raised {type(e).__name__}: {str(e)[:200]}", "FAIL"
         finally:
             subprocess.run(["umount", "-l", str(Path(tmp) / "disk")], capture_output=True)
+            while _RAY_DIRS:
+                shutil.rmtree(_RAY_DIRS.pop(), ignore_errors=True)
     return Row(name, expected, observed, verdict, round(time.time() - t0, 1))
 
 

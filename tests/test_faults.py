@@ -533,3 +533,29 @@ def test_second_distill_on_the_same_folder_is_refused_while_the_first_lives(tmp_
 
     hold_lock(tmp_path / "out" / ".amed-distill.lock", "x")  # SIGKILL freed it: no stale lock
     release_lock(tmp_path / "out" / ".amed-distill.lock")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bench's fast probes, against real processes and servers (bench/reliability.py runs these and the heavy ones:
+# SIGKILL during each stage, two distills at once, the Ray OOM killer, the bad-input sweeps through the CLI).
+
+def _reliability():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("amed_bench_reliability", REPO / "bench" / "reliability.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_REL = _reliability()
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("name", [p[0] for p in _REL.PROBES if p[3]])
+def test_fast_fault_probe(name):
+    row = _REL.run_probe(name)
+    if row.verdict == "skipped":
+        pytest.skip(row.observed)
+    assert row.verdict in ("survived", "refused"), f"{row.expected}\nobserved: {row.observed}"
