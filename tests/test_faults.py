@@ -559,3 +559,10 @@ def test_fast_fault_probe(name):
     if row.verdict == "skipped":
         pytest.skip(row.observed)
     assert row.verdict in ("survived", "refused"), f"{row.expected}\nobserved: {row.observed}"
+
+
+def test_fetch_from_an_unreachable_store_is_one_line(tmp_path):
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1",
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_EC2_METADATA_DISABLED": "true"}
+    err = one_line_error(amed("fetch", "s3://dead/x", "--out", str(tmp_path / "o"), env=env))
+    assert "cannot read the checkpoint" in err and not (tmp_path / "o").exists()

@@ -82,7 +82,14 @@ def checkpoint_bytes(uri: str, *, tracking_uri: Optional[str] = None, storage_op
     """Checkpoint bytes from a folder, an fsspec URL or ``models:/...``."""
     if is_models_uri(uri):
         return model_files(uri, tracking_uri)
-    return read_checkpoint(uri, storage_options)
+    try:
+        return read_checkpoint(uri, storage_options)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a store that cannot be reached: one line, not a botocore traceback
+        text = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot read the checkpoint at {uri!r} ({type(e).__name__}: {text}); check the URL, "
+                         "AWS_ENDPOINT_URL and that the store is up") from None
 
 
 def load_sampler(uri, *, tracking_uri: Optional[str] = None, storage_options: Optional[dict] = None):
