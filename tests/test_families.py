@@ -188,3 +188,28 @@ def test_panel_expand_every_option_set(tmp_path):
     assert len(sets) == 12  # 3 schedules x AFS on/off x thresholding on/off
     with pytest.raises(ValueError, match="panel.expand"):
         load_sweep({"datasets": [{"name": "d", "teacher": "digits-gmm"}], "panel": {"expand": ["amed"]}})
+
+
+def test_cli_train_gits_and_epd_and_sample_panel(tmp_path, capsys):
+    import json
+
+    from flows.cli import main
+
+    assert main(["train", "--method", "gits", "--solver", "ipndm", "--nfe", "5", "--teacher", "digits-gmm", "--out",
+                 str(tmp_path / "gits"), "--trajectories", "64", "--gits-grid", "21"]) == 0
+    g = F.load_sampler(tmp_path / "gits")
+    assert F.describe(g)["family"] == "gits" and F.describe(g)["nfe"] == 5
+    assert sorted(p.name for p in (tmp_path / "gits").iterdir()) == ["sampler.json", "train.json"]
+    assert main(["train", "--method", "epd", "--solver", "ipndm", "--nfe", "5", "--teacher", "digits-gmm", "--out",
+                 str(tmp_path / "epd"), "--trajectories", "128", "--epochs", "1"]) == 0
+    e = F.describe(F.load_sampler(tmp_path / "epd"))
+    assert (e["family"], e["method"], e["nfe"], e["denoiser_calls"]) == ("epd", "epd+ipndm", 5, 8)
+    assert main(["train", "--solver", "amed", "--nfe", "3", "--teacher", "digits-gmm", "--out", str(tmp_path / "amed"),
+                 "--trajectories", "64", "--no-progress"]) == 0  # the old command keeps working
+    capsys.readouterr()
+    assert main(["sample", "--panel", "--solvers", "ipndm,dpmpp", "--nfe", "3", "--n", "256", "--rmse-samples", "32",
+                 "--reference-steps", "20", "--out-dir", str(tmp_path / "panel")]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "panel" / "panel.json").read_text())["rows"]
+    assert len(rows) == 6 + 12  # ipndm: 3 schedules x AFS; dpmpp: also x dynamic thresholding
+    assert [r["fd"] for r in rows] == sorted(r["fd"] for r in rows) and "* " + rows[0]["solver"] in out
