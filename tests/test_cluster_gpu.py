@@ -23,11 +23,11 @@ def _probe(job) -> dict:
     from flows.cluster.worker import assigned_gpus, device, device_name, node_info
 
     t0 = time.time()
-    time.sleep(1.5)
+    time.sleep(job.sleep)
     ids = assigned_gpus()
     return {"id": job.id, "gpus": [str(g) for g in ids], "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "would_use": device_name(ids, True, os.environ.get("CUDA_VISIBLE_DEVICES")), "uses": str(device()),
-            "start": t0, "end": time.time(), "node": node_info()["node"], "seconds": 1.5}
+            "start": t0, "end": time.time(), "node": node_info()["node"], "seconds": job.sleep}
 
 
 def test_device_name_maps_ray_assignment():
@@ -55,8 +55,11 @@ def test_fractional_gpus_pack_four_tasks_per_gpu():
         compute = ComputeConfig(gpus_per_task=0.25, cpus_per_task=1, max_parallel=10)
         assert task_options(compute)["num_gpus"] == 0.25
         assert "num_gpus" not in task_options(compute, gpu=False)
+        # a first wave starts the worker processes (slow on a loaded box), the second is measured
+        run_jobs(_probe, [SimpleNamespace(id=f"w{i}", sleep=1.0) for i in range(10)], compute=compute, gpu=True,
+                 label="warm-up", poll_s=0.2)
         t0 = time.time()
-        recs = run_jobs(_probe, [SimpleNamespace(id=f"j{i}") for i in range(10)], compute=compute, gpu=True,
+        recs = run_jobs(_probe, [SimpleNamespace(id=f"j{i}", sleep=4.0) for i in range(10)], compute=compute, gpu=True,
                         label="probe", poll_s=0.2)
         wall = time.time() - t0
     finally:

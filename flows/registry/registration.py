@@ -174,25 +174,91 @@ def promote(uri: str, alias: str = CHAMPION, *, tracking_uri: Optional[str] = No
     log.info("%s@%s -> v%s (was %s)", name, alias, version, f"v{previous}" if previous else "unset")
     return {"name": name, "alias": alias, "version": version, "previous": previous}
 
-def register_version(mlflow, client, cand: CandidateResult, info, digest: str, run_id: str) -> str:
+def register_version(mlflow, client, cand: CandidateResult, info, digest: str, run_id: str,
+                     storage_options: Optional[dict] = None) -> str:
     """A new version of the (dataset, NFE) model, or the existing one with the same checkpoint and protocol
-    (a retried register stage must not add duplicates). The existing version is found by a tag search on the
-    checkpoint's sha256 (one indexed query, whatever the number of versions the model holds); call it under
-    :func:`model_lock` so that two registrants of the same checkpoint cannot both create a version."""
+    (a retried register stage must not add duplicates). The existing version is found through the
+    :class:`VersionIndex` next to the checkpoint (one GET, whatever the size of the registry), else by a tag search on
+    the checkpoint's sha256 and protocol (never a listing of the versions); call it under :func:`model_lock` so that two
+    registrants of the same checkpoint cannot both create a version."""
     name = cand.registered_name
     ensure_model(client, name, tags={"amed.dataset": cand.dataset, "amed.nfe": str(cand.nfe)},
                  description=f"AMED samplers for {cand.dataset} at NFE {cand.nfe}; "
                              f"alias '{CHAMPION}' = best under one evaluation protocol")
-    existing = find_version(client, name, checkpoint_sha256=digest, protocol_hash=cand.protocol.hash)
-    if existing is not None:
-        return existing
+    index = VersionIndex(client, cand, digest, storage_options)
+    rec = index.read()
+    if rec is not None and rec.get("version"):
+        if _version_matches(client, name, str(rec["version"]), digest, cand.protocol.hash):
+            return str(rec["version"])
+    if rec is not None or not index.usable:  # an interrupted registration, or no index: the tag search decides
+        existing = find_version(client, name, checkpoint_sha256=digest, protocol_hash=cand.protocol.hash)
+        if existing is not None:
+            index.write({"version": existing})
+            return existing
+    index.write({"pending": True})   # intent first: a crash before the version is recorded sends the next one to search
     tags = {"solver": cand.solver, "base_solver": cand.base_solver, "seed": str(cand.seed), "nfe": str(cand.nfe),
             "dataset": cand.dataset, "metric": cand.protocol.metric, "protocol_hash": cand.protocol.hash,
             "protocol": json.dumps(cand.protocol.model_dump(mode="json"), sort_keys=True),
             "value": repr(float(cand.value)), "base_value": repr(float(cand.base_value)),
             "checkpoint_sha256": digest, "checkpoint_url": cand.checkpoint_url, **family_tags(cand)}
     mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    index.write({"version": str(mv.version)})
     return str(mv.version)
+
+
+class VersionIndex:
+    """Which version of which registry holds a checkpoint, kept next to the checkpoint in the store
+    (``<checkpoint_url>/registry/<hash of registry URI, model, protocol, sha256>.json``): one GET finds it, whatever the
+    size of the registry. MLflow's own tag search is O(versions of the model) on PostgreSQL (about 1 s at 1,000
+    versions, BENCHMARKS "Registration at scale"), so it is only the fallback: for a record left ``pending`` by an
+    interrupted registration, or where the store cannot be read or written. A recorded version is checked against
+    the registry (one get_model_version) before it is trusted."""
+
+    def __init__(self, client, cand: CandidateResult, digest: str, storage_options: Optional[dict] = None):
+        import hashlib
+
+        registry = str(getattr(client, "_registry_uri", None) or getattr(client, "tracking_uri", ""))
+        key = hashlib.sha256(json.dumps([registry, cand.registered_name, cand.protocol.hash, digest]).encode()).hexdigest()
+        self.url = f"{cand.checkpoint_url.rstrip('/')}/registry/{key[:24]}.json"
+        self.storage_options = dict(storage_options or {})
+        self.usable = True
+
+    def _fs(self):
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.url, **self.storage_options)
+
+    def read(self) -> Optional[dict]:
+        try:
+            fs, path = self._fs()
+            if not fs.exists(path):
+                return None
+            with fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except Exception as e:  # noqa: BLE001 - no index: fall back to the registry's search
+            log.debug("version index %s unreadable: %s", self.url, e)
+            self.usable = False
+            return None
+
+    def write(self, rec: dict) -> None:
+        try:
+            fs, path = self._fs()
+            fs.makedirs(fs._parent(path), exist_ok=True)
+            with fs.open(path, "wb") as f:
+                f.write(json.dumps(rec).encode())
+        except Exception as e:  # noqa: BLE001 - the index only saves a search
+            log.debug("version index %s not written: %s", self.url, e)
+            self.usable = False
+
+
+def _version_matches(client, name: str, version: str, digest: str, protocol_hash: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException:
+        return False
+    return mv.tags.get("checkpoint_sha256") == digest and mv.tags.get("protocol_hash") == protocol_hash
 
 
 def family_tags(cand: CandidateResult) -> dict[str, str]:
@@ -313,13 +379,13 @@ def _break_stale_lock(client, lock: str) -> None:
 
 
 def register_candidate(mlflow, client, cand: CandidateResult, info, digest: str, run_id: str,
-                       aliases: Optional[list[str]] = None) -> tuple[str, dict[str, bool]]:
+                       aliases: Optional[list[str]] = None, storage_options: Optional[dict] = None) -> tuple[str, dict[str, bool]]:
     """Under :func:`model_lock`: find or create the candidate's version, then move each alias (``champion`` and
     ``best-<solver>`` by default) compare-and-set style. Returns (version, {alias: moved}). Whatever the interleaving
     of concurrent registrants, the alias ends on the lowest value under the holder's protocol."""
     aliases = aliases if aliases is not None else [CHAMPION, solver_alias(cand.solver)]
     name = cand.registered_name
     with model_lock(client, name):
-        version = register_version(mlflow, client, cand, info, digest, run_id)
+        version = register_version(mlflow, client, cand, info, digest, run_id, storage_options)
         moved = {a: move_alias(client, name, a, version, cand.value, cand.protocol.hash) for a in aliases}
     return version, moved

@@ -242,7 +242,8 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
                 return None
             t0 = time.perf_counter()
             info = log_model_checked(mlflow, ckpt, ds, denoiser, sampler, seeds)
-        version, moved = register_candidate(mlflow, client, cand, info, digest, rid)  # under the model's lock
+        version, moved = register_candidate(mlflow, client, cand, info, digest, rid,  # under the model's lock
+                                            storage_options=config.storage_options)
         res.moved[cand.registered_name] = res.moved.get(cand.registered_name, False) or moved[CHAMPION]
         log_metrics(client, rid, {"log_register_seconds": time.perf_counter() - t0})
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
