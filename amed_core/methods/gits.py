@@ -54,6 +54,10 @@ Where we depart (no option; the reference would crash or be ill-defined):
 
 The NFE the reference *prints* (:func:`reported_nfe`, ``sample.py``'s formula with the student's ``num_steps``) is
 not always what the student makes (``SolveResult.nfe``): with ``afs`` and no inserted step it is one too many.
+
+(Over 400 lines on purpose: one job, the GITS schedule search; its five steps (warm-up teacher, cost matrix, DP,
+free-step search, student) share the trajectory types and the reference's quirks documented here, and the golden
+cases pin them together. The family wrapper (fit, checkpoint, sampling) is :mod:`amed_core.families.gits`.)
 """
 
 from __future__ import annotations

@@ -1,81 +1,29 @@
-"""The sweep configuration: one typed, validated schema for YAML files and deployment parameters.
-
-A sweep is ``datasets x solvers x NFEs x seeds``; each combination trains one AMED predictor
-(Zhou et al., "Fast ODE-based Sampling for Diffusion Models in Around 5 Steps", arXiv 2312.00094)
-against a teacher shared by every student of its dataset. Defaults follow the paper's recipe
-(lr 5e-3, batch 128, 10k teacher trajectories, M = 1 inserted teacher step, AFS on,
-scale_dir 0.01, scale_time 0); ``configs/quickstart.yaml`` shrinks it for a 2-core laptop.
-
-Bad configs fail before any work starts: :func:`load_sweep` raises ``ValueError`` whose lines each
-name a field's path (``evaluation.metric``) and what is allowed there.
-"""
+"""The sweep config's models: a dataset, the teacher, the sampler, training, evaluation, compute, and the sweep
+(``SweepConfig``) that holds them with the panel and families sections (flows.config.families). The schema's
+recipe and defaults are described in the package docstring (flows.config)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import Field, StrictInt, field_validator, model_validator
 
 from amed_core.methods import get_method, method_names
+from flows.config.base import MAX_NFE, MAX_OPTION_DEPTH, MAX_SEED, Name, StrictModel, depth
+from flows.config.families import FamiliesConfig, PanelConfig
 from flows.storage.checksums import json_digest
 from flows.storage.credentials import secret_paths
 
-__all__ = [
-    "AMED_SOLVERS",
-    "DatasetConfig",
-    "TeacherConfig",
-    "SamplerConfig",
-    "TrainingConfig",
-    "EvalConfig",
-    "ComputeConfig",
-    "PanelEntry",
-    "PanelConfig",
-    "FamiliesConfig",
-    "SweepConfig",
-    "load_sweep",
-    "quickstart_path",
-]
+__all__ = ["AMED_SOLVERS", "DatasetConfig", "TeacherConfig", "SamplerConfig", "TrainingConfig", "EvalConfig",
+           "ComputeConfig", "SweepConfig"]
+
 
 # Student solvers: the method table's AMED family (each is compared with its ``base`` solver at the same NFE).
 AMED_SOLVERS = method_names("amed")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def _check_name(v: str) -> str:
-    if not _NAME.match(v):
-        raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-' (starting with a letter or digit)")
-    return v
-
-
-Name = Annotated[str, AfterValidator(_check_name)]  # a dataset's or a sweep's name (store paths, tags, model names)
-
-# Bounds that keep a typo from becoming an allocation or an overflow deep inside a Ray task: NFE 10**9 asks for a
-# 10**9-point grid; torch seeds are 64-bit and every trajectory adds its index to the base seed.
-MAX_NFE = 1000
-MAX_SEED = 2**53
-# A sweep file is a few KiB; refuse large files and alias-heavy YAML (a "billion laughs" bomb) before parsing into memory.
-MAX_SWEEP_BYTES = 1 << 20
-MAX_YAML_ALIASES = 100
-MAX_YAML_NODES = 100_000
-MAX_OPTION_DEPTH = 8
-
-def _depth(v: Any, level: int = 0) -> int:
-    if level > MAX_OPTION_DEPTH:
-        return level
-    if isinstance(v, dict):
-        return max([_depth(x, level + 1) for x in v.values()] or [level + 1])
-    if isinstance(v, (list, tuple)):
-        return max([_depth(x, level + 1) for x in v] or [level + 1])
-    return level
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class DatasetConfig(_Strict):
+class DatasetConfig(StrictModel):
     """One dataset = one teacher denoiser.
 
     ``teacher`` is resolved by ``amed_core.denoisers.load_teacher(teacher, **options)``:
@@ -106,7 +54,7 @@ class DatasetConfig(_Strict):
         unknown, allowed = _unknown_teacher_options(self.teacher, self.options)
         if unknown:
             raise ValueError(f"options: teacher {self.teacher!r} takes no option(s) {unknown}; allowed: {allowed}")
-        if _depth(self.options) > MAX_OPTION_DEPTH:
+        if depth(self.options) > MAX_OPTION_DEPTH:
             raise ValueError(f"options: nested more than {MAX_OPTION_DEPTH} levels deep")
         return self
 
@@ -142,7 +90,7 @@ def _unknown_teacher_options(teacher: str, options: dict) -> tuple[list[str], li
     return sorted(set(options) - set(allowed)), allowed
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     """How teacher trajectories are made and stored (one teacher per dataset serves every student)."""
 
     solver: str = Field(default="heun", description="training-free solver the teacher integrates with")
@@ -153,7 +101,7 @@ class TeacherConfig(_Strict):
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="noise seed of trajectory 0 (trajectory i uses seed + i)")
 
 
-class SamplerConfig(_Strict):
+class SamplerConfig(StrictModel):
     """Schedule and solver settings shared by students and baselines (reference flags of train.py)."""
 
     schedule_type: Literal["polynomial", "logsnr", "time_uniform", "discrete"] = "polynomial"
@@ -182,7 +130,7 @@ class SamplerConfig(_Strict):
         return self
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     """Predictor training (the paper's recipe: Adam, lr 5e-3, batch 128, one pass over 10k trajectories)."""
 
     lr: float = Field(default=5e-3, gt=0)
@@ -193,7 +141,7 @@ class TrainingConfig(_Strict):
         default="sum", description="sum (the paper) or relative (every student step weighs alike; the improved recipe)")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """How candidates and base solvers are scored (lower is better); per-sample seeds, so batching never matters."""
 
     metric: Literal["fd_exact", "rmse", "fid"] = Field(default="fd_exact")
@@ -213,7 +161,7 @@ class EvalConfig(_Strict):
         return self
 
 
-class ComputeConfig(_Strict):
+class ComputeConfig(StrictModel):
     """Where work runs: a local Ray (started and stopped by the flow) or the cluster at ray_address."""
 
     ray_address: Optional[str] = Field(default=None, description="ray://host:10001 or auto; default $RAY_ADDRESS, else local")
@@ -235,94 +183,8 @@ class ComputeConfig(_Strict):
         return v
 
 
-class PanelEntry(_Strict):
-    """One training-free sampler of the panel: a solver with a schedule, AFS and options (unreachable NFEs skipped)."""
 
-    solver: str
-    schedule_type: Optional[Literal["polynomial", "logsnr", "time_uniform", "discrete"]] = Field(
-        default=None, description="default: the solver's own (the method table's)")
-    schedule_rho: Optional[float] = Field(default=None, gt=0)
-    afs: Union[bool, Literal["auto"]] = Field(default=False, description="auto: on where the NFE needs it")
-    options: dict[str, Any] = Field(default_factory=dict, description="solver options (over the table's defaults)")
-
-    @field_validator("solver")
-    @classmethod
-    def _free(cls, v: str) -> str:
-        if v not in method_names("free"):
-            raise ValueError(f"panel solvers are training-free solvers {list(method_names('free'))}, got {v!r}")
-        return v
-
-
-def _default_panel() -> list[PanelEntry]:
-    return [PanelEntry(solver="ipndm"), PanelEntry(solver="ipndm", afs=True), PanelEntry(solver="dpmpp"),
-            PanelEntry(solver="deis"), PanelEntry(solver="heun", afs="auto")]
-
-
-class PanelConfig(_Strict):
-    """The training-free panel evaluated at every (dataset, NFE): its best entry is the baseline of every candidate."""
-
-    entries: list[PanelEntry] = Field(default_factory=_default_panel)
-    include_base_solvers: bool = Field(default=True, description="each candidate's base solver joins the panel")
-    expand: list[str] = Field(default_factory=list, description="solvers whose every option set joins the panel: AFS "
-                              "on/off, polynomial 7 / logsnr / time_uniform, dynamic thresholding on/off (dpmpp, unipc)")
-
-    @field_validator("expand")
-    @classmethod
-    def _expand(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in method_names("free")]
-        if bad:
-            raise ValueError(f"panel.expand: {bad} are not training-free solvers {list(method_names('free'))}")
-        return v
-
-
-class GITSFamilyConfig(_Strict):
-    """GITS candidates (a base solver on a schedule chosen by DP from a fine stored teacher grid)."""
-
-    solvers: list[str] = Field(default_factory=list, description="base solvers, e.g. [ipndm] -> gits+ipndm")
-    metric: Literal["dev", "l1", "l2"] = "dev"
-    coeff: float = Field(default=1.15, gt=0)
-    warmup: int = Field(default=256, ge=1, description="teacher trajectories the cost matrix is built from")
-    grid_points: int = Field(default=41, ge=3, le=1001, description="points of the fine teacher grid GITS selects from")
-    schedule_type: Literal["polynomial", "logsnr", "time_uniform"] = "polynomial"
-    schedule_rho: float = Field(default=7.0, gt=0)
-    sub_steps: int = Field(default=1, ge=1, le=16, description="teacher sub-steps between two fine-grid points")
-    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per base solver options")
-
-    @field_validator("solvers")
-    @classmethod
-    def _bases(cls, v: list[str]) -> list[str]:
-        ok = [get_method(m).base for m in method_names("gits")]
-        bad = [s for s in v if s not in ok]
-        if bad or len(set(v)) != len(v):
-            raise ValueError(f"gits solvers must be distinct base solvers among {ok}, got {v}")
-        return v
-
-
-class EPDFamilyConfig(_Strict):
-    """EPD candidates (K parallel directions per step, trained on the stored teacher at the student grid)."""
-
-    solvers: list[Literal["epd", "epd+ipndm"]] = Field(default_factory=list)
-    num_points: int = Field(default=2, ge=1, le=8)
-    scale_dir: float = Field(default=0.01, ge=0)
-    scale_time: float = Field(default=0.0, ge=0)
-    afs: Union[bool, Literal["auto"]] = "auto"
-    max_order: int = Field(default=4, ge=1, le=4)
-    schedule_type: Literal["polynomial", "logsnr", "time_uniform"] = "polynomial"
-    schedule_rho: float = Field(default=7.0, gt=0)
-    # Our recipe (bench/families.py on digits-gmm): from the reference's random init, lr 5e-3 and one pass leave
-    # the tables far from trained (FD 670 at NFE 5); lr 5e-2, 8 passes, relative weighting reach FD 0.16.
-    lr: float = Field(default=5e-2, gt=0, description="Adam lr (the reference: 5e-3)")
-    batch_size: int = Field(default=128, ge=1)
-    epochs: int = Field(default=8, ge=1, description="passes over the stored teacher (the reference: 1)")
-    loss_weighting: Literal["sum", "relative"] = "relative"
-
-
-class FamiliesConfig(_Strict):
-    gits: GITSFamilyConfig = Field(default_factory=GITSFamilyConfig)
-    epd: EPDFamilyConfig = Field(default_factory=EPDFamilyConfig)
-
-
-class SweepConfig(_Strict):
+class SweepConfig(StrictModel):
     """datasets x solvers x nfes x seeds, plus how to train, evaluate, store and register them."""
 
     name: Name = Field(default="sweep", description="names runs/<name>/ in the store and the MLflow experiment")
@@ -375,7 +237,7 @@ class SweepConfig(_Strict):
             raise ValueError(f"{secret} look like credentials (values not shown); the config is recorded, so put "
                              "them in the environment instead: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
                              "AWS_SESSION_TOKEN or AWS_PROFILE")
-        if _depth(v) > MAX_OPTION_DEPTH:
+        if depth(v) > MAX_OPTION_DEPTH:
             raise ValueError(f"nested more than {MAX_OPTION_DEPTH} levels deep")
         return v
 
@@ -438,138 +300,3 @@ def _check_nfe(solver: str, nfe: int, afs: bool) -> None:
     if n < 2:
         raise ValueError(f"nfes: {nfe} gives fewer than 2 time points with solver {solver!r}")
 
-
-def _format(e: ValidationError) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(err["loc"][:-1])
-            allowed = sorted(parent.model_fields) if parent is not None else []
-            msg = f"unknown field; allowed here: {allowed}"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        got = err.get("input")
-        if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
-            shown = repr(got)
-            msg += f" (got {shown[:80] + '...' if len(shown) > 80 else shown})"
-        lines.append(f"  {loc}: {msg}")
-    return "invalid sweep config:\n" + "\n".join(lines)
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: Any = SweepConfig
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        nxt = None
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                nxt = cand
-            for inner in getattr(cand, "__args__", ()):
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    nxt = inner
-        model = nxt
-    return model
-
-
-def quickstart_path() -> Path:
-    """configs/quickstart.yaml of this checkout, or of the installed wheel (flows/configs, a link to ../configs)."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "configs" / "quickstart.yaml", here / "configs" / "quickstart.yaml"):
-        if cand.is_file():
-            return cand
-    raise ValueError("configs/quickstart.yaml not found: pass a sweep file (amed distill PATH.yaml)")
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # e.g. a long one-line YAML text taken for a file name
-        return False
-
-
-def _read_sweep_file(path: Path, name: str) -> str:
-    """The text of a sweep file: a regular file of at most MAX_SWEEP_BYTES (checked before reading; a FIFO or a
-    device would block or never end)."""
-    import stat
-
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ValueError(f"sweep file {name!r} does not exist") from None
-    except OSError as e:
-        raise ValueError(f"sweep file {name!r} cannot be read: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"sweep file {name!r} is not a regular file; give the path of a YAML/JSON file")
-    if st.st_size > MAX_SWEEP_BYTES:
-        raise ValueError(f"sweep file {name!r} is {st.st_size} bytes; a sweep config is at most {MAX_SWEEP_BYTES} "
-                         "bytes (is it the right file?)")
-    try:
-        return path.read_text()
-    except UnicodeDecodeError:
-        raise ValueError(f"sweep file {name!r} is not UTF-8 text (a YAML/JSON sweep config is)") from None
-
-
-def _safe_yaml(text: str) -> Any:
-    """yaml.safe_load after refusing, on the event stream (aliases not expanded), text that is too large or uses too
-    many aliases (a "billion laughs" bomb expands a few hundred bytes into gigabytes)."""
-    import yaml
-
-    if len(text) > MAX_SWEEP_BYTES:
-        raise ValueError(f"sweep config is {len(text)} characters; at most {MAX_SWEEP_BYTES} are read")
-    try:
-        aliases, sizes, stack = 0, {}, [[None, 0]]  # stack: [anchor, expanded node count] per open collection
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                aliases += 1
-                stack[-1][1] += sizes.get(event.anchor, 1)
-            elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-                stack.append([event.anchor, 1])
-            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-                anchor, n = stack.pop()
-                if anchor is not None:
-                    sizes[anchor] = n
-                stack[-1][1] += n
-            elif isinstance(event, yaml.ScalarEvent):
-                if event.anchor is not None:
-                    sizes[event.anchor] = 1
-                stack[-1][1] += 1
-            if aliases > MAX_YAML_ALIASES or stack[0][1] > MAX_YAML_NODES or any(f[1] > MAX_YAML_NODES for f in stack[-1:]):
-                raise ValueError(f"sweep config expands, through YAML aliases (*name), to more than {MAX_YAML_NODES} values "
-                                 f"or uses more than {MAX_YAML_ALIASES} aliases; write the values out instead")
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"sweep config is not valid YAML/JSON: {e}") from None
-
-
-def load_sweep(source: Union["SweepConfig", dict, str, Path], **overrides: Any) -> SweepConfig:
-    """A validated SweepConfig from a model, a dict, a YAML/JSON file path or a YAML/JSON string.
-
-    ``overrides`` replace top-level fields (e.g. ``store_url=``). Raises ValueError listing every bad
-    field's path and what is allowed.
-    """
-    if isinstance(source, SweepConfig):
-        data = source.model_dump(mode="json")
-    elif isinstance(source, dict):
-        data = dict(source)
-    elif isinstance(source, (str, Path)):
-        text = str(source)
-        path = Path(text).expanduser()
-        if isinstance(source, Path) or (("\n" not in text) and (text.endswith((".yaml", ".yml", ".json")) or _is_file(path))):
-            text = _read_sweep_file(path, text)
-        data = _safe_yaml(text)
-        if not isinstance(data, dict):
-            raise ValueError("sweep config must be a mapping with at least 'datasets'")
-    else:
-        raise ValueError(f"sweep must be a SweepConfig, dict, or path/YAML text, not {type(source).__name__}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return SweepConfig.model_validate(data)
-    except ValidationError as e:
-        raise ValueError(_format(e)) from None
