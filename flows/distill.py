@@ -22,7 +22,6 @@ manifest, checkpoints only once ``train.json`` lists their sha256, scores are wr
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -37,7 +36,8 @@ from flows.cluster.session import ray_session
 from flows.cluster.teacher import start_teacher
 from flows.config import ComputeConfig, SweepConfig, load_sweep
 from flows.plan import EvalJob, SweepPlan, TeacherJob, TrainJob, plan_sweep, slug
-from flows.results import CandidateResult, champion_rows, options_text, quality_plot_png, results_table
+from flows.report import final_lines, panel_summaries, publish_artifacts, shown_uri
+from flows.results import CandidateResult, champion_rows, results_table
 from flows.storage.checksums import json_digest, sha256
 from flows.storage.credentials import redact
 from flows.storage.runs import RunStore
@@ -238,70 +238,9 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
         champions = dict(register_sweep(cfg, results) or {})
         for name, uri in champions.items():
             logger.info("champion %s -> %s", name, uri)
-    _artifacts(cfg, results, scores, plan, results_url, champions)
+    publish_artifacts(cfg, results, scores, plan, results_url, champions)
     return {"results_url": results_url, "champions": champions, "results": payload["results"],
             "panels": payload["panels"]}
-
-
-def panel_summaries(plan: SweepPlan, scores: dict) -> dict:
-    """Per (dataset, NFE): every panel entry's score (solver, options, schedule, value) and the best one (lowest
-    finite value; ties: the first in plan order) - the baseline every candidate of that (dataset, NFE) faces."""
-    import math
-
-    jobs = {b.id: b for b in plan.baselines}
-    out = {}
-    for slot in plan.panels:
-        entries = []
-        for i in slot.entries:
-            b, sc = jobs[i], scores.get(i, {})
-            entries.append({"id": i, "solver": b.solver, "options": dict(b.solver_options),
-                            "schedule": b.schedule.get("schedule_type"), "rho": b.schedule.get("rho"),
-                            "value": sc.get("value"), "denoiser_calls": sc.get("nfe"),
-                            "per_sample": sc.get("per_sample", {})})
-        finite = [e for e in entries if e["value"] is not None and math.isfinite(e["value"])]
-        best = min(finite, key=lambda e: e["value"]) if finite else {}
-        out[(slot.dataset, slot.nfe)] = {"teacher_id": slot.teacher_id, "protocol": slot.protocol, "entries": entries,
-                                         "best": best}
-    return out
-
-
-def _artifacts(cfg, results, scores, plan, results_url, champions) -> None:
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    key = slug(cfg.name).lower().replace("_", "-").replace(".", "-")
-    create_table_artifact(table=results_table(results), key=f"{key}-results",
-                          description=f"every candidate (families free/gits/amed/epd), the best training-free sampler of its (teacher, NFE) and the margin value/panel ({results[0].protocol.metric if results else ''}, "
-                                      f"lower is better); {results_url}; store {plan.store_url}; registry "
-                                      f"{_shown(cfg.mlflow_tracking_uri) if cfg.register_models else 'none'}")
-    store = RunStore(plan.store_url, cfg.storage_options)
-    lines = [f"# Sweep `{cfg.name}`", "", f"Results: `{results_url}`", "", f"Store: `{plan.store_url}`", "",
-             f"MLflow registry: `{_shown(cfg.mlflow_tracking_uri)}`" if cfg.register_models else
-             "MLflow registry: none (register_models: false)", ""]
-    if champions:
-        lines += ["## Champions", ""] + [f"- `{n}` -> `{u}`" for n, u in champions.items()] + [""]
-    rows = champion_rows(results)
-    if rows:
-        lines += ["## Best per (teacher, NFE) across families", "", "| " + " | ".join(rows[0]) + " |",
-                  "|" + "---|" * len(rows[0])] + ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows] + [""]
-    png = quality_plot_png(results)
-    if png:
-        lines += ["## Quality vs NFE", "", _img(png, "quality vs NFE per family"), ""]
-    lines += ["## Samples", ""]
-    grids = [(f"{c.eval.title} (seed {c.train.seed})", c.eval.id, c.eval.grid_key) for c in plan.candidates]
-    grids += [(f"{b.title} (base solver)", b.id, b.grid_key) for b in plan.baselines]
-    grids = [g for g in grids if scores.get(g[1], {}).get("grid_url") and store.exists(g[2])]
-    for title, _, key_ in grids[:_MAX_INLINE_GRIDS]:  # inline PNGs keep the artifact self-contained
-        lines += [f"### {title}", "", _img(store.get(key_), title), ""]
-    for title, _, key_ in grids[_MAX_INLINE_GRIDS:]:
-        lines += [f"- {title}: `{store.url_of(key_)}`"]
-    create_markdown_artifact(markdown="\n".join(lines), key=f"{key}-samples", description="sample grids")
-
-
-_MAX_INLINE_GRIDS = 24
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def _warm_registry(cfg: SweepConfig) -> Optional[threading.Thread]:
@@ -331,17 +270,6 @@ def _warm_registry(cfg: SweepConfig) -> Optional[threading.Thread]:
 
 # ---------------------------------------------------------------------------------------------
 # The flow.
-
-def text_table(rows: list[dict]) -> str:
-    """Rows of equal keys as a right-aligned plain-text table (the CLI's and the flow's final log lines)."""
-    if not rows:
-        return "(no results)"
-    cols = list(rows[0])
-    cells = [[str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
 
 def _preflight(cfg: SweepConfig, logger) -> SweepConfig:
     """Fix the sweep's registry and store (flows.registry.tracking.PRECEDENCE) and prove the registry answers."""
@@ -425,36 +353,10 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
     final = [CandidateResult.model_validate(r) for r in reg["results"]]
     table, best = results_table(final), champion_rows(final)
     logger.info("sweep %s done in %.1f s (work: %s)", cfg.name, wall, work)
-    _final_lines(logger, cfg, table, reg)
+    final_lines(logger, cfg, table, reg)
     return {"sweep": cfg.name, "store_url": plan.store_url, "results_url": reg["results_url"],
-            "tracking_uri": _shown(cfg.mlflow_tracking_uri) if cfg.register_models else None,
+            "tracking_uri": shown_uri(cfg.mlflow_tracking_uri) if cfg.register_models else None,
             "champions": reg["champions"], "results": reg["results"], "table": table, "best": best,
             "panels": reg.get("panels", []),
             "work": work, "compute_seconds": compute_s, "compute_cpu_seconds": cpu_s, "compute_spans": spans, "ray_start_seconds": ray_info.seconds,
             "wall_seconds": wall, "flow_started": t_epoch}
-
-
-def _shown(uri: str) -> str:
-    from flows.registry.tracking import redact_uri
-
-    return redact_uri(uri)
-
-
-def _final_lines(logger, cfg: SweepConfig, table: list[dict], reg: dict) -> None:
-    """The outcome as the run's last log lines (what `prefect deployment run --watch` and the UI end with)."""
-    metric = cfg.evaluation.metric
-    lines = [f"results of sweep {cfg.name} ({metric}, lower is better; 'base' = the training-free base solver "
-             f"at the same NFE; 'panel' = the best training-free sampler, margin = value / panel):", text_table(table),
-             f"results.json: {reg['results_url']}"]
-    best = champion_rows([CandidateResult.model_validate(r) for r in reg["results"]])
-    if best:
-        lines += ["best per (teacher, NFE) across families:", text_table(best)]
-    if reg["champions"]:
-        lines.append(f"champions in {_shown(cfg.mlflow_tracking_uri)} (fetch: amed fetch URI --out DIR):")
-        lines += [f"  {name}: {uri}" for name, uri in reg["champions"].items()]
-    elif cfg.register_models:
-        lines.append("no champion: no candidate has a finite score under this protocol (see results.json)")
-    else:
-        lines.append("no models registered (register_models: false)")
-    for line in "\n".join(lines).splitlines():
-        logger.info("%s", line)

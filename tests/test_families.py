@@ -108,7 +108,8 @@ def _result(family, solver, value, nfe=5, panel=None):
 
 def test_panel_best_and_champion_across_families(tmp_path):
     from flows.config import load_sweep
-    from flows.distill import champion_rows, panel_summaries, results_table
+    from flows.report import panel_summaries
+    from flows.results import champion_rows, results_table
     from flows.plan import plan_sweep
 
     cfg = load_sweep({"name": "fam", "datasets": [{"name": "digits", "teacher": "digits-gmm", "model_id": "dg"}],

@@ -113,7 +113,8 @@ def run(args) -> int:
         warm.join()
         if warm_err:
             raise warm_err[0]
-        from flows.distill import distill, text_table
+        from flows.distill import distill
+        from flows.report import text_table
 
         marks["flow_start"] = time.time()
         try:
