@@ -460,11 +460,13 @@ def ray_oom(work: Path):
     ckpts = list((out / "store" / "checkpoints").glob("*/predictor.safetensors")) if (out / "store").exists() else []
     partial = [c for c in ckpts if not (c.parent / "train.json").exists()]
     again = amed(["distill", str(cfg), "--out", str(out)], work)
-    last = (first.stderr.strip().splitlines() or [""])[-1][:120]
+    lines = text.splitlines()
+    last = next((ln for ln in lines if "OutOfMemoryError" in ln), (lines or [""])[-1])[:120]
     ok = first.returncode != 0 and oom and not partial and again.returncode == 0 and store_verifies(work, out / "store")
     if first.returncode == 0:
         return "the memory monitor did not kill anything on this machine (run completed)", "skipped"
-    return f"first rc {first.returncode}: {last}; partial checkpoints {len(partial)}; rerun rc {again.returncode}", \
+    rerun = "" if again.returncode == 0 else ": " + ((again.stdout + again.stderr).strip().splitlines() or [""])[-1][:160]
+    return f"first rc {first.returncode}: {last}; partial checkpoints {len(partial)}; rerun rc {again.returncode}{rerun}", \
         "survived" if ok else "FAIL"
 
 

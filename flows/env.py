@@ -12,6 +12,10 @@ SAFE_DEFAULTS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # A task that Ray's memory monitor kills is retried this many times, then fails with Ray's OutOfMemoryError
+    # (Ray's default, -1, retries forever: a sweep whose training does not fit in memory never ended;
+    # bench/reliability.py "ray-oom"). Read by the local Ray this package starts; set it on `ray start` for a cluster.
+    "RAY_task_oom_retries": "3",
     # Prefect / MLflow: no analytics or telemetry leaving the machine.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
