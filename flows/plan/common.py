@@ -1,0 +1,39 @@
+"""Pieces of a plan shared by the AMED students (flows.plan.sweep) and the other families (flows.plan.families):
+the schedule on a teacher's sigma range, the fields every evaluate job shares, the teacher identity a free
+sampler records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.config import SweepConfig
+from flows.plan.jobs import ScoreSettings, TeacherJob
+from flows.results import EvalProtocol
+
+__all__ = ["identity", "schedule_for", "eval_common"]
+
+
+def identity(teacher: TeacherJob) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads(teacher.spec_json).get("teacher") or {})
+
+
+def schedule_for(cfg: SweepConfig, den, schedule_type: str, rho: float):
+    from amed_core.schedules import ScheduleSpec
+
+    sc = cfg.sampler
+    return ScheduleSpec(schedule_type=schedule_type, rho=rho, sigma_min=sc.sigma_min or float(den.sigma_min),
+                        sigma_max=sc.sigma_max or float(den.sigma_max))
+
+
+def eval_common(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol) -> dict[str, Any]:
+    ev = cfg.evaluation
+    settings = ScoreSettings(metric=ev.metric, num_samples=ev.num_samples, seed=ev.seed, batch_size=ev.batch_size,
+                             reference_steps=ev.reference_steps,
+                             **({"fid_stats": ev.fid_stats, "inception_weights": ev.inception_weights}
+                                if ev.metric == "fid" else {}))
+    return {"store_url": teacher.store_url, "storage_options": teacher.storage_options,
+            "torch_threads": cfg.compute.torch_threads, "dataset": teacher.dataset, "protocol": settings,
+            "protocol_hash": proto.hash, "grid_samples": ev.grid_samples, "reference_solver": cfg.teacher.solver,
+            "schedule": sp.schedule.to_dict()}

@@ -1,0 +1,148 @@
+"""The typed jobs of a plan (frozen pydantic models: Prefect task parameters, Ray task arguments) and ``SweepPlan``,
+which holds them; ``slug`` makes names safe in store keys. The plan's overview is the package docstring (flows.plan)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from flows.config import DatasetConfig
+from flows.results import EvalProtocol
+
+__all__ = ["TeacherJob", "TrainJob", "EvalJob", "ScoreSettings", "Candidate", "PanelSlot", "SweepPlan", "slug"]
+
+
+def slug(s: str) -> str:
+    """A name safe in store keys and run names: ``amed+ipndm`` -> ``amed_ipndm``, ``gmm:a/b`` -> ``gmm-a-b``."""
+    return s.replace("+", "_").replace(":", "-").replace("/", "-")
+
+
+class _Job(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _StoreJob(_Job):
+    """What every job of a sweep carries: its id, where the store is, the teacher and the worker's threads."""
+
+    id: str
+    store_url: str
+    storage_options: dict[str, Any] = {}
+    torch_threads: int = 1
+    dataset: DatasetConfig  # paths expanded on the driver (Ray workers may lack its environment)
+
+
+class TeacherJob(_Job):
+    """The shared teacher of one dataset: a TeacherSpec (JSON) whose shards the teacher stage generates.
+
+    role "students": the trajectories at the union of the student grids (AMED, EPD); role "gits": a small teacher on
+    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points)."""
+
+    name: str                  # the dataset's name
+    role: Literal["students", "gits"] = "students"
+    dataset: DatasetConfig
+    spec_json: str
+    spec_hash: str
+    num_shards: int
+    num_trajectories: int
+    store_url: str
+    storage_options: dict[str, Any] = {}
+
+    @property
+    def key(self) -> str:
+        """The teacher's key in a sweep: the dataset's name (role students), ``<name>:gits`` (role gits)."""
+        return self.name if self.role == "students" else f"{self.name}:{self.role}"
+
+
+class ScoreSettings(_Job):
+    """How an evaluate job scores (``EvalProtocol`` plus what only the worker needs: batch size, FID inputs)."""
+
+    metric: Literal["fd_exact", "rmse", "fid"]
+    num_samples: int
+    seed: int
+    batch_size: int
+    reference_steps: int
+    fid_stats: Optional[str] = None            # metric fid: fsspec URLs of the user's copies
+    inception_weights: Optional[str] = None
+
+
+class EvalJob(_StoreJob):
+    """Score a committed checkpoint (``checkpoint``) or a training-free solver (``solver``, ``num_steps``)."""
+
+    kind: Literal["baseline", "candidate"]
+    protocol: ScoreSettings
+    protocol_hash: str
+    grid_samples: int
+    reference_solver: str                      # metric rmse: the teacher solver of the near-exact reference
+    schedule: dict[str, Any]                   # ScheduleSpec JSON
+    result_key: str                            # evals/<hash>.json: the cached score
+    grid_key: str                              # the PNG of the first grid_samples samples
+    title: str
+    checkpoint: Optional[str] = None           # candidate
+    solver: Optional[str] = None               # baseline
+    nfe: Optional[int] = None
+    num_steps: Optional[int] = None
+    solver_options: dict[str, Any] = {}
+    tags: list[str] = []
+    family: str = "amed"                       # candidate: the checkpoint's family; baseline: "free"
+    teacher_identity: dict[str, Any] = {}      # baseline: written into its free sampler.json
+
+
+class TrainJob(_StoreJob):
+    """Train one predictor on the stored teacher and commit ``checkpoint/`` (train.json last)."""
+
+    name: str
+    solver: str
+    nfe: int
+    seed: int
+    sampler_spec: dict[str, Any]               # SamplerSpec JSON
+    train: dict[str, Any]                      # amed_core TrainConfig fields
+    epochs: int
+    teacher_hash: str
+    checkpoint: str                            # key of the checkpoint folder in the run store
+    tags: list[str] = []
+    family: str = "amed"                       # amed | gits | epd (what train_job fits)
+    fit: dict[str, Any] = {}                   # gits: metric, coeff, warmup, options, afs; epd: EPDTrainConfig fields
+
+
+class Candidate(_Job):
+    """One trained predictor of the sweep: its training, its evaluation and the baseline it is compared with."""
+
+    train: TrainJob
+    eval: EvalJob
+    base_id: str
+    base_solver: str
+    protocol: EvalProtocol
+    family: str = "amed"
+    teacher_id: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.train.id
+
+    @property
+    def name(self) -> str:
+        return self.train.name
+
+
+class PanelSlot(_Job):
+    """The training-free panel of one (dataset, NFE): ids of its evaluate jobs (in ``SweepPlan.baselines``)."""
+
+    dataset: str
+    nfe: int
+    teacher_id: str
+    protocol: EvalProtocol
+    entries: list[str]
+
+
+class SweepPlan(_Job):
+    sweep: str
+    store_url: str
+    storage_options: dict[str, Any] = {}
+    teachers: list[TeacherJob]
+    candidates: list[Candidate]
+    baselines: list[EvalJob]
+    panels: list[PanelSlot] = []
+
+    def panel_for(self, dataset: str, nfe: int) -> Optional[PanelSlot]:
+        return next((p for p in self.panels if p.dataset == dataset and p.nfe == nfe), None)

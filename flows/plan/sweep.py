@@ -1,0 +1,227 @@
+"""``plan_sweep``: per dataset the teacher (:func:`plan_dataset`), per (solver, NFE) the base solver
+(:func:`plan_baseline`), per (solver, NFE, seed) an AMED candidate (:func:`plan_candidate`); the panel, GITS and EPD
+candidates come from flows.plan.families. The plan's overview is the package docstring (flows.plan)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+from flows.config import DatasetConfig, EvalConfig, SamplerConfig, SweepConfig
+from flows.plan.common import eval_common, identity
+from flows.plan.families import epd_spec, plan_epd_candidate, plan_gits_candidate, plan_gits_teacher, plan_panel
+from flows.plan.jobs import Candidate, EvalJob, PanelSlot, SweepPlan, TeacherJob, TrainJob, slug
+from flows.results import EvalProtocol
+from flows.storage.checksums import json_digest
+
+__all__ = ["plan_sweep", "plan_dataset", "plan_baseline", "plan_candidate", "teacher_id", "get_family_name"]
+
+
+def plan_sweep(cfg: SweepConfig) -> SweepPlan:
+    """Teachers, training jobs and evaluation jobs of a sweep, with content-addressed store keys.
+
+    Raises ValueError (naming the dataset/solver/NFE) when a teacher cannot be loaded or a combination
+    cannot be built.
+    """
+    store_url = cfg.resolved_store_url()
+    teachers, candidates, baselines, panels = [], [], {}, []
+    for d in cfg.datasets:
+        teacher, den, specs = plan_dataset(cfg, d, store_url)
+        teachers.append(teacher)
+        reference = den.identity().get("content_sha256") or json_digest(den.identity())
+        tid = teacher_id(d, den)
+        proto = EvalProtocol(metric=cfg.evaluation.metric, num_samples=cfg.evaluation.num_samples,
+                             seed=cfg.evaluation.seed, reference=_reference(cfg.evaluation, reference, cfg.teacher.solver))
+        slots: dict[int, dict[str, EvalJob]] = {nfe: {} for nfe in cfg.nfes}
+
+        def add(job: EvalJob, nfe: int) -> EvalJob:
+            job = baselines.setdefault(job.id, job)
+            slots[nfe].setdefault(job.id, job)
+            return job
+
+        for (s, nfe), sp in specs.items():
+            base = plan_baseline(cfg, teacher, sp, proto, reference)
+            if cfg.panel.include_base_solvers or get_family_name(s) != "amed":
+                base = add(base, nfe)
+            else:
+                base = baselines.setdefault(base.id, base)
+            for seed in cfg.seeds:
+                if get_family_name(s) == "epd":
+                    candidates.append(plan_epd_candidate(cfg, teacher, sp, proto, base, seed, tid))
+                else:
+                    candidates.append(plan_candidate(cfg, teacher, sp, proto, base, seed).model_copy(
+                        update={"teacher_id": tid}))
+        for nfe in cfg.nfes:
+            for entry in plan_panel(cfg, teacher, den, nfe, proto, reference):
+                add(entry, nfe)
+        if cfg.families.gits.solvers:
+            gt = plan_gits_teacher(cfg, d, teacher, den, store_url)
+            teachers.append(gt)
+            for b in cfg.families.gits.solvers:
+                for nfe in cfg.nfes:
+                    planned = plan_gits_candidate(cfg, gt, den, b, nfe, proto, reference, tid)
+                    if planned is not None:
+                        candidates.append(planned[0])
+                        add(planned[1], nfe)
+        panels += [PanelSlot(dataset=d.name, nfe=nfe, teacher_id=tid, protocol=proto, entries=list(jobs))
+                   for nfe, jobs in slots.items()]
+    return SweepPlan(sweep=cfg.name, store_url=store_url, storage_options=dict(cfg.storage_options),
+                     teachers=teachers, candidates=candidates, baselines=list(baselines.values()), panels=panels)
+
+
+def get_family_name(method: str) -> str:
+    from amed_core.methods import get_method
+
+    return get_method(method).family
+
+
+def teacher_id(d: DatasetConfig, den) -> str:
+    """The teacher's identity in registered model names: the user's ``model_id``, else ``<dataset>-<hash8>``."""
+    if d.model_id:
+        return d.model_id
+    ident = den.identity()
+    digest = ident.get("content_sha256") or json_digest(ident)
+    return f"{d.name}-{digest[:8]}"
+
+
+def plan_dataset(cfg: SweepConfig, d: DatasetConfig, store_url: str):
+    """(TeacherJob, the loaded teacher, {(solver, nfe): SamplerSpec}) of one dataset."""
+    from amed_core.adapters import expand_paths
+    from amed_core.teacher import StudentGrid, TeacherSpec
+    from flows.cluster.probe import probe_teacher
+
+    try:  # identity, sigma range, VP table, shape: from a probe (Ray task / child process), no weights in this process
+        den = probe_teacher(d)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"datasets[{d.name}].teacher: {e}") from None
+    teacher, options = expand_paths(d.teacher, dict(d.options or {}))
+    weights = os.path.expandvars(os.path.expanduser(d.weights_url)) if d.weights_url else d.weights_url
+    ds = d.model_copy(update={"teacher": teacher, "options": options, "weights_url": weights})
+    specs = {}
+    for s in cfg.solvers:
+        sc = cfg.sampler_for(s)
+        schedule = _schedule(sc, den, d)
+        pc = _predictor_config(cfg, s, sc)
+        for nfe in cfg.nfes:
+            try:
+                specs[(s, nfe)] = _sampler_spec(s, nfe, sc, schedule, pc, den)
+            except ValueError as e:
+                raise ValueError(f"solvers/nfes: {s} at NFE {nfe} on dataset {d.name}: {e}") from None
+    for s in cfg.families.epd.solvers:
+        for nfe in cfg.nfes:
+            try:
+                specs[(s, nfe)] = epd_spec(cfg, s, nfe, den, d)
+            except ValueError as e:
+                raise ValueError(f"families.epd: {s} at NFE {nfe} on dataset {d.name}: {e}") from None
+    grids = sorted({StudentGrid(sp.schedule, sp.num_steps) for sp in specs.values()}, key=lambda g: g.num_steps)
+    t = cfg.teacher
+    tspec = TeacherSpec.for_denoiser(den, grids, num_trajectories=t.num_trajectories, shard_size=t.shard_size,
+                                     sub_steps=t.M, solver=t.solver, dtype=t.dtype, base_seed=t.seed)
+    job = TeacherJob(name=d.name, dataset=ds, spec_json=tspec.to_json(), spec_hash=tspec.spec_hash,
+                     num_shards=tspec.num_shards, num_trajectories=t.num_trajectories, store_url=store_url,
+                     storage_options=dict(cfg.storage_options))
+    return job, den, specs
+
+
+def plan_baseline(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol, reference: str) -> EvalJob:
+    """The training-free base solver of ``sp`` at the same NFE, schedule family and noise."""
+    from amed_core.methods import num_steps_for
+
+    base, nfe, name = sp.base_solver, sp.nfe, teacher.name
+    bopts = _base_options(base, sp)
+    try:
+        bsteps = num_steps_for(base, nfe, sp.afs)
+    except ValueError as e:
+        raise ValueError(f"nfes: base solver {base} cannot run at NFE {nfe}: {e}") from None
+    bid = json_digest({"reference": reference, "solver": base, "steps": bsteps, "schedule": sp.schedule.to_dict(),
+                       "options": bopts, "protocol": proto.hash})
+    return EvalJob(**eval_common(cfg, teacher, sp, proto), id=f"base-{slug(name)}-{base}-nfe{nfe}-{bid[:8]}",
+                   kind="baseline", solver=base, nfe=nfe, num_steps=bsteps, solver_options=bopts,
+                   result_key=f"evals/{bid}.json", grid_key=f"evals/{bid}-samples.png", title=f"{name} {base} NFE {nfe}",
+                   tags=[f"dataset:{name}", f"solver:{base}", f"nfe:{nfe}", "baseline"], family="free",
+                   checkpoint=f"checkpoints/free-{slug(name)}-{base}-nfe{nfe}-{bid[:12]}",
+                   teacher_identity=identity(teacher))
+
+
+def plan_candidate(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol, base: EvalJob, seed: int) -> Candidate:
+    """Training of ``sp`` with ``seed`` against the dataset's teacher, and the evaluation of its checkpoint."""
+    from amed_core.amed.train import TrainConfig
+
+    s, nfe, dname = sp.solver, sp.nfe, teacher.name
+    tc = cfg.train_for(s)
+    train = TrainConfig(num_trajectories=cfg.teacher.num_trajectories * tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+                        seed=seed, loss_weighting=tc.loss_weighting).to_dict()
+    cid = json_digest({"teacher": teacher.spec_hash, "spec": sp.to_dict(), "train": train, "epochs": tc.epochs})
+    name = f"{slug(dname)}-{slug(s)}-nfe{nfe}-seed{seed}"
+    ckpt = f"checkpoints/{name}-{cid[:12]}"
+    eid = json_digest({"checkpoint": cid, "protocol": proto.hash})
+    job = TrainJob(id=f"{name}-{cid[:8]}", name=name, store_url=teacher.store_url, storage_options=teacher.storage_options,
+                   torch_threads=cfg.compute.torch_threads, dataset=teacher.dataset, solver=s, nfe=nfe, seed=seed,
+                   sampler_spec=sp.to_dict(), train=train, epochs=tc.epochs, teacher_hash=teacher.spec_hash,
+                   checkpoint=ckpt, tags=[f"dataset:{dname}", f"solver:{s}", f"nfe:{nfe}", f"seed:{seed}"])
+    ev = EvalJob(**eval_common(cfg, teacher, sp, proto), id=f"eval-{name}-{eid[:8]}", kind="candidate",
+                 checkpoint=ckpt, result_key=f"evals/{eid}.json", grid_key=f"{ckpt}/samples.png",
+                 title=f"{dname} {s} NFE {nfe}")
+    return Candidate(train=job, eval=ev, base_id=base.id, base_solver=base.solver, protocol=proto)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of a plan.
+
+def _schedule(sc: SamplerConfig, den, d: DatasetConfig):
+    from amed_core.schedules import ScheduleSpec
+
+    table = getattr(den, "alphas_cumprod", None) if sc.schedule_type == "discrete" else None
+    if sc.schedule_type == "discrete" and table is None:
+        raise ValueError(f"sampler.schedule_type: 'discrete' needs a model with a VP table (alphas_cumprod); "
+                         f"teacher {d.teacher!r} of dataset {d.name} has none")
+    return ScheduleSpec(schedule_type=sc.schedule_type, rho=sc.schedule_rho,
+                        sigma_min=sc.sigma_min or float(den.sigma_min), sigma_max=sc.sigma_max or float(den.sigma_max),
+                        alphas_cumprod=None if table is None else tuple(float(a) for a in table))
+
+
+def _predictor_config(cfg: SweepConfig, s: str, sc: SamplerConfig):
+    from amed_core.amed import PredictorConfig
+
+    pc = PredictorConfig(scale_dir=sc.scale_dir, scale_time=sc.scale_time)
+    if cfg.train_for(s).hidden_dim:
+        pc = replace(pc, hidden_dim=cfg.train_for(s).hidden_dim)
+    return pc
+
+
+def _sampler_spec(s: str, nfe: int, sc: SamplerConfig, schedule, pc, den):
+    """The student's SamplerSpec, with the sampler options its method accepts (the method table's ``options``:
+    multistep plugins take max_order / afs_in_history, amed+dpmpp also DPM-Solver++'s flags)."""
+    from amed_core.amed import SamplerSpec
+    from amed_core.methods import get_method
+
+    accepted = get_method(s).options
+    plugin = {k: v for k, v in (("max_order", sc.max_order), ("afs_in_history", sc.afs_in_history),
+                                ("predict_x0", sc.predict_x0), ("lower_order_final", sc.lower_order_final))
+              if k in accepted}
+    return SamplerSpec.create(s, nfe, afs=sc.afs_for(nfe), schedule=schedule, predictor=pc, denoiser=den, **plugin)
+
+
+def _base_options(base: str, sp) -> dict[str, Any]:
+    """The base solver's options matching the student's (AFS, order, DPM-Solver++ flags), as far as the base accepts
+    them (the method table's ``options``); the order is capped at the base's default, its highest (dpmpp: 3)."""
+    from amed_core.methods import get_method
+
+    m = get_method(base)
+    bopts: dict[str, Any] = {"afs": sp.afs}
+    if "max_order" in m.options and sp.max_order is not None:
+        bopts["max_order"] = min(sp.max_order, m.default_options["max_order"])
+    for k in ("predict_x0", "lower_order_final"):
+        if k in m.options:
+            bopts[k] = getattr(sp, k)
+    return bopts
+
+
+def _reference(ev: EvalConfig, reference: str, teacher_solver: str) -> str:
+    """What the samples are compared with (EvalProtocol.reference): a number is comparable only under the same one."""
+    if ev.metric == "rmse":
+        return f"{reference[:16]};{teacher_solver}@{ev.reference_steps}"
+    if ev.metric == "fid":  # the statistics and the network both define the number
+        return f"fid:{ev.fid_stats};inception:{ev.inception_weights}"
+    return f"gmm:{reference[:16]}"
