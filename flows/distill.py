@@ -302,7 +302,7 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
 
     Args:
         sweep: The sweep: the path of a YAML file in the flow's working directory (the repository root, e.g.
-            `configs/deploy-smoke.yaml`), or an object with the same fields (flows/config.py SweepConfig).
+            `configs/deploy-smoke.yaml`), or an object with the same fields (flows/config/schema.py SweepConfig).
             Registry and store: the sweep's `mlflow_tracking_uri` / `store_url`, else the worker's
             MLFLOW_TRACKING_URI / AMED_STORE_URL, else SQLite and a folder under ./amed-runs/<name>.
     """
