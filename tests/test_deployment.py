@@ -62,7 +62,9 @@ def test_deploy_worker_run_completed(prefect_server, tmp_path):  # noqa: F811
 
     store = RunStore(store_url)
     data = store.get_json("runs/deployed/results.json")
-    (res,) = [CandidateResult.model_validate(x) for x in data["results"]]
+    results = [CandidateResult.model_validate(x) for x in data["results"]]
+    (res,) = [r for r in results if r.family == "amed"]  # beside it: the training-free panel's winner (family free)
+    assert {r.family for r in results} == {"amed", "free"}
     assert (res.solver, res.base_solver, res.nfe) == ("amed", "heun", 3)
     assert 0 < res.value < 0.1 * res.base_value
     assert store.exists(res.checkpoint_url.removeprefix(store.root + "/") + "/train.json")

@@ -237,7 +237,7 @@ def test_stack_up_use_auth_down(stack):
     lines = [x for x in client.stdout.splitlines() if x.startswith("RESULT ")]
     assert client.returncode == 0 and lines, client.stdout[-3000:] + client.stderr[-5000:]
     out = json.loads(lines[-1].removeprefix("RESULT "))
-    assert out["flow_result"] == 42 and out["version"] == "1" and out["champion"] == "1"
+    assert out["flow_result"] == 42 and str(out["version"]) == "1" and str(out["champion"]) == "1"  # int or str by MLflow version
     assert f"mlflow/1/{out['run_id']}/artifacts/predictor/notes.txt" in out["s3_keys"]   # in the moto bucket
     code, body = _http(f"{prefect}/api/flow_runs/{out['flow_run_id']}")
     assert code == 200 and json.loads(body)["state_type"] == "COMPLETED"           # recorded by the server

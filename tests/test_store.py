@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from amed_core.denoisers import load_teacher
+from amed_core.schedules import ScheduleSpec
 from amed_core.teacher import TeacherSpec, generate_shard, shard_to_batches, student_grids_for, trajectory_inputs
 from fixtures_s3 import s3_bucket, s3_server  # noqa: F401
 from flows.cli import main as amed_main
@@ -260,10 +261,11 @@ def test_training_from_store_reproduces_on_the_fly(solver, tmp_path, teacher):
     from amed_core.amed import SamplerSpec, TrainConfig, teacher_states, train_amed
     from amed_core.amed.train import default_teacher
 
-    sampler = SamplerSpec.create(solver, 3, afs=True, denoiser=teacher)
+    # a polynomial (rho 7) student: the store refines its grid in that space, as the reference's teacher grid does
+    sampler = SamplerSpec.create(solver, 3, afs=True, denoiser=teacher, schedule=ScheduleSpec("polynomial", rho=7.0))
     cfg = TrainConfig(num_trajectories=24, batch_size=8, seed=0)
     name, M, options = default_teacher(sampler, cfg)
-    spec = TeacherSpec.for_denoiser(teacher, student_grids_for(f"{solver}:3"), num_trajectories=24, shard_size=10,
+    spec = TeacherSpec.for_denoiser(teacher, student_grids_for(f"{solver}:3", sampler.schedule), num_trajectories=24, shard_size=10,
                                     sub_steps=M, solver=name, solver_options=options, dtype="float64", base_seed=100)
     store = TeacherStore(str(tmp_path))
     generate(store, teacher, spec, progress=False)

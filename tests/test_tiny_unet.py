@@ -150,6 +150,6 @@ def test_cifar10_preset_runs_through_amed_distill_on_the_tiny_teacher(tmp_path, 
     raw["evaluation"].update(num_samples=128, batch_size=128, grid_samples=16, reference_steps=60)
     raw["compute"] = {"max_parallel": 2, "teacher_actors": 1, "torch_threads": 1}
     out = distill(load_sweep(raw).model_dump(mode="json"))
-    (row,) = out["table"]
+    (row,) = [r for r in out["table"] if r["family"] == "amed"]  # beside it: the panel's winner (family free)
     assert (row["solver"], row["nfe"], row["base_solver"], row["metric"]) == ("amed", 5, "heun", "rmse")
-    assert row["amed"] < 0.8 * row["base"]
+    assert row["value"] < 0.8 * row["base"]
