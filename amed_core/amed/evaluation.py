@@ -59,10 +59,11 @@ class _Recording:
         return r, sd, st
 
 
-def policy_trace(sampler: Sampler, denoiser, noise: torch.Tensor) -> dict[str, list[float]]:
+def policy_trace(sampler: Sampler, denoiser, noise: torch.Tensor, class_labels: torch.Tensor | None = None
+                 ) -> dict[str, list[float]]:
     """Per step i: t_cur, t_next, mean/std over samples of r, scale_dir, scale_time (and the intermediate time s)."""
     rec = _Recording(sampler.predictor)
-    sampler(denoiser, noise, policy=rec)
+    sampler(denoiser, noise, class_labels=class_labels, policy=rec)
     out: dict[str, list[float]] = {k: [] for k in ("t_cur", "t_next", "s_mean", "r_mean", "r_std", "scale_dir_mean",
                                                    "scale_dir_std", "scale_time_mean", "scale_time_std")}
     for _, tc, tn, r, sd, st in rec.rows:
@@ -156,10 +157,11 @@ def save_policy_plot(trace: dict, path: str | os.PathLike, *, title: str = "") -
     return save_figure_png(fig, path, dpi=110)
 
 
-def policy_plot_png(sampler: Sampler, denoiser, noise: torch.Tensor, *, title: str = "") -> bytes:
+def policy_plot_png(sampler: Sampler, denoiser, noise: torch.Tensor, *, class_labels: torch.Tensor | None = None,
+                    title: str = "") -> bytes:
     """PNG bytes of :func:`save_policy_plot` for ``sampler`` on ``noise`` (the registry's learned-schedule plot)."""
     import tempfile
 
-    trace = policy_trace(sampler, denoiser, noise)
+    trace = policy_trace(sampler, denoiser, noise, class_labels)
     with tempfile.TemporaryDirectory(prefix="amed-plot-") as tmp:
         return save_policy_plot(trace, Path(tmp) / "policy.png", title=title).read_bytes()

@@ -59,54 +59,6 @@ def teacher_for(config, dataset: str):
     return ds, _TEACHERS[key]
 
 
-def schedule_png(sampler, denoiser, seeds: list[int], title: str) -> bytes:
-    """Learned schedule: each step's sigma_cur -> sigma_next and the predictor's intermediate time
-    (mean and spread over ``seeds``), on a log axis. Matplotlib (Agg)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from amed_core.teacher import trajectory_inputs
-
-    recorded: dict[int, list] = {}
-
-    def policy(features, t_cur, t_next, step_idx):
-        r, sd, st = sampler.predictor(features, t_cur, t_next, step_idx)
-        recorded.setdefault(int(step_idx), []).append(r.detach().double().reshape(-1))
-        return r, sd, st
-
-    label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
-    noise, labels = trajectory_inputs(seeds, denoiser.shape, label_policy="uniform" if label_dim else "none", label_dim=label_dim)
-    onehot = torch.nn.functional.one_hot(labels, label_dim).double() if labels is not None else None
-    sampler(denoiser, noise.double(), class_labels=onehot, policy=policy)
-    grid = sampler.spec.grid().double().numpy()
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    steps = range(len(grid))
-    ax.plot(steps, grid, "o-", color="0.4", label="student grid sigma_n")
-    for i, rs in sorted(recorded.items()):
-        r = torch.cat(rs)
-        # t_mid = t_cur^(1-r) t_next^r (AMED's geometric intermediate time), shown as mean +- std
-        tc, tn = float(grid[i]), float(grid[i + 1])
-        mids = (tc ** (1 - r) * tn ** r).numpy()
-        ax.errorbar(i + float(r.mean()), mids.mean(), yerr=mids.std(), fmt="s", color="C1",
-                    label="learned intermediate time" if i == min(recorded) else None)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("sigma")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def close_stale_runs(client, experiment_id: str, sweep: str) -> list[str]:
     """Mark KILLED the runs a killed attempt of this sweep left RUNNING: its parent runs (tagged with this host and
     a process that no longer exists) and their child runs. Runs of live processes, or of other hosts, are left alone.
@@ -229,8 +181,8 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
             try:
                 if not hasattr(sampler, "predictor"):
                     raise _NoPlot
-                png = schedule_png(sampler, denoiser, list(range(cand.protocol.seed, cand.protocol.seed + 8)),
-                                    f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})")
+                png = _policy_png(sampler, denoiser, list(range(cand.protocol.seed, cand.protocol.seed + 8)),
+                                  f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})")
                 Path(tmp, "plots").mkdir(exist_ok=True)
                 Path(tmp, "plots", "schedule.png").write_bytes(png)
                 mlflow.log_artifact(str(Path(tmp, "plots", "schedule.png")), "plots")
@@ -278,6 +230,20 @@ def _log_views(mlflow, client, run_id: str, candidates: list[CandidateResult]) -
         with tempfile.TemporaryDirectory(prefix="amed-plot-") as tmp:
             Path(tmp, "quality_vs_nfe.png").write_bytes(png)
             mlflow.log_artifact(str(Path(tmp, "quality_vs_nfe.png")), "plots")
+
+
+def _policy_png(sampler, denoiser, seeds: list[int], title: str) -> bytes:
+    """The learned schedule (grid, intermediate times) and scales on the protocol's noise
+    (:func:`amed_core.amed.evaluation.policy_plot_png`)."""
+    import torch
+
+    from amed_core.amed.evaluation import policy_plot_png
+    from amed_core.teacher import trajectory_inputs
+
+    label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
+    noise, labels = trajectory_inputs(seeds, denoiser.shape, label_policy="uniform" if label_dim else "none", label_dim=label_dim)
+    onehot = torch.nn.functional.one_hot(labels, label_dim).double() if labels is not None else None
+    return policy_plot_png(sampler, denoiser, noise.double(), class_labels=onehot, title=title)
 
 
 class _NoPlot(Exception):
