@@ -311,8 +311,9 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
     cfg = _preflight(load_sweep(sweep), logger)  # before any compute: an unreachable registry fails here
     plan = plan_sweep(cfg)
     compute = cfg.compute
-    logger.info("sweep %s: %d dataset(s), %d candidate(s), %d base solver run(s); store %s", cfg.name,
-                len(plan.teachers), len(plan.candidates), len(plan.baselines), plan.store_url)
+    logger.info("sweep %s: %d dataset(s), %d teacher(s), %d candidate(s), %d training-free run(s); store %s", cfg.name,
+                len({t.name for t in plan.teachers}), len(plan.teachers), len(plan.candidates), len(plan.baselines),
+                plan.store_url)
     warm = _warm_registry(cfg)
     with ray_session(cfg.compute) as ray_info:
         logger.info("Ray at %s (%s, %.1f s): %s", ray_info.address, "started here" if ray_info.started_here else
