@@ -49,7 +49,7 @@ client.create_registered_model("stack-probe-model")
 mv = client.create_model_version("stack-probe-model", source=f"{run.info.artifact_uri}/predictor", run_id=run.info.run_id)
 client.set_registered_model_alias("stack-probe-model", "champion", mv.version)
 keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="amed-distill", Prefix="mlflow/").get("Contents", [])]
-out.update(run_id=run.info.run_id, version=mv.version, s3_keys=keys,
+out.update(run_id=run.info.run_id, version=mv.version, s3_keys=keys, tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri(),
            champion=client.get_model_version_by_alias("stack-probe-model", "champion").version)
 print("RESULT " + json.dumps(out))
 """
@@ -68,8 +68,10 @@ def _pg_installable() -> bool:
 
 
 def _clean_env() -> dict[str, str]:
-    drop = ("AMED_", "PREFECT_API_", "PREFECT_SERVER_", "MLFLOW_TRACKING_", "MLFLOW_S3_", "AWS_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    """A new terminal's environment: only the basics, so nothing earlier tests of the same process left in
+    os.environ (PREFECT_HOME, MLFLOW_*, RAY_*, ...) can configure the stack or its clients behind the script's back."""
+    keep = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TERM", "TMPDIR", "TZ")
+    return {k: v for k, v in os.environ.items() if k in keep}
 
 
 @pytest.fixture(scope="module")
@@ -231,13 +233,14 @@ def test_stack_up_use_auth_down(stack):
     r = _sh(env, "env")
     printed.append(r.stdout)
     assert f"export PREFECT_API_URL={prefect}/api" in r.stdout and f"export MLFLOW_TRACKING_URI={mlflow}" in r.stdout
-    client = subprocess.run(["bash", "-c", f'eval "$(bash {SCRIPT} env)" && exec {PY} -c "$CLIENT"'],
+    client = subprocess.run(["bash", "-c", f'exports="$(bash {SCRIPT} env)" || exit 9; eval "$exports" && exec {PY} -c "$CLIENT"'],
                             env=env | {"CLIENT": CLIENT, "MLFLOW_DISABLE_TELEMETRY": "true"}, cwd=ROOT,
                             capture_output=True, text=True, timeout=240)
     lines = [x for x in client.stdout.splitlines() if x.startswith("RESULT ")]
     assert client.returncode == 0 and lines, client.stdout[-3000:] + client.stderr[-5000:]
     out = json.loads(lines[-1].removeprefix("RESULT "))
-    assert out["flow_result"] == 42 and str(out["version"]) == "1" and str(out["champion"]) == "1"  # int or str by MLflow version
+    assert out["tracking_uri"] == mlflow and out["registry_uri"] == mlflow, out  # the stack's server, not ./mlflow.db
+    assert out["flow_result"] == 42 and str(out["version"]) == "1" and str(out["champion"]) == "1", out
     assert f"mlflow/1/{out['run_id']}/artifacts/predictor/notes.txt" in out["s3_keys"]   # in the moto bucket
     code, body = _http(f"{prefect}/api/flow_runs/{out['flow_run_id']}")
     assert code == 200 and json.loads(body)["state_type"] == "COMPLETED"           # recorded by the server
@@ -280,7 +283,7 @@ def test_stack_up_use_auth_down(stack):
     probe = ("from mlflow import MlflowClient; from prefect.client.orchestration import get_client\n"
              "print('MODELS', [m.name for m in MlflowClient().search_registered_models()])\n"
              "with get_client(sync_client=True) as c: print('POOL', c.read_work_pool('amed-local').name)\n")
-    client = subprocess.run(["bash", "-c", f'eval "$(bash {SCRIPT} env)" && exec {PY} -c "$PROBE"'],
+    client = subprocess.run(["bash", "-c", f'exports="$(bash {SCRIPT} env)" || exit 9; eval "$exports" && exec {PY} -c "$PROBE"'],
                             env=env_auth | {"PROBE": probe, "MLFLOW_DISABLE_TELEMETRY": "true"}, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert "MODELS ['stack-probe-model']" in client.stdout and "POOL amed-local" in client.stdout, \
