@@ -73,16 +73,7 @@ print("SCALE " + json.dumps(keep))
 """
 
 
-def union_seconds(spans) -> float:
-    total, cur = 0.0, None
-    for a, b in sorted(spans):
-        if cur is None or a > cur[1]:
-            if cur is not None:
-                total += cur[1] - cur[0]
-            cur = [a, b]
-        else:
-            cur[1] = max(cur[1], b)
-    return total + (cur[1] - cur[0] if cur else 0.0)
+from pipeline import union_seconds  # noqa: E402  (bench/pipeline.py: one copy of the span union)
 
 
 def run_sweep(n: int, work: Path, address: str | None, register: bool, prefect_api: str | None) -> dict:
