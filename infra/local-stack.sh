@@ -219,6 +219,21 @@ svc_pid() {
   echo "$pid"
 }
 
+# the PID this run just spawned for NAME, while that process lives. Unlike svc_pid it does not check the command
+# line: between fork and exec the child still shows the script's own command line, and a busy machine can take
+# a while to get past that, so "not yet exec'd" must not read as "exited while starting"
+spawned_pid() {
+  local f pid state
+  f="$(pidfile "$1")"
+  [ -s "$f" ] || return 1
+  pid="$(head -n 1 "$f")"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  state="$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo X)"
+  [ "$state" != Z ] && [ "$state" != X ] || return 1
+  echo "$pid"
+}
+
 descendants() {  # all descendants of PID (children first found by walking ppid links)
   local p kids
   for p in "$@"; do
@@ -317,7 +332,7 @@ wait_http() {
   local name="$1" url="$2" mode="$3" timeout="$4" start code pid
   start=$SECONDS
   while :; do
-    pid="$(svc_pid "$name")" || fail_log "$name" "$name exited while starting"
+    pid="$(spawned_pid "$name")" || fail_log "$name" "$name exited while starting"
     code="$(http_status "$url" "$mode")"
     if [ "$code" = 200 ]; then
       [ -z "${5:-}" ] || echo "  $name answers ($((SECONDS - T0)) s)"
@@ -530,7 +545,7 @@ start_worker() {
 wait_worker() {
   local start=$SECONDS pid
   while :; do
-    pid="$(svc_pid worker)" || fail_log worker "the worker exited while starting"
+    pid="$(spawned_pid worker)" || fail_log worker "the worker exited while starting"
     if grep -q "started!" "$LOGS/worker.log" 2>/dev/null && worker_online; then return 0; fi
     [ $((SECONDS - start)) -lt "$TIMEOUT" ] || fail_log worker "the worker did not come online in pool $POOL within ${TIMEOUT}s"
     sleep 1
