@@ -516,6 +516,55 @@ def test_runs_of_a_killed_attempt_are_marked_killed(tmp_path):
     assert [status[r] for r in (killed, child, live, other)] == ["KILLED", "KILLED", "RUNNING", "RUNNING"]
 
 
+def test_a_rerun_carries_on_in_the_killed_attempts_runs(tmp_path):
+    """Issue 15: a rerun after a kill used to open a new parent run and a new child run per candidate each time.
+    Now it resumes the killed attempt's runs: one parent, one child per candidate, no metric logged twice, no
+    version registered twice; a sweep that FINISHED is not resumed (a rerun of it is a new record)."""
+    import socket
+
+    import mlflow
+
+    from amed_core.denoisers import load_teacher
+    from flows.registry import log_sweep
+    from test_registry import _candidate, _config
+
+    teacher = load_teacher("digits-gmm")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _config("rerun", uri)
+    a = _candidate(tmp_path, teacher, solver="amed", seed=0, value=0.5)
+    b = _candidate(tmp_path, teacher, solver="amed+ipndm", seed=0, value=0.3)
+    first = log_sweep(cfg, [a, b])
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    # make it look killed: the parent RUNNING under a process that is gone, candidate b killed after its
+    # registration but before its run was tagged and closed
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client.update_run(first.parent_run_id, status="RUNNING")
+    client.set_tag(first.parent_run_id, "amed.pid", str(dead.pid))
+    client.set_tag(first.parent_run_id, "amed.host", socket.gethostname())
+    rb = first.child_run_ids[1]
+    client.update_run(rb, status="RUNNING")
+    client.delete_tag(rb, "amed.model_version")
+
+    second = log_sweep(cfg, [a, b])
+    assert second.parent_run_id == first.parent_run_id and second.child_run_ids == first.child_run_ids
+    assert sorted(second.versions) == sorted(first.versions)
+    runs = client.search_runs([first.experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert client.get_run(first.parent_run_id).data.tags["amed.attempt"] == "2"
+    assert client.get_run(rb).data.tags["amed.model_version"] == "/".join(first.versions[1])
+    for rid in first.child_run_ids:
+        assert len(client.get_metric_history(rid, "fd_exact")) == 1
+        assert len(client.get_metric_history(rid, "train_loss")) == 3
+    names = {n for n, _ in first.versions}
+    assert sum(len(client.search_model_versions(f"name = '{n}'")) for n in names) == 2
+
+    third = log_sweep(cfg, [a, b])  # the sweep finished: a rerun is a new record, registering nothing new
+    assert third.parent_run_id != first.parent_run_id and sorted(third.versions) == sorted(first.versions)
+    assert sum(len(client.search_model_versions(f"name = '{n}'")) for n in names) == 2
+
+
 def test_second_distill_on_the_same_folder_is_refused_while_the_first_lives(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, %r); "
                                "from flows.storage.locks import hold_lock; hold_lock(%r, 'x'); print('held', flush=True); "

@@ -81,6 +81,34 @@ def close_stale_runs(client, experiment_id: str, sweep: str) -> list[str]:
     return marked
 
 
+def unfinished_parent(client, experiment_id: str, config):
+    """The newest parent run of this sweep (same name and config hash) that an earlier attempt left KILLED or FAILED
+    (close_stale_runs has marked those whose process is gone), or None. A rerun carries on in it instead of opening a
+    new set of runs; a FINISHED sweep, or one still RUNNING elsewhere, is left alone."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`amed.sweep` = '{config.name}' and "
+                              f"tags.`amed.config_hash` = '{config.hash}'", order_by=["attributes.start_time DESC"],
+                              max_results=20)
+    for run in runs:
+        if "mlflow.parentRunId" in run.data.tags:
+            continue
+        return run if run.info.status in ("KILLED", "FAILED") else None
+    return None
+
+
+def _children(client, experiment_id: str, parent_id: str) -> dict[tuple[str, str], Any]:
+    """The child runs of a parent, keyed by (run name, checkpoint sha256)."""
+    out = {}
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                  max_results=1000, page_token=token)
+        for r in page:
+            out[(r.data.tags.get("mlflow.runName", r.info.run_name), r.data.tags.get("amed.checkpoint_sha256"))] = r
+        token = page.token
+        if not token:
+            return out
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -105,15 +133,23 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
     with tracking(uri) as client:
         exp_id = experiment(client, config.name, uri)
         close_stale_runs(client, exp_id, config.name)
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"sweep-{config.name}-{config.hash[:8]}",
-                              tags={"amed.sweep": config.name, "amed.config_hash": config.hash,
-                                    "amed.host": socket.gethostname(), "amed.pid": str(os.getpid())}) as parent:
+        tags = {"amed.sweep": config.name, "amed.config_hash": config.hash, "amed.host": socket.gethostname(),
+                "amed.pid": str(os.getpid())}
+        resumed = unfinished_parent(client, exp_id, config)
+        if resumed is not None:  # a killed or failed attempt of this very sweep: carry on in its runs
+            tags["amed.attempt"] = str(int(resumed.data.tags.get("amed.attempt", "1")) + 1)
+            log.info("resuming MLflow run %s of sweep %s (attempt %s, the last one ended %s)", resumed.info.run_id,
+                     config.name, tags["amed.attempt"], resumed.info.status)
+        start = (dict(run_id=resumed.info.run_id) if resumed is not None else
+                 dict(experiment_id=exp_id, run_name=f"sweep-{config.name}-{config.hash[:8]}"))
+        with mlflow.start_run(**start, tags=tags) as parent:
             res = SweepLog(uri, exp_id, parent.info.run_id)
+            previous = _children(client, exp_id, parent.info.run_id) if resumed is not None else {}
             log_params(client, parent.info.run_id, flatten(cfg_dict))
             mlflow.log_text(json.dumps(cfg_dict, indent=2), "sweep.json")
             for cand in candidates:
                 t0 = time.perf_counter()
-                version = _log_candidate(mlflow, client, config, cfg_dict, cand, teachers, res, register)
+                version = _log_candidate(mlflow, client, config, cfg_dict, cand, teachers, res, register, previous)
                 res.seconds_per_candidate.append(time.perf_counter() - t0)
                 log.info("candidate %s %s nfe=%d seed=%d: %s=%.5g (base %s %.5g)%s in %.1fs", cand.dataset, cand.solver,
                          cand.nfe, cand.seed, cand.protocol.metric, cand.value, cand.base_solver, cand.base_value,
@@ -133,7 +169,7 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
 
 
 def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teachers: dict, res: SweepLog,
-                   register: bool) -> Optional[str]:
+                   register: bool, previous: Optional[dict] = None) -> Optional[str]:
     from amed_core.families import describe as describe_sampler
     from amed_core.families import sampler_from_files
 
@@ -142,27 +178,26 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
     sampler = sampler_from_files(files)
     digest = files_sha256(files)
     run_name = f"{cand.dataset}-{cand.solver}-nfe{cand.nfe}-seed{cand.seed}"
-    with mlflow.start_run(experiment_id=res.experiment_id, run_name=run_name, nested=True, tags={
+    before = (previous or {}).get((run_name, digest))
+    done_tag = before.data.tags.get("amed.model_version") if before is not None else None
+    if before is not None and before.info.status == "FINISHED" and (done_tag or not register):
+        # an earlier attempt logged (and registered) this candidate completely: nothing to redo
+        res.child_run_ids.append(before.info.run_id)
+        if done_tag:
+            name, version = done_tag.rsplit("/", 1)
+            res.versions.append((name, version))
+            return version
+        return None
+    start = (dict(run_id=before.info.run_id) if before is not None else
+             dict(experiment_id=res.experiment_id, run_name=run_name))
+    with mlflow.start_run(**start, nested=True, tags={
             "amed.dataset": cand.dataset, "amed.solver": cand.solver, "amed.nfe": str(cand.nfe),
             "amed.seed": str(cand.seed), "amed.metric": metric, "amed.protocol_hash": cand.protocol.hash,
             "amed.checkpoint_sha256": digest, "amed.family": cand.family, "amed.teacher_id": cand.teacher_id}) as run:
         rid = run.info.run_id
         res.child_run_ids.append(rid)
-        params = flatten(cfg_dict)
-        params.update(flatten({"candidate": {k: v for k, v in cand.model_dump(mode="json").items()
-                                              if k not in ("loss_history", "sampler_spec", "artifacts", "value",
-                                                           "base_value", "rmse", "train_seconds")}}))
-        params.update(flatten({"spec": sampler.spec.to_dict() if hasattr(sampler.spec, "to_dict") else
-                               {k: v for k, v in describe_sampler(sampler).items() if k != "sigmas"}}))
-        log_params(client, rid, params)
-        improvement = cand.base_value - cand.value
-        log_metrics(client, rid, {
-            metric: cand.value, f"base_{metric}": cand.base_value, "improvement": improvement,
-            "improvement_pct": 100 * improvement / cand.base_value if cand.base_value else None,
-            "rmse": cand.rmse, "train_seconds": cand.train_seconds, "teacher_nfe": cand.teacher_nfe,
-            "nfe": cand.nfe, "denoiser_calls": cand.denoiser_calls, "panel_value": cand.panel_value,
-            "margin": cand.margin, **{f"per_sample_{k}": v for k, v in (cand.per_sample or {}).items()}},
-            curves={"train_loss": cand.loss_history})
+        if before is None or metric not in before.data.metrics:  # a resumed run keeps what it logged (no 2nd point)
+            _log_candidate_values(client, rid, cfg_dict, cand, sampler, describe_sampler, metric)
         with tempfile.TemporaryDirectory(prefix="amed-log-") as tmp:
             ckpt = write_files(Path(tmp, "checkpoint"), files)
             mlflow.log_artifacts(str(ckpt), "checkpoint")
@@ -201,6 +236,26 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
         res.versions.append((cand.registered_name, version))
         return version
+
+
+def _log_candidate_values(client, rid: str, cfg_dict: dict, cand: CandidateResult, sampler, describe_sampler,
+                          metric: str) -> None:
+    """A candidate's params (the sweep's config, the candidate, its sampler spec) and metrics, in batches."""
+    params = flatten(cfg_dict)
+    params.update(flatten({"candidate": {k: v for k, v in cand.model_dump(mode="json").items()
+                                          if k not in ("loss_history", "sampler_spec", "artifacts", "value",
+                                                       "base_value", "rmse", "train_seconds")}}))
+    params.update(flatten({"spec": sampler.spec.to_dict() if hasattr(sampler.spec, "to_dict") else
+                           {k: v for k, v in describe_sampler(sampler).items() if k != "sigmas"}}))
+    log_params(client, rid, params)
+    improvement = cand.base_value - cand.value
+    log_metrics(client, rid, {
+        metric: cand.value, f"base_{metric}": cand.base_value, "improvement": improvement,
+        "improvement_pct": 100 * improvement / cand.base_value if cand.base_value else None,
+        "rmse": cand.rmse, "train_seconds": cand.train_seconds, "teacher_nfe": cand.teacher_nfe,
+        "nfe": cand.nfe, "denoiser_calls": cand.denoiser_calls, "panel_value": cand.panel_value,
+        "margin": cand.margin, **{f"per_sample_{k}": v for k, v in (cand.per_sample or {}).items()}},
+        curves={"train_loss": cand.loss_history})
 
 
 def _log_views(mlflow, client, run_id: str, candidates: list[CandidateResult]) -> None:
