@@ -169,7 +169,8 @@ def write_cfg(work: Path, cfg: dict, name: str = "sweep.yaml") -> Path:
 # What a finished sweep left behind.
 
 def registry_state(db: Path) -> dict:
-    """Versions per model, duplicates (same checkpoint sha256 + protocol twice), champion right, runs still RUNNING."""
+    """Versions per model, duplicates (same checkpoint sha256 + protocol twice), champion right, runs still RUNNING,
+    sweep (parent) runs and runs left KILLED (a rerun carries on in the killed attempt's runs)."""
     con = sqlite3.connect(db)
     try:
         tags: dict[tuple[str, int], dict] = {}
@@ -188,7 +189,10 @@ def registry_state(db: Path) -> dict:
             values = [float(t["value"]) for (n, _), t in tags.items() if n == name and t.get("protocol_hash") == proto]
             champion_ok &= float(tags[(name, int(version))]["value"]) == min(values)
         running = con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
-        return {"versions": len(tags), "duplicates": dups, "champion_ok": champion_ok, "running": running}
+        killed = con.execute("select count(*) from runs where status = 'KILLED'").fetchone()[0]
+        parents = con.execute("select count(*) from tags where key = 'amed.sweep'").fetchone()[0]
+        return {"versions": len(tags), "duplicates": dups, "champion_ok": champion_ok, "running": running,
+                "killed": killed, "parents": parents}
     finally:
         con.close()
 
@@ -230,19 +234,23 @@ def _kill_and_rerun(work: Path, stage: str) -> tuple[str, str]:
                // SLOW["teacher"]["shard_size"], "train": work_done["teacher_shards_written"] == 0,
                "evaluate": work_done["teacher_shards_written"] == 0 and work_done["trained"] == 0,
                "register": work_done["teacher_shards_written"] == 0 and work_done["trained"] == 0}[stage]
-    ok = verified and skipped and reg["duplicates"] == 0 and reg["champion_ok"] and reg["running"] == 0
+    ok = (verified and skipped and reg["duplicates"] == 0 and reg["champion_ok"] and reg["running"] == 0
+          and reg["parents"] == 1 and reg["killed"] == 0)
     return (f"rerun rc 0, work {work_done}, {reg['versions']} versions, {reg['duplicates']} duplicates, champion "
-            f"{'right' if reg['champion_ok'] else 'WRONG'}, {reg['running']} runs RUNNING, store "
+            f"{'right' if reg['champion_ok'] else 'WRONG'}, {reg['parents']} sweep run(s), {reg['running']} runs "
+            f"RUNNING, {reg['killed']} KILLED, store "
             f"{'verifies' if verified else 'FAILS verify'}"), "survived" if ok else "FAIL"
 
 
 for _stage in STAGE_MARKERS:
     probe(f"kill-{_stage}", f"SIGKILL of amed distill's process group during {_stage}; rerun completes, skips committed "
-          "work, no duplicate version, champion right, no run left RUNNING")(
+          "work, no duplicate version, champion right, one sweep run (the killed attempt's, resumed), no run left RUNNING "
+          "or KILLED")(
         (lambda s: lambda work: _kill_and_rerun(work, s))(_stage))
 
 
-@probe("two-generates", "two amed teacher generate on one store at once: both exit 0, every shard once, verify OK",
+@probe("two-generates", "two amed teacher generate on one store at once: both exit 0, every shard generated once (by "
+       "one of them, the other adopts it), every shard committed once, verify OK",
        fast=True)
 def two_generates(work: Path):
     store = work / "store"
@@ -254,8 +262,16 @@ def two_generates(work: Path):
         _stop_ray(env)
     (h,) = os.listdir(store / "teachers")
     records = sorted(os.listdir(store / "teachers" / h / "manifest.d"))
-    ok = rcs == [0, 0] and len(records) == 16 and store_verifies(work, store)
-    return f"rc {rcs}, {len(records)}/16 commit records, verify {'OK' if ok else 'FAILED'}", "survived" if ok else "FAIL"
+    written = []
+    for i in range(2):
+        m = re.search(r"\((\d+) written now", (work / f"gen{i}.log").read_text())
+        written.append(int(m.group(1)) if m else -1)
+    claims_left = os.listdir(store / "teachers" / h / "claims") if (store / "teachers" / h / "claims").exists() else []
+    verified = store_verifies(work, store)
+    ok = rcs == [0, 0] and len(records) == 16 and verified and sum(written) == 16 and not claims_left
+    return (f"rc {rcs}, {len(records)}/16 commit records, shards generated {written[0]} + {written[1]} (each once: "
+            f"{'yes' if sum(written) == 16 else 'NO'}), {len(claims_left)} claims left, verify "
+            f"{'OK' if verified else 'FAILED'}"), "survived" if ok else "FAIL"
 
 
 @probe("two-distills", "two amed distill with the same config and --out at once: one refused in one line naming "

@@ -182,6 +182,57 @@ def test_concurrent_writers_and_conflicting_bytes(backend, tmp_path, request, sp
     assert st.adopt_shard(spec2, 1)["num_samples"] == 8 and st.missing_shards(spec2) == [0, 2]
 
 
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_shard_claims_split_the_work_and_survive_dead_holders(backend, tmp_path, request, spec, shards):
+    """Two writers of one teacher compute each shard once (flows.storage.claims): a live claim sends the other
+    writer to the next shard, a committed shard is handed over as its entry, and a claim whose holder died (a gone
+    pid on this host) or stopped renewing (expired) is taken over."""
+    import json as _json
+
+    url = str(tmp_path / "claims") if backend == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/claims"
+    a, b = TeacherStore(url), TeacherStore(url)
+    a.put_spec(spec)
+    book_a, book_b = a.claims(spec, ttl=2.0), b.claims(spec, ttl=2.0)
+    held = book_a.try_claim(0)
+    assert held is not None and not isinstance(held, dict)
+    assert book_b.try_claim(0) is None and book_b.holder(0)["pid"] == os.getpid()
+    # b skips the held shard, does the others, and gets shard 0 as its entry once a commits it
+    order = []
+    for i, got in book_b.each(range(spec.num_shards), poll=0.05):
+        order.append(i)
+        if isinstance(got, dict):
+            assert i == 0 and got == a.manifest(spec.spec_hash)[0]
+            continue
+        with got:
+            b.commit_shard(spec, shards[i])
+        if i == spec.num_shards - 1:  # the holder finishes while b is at its last shard
+            a.commit_shard(spec, shards[0])
+            held.release()
+    assert order == [1, 2, 0] and a.verify(spec.spec_hash).passed
+    assert not a.fs.exists(f"{a.spec_dir(spec.spec_hash)}/claims/shard-00001.json")  # released
+    # the claim renews itself while held, and expires once its holder stops renewing
+    spec2 = TeacherSpec.from_dict(spec.to_dict() | {"base_seed": 11})
+    a.put_spec(spec2)
+    c = a.claims(spec2, ttl=0.4).try_claim(0)
+    time.sleep(1.0)
+    assert a.claims(spec2, ttl=0.4).try_claim(0) is None  # renewed: still live after 2.5 TTLs
+    c._stop.set()
+    c._thread.join()
+    time.sleep(0.6)
+    taken = a.claims(spec2, ttl=0.4).try_claim(0)
+    assert taken is not None and not isinstance(taken, dict) and taken.body["token"] != c.body["token"]
+    taken.release()
+    # a claim of a process that is gone (same host) is taken over at once, whatever its expiry
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    body = {"host": book_a.owner["host"], "pid": dead.pid, "token": "x", "expires": time.time() + 3600, "index": 1}
+    a.fs.pipe_file(book_a.path(1).replace(a.spec_dir(spec.spec_hash), a.spec_dir(spec2.spec_hash)),
+                   _json.dumps(body).encode())
+    got = a.claims(spec2).try_claim(1)
+    assert got is not None and not isinstance(got, dict)
+    got.release()
+
+
 def test_s3_options_credentials_and_redaction(s3_server, s3_bucket, monkeypatch, caplog, spec, shards, capsys):
     assert s3_options_from_env({"AWS_ENDPOINT_URL": "http://x", "AWS_REGION": "eu-west-1", "AWS_PROFILE": "p"}) == {
         "client_kwargs": {"endpoint_url": "http://x", "region_name": "eu-west-1"}, "profile": "p"}

@@ -26,24 +26,39 @@ class TeacherWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def generate(self, spec_json: str, index: int) -> dict:
-        """Generate shard ``index`` and commit it (write-once object, then its manifest entry)."""
+    def generate(self, spec_json: str, index: int, wait: bool = False) -> dict:
+        """Generate shard ``index`` and commit it (write-once object, then its manifest entry).
+
+        When another writer (a concurrent sweep sharing this teacher) holds the shard's claim, return
+        ``{"deferred": True}`` at once, or with ``wait`` poll until it is committed (adopt it) or its claim goes stale
+        (take it over): :mod:`flows.storage.claims`."""
         from amed_core.teacher import TeacherSpec, generate_shard
         from flows.storage.teachers import TeacherStore
 
         spec = TeacherSpec.from_json(spec_json)
         store = TeacherStore(self.store_url, storage_options=self.storage_options)
         t0 = time.perf_counter()
-        entry = store.adopt_shard(spec, index)  # a killed writer may have left a complete object behind
+        book = store.claims(spec)
+        got = book.try_claim(index)
+        while got is None:
+            if not wait:
+                return {"index": index, "deferred": True, "holder": book.holder(index) or {}}
+            time.sleep(0.5)
+            got = book.try_claim(index)
         compute, nfe, span, cpu = 0.0, 0, [], 0.0
-        if entry is None:
-            c0, cpu0 = time.time(), time.process_time()
-            shard = generate_shard(self.denoiser, spec, index, device=self.device)
-            cpu = time.process_time() - cpu0
-            compute = time.time() - c0
-            span = [[c0, c0 + compute]]
-            nfe = shard.nfe * shard.num_samples
-            entry = store.commit_shard(spec, shard)
+        if isinstance(got, dict):  # committed by another writer meanwhile
+            entry = got
+        else:
+            with got:
+                entry = store.adopt_shard(spec, index)  # a killed writer may have left a complete object behind
+                if entry is None:
+                    c0, cpu0 = time.time(), time.process_time()
+                    shard = generate_shard(self.denoiser, spec, index, device=self.device)
+                    cpu = time.process_time() - cpu0
+                    compute = time.time() - c0
+                    span = [[c0, c0 + compute]]
+                    nfe = shard.nfe * shard.num_samples
+                    entry = store.commit_shard(spec, shard)
         where = node_info()
         self._report(spec.spec_hash, index, {**where, "index": index, "generated": bool(nfe), "done": True})
         return {"index": index, "compute_seconds": compute, "seconds": time.perf_counter() - t0, "nfe": nfe,
@@ -67,18 +82,25 @@ class TeacherRun:
     actors: list
     refs: list
     missing: list
+    spec_json: str = ""
 
     def finish(self, on_shard: Callable[[dict, int, int], None]) -> list[dict]:
-        """Wait for every shard (reporting each as it lands), then release the actors."""
+        """Wait for every shard (reporting each as it lands), then release the actors. A shard another writer was
+        generating is asked for again once the actors are free, this time waiting for it (adopted, not redone)."""
         import ray
 
-        out, pending = [], list(self.refs)
+        out, pending, total, k = [], list(self.refs), len(self.refs), 0
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
                 rec = ray.get(ready[0])
+                if rec.get("deferred"):
+                    actor = self.actors[k % len(self.actors)]
+                    k += 1
+                    pending.append(actor.generate.remote(self.spec_json, rec["index"], True))
+                    continue
                 out.append(rec)
-                on_shard(rec, len(out), len(self.refs))
+                on_shard(rec, len(out), total)
         finally:
             for a in self.actors:
                 ray.kill(a)
@@ -97,5 +119,5 @@ def start_teacher(dataset: DatasetConfig, spec_json: str, missing: Sequence[int]
                                                    max_task_retries=compute.task_retries, **actor_opts)
     actors = [actor_cls.remote(dataset, store_url, storage_options, compute.torch_threads) for _ in range(n_actors)]
     refs = [actors[k % n_actors].generate.remote(spec_json, idx) for k, idx in enumerate(missing)]
-    return TeacherRun(actors, refs, list(missing))
+    return TeacherRun(actors, refs, list(missing), spec_json)
 

@@ -6,6 +6,7 @@ Layout under the store URL::
     teachers/<spec-hash>/shard-00000.safetensors    TeacherShard bytes (amed_core.shards)
     teachers/<spec-hash>/manifest.d/shard-00000.json  one commit record per shard: bytes, sha256, xxh3_128, nfe
     teachers/<spec-hash>/manifest.json              the merged manifest (rewritten after each commit)
+    teachers/<spec-hash>/claims/shard-00000.json    who is computing a shard now (:mod:`flows.storage.claims`)
 
 Commit protocol (a shard counts only once its manifest entry exists):
 1. the shard object is created **write-once**: on a local disk it is written to a temporary name in the
@@ -36,7 +37,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 
 import fsspec
 import torch
@@ -48,6 +49,9 @@ from flows.storage.checksums import READ_CHECKS, digests, digests_async
 from flows.storage.credentials import credential_problem, merge_s3_options, redact
 from flows.storage.errors import ShardVerificationError, StoreCredentialsError
 from flows.storage.reads import fetch_checked, read_regular
+
+if TYPE_CHECKING:
+    from flows.storage.claims import ClaimBook
 
 __all__ = ["TeacherStore", "VerifyReport", "RepairReport"]
 
@@ -427,6 +431,29 @@ class TeacherStore:
         if update_manifest:
             self._write_manifest(spec)
         return entry
+
+    def committed_entry(self, spec: TeacherSpec, index: int) -> Optional[dict]:
+        """Shard ``index``'s commit record when it is committed (and the record is valid), else None."""
+        try:
+            entry = json.loads(self._cat(self._entry_path(spec.spec_hash, index)))
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return entry if _entry_problem(entry, index, spec.num_shards) is None else None
+
+    def claims(self, spec: TeacherSpec, ttl: float | None = None) -> "ClaimBook":
+        """Claims on this spec's shards, so that concurrent writers compute each shard once
+        (:mod:`flows.storage.claims`)."""
+        from flows.storage.claims import CLAIM_TTL, ClaimBook
+
+        return ClaimBook(self.spec_dir(spec.spec_hash), create=self._put_once, read=self._cat,
+                         replace=self._put_replace, remove=self._remove_existing,
+                         committed=lambda i: self.committed_entry(spec, i), ttl=ttl or CLAIM_TTL)
+
+    def _remove_existing(self, path: str) -> None:
+        if not self._remove(path):
+            raise FileNotFoundError(path)
 
     def adopt_shard(self, spec: TeacherSpec, index: int, *, update_manifest: bool = True,
                     known_to_exist: bool = False) -> Optional[dict]:
