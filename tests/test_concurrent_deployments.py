@@ -1,0 +1,130 @@
+"""Two deployment runs at once that share a teacher and register into the same models (issue 13, item 4), on real
+servers on 127.0.0.1: a `prefect server`, a process worker serving infra/prefect.yaml's `local` deployment, a Ray
+cluster of two nodes both runs use (``compute.ray_address``), an MLflow server on PostgreSQL, one teacher store.
+
+The two sweeps differ only in their training seed, so they plan the same teacher (same spec hash) and the same
+registered models. What must hold whatever the interleaving:
+- the teacher is generated once: the shards the two runs generated add up to the teacher's shard count (the other
+  run adopts what one generated: flows.storage.claims), every shard is committed once and the store verifies;
+- no version is lost or duplicated: each model has one version per distinct checkpoint;
+- ``champion`` is the best version under the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+
+import pytest
+
+from fixtures_postgres import mlflow_pg, postgres  # noqa: F401  (fixtures)
+from fixtures_prefect import ROOT, VENV_BIN, prefect_server, stop  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+SHARDS = 6
+
+
+def _sweep(name: str, seed: int, store_url: str, tracking_uri: str, ray_address: str) -> dict:
+    return {"name": name, "datasets": [{"name": "digits", "teacher": "digits-gmm"}], "solvers": ["amed"],
+            "nfes": [3], "seeds": [seed],
+            "teacher": {"num_trajectories": 64 * SHARDS, "shard_size": 64, "M": 8},
+            "train": {"batch_size": 64, "epochs": 2},
+            "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 0},
+            "panel": {"entries": [{"solver": "ipndm"}]},
+            "register_models": True, "mlflow_tracking_uri": tracking_uri, "store_url": store_url,
+            "compute": {"ray_address": ray_address, "max_parallel": 2, "teacher_actors": 2, "cpus_per_task": 1,
+                        "torch_threads": 1}}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Head + 1 worker node on 127.0.0.1 (1 CPU each), shared by both deployment runs."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from flows.env import apply_safe_defaults
+
+    apply_safe_defaults()
+    if ray.is_initialized():
+        ray.shutdown()
+    args = {"num_cpus": 1, "object_store_memory": 80_000_000, "include_dashboard": False}
+    c = Cluster(initialize_head=True, connect=False, head_node_args=args)
+    c.add_node(**args)
+    c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        c.shutdown()
+
+
+def _prefect(env, *args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_deployment_runs_share_one_teacher_and_one_registry(prefect_server, mlflow_pg, ray_cluster,  # noqa: F811
+                                                                tmp_path):
+    import mlflow
+
+    from flows.storage import TeacherStore
+
+    env = prefect_server
+    r = _prefect(env, "work-pool", "create", "amed-local", "--type", "process")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _prefect(env, "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "local")
+    assert r.returncode == 0, r.stdout + r.stderr
+    store_url = str(tmp_path / "store")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "amed-local"], env=env,
+                                  cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    runs: dict[str, subprocess.CompletedProcess] = {}
+
+    def trigger(name: str, seed: int) -> None:
+        sweep = _sweep(name, seed, store_url, mlflow_pg["url"], ray_cluster.address)
+        runs[name] = _prefect(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}),
+                              "--watch", "--watch-timeout", "540", timeout=570)
+
+    try:
+        threads = [threading.Thread(target=trigger, args=(n, s)) for n, s in (("share-a", 0), ("share-b", 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop(worker)
+    worker_log = log.read_text(errors="replace")
+    for name, r in runs.items():
+        assert r.returncode == 0 and "Completed" in r.stdout + r.stderr, (
+            f"{name}: {r.stdout[-3000:]}{r.stderr[-3000:]}\n--- worker ---\n{worker_log[-6000:]}")
+
+    # the teacher: generated once between the two runs, committed once, verified
+    written = [int(m) for m in re.findall(r"work: \{'teacher_shards_written': (\d+)", worker_log)]
+    assert len(written) == 2, worker_log[-6000:]
+    store = TeacherStore(store_url)
+    (spec_hash,) = store.list_specs()
+    assert sum(written) == SHARDS, f"shards generated by the two runs: {written} (the teacher has {SHARDS})"
+    assert len(store.manifest(spec_hash)) == SHARDS and store.verify(spec_hash).passed
+    assert not store.fs.exists(f"{store.spec_dir(spec_hash)}/claims") or not store.fs.ls(
+        f"{store.spec_dir(spec_hash)}/claims")
+
+    # the registry: one version per checkpoint, champion = best under the protocol
+    client = mlflow.MlflowClient(mlflow_pg["url"], mlflow_pg["url"])
+    models = [m for m in client.search_registered_models() if not m.name.endswith(".amed-lock")]
+    assert models, "nothing registered"
+    for m in models:
+        versions = client.search_model_versions(f"name = '{m.name}'")
+        sha = [v.tags.get("checkpoint_sha256") for v in versions]
+        assert len(sha) == len(set(sha)), f"{m.name}: a checkpoint registered twice ({sha})"
+        champ = client.get_model_version_by_alias(m.name, "champion")
+        same = [float(v.tags["value"]) for v in versions if v.tags.get("protocol_hash") == champ.tags["protocol_hash"]]
+        assert float(champ.tags["value"]) == min(same), f"{m.name}: champion {champ.tags['value']} of {same}"
+    seeds = sorted(v.tags.get("seed") for m in models for v in client.search_model_versions(f"name = '{m.name}'")
+                   if v.tags.get("solver") == "amed")
+    assert seeds == ["0", "1"], f"the two runs' AMED predictors (seeds 0 and 1) should be one version each: {seeds}"
+    panel = [v for m in models for v in client.search_model_versions(f"name = '{m.name}'")
+             if v.tags.get("solver") != "amed"]
+    assert len(panel) == len({(v.tags.get("checkpoint_sha256"), v.name) for v in panel})  # the shared panel: once
