@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,10 +42,10 @@ SHAPES = {4: (["amed"], [3], 4), 16: (["amed", "amed+ipndm"], [3, 5], 4), 64: ([
           256: (["amed", "amed+ipndm"], [3, 5], 64)}
 
 
-def sweep_config(n: int, store: str, tracking: str, address: str | None, register: bool) -> dict:
+def sweep_config(n: int, store: str, tracking: str, address: str | None, register: bool, label: str = "") -> dict:
     solvers, nfes, seeds = SHAPES[n]
     return {
-        "name": f"scale{n}", "datasets": [{"name": "digits", "teacher": "digits-gmm", "model_id": f"scale{n}"}],
+        "name": f"scale{n}{label and '-' + label}", "datasets": [{"name": "digits", "teacher": "digits-gmm", "model_id": f"scale{n}{label and '-' + label}"}],
         "solvers": solvers, "nfes": nfes, "seeds": list(range(seeds)),
         "teacher": {"num_trajectories": 256, "shard_size": 256, "M": 2},
         "train": {"batch_size": 128, "epochs": 1},
@@ -76,7 +77,28 @@ print("SCALE " + json.dumps(keep))
 from pipeline import union_seconds  # noqa: E402  (bench/pipeline.py: one copy of the span union)
 
 
-def run_sweep(n: int, work: Path, address: str | None, register: bool, prefect_api: str | None) -> dict:
+def pg_sizes(pg_url: str | None) -> dict:
+    """pg_database_size of the stack's prefect and mlflow databases (``--pg-url``), else {}."""
+    if not pg_url:
+        return {}
+    import sqlalchemy
+
+    eng = sqlalchemy.create_engine(re.sub(r"^postgres(ql)?://", "postgresql+psycopg2://", pg_url))  # MLflow's driver
+    try:
+        with eng.connect() as con:
+            return {f"pg_{db}_bytes": con.execute(sqlalchemy.text(f"select pg_database_size('{db}')")).scalar()
+                    for db in ("prefect", "mlflow")}
+    finally:
+        eng.dispose()
+
+
+LABEL = ""  # --label: appended to the sweep and model names, so repeated runs on one registry start from nothing
+
+
+def run_sweep(n: int, work: Path, address: str | None, register: bool, prefect_api: str | None,
+              tracking_uri: str | None = None) -> dict:
+    work = work / f"run-{len(list(work.glob('run-*')))}"  # a fresh store each run: nothing cached from earlier runs
+    work.mkdir(parents=True)
     store = work / f"store-{n}"
     db = work / f"mlflow-{n}.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
@@ -84,7 +106,7 @@ def run_sweep(n: int, work: Path, address: str | None, register: bool, prefect_a
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
-    cfg = sweep_config(n, str(store), f"sqlite:///{db}", address, register)
+    cfg = sweep_config(n, str(store), tracking_uri or f"sqlite:///{db}", address, register, LABEL)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], env=env, cwd=work, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -187,7 +209,7 @@ def plot(lines: list[dict], path: Path) -> None:
         if r.get("kind") == "sweep":
             groups.setdefault(f"{r['nodes']} node(s), {r['backend']}{', register' if r['register'] else ''}", []).append(r)
     for label, rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["size"])
+        rs = sorted({r["size"]: r for r in rs}.values(), key=lambda r: r["size"])  # the latest run of each size
         xs = [r["size"] for r in rs]
         a1.plot(xs, [r["process_wall"] for r in rs], "o-", label=f"wall, {label}")
         a1.plot(xs, [r["compute_total"] / r["slots"] for r in rs], "x--", label=f"compute / slots, {label}")
@@ -212,18 +234,27 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--register-sizes", type=int, nargs="*", default=[])
     ap.add_argument("--prefect-api", default=None, help="a Prefect server (e.g. the PostgreSQL stack's); default ephemeral")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow for the --register-sizes runs (e.g. the stack's "
+                    "http://127.0.0.1:5300); default a SQLite file per run")
+    ap.add_argument("--pg-url", default=None, help="SQLAlchemy URL of the stack's PostgreSQL (any database): records "
+                    "pg_database_size of its prefect and mlflow databases after each run")
     ap.add_argument("--micro", type=int, default=256, help="tasks in the Prefect/Ray micro-benchmarks (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "scale.json"))
     ap.add_argument("--plot", default=str(ROOT / "bench" / "scale.png"))
+    ap.add_argument("--label", default="", help="appended to sweep and registered model names (scale4-LABEL), so a run "
+                    "against a registry that has an earlier run's models registers everything anew")
     args = ap.parse_args()
+    global LABEL
+    LABEL = args.label
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its Ray nodes (finally)
     from flows.env import apply_safe_defaults
+    from flows.registry.tracking import redact_uri  # the --pg-url password never lands in scale.json
 
     apply_safe_defaults()
     machine = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "command": " ".join(sys.argv), "backend": "postgres" if args.prefect_api else "sqlite"}
+               "command": " ".join(redact_uri(a) for a in sys.argv), "backend": "postgres" if args.prefect_api else "sqlite"}
     out = Path(args.out)
 
     def emit(rec: dict) -> None:
@@ -234,6 +265,7 @@ def main() -> None:
                 if k not in ("command", "machine", "python", "time")}
         print(json.dumps(show), flush=True)
 
+    fits: dict[int, list[tuple[int, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="amed-scale-") as tmp:
         work = Path(tmp)
         for nodes in args.nodes:
@@ -252,15 +284,27 @@ def main() -> None:
                     emit({"kind": "ray_micro", "nodes": nodes, "n": args.micro,
                           "seconds_per_task": ray_micro(args.micro, address)})
                 for n in args.sizes:
-                    emit({"kind": "sweep", "nodes": nodes, "register": False, **run_sweep(n, work, address, False, args.prefect_api)})
+                    rec = run_sweep(n, work, address, False, args.prefect_api)
+                    emit({"kind": "sweep", "nodes": nodes, "register": False, **rec, **pg_sizes(args.pg_url)})
+                    fits.setdefault(nodes, []).append((n, rec["process_wall"], rec["wall_seconds"]))
                 for n in args.register_sizes:
-                    emit({"kind": "sweep", "nodes": nodes, "register": True, **run_sweep(n, work, address, True, args.prefect_api)})
+                    rec = run_sweep(n, work, address, True, args.prefect_api, args.tracking_uri)
+                    emit({"kind": "sweep", "nodes": nodes, "register": True, **rec, **pg_sizes(args.pg_url)})
             finally:
                 if cluster is not None:
                     cluster.shutdown()
         if args.micro:
             emit({"kind": "prefect_micro", "n": args.micro, "seconds_per_task": prefect_micro(args.micro, work, args.prefect_api)})
             emit({"kind": "store_micro", "seconds_per_op": store_micro(work)})
+    for nodes, pts in fits.items():  # fixed overhead = intercept of a least-squares line through (size, wall)
+        if len(pts) >= 2:
+            fixed = {}
+            for k, name in ((1, "process"), (2, "flow")):
+                xs, ys = [p[0] for p in pts], [p[k] for p in pts]
+                mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+                slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+                fixed[f"{name}_intercept"], fixed[f"{name}_slope"] = my - slope * mx, slope
+            emit({"kind": "fixed", "nodes": nodes, "sizes": [p[0] for p in pts], **fixed})
     lines = [json.loads(ln) for ln in out.read_text().splitlines() if ln.strip()]
     plot(lines, Path(args.plot))
     print(f"appended to {out}; plot {args.plot}")

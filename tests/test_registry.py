@@ -272,3 +272,35 @@ def test_registry_on_mlflow_server_with_s3_artifacts(tmp_path, teacher, mlflow_s
     assert stored, "no predictor.safetensors under the server's s3 artifact destination"
     out = fetch("models:/amed-digits-nfe3@champion", tmp_path / "from-server", tracking_uri=url)
     assert torch.equal(_samples(load_local(out), teacher), _samples(load_local(cand.checkpoint_url), teacher))
+
+
+def test_candidates_are_logged_in_parallel_against_a_server(tmp_path, teacher, mlflow_server, monkeypatch):
+    """Against a tracking server, log_sweep logs and registers candidates on AMED_REGISTER_WORKERS threads (each its
+    own active run); the record stays in candidate order, every child hangs under the sweep's run, each checkpoint is
+    one version and the aliases end on the lowest values."""
+    import mlflow
+
+    from flows.registry import log_sweep
+    from flows.registry.sweep import register_workers
+
+    url, _ = mlflow_server
+    monkeypatch.setenv("AMED_REGISTER_WORKERS", "3")
+    assert register_workers(url, 5) == 3 and register_workers(f"sqlite:///{tmp_path / 'x.db'}", 5) == 1
+    cfg = _config("parallel-sweep", url)
+    cands = [_candidate(tmp_path, teacher, solver=s, seed=k, value=v) for k, (s, v) in
+             enumerate([("amed", 0.5), ("amed+ipndm", 0.2), ("amed", 0.3), ("amed+ipndm", 0.4), ("amed", 0.6)])]
+    res = log_sweep(cfg, cands)
+    client = mlflow.MlflowClient(url, url)
+    assert len(res.child_run_ids) == 5 and len(set(res.child_run_ids)) == 5
+    for cand, rid, (name, version) in zip(cands, res.child_run_ids, res.versions):
+        run = client.get_run(rid)
+        assert run.data.tags["mlflow.parentRunId"] == res.parent_run_id and run.info.status == "FINISHED"
+        assert (run.data.tags["amed.seed"], run.data.tags["amed.solver"]) == (str(cand.seed), cand.solver)
+        assert client.get_model_version(name, version).tags["seed"] == str(cand.seed)
+    name = cands[0].registered_name
+    assert len({v for _, v in res.versions}) == 5
+    every = client.search_model_versions(f"name = '{name}'")  # the module's server also holds an earlier test's
+    assert float(client.get_model_version_by_alias(name, "champion").tags["value"]) == min(
+        float(v.tags["value"]) for v in every) == 0.2
+    assert float(client.get_model_version_by_alias(name, "best-amed").tags["value"]) == min(
+        float(v.tags["value"]) for v in every if v.tags["solver"] == "amed")

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class SweepLog:
 
 
 _TEACHERS: dict[str, Any] = {}  # (teacher, options) -> denoiser, reused across sweeps in one process
+_TEACHERS_GUARD = threading.RLock()
 
 
 def teacher_for(config, dataset: str):
@@ -147,13 +149,30 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
             previous = _children(client, exp_id, parent.info.run_id) if resumed is not None else {}
             log_params(client, parent.info.run_id, flatten(cfg_dict))
             mlflow.log_text(json.dumps(cfg_dict, indent=2), "sweep.json")
-            for cand in candidates:
+            def one(cand: CandidateResult) -> _Logged:
                 t0 = time.perf_counter()
-                version = _log_candidate(mlflow, client, config, cfg_dict, cand, teachers, res, register, previous)
-                res.seconds_per_candidate.append(time.perf_counter() - t0)
+                out = _log_candidate(mlflow, client, config, cfg_dict, cand, teachers, register, previous,
+                                     parent.info.run_id, exp_id)
+                out.seconds = time.perf_counter() - t0
                 log.info("candidate %s %s nfe=%d seed=%d: %s=%.5g (base %s %.5g)%s in %.1fs", cand.dataset, cand.solver,
                          cand.nfe, cand.seed, cand.protocol.metric, cand.value, cand.base_solver, cand.base_value,
-                         f" -> {cand.registered_name} v{version}" if version else "", res.seconds_per_candidate[-1])
+                         f" -> {cand.registered_name} v{out.version}" if out.version else "", out.seconds)
+                return out
+
+            workers = register_workers(uri, len(candidates))
+            if workers > 1:  # each thread has its own active run (MLflow's run stack is thread-local)
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="amed-register") as pool:
+                    logged = list(pool.map(one, candidates))
+            else:
+                logged = [one(c) for c in candidates]
+            for cand, out in zip(candidates, logged):  # in candidate order, whatever order the threads finished in
+                res.child_run_ids.append(out.run_id)
+                res.seconds_per_candidate.append(out.seconds)
+                if out.version:
+                    res.versions.append((out.name, out.version))
+                res.moved[cand.registered_name] = res.moved.get(cand.registered_name, False) or out.moved
             _log_views(mlflow, client, parent.info.run_id, candidates)
             if register:
                 for name in sorted({c.registered_name for c in candidates}):
@@ -168,8 +187,43 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
     return res
 
 
-def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teachers: dict, res: SweepLog,
-                   register: bool, previous: Optional[dict] = None) -> Optional[str]:
+@dataclass
+class _Logged:
+    """What logging (and registering) one candidate gave."""
+
+    run_id: str
+    name: str = ""
+    version: Optional[str] = None
+    moved: bool = False
+    seconds: float = 0.0
+
+
+def register_workers(uri: str, n: int) -> int:
+    """Candidates logged and registered at once: 1 on SQLite or a local folder (one writer), else
+    ``AMED_REGISTER_WORKERS`` (default 4) threads; the work is HTTP uploads, sampling and plots, mostly off the GIL."""
+    if uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri:
+        return 1
+    try:
+        want = int(os.environ.get("AMED_REGISTER_WORKERS", "4"))
+    except ValueError:
+        raise ValueError("AMED_REGISTER_WORKERS must be a whole number of threads (e.g. 4); unset it for the "
+                         "default") from None
+    return max(1, min(want, n))
+
+
+_MODEL_LOCKS: dict[str, threading.Lock] = {}
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _local_lock(name: str) -> threading.Lock:
+    """Threads of this process take turns per registered model before they take the registry's lock, so they never
+    poll the registry for each other."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(name, threading.Lock())
+
+
+def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teachers: dict, register: bool,
+                   previous: Optional[dict], parent_id: str, experiment_id: str) -> _Logged:
     from amed_core.families import describe as describe_sampler
     from amed_core.families import sampler_from_files
 
@@ -182,20 +236,17 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
     done_tag = before.data.tags.get("amed.model_version") if before is not None else None
     if before is not None and before.info.status == "FINISHED" and (done_tag or not register):
         # an earlier attempt logged (and registered) this candidate completely: nothing to redo
-        res.child_run_ids.append(before.info.run_id)
         if done_tag:
             name, version = done_tag.rsplit("/", 1)
-            res.versions.append((name, version))
-            return version
-        return None
+            return _Logged(before.info.run_id, name, version)
+        return _Logged(before.info.run_id)
     start = (dict(run_id=before.info.run_id) if before is not None else
-             dict(experiment_id=res.experiment_id, run_name=run_name))
+             dict(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_id))
     with mlflow.start_run(**start, nested=True, tags={
             "amed.dataset": cand.dataset, "amed.solver": cand.solver, "amed.nfe": str(cand.nfe),
             "amed.seed": str(cand.seed), "amed.metric": metric, "amed.protocol_hash": cand.protocol.hash,
             "amed.checkpoint_sha256": digest, "amed.family": cand.family, "amed.teacher_id": cand.teacher_id}) as run:
         rid = run.info.run_id
-        res.child_run_ids.append(rid)
         if before is None or metric not in before.data.metrics:  # a resumed run keeps what it logged (no 2nd point)
             _log_candidate_values(client, rid, cfg_dict, cand, sampler, describe_sampler, metric)
         with tempfile.TemporaryDirectory(prefix="amed-log-") as tmp:
@@ -209,9 +260,10 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
                     mlflow.log_artifact(str(p), "plots")
                 except (OSError, ValueError) as e:
                     log.warning("artifact %s (%s) not logged: %s", name, url, e)
-            if cand.dataset not in teachers:
-                teachers[cand.dataset] = teacher_for(config, cand.dataset)
-            ds, denoiser = teachers[cand.dataset]
+            with _TEACHERS_GUARD:  # threads share one loaded teacher per dataset
+                if cand.dataset not in teachers:
+                    teachers[cand.dataset] = teacher_for(config, cand.dataset)
+                ds, denoiser = teachers[cand.dataset]
             seeds = [cand.protocol.seed, cand.protocol.seed + 1]
             try:
                 if not hasattr(sampler, "predictor"):
@@ -226,16 +278,15 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
             except Exception as e:  # a plot must never lose a candidate
                 log.warning("schedule plot for %s not made: %s", run_name, e)
             if not register:
-                return None
+                return _Logged(rid)
             t0 = time.perf_counter()
             info = log_model_checked(mlflow, ckpt, ds, denoiser, sampler, seeds)
-        version, moved = register_candidate(mlflow, client, cand, info, digest, rid,  # under the model's lock
-                                            storage_options=config.storage_options)
-        res.moved[cand.registered_name] = res.moved.get(cand.registered_name, False) or moved[CHAMPION]
+        with _local_lock(cand.registered_name):
+            version, moved = register_candidate(mlflow, client, cand, info, digest, rid,  # under the model's lock
+                                                storage_options=config.storage_options)
         log_metrics(client, rid, {"log_register_seconds": time.perf_counter() - t0})
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
-        res.versions.append((cand.registered_name, version))
-        return version
+        return _Logged(rid, cand.registered_name, version, moved[CHAMPION])
 
 
 def _log_candidate_values(client, rid: str, cfg_dict: dict, cand: CandidateResult, sampler, describe_sampler,
