@@ -199,14 +199,20 @@ load_secrets() {
 # ---------------------------------------------------------------- processes
 pidfile() { echo "$RUN/$1.pid"; }
 
-# the PID recorded for a service, if that process is alive and is still the one started (its command
-# line names this stack's folder or port)
-svc_pid() {
-  local f pid cmd
+recorded_pid() {  # the PID in NAME's pidfile, if the file holds one
+  local f pid
   f="$(pidfile "$1")"
   [ -s "$f" ] || return 1
   pid="$(head -n 1 "$f")"
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  echo "$pid"
+}
+
+# the PID recorded for a service, if that process is alive and is still the one started (its command
+# line names this stack's folder or port)
+svc_pid() {
+  local pid cmd
+  pid="$(recorded_pid "$1")" || return 1
   [ -r "/proc/$pid/cmdline" ] || return 1
   cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
   case "$1" in
@@ -223,11 +229,8 @@ svc_pid() {
 # line: between fork and exec the child still shows the script's own command line, and a busy machine can take
 # a while to get past that, so "not yet exec'd" must not read as "exited while starting"
 spawned_pid() {
-  local f pid state
-  f="$(pidfile "$1")"
-  [ -s "$f" ] || return 1
-  pid="$(head -n 1 "$f")"
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  local pid state
+  pid="$(recorded_pid "$1")" || return 1
   kill -0 "$pid" 2>/dev/null || return 1
   state="$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo X)"
   [ "$state" != Z ] && [ "$state" != X ] || return 1

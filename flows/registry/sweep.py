@@ -19,6 +19,7 @@ from flows.registry.registration import CHAMPION, champion_uri, log_model_checke
 from flows.registry.tracking import experiment, flatten, log_metrics, log_params, resolve_tracking_uri, tracking
 from flows.results import CandidateResult
 from flows.storage.checksums import files_sha256
+from flows.storage.locks import pid_alive
 from flows.storage.credentials import redact
 from flows.storage.urls import read_url
 
@@ -71,7 +72,7 @@ def close_stale_runs(client, experiment_id: str, sweep: str) -> list[str]:
                                  max_results=1000)
     for run in parents:
         tags = run.data.tags
-        if tags.get("amed.host") != host or not tags.get("amed.pid", "").isdigit() or _alive(int(tags["amed.pid"])):
+        if tags.get("amed.host") != host or not tags.get("amed.pid", "").isdigit() or pid_alive(int(tags["amed.pid"])):
             continue
         children = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
                                       f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", max_results=10000)
@@ -109,18 +110,6 @@ def _children(client, experiment_id: str, parent_id: str) -> dict[tuple[str, str
         token = page.token
         if not token:
             return out
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Optional[str] = None,

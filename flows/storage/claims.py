@@ -25,21 +25,13 @@ import uuid
 from collections import deque
 from typing import Callable, Iterable, Iterator, Optional
 
+from flows.storage.locks import pid_alive
+
 __all__ = ["Claim", "ClaimBook", "CLAIM_TTL"]
 
 log = logging.getLogger(__name__)
 
 CLAIM_TTL = float(os.environ.get("AMED_CLAIM_TTL", "120"))  # seconds a claim lives without renewal
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Claim:
@@ -108,7 +100,7 @@ class ClaimBook:
             return None
         if not isinstance(body, dict) or float(body.get("expires", 0)) < time.time():
             return None
-        if body.get("host") == self.owner["host"] and isinstance(body.get("pid"), int) and not _alive(body["pid"]):
+        if body.get("host") == self.owner["host"] and isinstance(body.get("pid"), int) and not pid_alive(body["pid"]):
             return None
         return body
 

@@ -10,9 +10,22 @@ import fcntl
 import os
 from pathlib import Path
 
-__all__ = ["LockHeld", "hold_lock", "release_lock"]
+__all__ = ["LockHeld", "hold_lock", "release_lock", "pid_alive"]
 
 _HELD: dict[str, int] = {}  # path -> fd, held until release_lock or process exit
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a process of another user counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class LockHeld(ValueError):
