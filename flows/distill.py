@@ -236,9 +236,13 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
     logger.info("results: %s", results_url)
     champions: dict[str, str] = {}
     if cfg.register_models:  # register_models false: results.json is the record
-        from flows.registry import register_sweep
+        import ray
 
-        champions = dict(register_sweep(cfg, results) or {})
+        from flows.registry import register_sweep
+        from flows.registry.checks import RayChecks
+
+        checks = RayChecks(cfg.compute) if ray.is_initialized() else None  # else in this process
+        champions = dict(register_sweep(cfg, results, checks=checks) or {})
         for name, uri in champions.items():
             logger.info("champion %s -> %s", name, uri)
     publish_artifacts(cfg, results, scores, plan, results_url, champions)
@@ -339,9 +343,10 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
         trained = {k: _this_run(f) for k, f in tr_fut.items()}
         scores = {b: _this_run(f) for b, f in b_fut.items()}
         scores.update({c.eval.id: _this_run(ev_fut[c.id]) for c in plan.candidates})
-    if warm is not None:
-        warm.join()
-    reg = register_stage(cfg.model_dump(mode="json"), plan, trained, scores, teachers)
+        if warm is not None:
+            warm.join()
+        # inside the Ray session: the teacher-dependent checks of registration run on the workers
+        reg = register_stage(cfg.model_dump(mode="json"), plan, trained, scores, teachers)
     wall = time.perf_counter() - t_flow
     work = {"teacher_shards_written": sum(t["shards_written"] for t in teachers.values()),
             "trained": sum(not r.get("skipped") for r in trained.values()),

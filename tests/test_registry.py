@@ -304,3 +304,40 @@ def test_candidates_are_logged_in_parallel_against_a_server(tmp_path, teacher, m
         float(v.tags["value"]) for v in every) == 0.2
     assert float(client.get_model_version_by_alias(name, "best-amed").tags["value"]) == min(
         float(v.tags["value"]) for v in every if v.tags["solver"] == "amed")
+
+
+def test_registration_checks_run_on_ray_without_the_teacher_in_this_process(tmp_path, teacher, monkeypatch):
+    """From the flow, the teacher-dependent steps of registration (reference samples, schedule plot, the logged
+    model's reproduction check) run as Ray tasks (flows.registry.checks.RayChecks): registering loads no model in
+    the flow process; the versions and the champion are what the in-process path gives."""
+    import mlflow
+    import ray
+
+    import amed_core.adapters
+    import amed_core.denoisers
+    import flows.registry.checks as checks
+    from flows.config import ComputeConfig
+    from flows.registry import log_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _config("ray-checks", uri)
+    cands = [_candidate(tmp_path, teacher, solver="amed", seed=k, value=v) for k, v in ((0, 0.5), (1, 0.3))]
+
+    def trap(*a, **k):
+        raise AssertionError("the flow process loaded a teacher")
+
+    checks._TEACHERS.clear()
+    monkeypatch.setattr(amed_core.adapters, "load_teacher", trap)
+    monkeypatch.setattr(amed_core.denoisers, "load_teacher", trap)
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        res = log_sweep(cfg, cands, checks=checks.RayChecks(ComputeConfig(cpus_per_task=1)))
+    finally:
+        ray.shutdown()
+    assert not checks._TEACHERS
+    client = mlflow.MlflowClient(uri, uri)
+    assert len(res.versions) == 2
+    name = cands[0].registered_name
+    assert client.get_model_version_by_alias(name, "champion").tags["value"] == "0.3"
+    arts = {f.path for f in client.list_artifacts(res.child_run_ids[0], "plots")}
+    assert "plots/schedule.png" in arts  # made on a worker, logged here

@@ -20,7 +20,7 @@ from flows.results import CandidateResult
 
 log = logging.getLogger("flows.registry")
 
-__all__ = ["CHAMPION", "MODEL_CODE", "solver_alias", "champion_uri", "log_model_checked", "move_alias", "mark_champion", "promote",
+__all__ = ["CHAMPION", "MODEL_CODE", "solver_alias", "champion_uri", "log_model", "move_alias", "mark_champion", "promote",
            "register_version", "register_candidate", "ensure_model", "find_version", "model_lock", "LOCK_SUFFIX"]
 
 MODEL_CODE = Path(__file__).resolve().parent.parent / "mlflow_model.py"
@@ -36,29 +36,19 @@ def champion_uri(name: str) -> str:
     return f"models:/{name}@{CHAMPION}"
 
 
-def log_model_checked(mlflow, ckpt_dir: Path, ds, denoiser, sampler, seeds: list[int]):
-    """Log the pyfunc from code, load it back, run it once; it must reproduce the local sampler exactly."""
-    import numpy as np
+def log_model(mlflow, ckpt_dir: Path, ds, expected, seeds: list[int]):
+    """Log the candidate as a pyfunc from code (``flows/mlflow_model.py``) in the active run; its signature from the
+    reference samples ``expected`` (one row per seed). The caller then checks that the logged model reproduces them
+    (:func:`flows.registry.checks.reproduces`) before registering it."""
     import pandas as pd
-    import torch
 
-    from amed_core.teacher import trajectory_inputs
     from mlflow.models import infer_signature
 
-    label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
-    noise, labels = trajectory_inputs(seeds, denoiser.shape, label_policy="uniform" if label_dim else "none", label_dim=label_dim)
-    onehot = torch.nn.functional.one_hot(labels, label_dim).double() if labels is not None else None
-    expected = sampler(denoiser, noise.double(), class_labels=onehot).x.reshape(len(seeds), -1).numpy()
     example = pd.DataFrame({"seed": seeds})
     with warnings.catch_warnings():  # advisory hints (integer schema, type hints, input_example) only
         warnings.simplefilter("ignore", UserWarning)
         signature = infer_signature(example, expected, params={"dtype": "float64"})
-        info = _log_pyfunc(mlflow, ckpt_dir, ds, signature)
-        loaded = mlflow.pyfunc.load_model(info.model_uri)
-        got = np.asarray(loaded.predict(example))
-    if got.shape != expected.shape or not np.array_equal(got, expected):
-        raise RuntimeError(f"logged model {info.model_uri} does not reproduce its checkpoint's samples; not registering it")
-    return info
+        return _log_pyfunc(mlflow, ckpt_dir, ds, signature)
 
 
 def _log_pyfunc(mlflow, ckpt_dir: Path, ds, signature):

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from flows.registry.checks import Checks, LocalChecks
 from flows.registry.loading import read_checkpoint, write_files
-from flows.registry.registration import CHAMPION, champion_uri, log_model_checked, register_candidate
+from flows.registry.registration import CHAMPION, champion_uri, log_model, register_candidate
 from flows.registry.tracking import experiment, flatten, log_metrics, log_params, resolve_tracking_uri, tracking
 from flows.results import CandidateResult
 from flows.storage.checksums import files_sha256
-from flows.storage.locks import pid_alive
 from flows.storage.credentials import redact
+from flows.storage.locks import pid_alive
 from flows.storage.urls import read_url
 
 log = logging.getLogger("flows.registry")
@@ -42,24 +43,6 @@ class SweepLog:
     seconds_per_candidate: list[float] = field(default_factory=list)
 
 
-
-
-_TEACHERS: dict[str, Any] = {}  # (teacher, options) -> denoiser, reused across sweeps in one process
-_TEACHERS_GUARD = threading.RLock()
-
-
-def teacher_for(config, dataset: str):
-    from amed_core.denoisers import load_teacher
-
-    ds = next((d for d in config.datasets if d.name == dataset), None)
-    if ds is None:
-        raise ValueError(f"candidate dataset {dataset!r} is not in the sweep's datasets {[d.name for d in config.datasets]}")
-    key = json.dumps([ds.teacher, ds.load_kwargs()], sort_keys=True, default=str)
-    if key not in _TEACHERS:
-        if len(_TEACHERS) >= 2:
-            _TEACHERS.pop(next(iter(_TEACHERS)))
-        _TEACHERS[key] = load_teacher(ds.teacher, **ds.load_kwargs())
-    return ds, _TEACHERS[key]
 
 
 def close_stale_runs(client, experiment_id: str, sweep: str) -> list[str]:
@@ -113,14 +96,19 @@ def _children(client, experiment_id: str, parent_id: str) -> dict[tuple[str, str
 
 
 def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Optional[str] = None,
-              register: bool = True) -> SweepLog:
-    """Track a sweep (parent + child runs) and, with ``register``, register each candidate and move aliases."""
+              register: bool = True, checks: Optional[Checks] = None) -> SweepLog:
+    """Track a sweep (parent + child runs) and, with ``register``, register each candidate and move aliases.
+
+    ``checks``: where the teacher-dependent steps run (reference samples, schedule plot, the logged model's
+    reproduction check): :class:`~flows.registry.checks.LocalChecks` (default) or, from the flow,
+    :class:`~flows.registry.checks.RayChecks`, so the flow process never loads the teacher."""
     import mlflow
+
+    checks = checks or LocalChecks()
 
     candidates = list(candidates)
     uri = resolve_tracking_uri(tracking_uri, config=config)
     cfg_dict = redact(config.model_dump(mode="json"))  # validation refuses secrets; redact again before recording
-    teachers: dict[str, tuple] = {}
     with tracking(uri) as client:
         exp_id = experiment(client, config.name, uri)
         close_stale_runs(client, exp_id, config.name)
@@ -140,8 +128,8 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
             mlflow.log_text(json.dumps(cfg_dict, indent=2), "sweep.json")
             def one(cand: CandidateResult) -> _Logged:
                 t0 = time.perf_counter()
-                out = _log_candidate(mlflow, client, config, cfg_dict, cand, teachers, register, previous,
-                                     parent.info.run_id, exp_id)
+                out = _log_candidate(mlflow, client, config, cfg_dict, cand, checks, register, previous,
+                                     parent.info.run_id, exp_id, uri)
                 out.seconds = time.perf_counter() - t0
                 log.info("candidate %s %s nfe=%d seed=%d: %s=%.5g (base %s %.5g)%s in %.1fs", cand.dataset, cand.solver,
                          cand.nfe, cand.seed, cand.protocol.metric, cand.value, cand.base_solver, cand.base_value,
@@ -211,8 +199,8 @@ def _local_lock(name: str) -> threading.Lock:
         return _MODEL_LOCKS.setdefault(name, threading.Lock())
 
 
-def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teachers: dict, register: bool,
-                   previous: Optional[dict], parent_id: str, experiment_id: str) -> _Logged:
+def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, checks: Checks, register: bool,
+                   previous: Optional[dict], parent_id: str, experiment_id: str, uri: str) -> _Logged:
     from amed_core.families import describe as describe_sampler
     from amed_core.families import sampler_from_files
 
@@ -249,27 +237,22 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, teac
                     mlflow.log_artifact(str(p), "plots")
                 except (OSError, ValueError) as e:
                     log.warning("artifact %s (%s) not logged: %s", name, url, e)
-            with _TEACHERS_GUARD:  # threads share one loaded teacher per dataset
-                if cand.dataset not in teachers:
-                    teachers[cand.dataset] = teacher_for(config, cand.dataset)
-                ds, denoiser = teachers[cand.dataset]
+            ds = next(d for d in config.datasets if d.name == cand.dataset)  # metadata only: no model loaded here
             seeds = [cand.protocol.seed, cand.protocol.seed + 1]
-            try:
-                if not hasattr(sampler, "predictor"):
-                    raise _NoPlot
-                png = _policy_png(sampler, denoiser, list(range(cand.protocol.seed, cand.protocol.seed + 8)),
-                                  f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})")
+            ref = checks.reference(config.model_dump(mode="json"), cand.dataset, cand.checkpoint_url, seeds,
+                                   list(range(cand.protocol.seed, cand.protocol.seed + 8)),
+                                   f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})")
+            if ref["png"] is not None:  # the learned schedule; samplers without a predictor have their sigmas in params
                 Path(tmp, "plots").mkdir(exist_ok=True)
-                Path(tmp, "plots", "schedule.png").write_bytes(png)
+                Path(tmp, "plots", "schedule.png").write_bytes(ref["png"])
                 mlflow.log_artifact(str(Path(tmp, "plots", "schedule.png")), "plots")
-            except _NoPlot:  # a schedule without a predictor: its sigmas are the spec's (params)
-                pass
-            except Exception as e:  # a plot must never lose a candidate
-                log.warning("schedule plot for %s not made: %s", run_name, e)
             if not register:
                 return _Logged(rid)
             t0 = time.perf_counter()
-            info = log_model_checked(mlflow, ckpt, ds, denoiser, sampler, seeds)
+            info = log_model(mlflow, ckpt, ds, ref["expected"], seeds)
+            if not checks.reproduces(uri, info.model_uri, seeds, ref["expected"]):
+                raise RuntimeError(f"logged model {info.model_uri} does not reproduce its checkpoint's samples; "
+                                   "not registering it")
         with _local_lock(cand.registered_name):
             version, moved = register_candidate(mlflow, client, cand, info, digest, rid,  # under the model's lock
                                                 storage_options=config.storage_options)
@@ -327,24 +310,7 @@ def _log_views(mlflow, client, run_id: str, candidates: list[CandidateResult]) -
             mlflow.log_artifact(str(Path(tmp, "quality_vs_nfe.png")), "plots")
 
 
-def _policy_png(sampler, denoiser, seeds: list[int], title: str) -> bytes:
-    """The learned schedule (grid, intermediate times) and scales on the protocol's noise
-    (:func:`amed_core.amed.evaluation.policy_plot_png`)."""
-    import torch
-
-    from amed_core.amed.evaluation import policy_plot_png
-    from amed_core.teacher import trajectory_inputs
-
-    label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
-    noise, labels = trajectory_inputs(seeds, denoiser.shape, label_policy="uniform" if label_dim else "none", label_dim=label_dim)
-    onehot = torch.nn.functional.one_hot(labels, label_dim).double() if labels is not None else None
-    return policy_plot_png(sampler, denoiser, noise.double(), class_labels=onehot, title=title)
-
-
-class _NoPlot(Exception):
-    """A sampler without a learned per-step policy (free, gits, epd): no schedule plot."""
-
-
-def register_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Optional[str] = None) -> dict[str, str]:
+def register_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Optional[str] = None,
+                   checks: Optional[Checks] = None) -> dict[str, str]:
     """Track + register a sweep's candidates; returns {registered name: "models:/<name>@champion"}."""
-    return log_sweep(config, candidates, tracking_uri=tracking_uri, register=True).champions
+    return log_sweep(config, candidates, tracking_uri=tracking_uri, register=True, checks=checks).champions

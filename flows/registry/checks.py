@@ -1,0 +1,141 @@
+"""The teacher-dependent parts of logging a candidate, kept out of the flow process when a Ray cluster is at hand.
+
+Logging a candidate needs its sampler run on the teacher twice: once for the reference samples (and the learned
+schedule plot) before its pyfunc is logged, and once through the logged pyfunc, which must reproduce them before the
+version is registered. For a Stable Diffusion teacher that is the UNet's weights and minutes of sampling per candidate;
+done in the flow process it would load the model there (what planning avoids: ``flows.cluster.probe``). So the flow
+asks a :class:`Checks` for both steps: :class:`LocalChecks` runs them here (the default, e.g. ``amed register`` or
+tests without Ray), :class:`RayChecks` as Ray tasks on the workers, which cache the teacher per process. The MLflow
+logging itself (runs, artifacts, versions, aliases) stays in the flow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, Optional
+
+log = logging.getLogger("flows.registry")
+
+__all__ = ["Checks", "LocalChecks", "RayChecks", "reference_samples", "reproduces", "teacher_for"]
+
+_TEACHERS: dict[str, Any] = {}  # (teacher, options) -> denoiser, reused across candidates and sweeps in one process
+_TEACHERS_GUARD = threading.RLock()
+
+
+def teacher_for(config, dataset: str):
+    """(DatasetConfig, loaded teacher) of ``dataset`` in this sweep; two teachers at most stay loaded per process."""
+    from amed_core.denoisers import load_teacher
+
+    ds = next((d for d in config.datasets if d.name == dataset), None)
+    if ds is None:
+        raise ValueError(f"candidate dataset {dataset!r} is not in the sweep's datasets {[d.name for d in config.datasets]}")
+    key = json.dumps([ds.teacher, ds.load_kwargs()], sort_keys=True, default=str)
+    with _TEACHERS_GUARD:  # threads of the register stage share one loaded teacher
+        if key not in _TEACHERS:
+            if len(_TEACHERS) >= 2:
+                _TEACHERS.pop(next(iter(_TEACHERS)))
+            _TEACHERS[key] = load_teacher(ds.teacher, **ds.load_kwargs())
+        return ds, _TEACHERS[key]
+
+
+def reference_samples(config_json: dict, dataset: str, checkpoint_url: str, seeds: list[int],
+                      plot_seeds: Optional[list[int]] = None, title: str = "") -> dict:
+    """The candidate's samples for ``seeds`` (float64, one row per seed) and, for a sampler with a learned per-step
+    policy, its schedule plot on ``plot_seeds`` (PNG bytes, else None)."""
+    import torch
+
+    from amed_core.families import sampler_from_files
+    from amed_core.teacher import trajectory_inputs
+    from flows.config import SweepConfig
+    from flows.registry.loading import read_checkpoint
+
+    config = SweepConfig.model_validate(config_json)
+    sampler = sampler_from_files(read_checkpoint(checkpoint_url, config.storage_options))
+    _, denoiser = teacher_for(config, dataset)
+    label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
+
+    def inputs(ss: list[int]):
+        noise, labels = trajectory_inputs(ss, denoiser.shape, label_policy="uniform" if label_dim else "none",
+                                          label_dim=label_dim)
+        onehot = torch.nn.functional.one_hot(labels, label_dim).double() if labels is not None else None
+        return noise.double(), onehot
+
+    noise, onehot = inputs(seeds)
+    expected = sampler(denoiser, noise, class_labels=onehot).x.reshape(len(seeds), -1).numpy()
+    png = None
+    if plot_seeds and hasattr(sampler, "predictor"):  # free, gits, epd samplers: their sigmas are in the params
+        from amed_core.amed.evaluation import policy_plot_png
+
+        try:
+            noise, onehot = inputs(plot_seeds)
+            png = policy_plot_png(sampler, denoiser, noise, class_labels=onehot, title=title)
+        except Exception as e:  # noqa: BLE001 - a plot must never lose a candidate
+            log.warning("schedule plot for %s not made: %s", title, e)
+    return {"expected": expected, "png": png}
+
+
+def reproduces(tracking_uri: str, model_uri: str, seeds: list[int], expected) -> bool:
+    """Load the logged pyfunc back from the registry's artifact store and run it: exactly the reference samples?"""
+    import warnings
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with warnings.catch_warnings():  # advisory hints (integer schema, type hints) only
+        warnings.simplefilter("ignore", UserWarning)
+        got = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"seed": seeds})))
+    return got.shape == expected.shape and bool(np.array_equal(got, expected))
+
+
+class Checks:
+    """Where :func:`reference_samples` and :func:`reproduces` run (see the module docstring)."""
+
+    where = "?"
+
+    def reference(self, config_json: dict, dataset: str, checkpoint_url: str, seeds: list[int],
+                  plot_seeds: Optional[list[int]] = None, title: str = "") -> dict:
+        raise NotImplementedError
+
+    def reproduces(self, tracking_uri: str, model_uri: str, seeds: list[int], expected) -> bool:
+        raise NotImplementedError
+
+
+class LocalChecks(Checks):
+    """In this process (loads the teacher here)."""
+
+    where = "this process"
+
+    def reference(self, *args, **kwargs) -> dict:
+        return reference_samples(*args, **kwargs)
+
+    def reproduces(self, *args, **kwargs) -> bool:
+        return reproduces(*args, **kwargs)
+
+
+class RayChecks(Checks):
+    """As Ray tasks with the sweep's task options (GPU where the cluster has one); callable from several threads."""
+
+    where = "Ray workers"
+
+    def __init__(self, compute):
+        import ray
+
+        from flows.cluster.session import task_options
+
+        opts = task_options(compute)
+        self._reference = ray.remote(reference_samples).options(**opts)
+        self._reproduces = ray.remote(reproduces).options(**{k: v for k, v in opts.items() if k != "num_gpus"})
+
+    def reference(self, *args, **kwargs) -> dict:
+        import ray
+
+        return ray.get(self._reference.remote(*args, **kwargs))
+
+    def reproduces(self, *args, **kwargs) -> bool:
+        import ray
+
+        return ray.get(self._reproduces.remote(*args, **kwargs))
