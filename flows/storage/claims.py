@@ -91,7 +91,7 @@ class ClaimBook:
         return f"{self.folder}/claims/shard-{index:05d}.json"
 
     def holder(self, index: int) -> Optional[dict]:
-        """The live claim on ``index`` (not ours), or None when there is none or it is stale."""
+        """The live claim on ``index`` (any writer's, this process's included), or None when there is none or it is stale."""
         try:
             body = json.loads(self.read(self.path(index)))
         except FileNotFoundError:
