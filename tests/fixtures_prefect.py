@@ -98,3 +98,46 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
             except ProcessLookupError:
                 pass
             proc.wait(5)
+
+
+def prefect_cli(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``prefect ARGS`` from the venv, in the repository root, with ``env`` (e.g. the prefect_server fixture's)."""
+    return subprocess.run([str(VENV_BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def deploy_local(env: dict) -> None:
+    """Create the process pool ``amed-local`` and deploy infra/prefect.yaml's ``local`` deployment on that server."""
+    r = prefect_cli(env, "work-pool", "create", "amed-local", "--type", "process")
+    assert r.returncode == 0 or "already exists" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = prefect_cli(env, "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "local")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "distill/local" in r.stdout
+
+
+def start_worker(env: dict, log: Path) -> subprocess.Popen:
+    """A process worker for ``amed-local`` in its own session (stop it with :func:`stop`), output appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "amed-local"], env=env,
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def process_tree(*roots: int) -> list[int]:
+    """``roots`` and all their descendants (read from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, seen, todo = [], set(), list(roots)
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        out.append(p)
+        todo += children.get(p, [])
+    return out

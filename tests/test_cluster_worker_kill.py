@@ -9,39 +9,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from fixtures_prefect import ROOT, VENV_BIN, prefect_server, stop  # noqa: F401  (fixture)
+from fixtures_prefect import deploy_local, prefect_cli, prefect_server, process_tree, start_worker, stop  # noqa: F401
 from flows.storage import RunStore
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
-
-
-def _prefect(env, *args, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _tree(root: int) -> list[int]:
-    """``root`` and all its descendants (from /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
 
 
 def _committed(store: RunStore) -> dict[str, tuple[int, bytes]]:
@@ -55,18 +31,9 @@ def _committed(store: RunStore) -> dict[str, tuple[int, bytes]]:
     return out
 
 
-def _worker(env, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "amed-local"], env=env, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def test_killed_worker_then_rerun_redoes_nothing_committed(prefect_server, tmp_path):  # noqa: F811
     env = prefect_server
-    r = _prefect(env, "work-pool", "create", "amed-local", "--type", "process")
-    assert r.returncode == 0 or "already exists" in r.stdout + r.stderr, r.stdout + r.stderr
-    r = _prefect(env, "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "local")
-    assert r.returncode == 0, r.stdout + r.stderr
+    deploy_local(env)
     store_url = str(tmp_path / "store")
     sweep = {"name": "killed", "datasets": [{"name": "digits", "teacher": "digits-gmm"}],
              "solvers": ["amed", "amed+ipndm"], "nfes": [3, 5], "teacher": {"num_trajectories": 512, "shard_size": 128},
@@ -76,16 +43,16 @@ def test_killed_worker_then_rerun_redoes_nothing_committed(prefect_server, tmp_p
     store = RunStore(store_url)
     log = tmp_path / "worker.log"
 
-    worker = _worker(env, log)
+    worker = start_worker(env, log)
     killed_at: dict = {}
     try:
-        r = _prefect(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}))
+        r = prefect_cli(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}))
         assert r.returncode == 0, r.stdout + r.stderr
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             done = _committed(store)
             if done:
-                pids = _tree(worker.pid)
+                pids = process_tree(worker.pid)
                 for p in pids:          # the worker, its flow-run process, the local Ray it started: all at once
                     try:
                         os.kill(p, signal.SIGKILL)
@@ -105,9 +72,9 @@ def test_killed_worker_then_rerun_redoes_nothing_committed(prefect_server, tmp_p
     shards_before = {p.name: p.stat().st_mtime_ns for p in Path(store_url, "teachers").rglob("shard-*.safetensors")}
     assert len(shards_before) == 4
 
-    worker = _worker(env, log)
+    worker = start_worker(env, log)
     try:
-        r = _prefect(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}), "--watch",
+        r = prefect_cli(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}), "--watch",
                      "--watch-timeout", "400", timeout=430)
     finally:
         stop(worker)

@@ -20,7 +20,7 @@ import threading
 import pytest
 
 from fixtures_postgres import mlflow_pg, postgres  # noqa: F401  (fixtures)
-from fixtures_prefect import ROOT, VENV_BIN, prefect_server, stop  # noqa: F401  (fixtures)
+from fixtures_prefect import deploy_local, prefect_cli, prefect_server, start_worker, stop  # noqa: F401
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -60,11 +60,6 @@ def ray_cluster():
         c.shutdown()
 
 
-def _prefect(env, *args, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_two_deployment_runs_share_one_teacher_and_one_registry(prefect_server, mlflow_pg, ray_cluster,  # noqa: F811
                                                                 tmp_path):
     import mlflow
@@ -72,20 +67,15 @@ def test_two_deployment_runs_share_one_teacher_and_one_registry(prefect_server, 
     from flows.storage import TeacherStore
 
     env = prefect_server
-    r = _prefect(env, "work-pool", "create", "amed-local", "--type", "process")
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = _prefect(env, "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "local")
-    assert r.returncode == 0, r.stdout + r.stderr
+    deploy_local(env)
     store_url = str(tmp_path / "store")
     log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "amed-local"], env=env,
-                                  cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = start_worker(env, log)
     runs: dict[str, subprocess.CompletedProcess] = {}
 
     def trigger(name: str, seed: int) -> None:
         sweep = _sweep(name, seed, store_url, mlflow_pg["url"], ray_cluster.address)
-        runs[name] = _prefect(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}),
+        runs[name] = prefect_cli(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}),
                               "--watch", "--watch-timeout", "540", timeout=570)
 
     try:

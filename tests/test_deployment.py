@@ -4,22 +4,16 @@ deployment with a small sweep, wait for Completed, check the store's outputs."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import yaml
 
-from fixtures_prefect import ROOT, VENV_BIN, prefect_server, stop  # noqa: F401  (fixture)
+from fixtures_prefect import ROOT, deploy_local, prefect_cli, prefect_server, start_worker, stop  # noqa: F401
 from flows.config import load_sweep
 from flows.storage import RunStore
 from flows.results import CandidateResult
 
 pytestmark = pytest.mark.services
-
-
-def _prefect(env, *args, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_prefect_yaml_parameters_are_valid_sweeps():
@@ -37,23 +31,16 @@ def test_prefect_yaml_parameters_are_valid_sweeps():
 
 def test_deploy_worker_run_completed(prefect_server, tmp_path):  # noqa: F811
     env = prefect_server
-    r = _prefect(env, "work-pool", "create", "amed-local", "--type", "process")
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = _prefect(env, "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "local")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "distill/local" in r.stdout
-
+    deploy_local(env)
     log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "amed-local"], env=env,
-                                  cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = start_worker(env, log)
     store_url = str(tmp_path / "store")
     sweep = {"name": "deployed", "datasets": [{"name": "digits", "teacher": "digits-gmm"}], "solvers": ["amed"],
              "nfes": [3], "teacher": {"num_trajectories": 256, "shard_size": 128}, "train": {"batch_size": 64},
              "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 16}, "register_models": False,
              "store_url": store_url, "compute": {"num_cpus": 2, "object_store_memory": 200_000_000}}
     try:
-        r = _prefect(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}), "--watch",
+        r = prefect_cli(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}), "--watch",
                      "--watch-timeout", "300", timeout=330)
     finally:
         stop(worker)

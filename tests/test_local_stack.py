@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_prefect import process_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "infra" / "local-stack.sh"
 PY = sys.executable
@@ -128,22 +130,7 @@ def _listeners(port: int) -> set[str]:
 
 def _stack_pids(stack_dir: Path) -> set[int]:
     """PIDs recorded by the script and all their descendants."""
-    pids = {int(p.read_text().split()[0]) for p in (stack_dir / "run").glob("*.pid")}
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    todo = list(pids)
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in pids:
-                pids.add(c)
-                todo.append(c)
-    return pids
+    return set(process_tree(*(int(p.read_text().split()[0]) for p in (stack_dir / "run").glob("*.pid"))))
 
 
 def _running(pid: int) -> bool:
