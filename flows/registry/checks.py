@@ -84,8 +84,9 @@ def reproduces(tracking_uri: str, model_uri: str, seeds: list[int], expected) ->
     import numpy as np
     import pandas as pd
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with warnings.catch_warnings():  # advisory hints (integer schema, type hints) only
+    from flows.registry.tracking import tracking
+
+    with tracking(tracking_uri), warnings.catch_warnings():  # advisory hints (integer schema, type hints) only
         warnings.simplefilter("ignore", UserWarning)
         got = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"seed": seeds})))
     return got.shape == expected.shape and bool(np.array_equal(got, expected))
