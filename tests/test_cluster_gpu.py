@@ -84,3 +84,26 @@ def test_fractional_gpus_pack_four_tasks_per_gpu():
     assert max(peak(rs) for rs in per_gpu.values()) == 4      # four tasks share a GPU, never five
     assert peak(recs) == 8                                     # 2 GPUs x 4: the 9th and 10th task wait
     print(f"\n10 tasks x 0.25 GPU on 2 logical GPUs: peak 4 per GPU, 8 in all; {wall:.1f}s wall (worker start-up included)")
+
+
+def test_gpu_bench_scripts_run_on_the_cpu(tmp_path):
+    """bench/gpu.py and bench/cuda_paths.py wait for a CUDA machine: their code runs here (every part of gpu.py tiny
+    on the CPU; the CPU half of cuda_paths.py), so a lent GPU session spends its minutes measuring, not debugging."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "bench/gpu.py", "--smoke"], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x.split(":", 1)[1]) for x in out.stdout.splitlines() if x.startswith("smoke")]
+    assert [sorted(r)[0] for r in lines] == ["batch", "batch", "amed_step_s", "batch"]
+    assert lines[3]["tasks_per_gpu"] == 2 and lines[3]["samples_per_s_total"] > 0
+    report = tmp_path / "cuda_paths.json"
+    out = subprocess.run([sys.executable, "bench/cuda_paths.py", "--devices", "cpu", "--trajectories", "256",
+                          "--samples", "1024", "--epochs", "1", "--json", str(report)], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(report.read_text())["rows"]["cpu"]  # 2 batches of 128 x 3 student steps (NFE 5 = 2 * 3 - AFS)
+    assert row["finite"] and row["nfe"] == 5 and row["updates"] == 2 * 3 and 0 < row["fd"] < 1e3
