@@ -33,6 +33,7 @@ from .predictor import AMEDPredictor
 from .recipes import check_recipe
 from .spec import SamplerSpec
 from .._fields import check_fields
+from ..optim import Adam
 
 __all__ = ["TrainConfig", "TrainResult", "TrainProgress", "train_amed", "teacher_batches", "teacher_states",
            "default_teacher", "train_config"]
@@ -248,7 +249,7 @@ def train_amed(denoiser, spec: SamplerSpec, cfg: TrainConfig | None = None, batc
     torch.manual_seed(cfg.seed)  # nothing random should remain, but keep stray draws reproducible
     predictor = predictor or AMEDPredictor(spec.predictor, seed=cfg.seed)
     predictor.train().requires_grad_(True)
-    opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    opt = Adam(predictor.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     restart = cfg.restart_mode(spec.solver)
     step_fn = STEPS[spec.solver]
     grid = spec.grid()

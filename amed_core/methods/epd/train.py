@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ...optim import Adam
 from ...schedules import check_grid
 from .sampler import EPD_SOLVERS, EPDEvaluator, EPDParams, epd_step
 
@@ -150,7 +151,7 @@ def train_epd(denoiser, sigmas, batches, cfg: EPDTrainConfig | None = None, *, p
     elif params.num_steps != N:
         raise ValueError(f"params were made for num_steps={params.num_steps} but the grid has {N} points")
     params.train().requires_grad_(True)
-    opt = torch.optim.Adam(params.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    opt = Adam(params.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     max_order = cfg.max_order if cfg.solver == "epd+ipndm" else None
     result = EPDTrainResult(params=params, config=cfg, losses=[])
     t0 = time.perf_counter()
