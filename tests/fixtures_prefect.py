@@ -59,7 +59,7 @@ def ray_local():
     """One local Ray per module on 127.0.0.1: 2 CPUs, 300 MB object store; the flow reuses it."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=300_000_000, include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=300_000_000, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
     try:
         yield ray

@@ -49,7 +49,7 @@ def test_fractional_gpus_pack_four_tasks_per_gpu():
     if ray.is_initialized():
         pytest.skip("a Ray session is already running in this process")
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=10, num_gpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=10, num_gpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     try:
         compute = ComputeConfig(gpus_per_task=0.25, cpus_per_task=1, max_parallel=10)

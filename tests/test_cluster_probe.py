@@ -100,7 +100,7 @@ def test_probe_facts_equal_the_model(pipeline_folder, tmp_path, monkeypatch):
     child = probe.probe_teacher(cfg.datasets[0], use_ray=False)
     assert child.facts == json.loads(json.dumps(want))
     assert child.alphas_cumprod and len(child.alphas_cumprod) == 1000 and child.shape == (4, 16, 16)
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         probe._CACHE.clear()
         on_ray = probe.probe_teacher(cfg.datasets[0])

@@ -329,7 +329,7 @@ def test_registration_checks_run_on_ray_without_the_teacher_in_this_process(tmp_
     checks._TEACHERS.clear()
     monkeypatch.setattr(amed_core.adapters, "load_teacher", trap)
     monkeypatch.setattr(amed_core.denoisers, "load_teacher", trap)
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         res = log_sweep(cfg, cands, checks=checks.RayChecks(ComputeConfig(cpus_per_task=1)))
     finally:

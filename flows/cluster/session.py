@@ -55,12 +55,11 @@ def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionI
         # address="local": always a new instance (address=None would join a cluster someone started with `ray start`)
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=compute.object_store_memory, include_dashboard=False,
                  log_to_driver=log_to_driver, runtime_env=env, configure_logging=False)
-    info = RaySessionInfo(_address(), True, time.perf_counter() - t0, dict(ray.cluster_resources()))
+    info = RaySessionInfo(_address(), not address, time.perf_counter() - t0, dict(ray.cluster_resources()))
     try:
         yield info
     finally:
-        if info.started_here:
-            ray.shutdown()
+        ray.shutdown()  # stops the local instance; only disconnects this driver from a cluster
 
 
 def _import_work_modules() -> int:
