@@ -208,12 +208,13 @@ def plot(lines: list[dict], path: Path) -> None:
     for r in lines:
         if r.get("kind") == "sweep":
             groups.setdefault(f"{r['nodes']} node(s), {r['backend']}{', register' if r['register'] else ''}", []).append(r)
-    for label, rs in sorted(groups.items()):
+    for gi, (label, rs) in enumerate(sorted(groups.items())):
         rs = sorted({r["size"]: r for r in rs}.values(), key=lambda r: r["size"])  # the latest run of each size
         xs = [r["size"] for r in rs]
-        a1.plot(xs, [r["process_wall"] for r in rs], "o-", label=f"wall, {label}")
-        a1.plot(xs, [r["compute_total"] / r["slots"] for r in rs], "x--", label=f"compute / slots, {label}")
-        a2.plot(xs, [r["overhead_per_candidate"] for r in rs], "o-", label=label)
+        color = plt.get_cmap("tab10")(gi % 10)  # one colour per setup: wall solid, compute dashed
+        a1.plot(xs, [r["process_wall"] for r in rs], "o-", color=color, label=f"wall, {label}")
+        a1.plot(xs, [r["compute_total"] / r["slots"] for r in rs], "x--", color=color, label=f"compute / slots, {label}")
+        a2.plot(xs, [r["overhead_per_candidate"] for r in rs], "o-", color=color, label=label)
     for a in (a1, a2):
         a.set_xscale("log", base=2)
         a.set_xlabel("candidates")
