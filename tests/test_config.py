@@ -179,3 +179,41 @@ def test_plan_expands_paths_for_remote_workers(monkeypatch):
     assert ds.teacher == f"tiny-unet:{where}"
     builtin = DatasetConfig(name="t", teacher="digits-tiny-unet")
     assert load_dataset_teacher(ds).identity() == load_dataset_teacher(builtin).identity()
+
+
+def test_worker_keeps_loaded_teachers(monkeypatch):
+    """A worker process loads a dataset's teacher once and hands the same object to its next jobs
+    (flows.cluster.worker.load_dataset_teacher); AMED_TEACHER_CACHE bounds how many stay loaded (0: none)."""
+    import amed_core.denoisers
+    import flows.cluster.worker as worker
+    from flows.config import DatasetConfig
+
+    loads = []
+    real = amed_core.denoisers.load_teacher
+
+    def counting(spec, **kw):
+        loads.append(spec)
+        return real(spec, **kw)
+
+    monkeypatch.setattr(amed_core.denoisers, "load_teacher", counting)
+    worker._TEACHERS.clear()
+    a, b = DatasetConfig(name="a", teacher="digits-gmm"), DatasetConfig(name="b", teacher="digits-tiny-unet")
+    try:
+        monkeypatch.setenv("AMED_TEACHER_CACHE", "1")
+        first = worker.load_dataset_teacher(a)
+        assert worker.load_dataset_teacher(DatasetConfig(name="a2", teacher="digits-gmm")) is first  # same model
+        assert loads == ["digits-gmm"]
+        worker.load_dataset_teacher(b)  # evicts a (one kept)
+        assert worker.load_dataset_teacher(a) is not first and loads == ["digits-gmm", "digits-tiny-unet", "digits-gmm"]
+        monkeypatch.setenv("AMED_TEACHER_CACHE", "2")
+        worker.load_dataset_teacher(b)
+        assert len(loads) == 4 and len(worker._TEACHERS) == 2
+        worker.load_dataset_teacher(a), worker.load_dataset_teacher(b)
+        assert len(loads) == 4
+        monkeypatch.setenv("AMED_TEACHER_CACHE", "0")
+        assert worker.load_dataset_teacher(a) is not worker.load_dataset_teacher(a) and len(loads) == 6
+        monkeypatch.setenv("AMED_TEACHER_CACHE", "lots")
+        with pytest.raises(ValueError, match="AMED_TEACHER_CACHE must be a whole number"):
+            worker.load_dataset_teacher(a)
+    finally:
+        worker._TEACHERS.clear()

@@ -326,7 +326,9 @@ def test_registration_checks_run_on_ray_without_the_teacher_in_this_process(tmp_
     def trap(*a, **k):
         raise AssertionError("the flow process loaded a teacher")
 
-    checks._TEACHERS.clear()
+    import flows.cluster.worker as worker
+
+    worker._TEACHERS.clear()
     monkeypatch.setattr(amed_core.adapters, "load_teacher", trap)
     monkeypatch.setattr(amed_core.denoisers, "load_teacher", trap)
     ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -334,7 +336,7 @@ def test_registration_checks_run_on_ray_without_the_teacher_in_this_process(tmp_
         res = log_sweep(cfg, cands, checks=checks.RayChecks(ComputeConfig(cpus_per_task=1)))
     finally:
         ray.shutdown()
-    assert not checks._TEACHERS
+    assert not worker._TEACHERS  # the teacher was loaded (and cached) on the worker only
     client = mlflow.MlflowClient(uri, uri)
     assert len(res.versions) == 2
     name = cands[0].registered_name

@@ -86,7 +86,7 @@ def _fit_gits(job: TrainJob) -> dict:
     t_start = time.perf_counter()
     setup_worker(job.torch_threads)
     store = RunStore(job.store_url, job.storage_options)
-    denoiser = load_dataset_teacher(job.dataset)
+    denoiser = load_dataset_teacher(job.dataset).to("cpu")  # GITS fits on the CPU (the cached teacher may be on a GPU)
     tstore = TeacherStore(job.store_url, storage_options=job.storage_options)
     shard = tstore.read_shard(job.teacher_hash, 0)
     fit = job.fit

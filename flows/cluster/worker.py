@@ -3,15 +3,18 @@ the progress reports a job writes to the run store (``progress/<job>.json``) for
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
+from collections import OrderedDict
 from typing import Optional
 
 from flows.config import DatasetConfig
 from flows.storage.runs import RunStore
 
 __all__ = ["setup_worker", "device", "device_name", "assigned_gpus", "node_info", "to_device", "load_dataset_teacher",
-           "Progress"]
+           "teacher_cache_size", "Progress"]
 
 
 def setup_worker(torch_threads: int) -> None:
@@ -79,11 +82,46 @@ def to_device(batches, device):
             class_labels=None if b.class_labels is None else b.class_labels.to(device))
 
 
+_TEACHERS: "OrderedDict[str, object]" = OrderedDict()  # (teacher, options) -> loaded denoiser, most recent last
+_TEACHERS_GUARD = threading.RLock()
+
+
+def teacher_cache_size() -> int:
+    """How many loaded teachers a process keeps: ``AMED_TEACHER_CACHE`` (default 2; 0 loads on every call)."""
+    raw = os.environ.get("AMED_TEACHER_CACHE", "2")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"AMED_TEACHER_CACHE must be a whole number of teachers (0 = no cache), got {raw!r}") from None
+    if n < 0:
+        raise ValueError(f"AMED_TEACHER_CACHE must be >= 0, got {n}")
+    return n
+
+
 def load_dataset_teacher(dataset: DatasetConfig):
-    """The dataset's teacher denoiser (``amed_core.denoisers.load_teacher(teacher, **options, weights_url=)``)."""
+    """The dataset's teacher denoiser (``amed_core.denoisers.load_teacher(teacher, **options, weights_url=)``), loaded
+    once per process and kept for the next call.
+
+    A Ray worker runs many jobs of a sweep (train, evaluate, the registration checks), each of which needs the teacher:
+    without the cache each loaded it again (the weights read and, for a network, hashed: seconds per job for a large
+    model; BENCHMARKS "Teacher cache"). The ``teacher_cache_size()`` most recently used teachers stay loaded. Callers
+    move it with ``.to(device)``, which for a torch module moves the cached object itself: a job that needs it on
+    another device moves it again (one device per worker in practice). Shared by the threads of one process.
+    """
     from amed_core.denoisers import load_teacher
 
-    return load_teacher(dataset.teacher, **dataset.load_kwargs())
+    keep = teacher_cache_size()
+    if keep == 0:
+        return load_teacher(dataset.teacher, **dataset.load_kwargs())
+    key = json.dumps([dataset.teacher, dataset.load_kwargs()], sort_keys=True, default=str)
+    with _TEACHERS_GUARD:
+        if key in _TEACHERS:
+            _TEACHERS.move_to_end(key)
+            return _TEACHERS[key]
+        while len(_TEACHERS) >= keep:
+            _TEACHERS.popitem(last=False)  # drop the least recently used before loading: one model fewer at the peak
+        den = _TEACHERS[key] = load_teacher(dataset.teacher, **dataset.load_kwargs())
+        return den
 
 
 class Progress:

@@ -11,33 +11,24 @@ logging itself (runs, artifacts, versions, aliases) stays in the flow.
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from typing import Any, Optional
+from typing import Optional
 
 log = logging.getLogger("flows.registry")
 
 __all__ = ["Checks", "LocalChecks", "RayChecks", "reference_samples", "reproduces", "teacher_for"]
 
-_TEACHERS: dict[str, Any] = {}  # (teacher, options) -> denoiser, reused across candidates and sweeps in one process
-_TEACHERS_GUARD = threading.RLock()
 
 
 def teacher_for(config, dataset: str):
-    """(DatasetConfig, loaded teacher) of ``dataset`` in this sweep; two teachers at most stay loaded per process."""
-    from amed_core.denoisers import load_teacher
+    """(DatasetConfig, loaded teacher) of ``dataset`` in this sweep, from the process's teacher cache
+    (:func:`flows.cluster.worker.load_dataset_teacher`: the one the worker's train and evaluate jobs use)."""
+    from flows.cluster.worker import load_dataset_teacher
 
     ds = next((d for d in config.datasets if d.name == dataset), None)
     if ds is None:
         raise ValueError(f"candidate dataset {dataset!r} is not in the sweep's datasets {[d.name for d in config.datasets]}")
-    key = json.dumps([ds.teacher, ds.load_kwargs()], sort_keys=True, default=str)
-    with _TEACHERS_GUARD:  # threads of the register stage share one loaded teacher
-        if key not in _TEACHERS:
-            if len(_TEACHERS) >= 2:
-                _TEACHERS.pop(next(iter(_TEACHERS)))
-            _TEACHERS[key] = load_teacher(ds.teacher, **ds.load_kwargs())
-        return ds, _TEACHERS[key]
+    return ds, load_dataset_teacher(ds)
 
 
 def reference_samples(config_json: dict, dataset: str, checkpoint_url: str, seeds: list[int],

@@ -179,9 +179,6 @@ def experiment(client, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-_TEACHERS: dict[str, Any] = {}  # (teacher, options) -> denoiser, reused across sweeps in one process
-
-
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
     """Nested dicts -> dotted keys; lists/None as JSON; values cut to MLflow's length limit."""
     out: dict[str, str] = {}
