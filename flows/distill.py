@@ -7,7 +7,7 @@ scored next to its training-free base solver at the same NFE.
 - **plan** (``flows.plan.plan_sweep``, before any work): load every teacher, build the SamplerSpecs, the shared
   TeacherSpec per dataset and content-addressed ids for every checkpoint and score; any bad input
   fails the run here.
-- **teacher** (one task per dataset): missing shards spread over Ray actors that load the model once.
+- **teacher** (one task per dataset): missing shards spread over Ray tasks (each worker loads the model once).
 - **train** (one task per combination, tagged dataset/solver/nfe): one Ray task each (``num_gpus`` when
   the cluster has GPUs); the checkpoint is committed with ``train.json`` written last.
 - **evaluate** (one task per candidate and per base solver): scores cached in the store.
@@ -105,7 +105,7 @@ def _retry_infra_only(task, task_run, state) -> bool:
 @task(name="teacher", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_teacher_key, persist_result=True,
       result_serializer="json")
 def teacher_stage(teacher: TeacherJob, compute: ComputeConfig) -> dict:
-    """Generate the dataset's missing teacher shards on Ray actors (each loads the model once)."""
+    """Generate the dataset's missing teacher shards as Ray tasks (each worker loads the model once)."""
     from amed_core.teacher import TeacherSpec
 
     logger = get_run_logger()

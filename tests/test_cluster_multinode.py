@@ -114,7 +114,7 @@ def test_sweep_spreads_over_nodes_and_reads_the_store(cluster, undisturbed):
     assert all(r["done"] and r["node"] for r in train.values()) and len(train) >= 2
     nodes = {n.node_id for n in cluster.list_all_nodes()}
     t_nodes = {r["node"] for r in teacher.values()}
-    assert len(t_nodes) == 2 and t_nodes <= nodes            # two teacher actors, one CPU per node: two nodes
+    assert len(t_nodes) >= 2 and t_nodes <= nodes            # two shard tasks at a time, one CPU per node
     used = t_nodes | {r["node"] for r in train.values()}
     assert len(used) >= 2 and used <= nodes
     assert not ray.is_initialized()                          # the flow connected to the cluster and let go of it

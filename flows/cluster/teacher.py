@@ -1,4 +1,11 @@
-"""Teacher generation on Ray: actors that load the teacher model once and each commit many shards to the store."""
+"""Teacher generation on Ray: one task per shard, at most ``compute.teacher_actors`` at once, each committing its shard
+to the store.
+
+The shards once ran on dedicated Ray actors (one process per actor, holding the model). They are plain tasks now, on
+the pooled workers that then run the sweep's train and evaluate jobs: a worker loads the teacher once
+(:func:`flows.cluster.worker.load_dataset_teacher` keeps it) for its shards and its later jobs alike, and no process is
+started and killed for the teacher stage alone (a cold Ray worker is ~2 s of CPU before its first task on the 2-core
+VM: BENCHMARKS "Fixed overhead")."""
 
 from __future__ import annotations
 
@@ -11,20 +18,17 @@ from flows.cluster.session import task_options
 from flows.cluster.worker import device, load_dataset_teacher, node_info, setup_worker
 from flows.config import DatasetConfig
 
-__all__ = ["TeacherWorker", "TeacherRun", "start_teacher"]
+__all__ = ["TeacherWorker", "TeacherRun", "start_teacher", "generate_task"]
 
 
 class TeacherWorker:
-    """Loads one teacher model and writes shards of a TeacherSpec to the teacher store."""
+    """The teacher (this process's cached copy, on the device Ray assigned) and the store shards of a TeacherSpec go to."""
 
     def __init__(self, dataset: DatasetConfig, store_url: str, storage_options: dict, torch_threads: int = 1):
         setup_worker(torch_threads)
         self.device = device()
         self.denoiser = load_dataset_teacher(dataset).to(self.device)
         self.store_url, self.storage_options = store_url, storage_options
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def generate(self, spec_json: str, index: int, wait: bool = False) -> dict:
         """Generate shard ``index`` and commit it (write-once object, then its manifest entry).
@@ -75,49 +79,59 @@ class TeacherWorker:
             pass
 
 
+def generate_task(dataset: DatasetConfig, store_url: str, storage_options: dict, torch_threads: int, spec_json: str,
+                  index: int, wait: bool = False) -> dict:
+    """Ray task: generate and commit shard ``index`` (:meth:`TeacherWorker.generate`)."""
+    return TeacherWorker(dataset, store_url, storage_options, torch_threads).generate(spec_json, index, wait)
+
+
 @dataclass
 class TeacherRun:
-    """Shards in flight on teacher actors (round robin; equal-size shards keep the actors equally busy)."""
+    """Shard tasks of one teacher: ``window`` in flight, the rest queued (each entry ``(index, wait)``)."""
 
-    actors: list
+    submit: Callable[[int, bool], object]
+    window: int
+    queue: list
     refs: list
     missing: list
     spec_json: str = ""
 
+    def _fill(self) -> None:
+        while self.queue and len(self.refs) < self.window:
+            index, wait = self.queue.pop(0)
+            self.refs.append(self.submit(index, wait))
+
     def finish(self, on_shard: Callable[[dict, int, int], None]) -> list[dict]:
-        """Wait for every shard (reporting each as it lands), then release the actors. A shard another writer was
-        generating is asked for again once the actors are free, this time waiting for it (adopted, not redone)."""
+        """Wait for every shard (reporting each as it lands), keeping ``window`` tasks in flight. A shard another writer
+        was generating is asked for again once a slot is free, this time waiting for it (adopted, not redone)."""
         import ray
 
-        out, pending, total, k = [], list(self.refs), len(self.refs), 0
-        try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                rec = ray.get(ready[0])
-                if rec.get("deferred"):
-                    actor = self.actors[k % len(self.actors)]
-                    k += 1
-                    pending.append(actor.generate.remote(self.spec_json, rec["index"], True))
-                    continue
+        out, total = [], len(self.missing)
+        self._fill()
+        while self.refs:
+            ready, self.refs = ray.wait(self.refs, num_returns=1)
+            rec = ray.get(ready[0])
+            if rec.get("deferred"):
+                self.queue.append((rec["index"], True))
+            else:
                 out.append(rec)
                 on_shard(rec, len(out), total)
-        finally:
-            for a in self.actors:
-                ray.kill(a)
+            self._fill()
         return out
 
 
 def start_teacher(dataset: DatasetConfig, spec_json: str, missing: Sequence[int], *, store_url: str, storage_options: dict,
                   compute) -> TeacherRun:
-    """Start generating the missing shards on ``compute.teacher_actors`` actors (each loads the model once)."""
+    """Start generating the missing shards: ``compute.teacher_actors`` tasks at once (the rest follow as they finish,
+    in :meth:`TeacherRun.finish`); retried on another worker when theirs dies (``compute.task_retries``)."""
     import ray
 
-    n_actors = max(1, min(compute.teacher_actors, len(missing)))
-    opts = task_options(compute)
-    actor_opts = {k: v for k, v in opts.items() if k in ("num_cpus", "num_gpus")}
-    actor_cls = ray.remote(TeacherWorker).options(max_restarts=compute.task_retries,
-                                                   max_task_retries=compute.task_retries, **actor_opts)
-    actors = [actor_cls.remote(dataset, store_url, storage_options, compute.torch_threads) for _ in range(n_actors)]
-    refs = [actors[k % n_actors].generate.remote(spec_json, idx) for k, idx in enumerate(missing)]
-    return TeacherRun(actors, refs, list(missing), spec_json)
+    remote = ray.remote(generate_task).options(**task_options(compute))
 
+    def submit(index: int, wait: bool):
+        return remote.remote(dataset, store_url, storage_options, compute.torch_threads, spec_json, index, wait)
+
+    window = max(1, min(compute.teacher_actors, len(missing)))
+    run = TeacherRun(submit, window, [(int(i), False) for i in missing], [], list(missing), spec_json)
+    run._fill()
+    return run

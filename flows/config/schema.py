@@ -171,7 +171,7 @@ class ComputeConfig(StrictModel):
     gpus_per_task: float = Field(default=1.0, ge=0, description="requested only when the cluster has GPUs; a fraction "
                                  "(0.25: four tasks share a GPU) or a whole number; the task uses the GPU Ray assigns")
     max_parallel: int = Field(default=8, ge=1, description="training/eval tasks in flight at once")
-    teacher_actors: int = Field(default=2, ge=1, description="teacher workers (each loads the model once)")
+    teacher_actors: int = Field(default=2, ge=1, description="teacher shards generated at once (Ray tasks on workers that keep the model loaded)")
     torch_threads: int = Field(default=1, ge=1, description="torch threads inside each Ray task")
     task_retries: int = Field(default=2, ge=0, description="Ray retries of a task whose worker died")
 

@@ -1,5 +1,5 @@
 """Generating a teacher into the store on this machine (``amed teacher generate``; the sweep spreads the shards over Ray
-actors instead, :mod:`flows.cluster.teacher`). Resumes: committed shards are skipped, a dead writer's object adopted;
+tasks instead, :mod:`flows.cluster.teacher`). Resumes: committed shards are skipped, a dead writer's object adopted;
 shards another live writer is generating are left to it and adopted (:mod:`flows.storage.claims`)."""
 
 from __future__ import annotations
