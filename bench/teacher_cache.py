@@ -46,7 +46,9 @@ TIME = r"""
 import json, os, sys, time
 from flows.cluster.worker import load_dataset_teacher
 from flows.config import DatasetConfig
-ds = DatasetConfig(name="t", teacher="diffusers:" + sys.argv[1])
+root = sys.argv[1]
+opts = {"prompt_embeds": root + "/prompts.safetensors"} if os.path.exists(root + "/prompts.safetensors") else {}
+ds = DatasetConfig(name="t", teacher="diffusers:" + root, options=opts)
 out = []
 for _ in range(int(sys.argv[2])):
     t = time.perf_counter()

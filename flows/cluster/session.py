@@ -44,7 +44,8 @@ def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionI
         yield RaySessionInfo(_address(), False, 0.0, dict(ray.cluster_resources()))
         return
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
-    env = {"env_vars": {"OMP_NUM_THREADS": str(compute.torch_threads)}}
+    env = {"env_vars": {"OMP_NUM_THREADS": str(compute.torch_threads),  # the flow's teacher cache size travels too
+                        **{k: os.environ[k] for k in ("AMED_TEACHER_CACHE",) if k in os.environ}}}
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env)
