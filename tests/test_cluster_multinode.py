@@ -32,7 +32,7 @@ def _sweep(store_url: str, address: str):
         "solvers": ["amed", "amed+ipndm"],
         "nfes": [3],
         "teacher": {"num_trajectories": 64 * SHARDS, "shard_size": 64, "M": 10},
-        "train": {"batch_size": 64, "epochs": 3},
+        "train": {"batch_size": 64, "epochs": 40},  # long enough (1-3 s) for the killer to catch a training mid-way
         "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 0},
         "panel": {"entries": [{"solver": "ipndm"}]},
         "register_models": False,
