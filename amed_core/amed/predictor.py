@@ -127,10 +127,10 @@ class AMEDPredictor(torch.nn.Module):
         """[sin(t w_j), cos(t w_j)], w_j = max_positions^(-j / (C/2 - 1)), j < C/2 (positional, endpoint=True)."""
         half = self.config.time_channels // 2
         freqs = torch.arange(half, dtype=torch.float32) / (half - 1)
-        device = self.map_layer0.weight.device  # computed on the CPU (bit-identical everywhere), then moved
-        freqs = ((1 / self.config.max_positions) ** freqs).to(device=device, dtype=dtype)
-        arg = torch.as_tensor(t, dtype=dtype).to(device).reshape(1, 1) * freqs.reshape(1, -1)
-        return torch.cat([arg.sin(), arg.cos()], dim=1)
+        freqs = ((1 / self.config.max_positions) ** freqs).to(dtype)
+        # One row for a scalar t: computed on the CPU (bit-identical on every device), moved once to the layers' device.
+        arg = torch.as_tensor(t, dtype=dtype).cpu().reshape(1, 1) * freqs.reshape(1, -1)
+        return torch.cat([arg.sin(), arg.cos()], dim=1).to(self.map_layer0.weight.device)
 
     def forward(self, features: torch.Tensor, t_cur, t_next, step_idx: int | None = None):
         if features is None:
