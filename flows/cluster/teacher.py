@@ -94,7 +94,6 @@ class TeacherRun:
     queue: list
     refs: list
     missing: list
-    spec_json: str = ""
 
     def _fill(self) -> None:
         while self.queue and len(self.refs) < self.window:
@@ -132,6 +131,6 @@ def start_teacher(dataset: DatasetConfig, spec_json: str, missing: Sequence[int]
         return remote.remote(dataset, store_url, storage_options, compute.torch_threads, spec_json, index, wait)
 
     window = max(1, min(compute.teacher_actors, len(missing)))
-    run = TeacherRun(submit, window, [(int(i), False) for i in missing], [], list(missing), spec_json)
+    run = TeacherRun(submit, window, [(int(i), False) for i in missing], [], list(missing))
     run._fill()
     return run

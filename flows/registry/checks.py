@@ -19,7 +19,6 @@ log = logging.getLogger("flows.registry")
 __all__ = ["Checks", "LocalChecks", "RayChecks", "reference_samples", "reproduces", "teacher_for"]
 
 
-
 def teacher_for(config, dataset: str):
     """(DatasetConfig, loaded teacher) of ``dataset`` in this sweep, from the process's teacher cache
     (:func:`flows.cluster.worker.load_dataset_teacher`: the one the worker's train and evaluate jobs use)."""
