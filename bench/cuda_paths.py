@@ -37,25 +37,24 @@ from amed_core.methods.epd import EPDTrainConfig  # noqa: E402
 from amed_core.schedules import ScheduleSpec  # noqa: E402
 from amed_core.teacher import TeacherBatch, TeacherSpec, generate_shard, shard_to_batches, student_grids_for  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu import _sync  # noqa: E402  (bench/gpu.py: torch.cuda.synchronize, a no-op on the CPU)
+
 SOLVER, NFE = "amed", 5
 SCHEDULE = ScheduleSpec("polynomial", rho=7.0)
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def run_on(dev: torch.device, trajectories: int, samples: int, epochs: int) -> dict:
+    sync = _sync(str(dev))
     teacher = load_teacher("digits-gmm").to(dev)
     spec = SamplerSpec.create(SOLVER, NFE, afs=True, schedule=SCHEDULE, predictor=PredictorConfig(scale_dir=0.01),
                               denoiser=teacher)
     tspec = TeacherSpec.for_denoiser(teacher, student_grids_for(f"{SOLVER}:{NFE}", SCHEDULE),
                                      num_trajectories=trajectories, shard_size=trajectories, sub_steps=4)
-    _sync(dev)
+    sync()
     t0 = time.perf_counter()
     shard = generate_shard(teacher, tspec, 0, device=dev)
-    _sync(dev)
+    sync()
     t_teacher = time.perf_counter() - t0
 
     cfg = TrainConfig.improved(SOLVER, seed=0, num_trajectories=trajectories, epochs=epochs)
@@ -64,7 +63,7 @@ def run_on(dev: torch.device, trajectories: int, samples: int, epochs: int) -> d
     predictor = AMEDPredictor(spec.predictor, seed=cfg.seed).to(dev)
     t0 = time.perf_counter()
     res = train_amed(teacher, spec, cfg, batches, predictor=predictor)
-    _sync(dev)
+    sync()
     t_train = time.perf_counter() - t0
     if next(res.predictor.parameters()).device.type != dev.type:
         raise AssertionError(f"the predictor left {dev}")
@@ -75,7 +74,7 @@ def run_on(dev: torch.device, trajectories: int, samples: int, epochs: int) -> d
         t = time.perf_counter()
         r = score_run(lambda noise, labels: sampler(teacher, noise, class_labels=labels), teacher, seeds=seeds,
                       batch_size=1024, metric="fd_exact", device=dev)
-        _sync(dev)
+        sync()
         return time.perf_counter() - t, {"fd": float(r.value), "nfe": int(r.nfe), "finite": bool(r.finite)}
 
     # AMED: the predictor trained above.
@@ -86,7 +85,7 @@ def run_on(dev: torch.device, trajectories: int, samples: int, epochs: int) -> d
     t0 = time.perf_counter()
     epd, epd_res = fam_epd.fit(teacher, sigmas, batches, EPDTrainConfig(num_trajectories=trajectories),
                                nfe=nfe_for("epd", len(sigmas), False, {}))
-    _sync(dev)
+    sync()
     t_epd = time.perf_counter() - t0
     _, epd_score = score(epd.to(dev))
     # A training-free solver of the panel (also what a GITS candidate is: a StaticSampler on its learned sigmas).

@@ -25,6 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+# diffusers.UNet2DModel with the DDPM CIFAR-10 layout (35.7M parameters); bench/teacher_cache.py builds the same
+CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256],
+                  layers_per_block=2, down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
+
+
 def cifar_denoiser(device):
     import diffusers
     import torch
@@ -32,10 +38,7 @@ def cifar_denoiser(device):
     from amed_core.adapters.edm_network import NetworkConfig, PreconditionedDenoiser
 
     torch.manual_seed(0)
-    kwargs = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256],
-                  layers_per_block=2, down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-                  up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
-    unet = diffusers.UNet2DModel(**kwargs)
+    unet = diffusers.UNet2DModel(**CIFAR_UNET)
     cfg = NetworkConfig(arch="diffusers-unet2d", kwargs=dict(unet.config), shape=(3, 32, 32))
     return PreconditionedDenoiser(unet, cfg).to(device).eval()
 

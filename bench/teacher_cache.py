@@ -30,10 +30,10 @@ MAKE_CIFAR = r"""
 import json, sys, torch, diffusers
 from pathlib import Path
 root = Path(sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+from gpu import CIFAR_UNET  # bench/gpu.py's layout
 torch.manual_seed(0)
-unet = diffusers.UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256],
-    layers_per_block=2, down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
+unet = diffusers.UNet2DModel(**CIFAR_UNET)
 unet.save_pretrained(root / "unet")
 (root / "scheduler").mkdir(exist_ok=True)
 (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler",
@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="amed-teacher-cache-") as tmp:
         base = Path(args.folder or tmp)
-        models = {"cifar": (base / "cifar", MAKE_CIFAR, [])}
+        models = {"cifar": (base / "cifar", MAKE_CIFAR, [str(ROOT / "bench")])}
         if args.sd:
             sys.path.insert(0, str(ROOT / "bench"))
             from plan_memory import MAKE as MAKE_SD
