@@ -35,3 +35,21 @@ SAFE_DEFAULTS = {
 def apply_safe_defaults() -> None:
     for key, value in SAFE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def import_thread_unsafe_modules() -> None:
+    """Import, on the calling thread, the modules that two threads of this package's processes may import at once and
+    that break when they do, before those threads start.
+
+    ``pydantic.v1`` (Pydantic's v1 compatibility package) has circular imports inside: when one thread imports
+    ``pydantic.v1`` (Prefect, validating a flow's parameters) while another imports ``pydantic.v1.fields`` (Ray,
+    building its serialization context at the first task submission), Python 3.11 hands one of them the partly
+    initialised module and the import fails (``ImportError: cannot import name 'Field' from partially initialized
+    module``, a ``_DeadlockError``, or a ``KeyError: 'pydantic.v1'``). Two threads in a fresh interpreter doing
+    exactly that fail every time (tests/test_imports.py); `amed distill` failed this way once in CI, its Prefect
+    warm-up thread against the Ray submissions of the main thread. Costs ~40 ms once per process; a no-op where
+    Pydantic has no v1 package."""
+    try:
+        import pydantic.v1.fields  # noqa: F401
+    except ImportError:
+        pass

@@ -121,3 +121,43 @@ def test_every_module_imports_on_its_own(package):
             "print('\\n'.join(bad)); sys.exit(bool(bad))\n")
     r = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+_TWO_THREADS = """
+import sys, threading
+{preload}
+errors = []
+def imp(name):
+    try:
+        __import__(name)
+    except BaseException as e:
+        errors.append(f"{{name}}: {{e!r}}")
+t = threading.Thread(target=imp, args=("pydantic.v1",))  # what Prefect imports validating a flow's parameters
+t.start()
+imp("pydantic.v1.fields")  # what Ray imports at its first task submission
+t.join()
+print("\\n".join(errors)); sys.exit(bool(errors))
+"""
+
+
+def test_thread_unsafe_imports_are_imported_before_threads_start():
+    """`amed distill` starts a Prefect warm-up thread while its main thread submits Ray tasks: Prefect imports
+    ``pydantic.v1`` and Ray ``pydantic.v1.fields``, and on Python 3.11 those two at once fail (a CI run failed so).
+    Here the same two imports on two threads of a fresh interpreter, after flows.env.import_thread_unsafe_modules
+    (which ray_session and the CLI call before any second thread), three times. Without the preload it failed 60 of 60
+    times on this machine."""
+    if sys.version_info >= (3, 14):
+        pytest.skip("Pydantic has no v1 package on Python 3.14+")
+    preload = "from flows.env import import_thread_unsafe_modules; import_thread_unsafe_modules()"
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", _TWO_THREADS.format(preload=preload)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ray_session_and_the_cli_preload_before_their_threads():
+    """The two places that start a second thread next to Ray submissions call the preload first (source order)."""
+    session = (ROOT / "flows/cluster/session.py").read_text()
+    assert session.index("import_thread_unsafe_modules()") < session.index("ray.init(")
+    cli = (ROOT / "flows/commands/distill.py").read_text()
+    assert cli.index("import_thread_unsafe_modules()") < cli.index("warm.start()")

@@ -34,9 +34,10 @@ def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionI
     A local Ray listens on 127.0.0.1 only (``flows.env.SAFE_DEFAULTS``) and
     is shut down on exit; a connected cluster is left running.
     """
-    from flows.env import apply_safe_defaults
+    from flows.env import apply_safe_defaults, import_thread_unsafe_modules
 
     apply_safe_defaults()
+    import_thread_unsafe_modules()  # Ray's first submission imports pydantic.v1.fields, a Prefect thread pydantic.v1
     import ray
 
     t0 = time.perf_counter()

@@ -99,6 +99,9 @@ def run(args) -> int:
         except BaseException as e:  # noqa: BLE001 - reported below
             warm_err.append(e)
 
+    from flows.env import import_thread_unsafe_modules
+
+    import_thread_unsafe_modules()  # before the second thread: pydantic.v1 breaks when two threads import it at once
     warm = threading.Thread(target=warm_prefect, name="prefect-warmup", daemon=True)
     warm.start()
     from flows.cluster.schedule import PREFETCHED
