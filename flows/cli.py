@@ -23,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.env import apply_safe_defaults
+    from flows.env import apply_safe_defaults, freeze_gc_at_exit
 
     apply_safe_defaults()
+    freeze_gc_at_exit()  # a faster exit once torch & co. are loaded (flows/env.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -61,7 +61,30 @@ def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionI
     try:
         yield info
     finally:
+        if not address:
+            _kill_local_monitor()
         ray.shutdown()  # stops the local instance; only disconnects this driver from a cluster
+
+
+def _kill_local_monitor() -> None:
+    """SIGKILL the autoscaler monitor of the local Ray this process started, just before ``ray.shutdown``.
+
+    ``ray.shutdown`` sends each of its processes SIGTERM and waits up to 1 s for it before SIGKILL; the monitor's
+    SIGTERM handler tries to report "autoscaler failed" to the GCS and never exits within that second, so every local
+    sweep paid 1.0 s (measured: ``_kill_process_impl('monitor')`` 1.02 s of a 1.22 s shutdown). A local Ray has no
+    autoscaling to do, so nothing is lost; Ray then finds it dead and moves on. Uses Ray's private process table:
+    where that is missing (another Ray version), it does nothing and the shutdown takes its usual second."""
+    try:
+        from ray._private import ray_constants
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        for info in (node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []):
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+    except Exception as e:  # noqa: BLE001 - an optimisation only: ray.shutdown still stops it
+        log.debug("could not stop the local Ray monitor early: %s", e)
 
 
 def _import_work_modules() -> int:
