@@ -45,18 +45,16 @@ def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionI
         yield RaySessionInfo(_address(), False, 0.0, dict(ray.cluster_resources()))
         return
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
-    env = {"env_vars": {"OMP_NUM_THREADS": str(compute.torch_threads),  # the flow's teacher cache size travels too
-                        **{k: os.environ[k] for k in ("AMED_TEACHER_CACHE",) if k in os.environ}}}
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_runtime_env())
     else:
         num_cpus = compute.num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray (127.0.0.1, %d CPUs, object store %.1f GB)", num_cpus,
                  compute.object_store_memory / 1e9)
         # address="local": always a new instance (address=None would join a cluster someone started with `ray start`)
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=compute.object_store_memory, include_dashboard=False,
-                 log_to_driver=log_to_driver, runtime_env=env, configure_logging=False)
+                 log_to_driver=log_to_driver, configure_logging=False)
     info = RaySessionInfo(_address(), not address, time.perf_counter() - t0, dict(ray.cluster_resources()))
     try:
         yield info
@@ -64,6 +62,20 @@ def ray_session(compute, *, log_to_driver: bool = False) -> Iterator[RaySessionI
         if not address:
             _kill_local_monitor()
         ray.shutdown()  # stops the local instance; only disconnects this driver from a cluster
+
+
+def _runtime_env() -> dict | None:
+    """The job's runtime environment on a running cluster: only ``AMED_TEACHER_CACHE`` when this process sets it.
+
+    A runtime environment of its own makes Ray start fresh worker processes for the job instead of using the ones it
+    has already started: with one (the ``OMP_NUM_THREADS`` it used to carry) a 4-candidate sweep on the local Ray spent
+    0.8 s more after Ray's start (flow wall minus Ray start 5.13 s -> 4.32 s, mean of 3 interleaved runs each;
+    BENCHMARKS "Fixed overhead, third pass"). So none by default: a local Ray needs none (its processes inherit this
+    process's environment), and torch's threads are set by each task (``flows.cluster.worker.setup_worker``,
+    ``compute.torch_threads``; Ray itself gives a task's worker ``OMP_NUM_THREADS`` = its CPUs)."""
+    if "AMED_TEACHER_CACHE" in os.environ:
+        return {"env_vars": {"AMED_TEACHER_CACHE": os.environ["AMED_TEACHER_CACHE"]}}
+    return None
 
 
 def _kill_local_monitor() -> None:
