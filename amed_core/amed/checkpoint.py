@@ -183,7 +183,7 @@ def sampler_from_files(files: Mapping[str, bytes]) -> Sampler:
         raise ValueError(f"{PREDICTOR_FILE} is {len(data)} bytes; an AMED predictor is far smaller (wrong file?)")
     stored = _safetensors_header(data)
     with torch.device("meta"):  # shapes only: a config asking for huge layers allocates nothing here
-        want = {k: tuple(v.shape) for k, v in AMEDPredictor(spec.predictor).state_dict().items()}
+        want = {k: tuple(v.shape) for k, v in AMEDPredictor(spec.predictor, seed=None).state_dict().items()}
     if {k: shape for k, (_, shape) in stored.items()} != want:
         diff = sorted(set(want) ^ set(stored)) or sorted(k for k in want if want[k] != stored[k][1])
         raise ValueError(f"{PREDICTOR_FILE} does not fit {SPEC_FILE}'s predictor config (tensors {diff[:4]} differ); "

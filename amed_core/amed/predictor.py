@@ -90,10 +90,14 @@ class _Linear(torch.nn.Module):
 
 
 def _kaiming_normal(fan_in, fan_out, g):
+    if g is None:  # shapes only (seed=None)
+        return torch.empty(fan_out, fan_in)
     return math.sqrt(1 / fan_in) * torch.randn(fan_out, fan_in, generator=g)
 
 
 def _xavier_uniform(fan_in, fan_out, g):
+    if g is None:
+        return torch.empty(fan_out, fan_in)
     return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(fan_out, fan_in, generator=g) * 2 - 1)
 
 
@@ -103,14 +107,17 @@ class AMEDPredictor(torch.nn.Module):
     ``forward(features, t_cur, t_next, step_idx=None) -> (r, scale_dir, scale_time)`` each ``(B,)`` in the
     features' dtype. ``t_cur``/``t_next`` are scalars (one step of one grid). Initialisation (given a
     seed): time layer Xavier-uniform, other weights N(0, 1/fan_in), biases 0, as in the reference.
+    ``seed=None`` leaves the weights uninitialised (``torch.empty``): for shapes under ``torch.device("meta")`` or
+    before a strict ``load_state_dict``. (Random initialisation on the meta device goes through torch's Python
+    decompositions, which import ``torch._dynamo``: 0.9 s the first time a process checked a checkpoint.)
     """
 
     needs_features = True
 
-    def __init__(self, config: PredictorConfig | None = None, *, seed: int = 0):
+    def __init__(self, config: PredictorConfig | None = None, *, seed: int | None = 0):
         super().__init__()
         self.config = cfg = config or PredictorConfig()
-        g = torch.Generator().manual_seed(int(seed))
+        g = None if seed is None else torch.Generator().manual_seed(int(seed))
         tc, hd, bd = cfg.time_channels, cfg.hidden_dim, cfg.bottleneck_dim
         self.map_layer0 = _Linear(tc, tc, _xavier_uniform(tc, tc, g))
         self.enc_layer0 = _Linear(cfg.feature_dim, hd, _kaiming_normal(cfg.feature_dim, hd, g))
