@@ -310,41 +310,38 @@ def test_adam_matches_torch_optim_adam_bit_for_bit(dtype):
         Adam(ours, lr=-1.0)
 
 
-def test_training_does_not_import_torch_dynamo():
-    """A fresh process trains a predictor without importing torch._dynamo (torch.optim would: 1.6 s of CPU per new
-    Ray worker on the 2-core VM, amed_core/optim.py)."""
+_TRAIN_DIGITS = ("import sys, torch\nfrom amed_core.adapters import load_teacher\n"
+                 "from amed_core.amed import SamplerSpec, TrainConfig, train_amed\n"
+                 "t = load_teacher('digits-gmm')\nspec = SamplerSpec.create('amed', 3, denoiser=t)\n"
+                 "r = train_amed(t, spec, TrainConfig(num_trajectories=16, batch_size=8))\nassert r.updates > 0\n")
+
+
+def _imports_torch_dynamo(code: str) -> bool:
+    """Run ``code`` in a fresh interpreter; whether it left torch._dynamo imported."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom amed_core.adapters import load_teacher\n"
-            "from amed_core.amed import SamplerSpec, TrainConfig, train_amed\n"
-            "t = load_teacher('digits-gmm')\nspec = SamplerSpec.create('amed', 3, denoiser=t)\n"
-            "r = train_amed(t, spec, TrainConfig(num_trajectories=16, batch_size=8))\n"
-            "assert r.updates > 0\nprint('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n")
+    code += "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "clean"
+    return out.stdout.strip().splitlines()[-1] != "clean"
+
+
+def test_training_does_not_import_torch_dynamo():
+    """A fresh process trains a predictor without importing torch._dynamo (torch.optim would: 1.6 s of CPU per new
+    Ray worker on the 2-core VM, amed_core/optim.py)."""
+    assert not _imports_torch_dynamo(_TRAIN_DIGITS)
 
 
 def test_loading_a_checkpoint_does_not_import_torch_dynamo():
     """A fresh process trains, saves and loads a checkpoint (the size check builds the predictor on the meta device)
     without importing torch._dynamo: random initialisation on meta did, 0.9 s before the first evaluation in every
     Ray worker (seed=None: shapes only). The loaded sampler equals the saved one."""
-    import subprocess
-    import sys
-
-    code = ("import sys, torch\nfrom amed_core.adapters import load_teacher\n"
-            "from amed_core.amed import SamplerSpec, TrainConfig, train_amed\n"
-            "from amed_core.amed.checkpoint import checkpoint_files, sampler_from_files\n"
-            "t = load_teacher('digits-gmm')\nspec = SamplerSpec.create('amed', 3, denoiser=t)\n"
-            "r = train_amed(t, spec, TrainConfig(num_trajectories=16, batch_size=8))\n"
-            "s = sampler_from_files(checkpoint_files(r.predictor, r.spec))\n"
-            "assert all(torch.equal(a, b) for a, b in zip(s.predictor.state_dict().values(),"
-            " r.predictor.state_dict().values()))\n"
-            "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "clean"
+    assert not _imports_torch_dynamo(
+        _TRAIN_DIGITS + "from amed_core.amed.checkpoint import checkpoint_files, sampler_from_files\n"
+        "s = sampler_from_files(checkpoint_files(r.predictor, r.spec))\n"
+        "assert all(torch.equal(a, b) for a, b in zip(s.predictor.state_dict().values(),"
+        " r.predictor.state_dict().values()))\n")
 
 
 def test_uninitialised_predictor_has_the_same_tensors():
