@@ -217,3 +217,14 @@ def test_worker_keeps_loaded_teachers(monkeypatch):
             worker.load_dataset_teacher(a)
     finally:
         worker._TEACHERS.clear()
+
+
+def test_job_runtime_env_only_carries_a_set_teacher_cache(monkeypatch):
+    """A job with a runtime env of its own cannot use the workers Ray already started (0.8 s on a 4-candidate sweep,
+    BENCHMARKS "Fixed overhead, third pass"): ray_session gives a connected cluster one only for AMED_TEACHER_CACHE."""
+    from flows.cluster.session import _runtime_env
+
+    monkeypatch.delenv("AMED_TEACHER_CACHE", raising=False)
+    assert _runtime_env() is None
+    monkeypatch.setenv("AMED_TEACHER_CACHE", "3")
+    assert _runtime_env() == {"env_vars": {"AMED_TEACHER_CACHE": "3"}}
