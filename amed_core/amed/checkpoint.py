@@ -192,7 +192,7 @@ def sampler_from_files(files: Mapping[str, bytes]) -> Sampler:
         state = st_load(data)
     except Exception as e:  # noqa: BLE001 - safetensors' own error type, as one line
         raise ValueError(f"{PREDICTOR_FILE} is not a valid safetensors file ({str(e)[:160]})") from None
-    predictor = AMEDPredictor(spec.predictor)
+    predictor = AMEDPredictor(spec.predictor, seed=None)  # every tensor comes from the strict load below
     try:
         predictor.load_state_dict(state, strict=True)
     except RuntimeError as e:
