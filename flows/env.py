@@ -5,6 +5,9 @@ Applied (with setdefault, so a user's explicit setting wins) by the `amed` CLI a
 
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
 import os
 
 SAFE_DEFAULTS = {
@@ -55,21 +58,14 @@ def import_thread_unsafe_modules() -> None:
         pass
 
 
-_GC_FROZEN_AT_EXIT = []
-
-
+@functools.cache  # once per process
 def freeze_gc_at_exit() -> None:
     """At interpreter exit, move every live object into the garbage collector's permanent generation (``gc.freeze``)
     before Python tears the process down; registered once per process (``atexit``), no effect while it runs.
 
     Python's teardown runs full collections over every object still alive: with torch, Prefect, Ray and Pydantic loaded
     that is millions of objects, and a sweep's flow process spent 0.85-0.99 s after its flow had returned; with the
-    freeze, 0.16-0.19 s (3 runs each, bench/scale.py's 4-candidate sweep, BENCHMARKS "Fixed overhead, third pass").
+    freeze, 0.16-0.21 s (bench/scale.py's 4-candidate sweep, BENCHMARKS "Fixed overhead, third pass").
     Module globals are still released as usual; what the freeze skips is the collection of reference cycles that are
     garbage at exit, whose finalizers Python does not promise to run at exit anyway."""
-    if not _GC_FROZEN_AT_EXIT:
-        import atexit
-        import gc
-
-        atexit.register(gc.freeze)
-        _GC_FROZEN_AT_EXIT.append(True)
+    atexit.register(gc.freeze)
