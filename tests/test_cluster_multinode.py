@@ -23,6 +23,7 @@ from flows.storage import RunStore
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 SHARDS = 8
+SHARD_SIZE = 512
 
 
 def _sweep(store_url: str, address: str):
@@ -31,8 +32,12 @@ def _sweep(store_url: str, address: str):
         "datasets": [{"name": "digits", "teacher": "digits-gmm"}],
         "solvers": ["amed", "amed+ipndm"],
         "nfes": [3],
-        "teacher": {"num_trajectories": 64 * SHARDS, "shard_size": 64, "M": 10},
-        "train": {"batch_size": 64, "epochs": 40},  # long enough (1-3 s) for the killer to catch a training mid-way
+        # Shards of 512 (~0.26 s each on the GMM): the teacher stage lasts long enough for the killer to see a shard
+        # committed on a worker node while others are still to come (at 64 per shard the stage took ~0.3 s on warm
+        # workers and the killer missed it in CI). 5 epochs x 4,096 trajectories = the 320 optimiser updates it had:
+        # a training lasts 1-3 s, long enough for the killer to catch one mid-way.
+        "teacher": {"num_trajectories": SHARD_SIZE * SHARDS, "shard_size": SHARD_SIZE, "M": 10},
+        "train": {"batch_size": 64, "epochs": 5},
         "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 0},
         "panel": {"entries": [{"solver": "ipndm"}]},
         "register_models": False,
