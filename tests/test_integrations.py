@@ -1,0 +1,299 @@
+"""amed_core.integrations: samplers of every family inside diffusers pipelines, through k-diffusion's sampler signature
+and as exported schedules, on tiny random diffusers models built from configs (nothing downloaded) and on the shipped
+neural teacher digits-tiny-unet; a champion fetched from a real MLflow registry (SQLite) with its story on the model
+page (checked in headless Chromium when it is installed) and in `amed fetch`.
+
+Peers: diffusers' own pipelines and schedulers, the `k-diffusion` package's wrappers (external.py) and samplers
+(sampling.py), installed with --no-deps (tests/k_diffusion_peer.py; CI installs it as the README's test command says).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+from amed_core.adapters import load_teacher  # noqa: E402
+from amed_core.amed import AMEDPredictor, Sampler, SamplerSpec, save_checkpoint  # noqa: E402
+from amed_core.families import StaticSampler, StaticSpec, describe, free, save_sampler  # noqa: E402
+from amed_core.integrations import (export_schedule, pipeline_denoiser, sample_with, sampler_sigmas,  # noqa: E402
+                                    to_k_diffusion)
+from amed_core.schedules import ScheduleSpec  # noqa: E402
+from k_diffusion_peer import load_k_diffusion  # noqa: E402
+from test_adapters import SCHED, _one_thread, _small_unet, _tiny_sd_pipeline  # noqa: E402,F401 (autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kd():
+    """k-diffusion's (sampling, external) modules."""
+    try:
+        sampling, external, _ = load_k_diffusion("sampling", "external")
+    except ImportError as e:
+        pytest.skip(str(e))
+    return sampling, external
+
+
+def _ddpm_pipe(prediction_type="epsilon"):
+    pipe = diffusers.DDPMPipeline(unet=_small_unet(), scheduler=diffusers.DDPMScheduler(**SCHED, prediction_type=prediction_type))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _in_range(den, kind="polynomial", rho=7.0):
+    return ScheduleSpec(kind, den.sigma_min, den.sigma_max, rho)
+
+
+def _samplers(den, nfe=5):
+    """One sampler per family for ``den`` (AMED and EPD with their untrained initial weights: the plumbing is under
+    test, every number is compared with the same sampler through load_sampler)."""
+    from amed_core.families import epd as epd_family
+
+    spec = SamplerSpec.create("amed+ipndm", nfe=nfe, afs=True, denoiser=den)
+    amed = Sampler(spec, AMEDPredictor(spec.predictor, seed=0))
+    fr = free.make("ipndm", nfe, afs=False, schedule=_in_range(den), denoiser=den)
+    g = StaticSampler(StaticSpec("gits", "ipndm", "gits+ipndm", nfe, fr.spec.sigmas[:2] + tuple(
+        s * 0.9 for s in fr.spec.sigmas[2:]), False, {"max_order": 4}, None, den.identity(), {"metric": "dev"}))
+    from amed_core.methods.epd import EPDParams
+
+    sig = _in_range(den).grid(3)  # epd+ipndm on 3 points: NFE 4 (the paper's parallel count), 6 denoiser calls
+    epd = epd_family.EPDSampler(EPDParams(3, 2, generator=torch.Generator().manual_seed(0)),
+                                epd_family.spec_doc("epd+ipndm", 4, sig, afs=False, options={}, num_points=2,
+                                                    teacher=den.identity()))
+    return {"free": fr, "gits": g, "amed": amed, "epd": epd}
+
+
+class _Calls:
+    """Counts a module's forward calls (and the batch of each)."""
+
+    def __init__(self, module):
+        self.batches: list[int] = []
+        self._h = module.register_forward_pre_hook(lambda m, a, kw=None: self.batches.append(int(a[0].shape[0])),
+                                                   with_kwargs=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._h.remove()
+
+
+# -- diffusers pipelines -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sample_with_ddpm_pipeline_every_family(prediction_type):
+    """A DDPM-style pipeline: sample_with == the pipeline's own tail around load_sampler's samples on the pipeline's
+    noise, for every family; the UNet is called the sampler's NFE times (EPD's K points of a step in one batch)."""
+    pipe = _ddpm_pipe(prediction_type)
+    den = pipeline_denoiser(pipe)
+    for family, sampler in _samplers(den).items():
+        with _Calls(pipe.unet) as calls:
+            out = sample_with(pipe, sampler, batch_size=2, generator=torch.Generator().manual_seed(3), output_type="np")
+        about = describe(sampler)  # EPD batches its K points per step: UNet calls = its NFE, samples = denoiser_calls
+        assert len(calls.batches) == about["nfe"] and sum(calls.batches) == 2 * about["denoiser_calls"], family
+        noise = randn_tensor((2, 3, 16, 16), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            x = sampler(den, noise).x
+        want = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        assert out.images.shape == (2, 16, 16, 3)
+        assert abs(out.images - want).max() == 0, family
+    pil = sample_with(pipe, sampler, generator=torch.Generator().manual_seed(3)).images
+    assert len(pil) == 1 and pil[0].size == (16, 16)
+    with pytest.raises(ValueError, match="prompt"):
+        sample_with(pipe, sampler, prompt="a cat")
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tmp_path_factory):
+    pipe, _, _ = _tiny_sd_pipeline(transformers, tmp_path_factory.mktemp("sd"))
+    return pipe
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sample_with_stable_diffusion_cfg(sd_pipe, prediction_type):
+    """Stable Diffusion 1.x/2.x-style (text encoder, CFG, VAE, eps or v): sample_with == load_sampler on the pipeline's
+    noise and prompt embeddings; one UNet call per evaluation (both guidance halves batched)."""
+    pipe = sd_pipe
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    prompts = ["a cat", "red dog"]
+    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, None)
+    den = pipeline_denoiser(pipe, guidance_scale=5.0, prompt_embeds=cond, negative_prompt_embeds=uncond)
+    spec = SamplerSpec.create("amed+dpmpp", nfe=5, afs=True, denoiser=den)
+    amed = Sampler(spec, AMEDPredictor(spec.predictor, seed=1))
+    with _Calls(pipe.unet) as calls:
+        out = sample_with(pipe, amed, prompt=prompts, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert calls.batches == [4] * 5  # NFE 5, each call [uncond; cond] for 2 prompts
+    noise = randn_tensor((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = amed(den, noise, class_labels=torch.arange(2)).x
+    torch.testing.assert_close(out.images, want, rtol=0, atol=0)
+    imgs = sample_with(pipe, amed, prompt=prompts, generator=torch.Generator().manual_seed(0), output_type="np")
+    with torch.no_grad():
+        decoded = pipe.vae.decode(want / pipe.vae.config.scaling_factor).sample
+    torch.testing.assert_close(torch.from_numpy(imgs.images), (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+    assert type(imgs).__name__ == "StableDiffusionPipelineOutput"
+    with pytest.raises(ValueError, match="guidance_scale"):
+        sample_with(pipe, amed, prompt=prompts, guidance_scale=3.0)  # distilled at 5
+
+
+def test_diffusers_schedule_export_agrees_with_the_pipelines_own_scheduler(sd_pipe):
+    """A free Euler sampler and a GITS schedule on Euler, exported (--to diffusers) and run by the pipeline's own
+    EulerDiscreteScheduler loop (pipe(..., sigmas=...)), agree with sample_with on the same noise; both spend the NFE."""
+    pipe = sd_pipe
+    base = dict(pipe.scheduler.config)
+    den = pipeline_denoiser(pipe, guidance_scale=5.0, **dict(zip(("prompt_embeds", "negative_prompt_embeds"),
+                                                                 pipe.encode_prompt(["a cat"], "cpu", 1, True, None))))
+    fr = free.make("euler", 6, afs=False, schedule=_in_range(den), denoiser=den)
+    gits = StaticSampler(StaticSpec("gits", "euler", "gits+euler", 4, tuple(fr.spec.sigmas[i] for i in (0, 1, 3, 4, 6)),
+                                    False, {}, None, den.identity(), {}))
+    noise = randn_tensor((1, 4, 16, 16), generator=torch.Generator().manual_seed(5))
+    for sampler in (fr, gits):
+        doc = export_schedule(sampler, "diffusers", alphas_cumprod=den.alphas_cumprod)
+        assert doc["diffusers"]["scheduler"] == "EulerDiscreteScheduler" and doc["diffusers"]["timestep_gap"] < 0.01
+        ours = sample_with(pipe, sampler, prompt="a cat", guidance_scale=5.0, latents=noise, output_type="latent").images
+        pipe.scheduler = getattr(diffusers, doc["diffusers"]["scheduler"]).from_config(base, **doc["diffusers"]["config"])
+        with _Calls(pipe.unet) as calls:
+            theirs = pipe(prompt="a cat", sigmas=doc["sigmas"], guidance_scale=5.0, latents=noise.clone(),
+                          output_type="latent").images
+        assert len(calls.batches) == sampler.spec.nfe
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(ours.abs().max()))
+    ipndm = free.make("ipndm", 5, afs=False, schedule=_in_range(den), denoiser=den)
+    with pytest.raises(ValueError, match=r"--to diffusers: diffusers has no sampler that computes ipndm"):
+        export_schedule(ipndm, "diffusers")
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(base)
+
+
+# -- k-diffusion ----------------------------------------------------------------------------------------------------
+
+
+class _UNetFn(torch.nn.Module):
+    """What k-diffusion's wrappers wrap: inner_model(x_in, t) -> eps or v (a diffusers UNet2DModel)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, **kwargs):
+        return self.unet(x, t).sample
+
+
+K_CASES = [("euler", {}), ("heun", {}), ("dpm2", {}),
+           ("dpmpp", {"max_order": 2, "lower_order_final": False, "dynamic_thresholding": False})]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_to_k_diffusion_on_k_diffusion_wrappers(kd, prediction_type):
+    """On k-diffusion's own DiscreteEps/VDDPMDenoiser around a tiny diffusers UNet: exported free schedules run by
+    k-diffusion's samplers == the same samplers through to_k_diffusion; an AMED sampler through to_k_diffusion (its
+    features found by name inside the wrapper) == load_sampler on our diffusers adapter of the same UNet, to float
+    tolerance (the wrapper interpolates the UNet's timestep in log sigma, ours in VP time: BENCHMARKS "Integrations")."""
+    sampling, external = kd
+    pipe = _ddpm_pipe(prediction_type)
+    den = pipeline_denoiser(pipe)
+    wrap = (external.DiscreteEpsDDPMDenoiser if prediction_type == "epsilon" else external.DiscreteVDDPMDenoiser)(
+        _UNetFn(pipe.unet), pipe.scheduler.alphas_cumprod, quantize=False)
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for solver, opts in K_CASES:
+        s = free.make(solver, 6, afs=False, options=opts, schedule=_in_range(den), denoiser=den)
+        doc = export_schedule(s, "k-diffusion")
+        fn = getattr(sampling, doc["k_diffusion"]["sampler"].rsplit(".", 1)[1])
+        sig = torch.tensor(doc["sigmas"])
+        with torch.no_grad():
+            theirs = fn(wrap, noise * sig[0], sig, disable=True)
+            ours = to_k_diffusion(s)(wrap, noise * sig[0], sig)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))
+    for family, sampler in _samplers(den).items():
+        sig = sampler_sigmas(sampler)
+        with torch.no_grad():
+            want = sampler(den, noise).x
+            got = to_k_diffusion(sampler)(wrap, noise * sig[0], torch.cat([sig, sig.new_zeros(1)]))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), family
+
+
+def test_to_k_diffusion_digits_tiny_unet(kd):
+    """The shipped neural teacher as the k-diffusion-style model (its forward is model(x, sigma, class_labels=...)):
+    k-diffusion's samplers == ours through to_k_diffusion; every family through to_k_diffusion == load_sampler,
+    directly and through a black-box wrapper (features found by the checkpoint's layer name); bad input refused."""
+    sampling, _ = kd
+    teacher = load_teacher("digits-tiny-unet")
+    noise = torch.randn(3, *teacher.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for solver, opts in K_CASES:
+        s = free.make(solver, 6, afs=False, options=opts, denoiser=teacher)
+        doc = export_schedule(s, "k-diffusion")
+        sig = torch.tensor(doc["sigmas"], dtype=torch.float64)
+        with torch.no_grad():
+            theirs = getattr(sampling, doc["k_diffusion"]["sampler"].rsplit(".", 1)[1])(teacher, noise * sig[0], sig,
+                                                                                       disable=True)
+            ours = to_k_diffusion(s)(teacher, noise * sig[0], sig)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+    class Box(torch.nn.Module):  # a wrapper that is not one of our denoisers: model(x, sigma) -> denoised
+        def __init__(self, den):
+            super().__init__()
+            self.inner_model = den.net
+            self._den = [den]
+
+        def forward(self, x, sigma, **kw):
+            return self._den[0](x, sigma)
+
+    seen = []
+    for family, sampler in _samplers(teacher).items():
+        sig = sampler_sigmas(sampler)
+        with torch.no_grad():
+            want = sampler(teacher, noise).x
+            for model in (teacher, Box(teacher)):
+                got = to_k_diffusion(sampler)(model, noise * sig[0], sig, callback=seen.append)
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12), family
+    assert {"x", "i", "sigma", "sigma_hat", "denoised"} <= set(seen[0])
+    amed = _samplers(teacher)["amed"]
+    sig = sampler_sigmas(amed)
+    with pytest.raises(ValueError, match="^sigmas: this sampler runs on its own 4 time points"):
+        to_k_diffusion(amed)(teacher, noise * 80, torch.linspace(80, 0.002, 6))
+    with pytest.raises(ValueError, match="^feature_module: this sampler reads its features from 'tiny-unet:enc.8x8_block0'"):
+        to_k_diffusion(amed)(lambda x, s: teacher(x, s), noise * sig[0], sig)
+    with pytest.raises(ValueError, match="^options"):
+        to_k_diffusion(amed)(teacher, noise * sig[0], sig, s_churn=1.0)
+    with pytest.raises(ValueError, match=r"^--to k-diffusion: k-diffusion has no sampler that computes ipndm"):
+        export_schedule(_samplers(teacher)["free"], "k-diffusion")
+    with pytest.raises(ValueError, match=r"analytical first step"):
+        export_schedule(free.make("euler", 5, afs=True, denoiser=teacher), "k-diffusion")
+    with pytest.raises(ValueError, match="not a pure schedule"):
+        export_schedule(amed, "sigmas.json")
+
+
+def test_comfyui_example_node_function(tmp_path):
+    """docs/examples/comfyui_amed_sampler.py: champion_sampler(uri) gives the SAMPLER function and SIGMAS ComfyUI
+    would get, and that function reproduces load_sampler (ComfyUI itself is not installed: its node class is not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("comfyui_amed_sampler", ROOT / "docs/examples/comfyui_amed_sampler.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    teacher = load_teacher("digits-tiny-unet")
+    amed = _samplers(teacher)["amed"]
+    ckpt = save_checkpoint(tmp_path / "ckpt", amed.predictor, amed.spec)
+    fn, sigmas = mod.champion_sampler(str(ckpt))
+    assert sigmas.dtype == torch.float32 and mod.NODE_CLASS_MAPPINGS["AMEDChampionSampler"].RETURN_TYPES == ("SAMPLER", "SIGMAS")
+    noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        got = fn(teacher, noise * sigmas[0].double(), torch.cat([sigmas, sigmas.new_zeros(1)]), extra_args={}, callback=None,
+                 disable=True)
+        want = amed(teacher, noise).x
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
