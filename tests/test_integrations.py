@@ -297,3 +297,158 @@ def test_comfyui_example_node_function(tmp_path):
                  disable=True)
         want = amed(teacher, noise).x
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# -- a champion from the registry: fetch, the integrations, the story (model page, amed fetch), amed export -------------
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A real MLflow registry on SQLite holding, for a tiny DDPM pipeline folder (teacher ``diffusers``): the panel's
+    best entry (free ipndm), a GITS schedule and an AMED sampler that beats them (values under one rmse protocol)."""
+    from flows.config import load_sweep
+    from flows.registry import log_sweep
+    from flows.results import CandidateResult, EvalProtocol
+
+    root = tmp_path_factory.mktemp("registry")
+    _ddpm_pipe().save_pretrained(root / "ddpm")
+    den = load_teacher(f"diffusers:{root / 'ddpm'}")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    proto = EvalProtocol(metric="rmse", num_samples=64, seed=1000, reference="tiny-ddpm")
+    samplers = _samplers(den)
+    folders = {}
+    for fam in ("free", "gits", "amed"):
+        folders[fam] = str(save_sampler(root / fam, samplers[fam]))
+    best = {"id": "panel-ipndm", "solver": "ipndm", "options": {"max_order": 4, "afs": False}, "schedule": "polynomial",
+            "rho": 7.0, "value": 0.5}
+
+    def cand(fam, solver, value, panel_best):
+        return CandidateResult(dataset="ddpm", solver=solver, base_solver="ipndm", nfe=5, seed=0,
+                               checkpoint_url=folders[fam], protocol=proto, value=value, base_value=0.5, family=fam,
+                               teacher_id="tinyddpm", panel_best=panel_best, panel_value=0.5, denoiser_calls=5)
+
+    cfg = load_sweep({"name": "integrations", "mlflow_tracking_uri": uri, "solvers": ["amed+ipndm"], "nfes": [5],
+                      "evaluation": {"metric": "rmse", "num_samples": 64},
+                      "datasets": [{"name": "ddpm", "teacher": "diffusers", "weights_url": str(root / "ddpm"),
+                                    "model_id": "tinyddpm"}]})
+    with_ckpt = {**best, "checkpoint_url": folders["free"]}
+    res = log_sweep(cfg, [cand("free", "ipndm", 0.5, best), cand("gits", "gits+ipndm", 0.3, with_ckpt),
+                    cand("amed", "amed+ipndm", 0.2, with_ckpt)])
+    assert len(res.versions) == 3, res
+    return {"uri": uri, "root": root, "name": "amed-tinyddpm-nfe5", "den": den, "db": root / "mlflow.db"}
+
+
+SENTENCE = (r"v3 amed\+ipndm \(family amed\) at NFE 5 is the champion: rmse 0\.2 against 0\.5 for the best "
+            r"training-free sampler, ipndm\[poly7,afs=False,max_order=4\], 60\.0 % lower \(margin 0\.4\), under rmse "
+            r"on 64 samples from seed 1000 \(protocol [0-9a-f]{8}\)\.")
+
+
+def test_fetched_champion_story_and_integrations(registry, kd, tmp_path, capsys):
+    """The champion fetched from the registry samples inside the diffusers pipeline and through k-diffusion's signature
+    as load_sampler does; the model page (description) and `amed fetch` say why it won in the same sentence, next to
+    its samples and the panel best's on the same noise; `amed export` writes a GITS version's schedule and refuses
+    the AMED champion in one line."""
+    from mlflow import MlflowClient
+
+    from flows.cli import main
+    from flows.registry import load_sampler
+
+    uri, name = registry["uri"], registry["name"]
+    client = MlflowClient(uri, uri)
+    model = client.get_registered_model(name)
+    champ = client.get_model_version_by_alias(name, "champion")
+    lines = model.description.split("\n\n")
+    assert lines[0] == f"champion: {model.tags['champion']}" and lines[0].startswith("champion: v3 (amed+ipndm, rmse 0.2)")
+    assert re.fullmatch("why: " + SENTENCE, lines[1]), lines[1]
+    assert re.fullmatch(SENTENCE, champ.description)
+    assert lines[2] == f"![samples: champion | best training-free, same noise](get-artifact?path=plots%2Fside_by_side.png&run_uuid={champ.run_id})"
+    png = Path(client.download_artifacts(champ.run_id, "plots/side_by_side.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+    assert main(["fetch", f"models:/{name}@champion", "--out", str(tmp_path / "champ"), "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^why      " + SENTENCE + "$", printed, re.M), printed
+
+    fetched = load_sampler(f"models:/{name}@champion", tracking_uri=uri)
+    pipe = diffusers.DDPMPipeline.from_pretrained(registry["root"] / "ddpm")
+    pipe.set_progress_bar_config(disable=True)
+    out = sample_with(pipe, fetched, batch_size=2, generator=torch.Generator().manual_seed(7), output_type="np")
+    noise = randn_tensor((2, 3, 16, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = fetched(registry["den"], noise).x
+    assert abs(out.images - (want / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max() == 0
+    wrap = kd[1].DiscreteEpsDDPMDenoiser(_UNetFn(pipe.unet), pipe.scheduler.alphas_cumprod, quantize=False)
+    sig = sampler_sigmas(fetched)
+    with torch.no_grad():
+        got = to_k_diffusion(fetched)(wrap, noise * sig[0], sig)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+    out_json = tmp_path / "gits.json"
+    assert main(["export", f"models:/{name}@best-gits-ipndm", "--to", "sigmas.json", "--out", str(out_json),
+                 "--tracking-uri", uri]) == 0
+    doc = json.loads(out_json.read_text())
+    gits = load_sampler(f"models:/{name}@best-gits-ipndm", tracking_uri=uri)
+    assert doc["sigmas"] == list(gits.spec.sigmas) and doc["solver"] == "ipndm" and doc["family"] == "gits"
+    capsys.readouterr()
+    assert main(["export", f"models:/{name}@champion", "--to", "k-diffusion", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("amed export: error: a amed sampler (amed+ipndm) is not a pure schedule") and "\n" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def test_model_page_in_headless_chromium(registry, tmp_path):
+    """MLflow's own UI (``mlflow server`` on the registry's database, 127.0.0.1) shows the champion's story on the
+    registered model's page: Debian's chromium, headless, renders the page; its DOM holds the sentence and the
+    side-by-side picture, whose address serves the very PNG logged with the champion's run."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get update && apt-get install -y chromium)")
+    from mlflow import MlflowClient
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "mlflow.log", "wb")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
+                               str(port), "--workers", "1", "--backend-store-uri", registry["uri"]],
+                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'mlflow.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        page = f"{base}/#/models/{registry['name']}"
+        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
+        shot = os.environ.get("AMED_SCREENSHOT_DIR")  # for people: a PNG of the page (--screenshot, a second run)
+        if shot:
+            subprocess.run([*cmd, "--window-size=1400,1200", f"--screenshot={Path(shot) / 'model-page.png'}", page],
+                           capture_output=True, timeout=240)
+        dom = subprocess.run([*cmd, "--dump-dom", page], capture_output=True, text=True, timeout=240).stdout
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom).replace("&amp;", "&"))
+        assert re.search(SENTENCE, text), text[:3000]
+        srcs = re.findall(r'<img[^>]+src="([^"]*side_by_side[^"]*)"', dom)
+        assert srcs, dom[:3000]
+        with urllib.request.urlopen(f"{base}/{srcs[0].replace('&amp;', '&').lstrip('/')}", timeout=30) as r:
+            served = r.read()  # what the page's <img> loads
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+    client = MlflowClient(registry["uri"], registry["uri"])
+    champ = client.get_model_version_by_alias(registry["name"], "champion")
+    logged = Path(client.download_artifacts(champ.run_id, "plots/side_by_side.png", str(tmp_path)))
+    assert served == logged.read_bytes() and served[:8] == b"\x89PNG\r\n\x1a\n"
