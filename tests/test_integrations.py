@@ -304,38 +304,39 @@ def test_comfyui_example_node_function(tmp_path):
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """A real MLflow registry on SQLite holding, for a tiny DDPM pipeline folder (teacher ``diffusers``): the panel's
-    best entry (free ipndm), a GITS schedule and an AMED sampler that beats them (values under one rmse protocol)."""
+    """A real MLflow registry on SQLite, laid out as the quickstart leaves it (``amed-runs/quickstart/mlflow.db``),
+    holding per model the panel's best entry (free ipndm), a GITS schedule on iPNDM and an AMED sampler that beats both
+    (values under one rmse protocol): ``amed-tinyddpm-nfe5`` for a tiny DDPM pipeline folder (teacher ``diffusers``),
+    and ``amed-digits-nfe5`` for the quickstart's digits-gmm (what the README's blocks fetch)."""
     from flows.config import load_sweep
     from flows.registry import log_sweep
     from flows.results import CandidateResult, EvalProtocol
 
     root = tmp_path_factory.mktemp("registry")
     _ddpm_pipe().save_pretrained(root / "ddpm")
-    den = load_teacher(f"diffusers:{root / 'ddpm'}")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    proto = EvalProtocol(metric="rmse", num_samples=64, seed=1000, reference="tiny-ddpm")
-    samplers = _samplers(den)
-    folders = {}
-    for fam in ("free", "gits", "amed"):
-        folders[fam] = str(save_sampler(root / fam, samplers[fam]))
+    dens = {"ddpm": load_teacher(f"diffusers:{root / 'ddpm'}"), "digits": load_teacher("digits-gmm")}
+    uri = f"sqlite:///{root / 'amed-runs' / 'quickstart' / 'mlflow.db'}"
+    proto = EvalProtocol(metric="rmse", num_samples=64, seed=1000, reference="integrations")
     best = {"id": "panel-ipndm", "solver": "ipndm", "options": {"max_order": 4, "afs": False}, "schedule": "polynomial",
             "rho": 7.0, "value": 0.5}
-
-    def cand(fam, solver, value, panel_best):
-        return CandidateResult(dataset="ddpm", solver=solver, base_solver="ipndm", nfe=5, seed=0,
-                               checkpoint_url=folders[fam], protocol=proto, value=value, base_value=0.5, family=fam,
-                               teacher_id="tinyddpm", panel_best=panel_best, panel_value=0.5, denoiser_calls=5)
-
+    cands = []
+    for ds, den in dens.items():
+        samplers = _samplers(den)
+        folders = {fam: str(save_sampler(root / "ckpt" / ds / fam, samplers[fam])) for fam in ("free", "gits", "amed")}
+        with_ckpt = {**best, "checkpoint_url": folders["free"]}
+        for fam, solver, value, panel in (("free", "ipndm", 0.5, best), ("gits", "gits+ipndm", 0.3, with_ckpt),
+                                          ("amed", "amed+ipndm", 0.2, with_ckpt)):
+            cands.append(CandidateResult(dataset=ds, solver=solver, base_solver="ipndm", nfe=5, seed=0,
+                                         checkpoint_url=folders[fam], protocol=proto, value=value, base_value=0.5,
+                                         family=fam, teacher_id="tinyddpm" if ds == "ddpm" else "digits",
+                                         panel_best=panel, panel_value=0.5, denoiser_calls=5))
     cfg = load_sweep({"name": "integrations", "mlflow_tracking_uri": uri, "solvers": ["amed+ipndm"], "nfes": [5],
                       "evaluation": {"metric": "rmse", "num_samples": 64},
                       "datasets": [{"name": "ddpm", "teacher": "diffusers", "weights_url": str(root / "ddpm"),
-                                    "model_id": "tinyddpm"}]})
-    with_ckpt = {**best, "checkpoint_url": folders["free"]}
-    res = log_sweep(cfg, [cand("free", "ipndm", 0.5, best), cand("gits", "gits+ipndm", 0.3, with_ckpt),
-                    cand("amed", "amed+ipndm", 0.2, with_ckpt)])
-    assert len(res.versions) == 3, res
-    return {"uri": uri, "root": root, "name": "amed-tinyddpm-nfe5", "den": den, "db": root / "mlflow.db"}
+                                    "model_id": "tinyddpm"}, {"name": "digits", "teacher": "digits-gmm", "model_id": "digits"}]})
+    res = log_sweep(cfg, cands)
+    assert len(res.versions) == 6, res
+    return {"uri": uri, "root": root, "name": "amed-tinyddpm-nfe5", "den": dens["ddpm"]}
 
 
 SENTENCE = (r"v3 amed\+ipndm \(family amed\) at NFE 5 is the champion: rmse 0\.2 against 0\.5 for the best "
@@ -452,3 +453,32 @@ def test_model_page_in_headless_chromium(registry, tmp_path):
     champ = client.get_model_version_by_alias(registry["name"], "champion")
     logged = Path(client.download_artifacts(champ.run_id, "plots/side_by_side.png", str(tmp_path)))
     assert served == logged.read_bytes() and served[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _readme_blocks(section: str) -> list[tuple[str, str]]:
+    """(language, code) of every fenced block of the README section under ``## <section>``."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    body = text[start: end if end != -1 else len(text)]
+    return re.findall(r"```(bash|python)\n(.*?)```", body, re.S)
+
+
+def test_readme_integrations_section_runs_as_written(registry):
+    """Every block of the README's "Use a champion in diffusers / ComfyUI-style samplers" section, verbatim, in the
+    folder where the quickstart ran (here: the registry fixture laid out as the quickstart leaves it, with the venv
+    at .venv as the README's install makes it)."""
+    blocks = _readme_blocks("Use a champion in diffusers / ComfyUI-style samplers")
+    assert [lang for lang, _ in blocks] == ["bash", "python", "python"]
+    cwd = registry["root"]
+    venv = cwd / ".venv"
+    if not venv.exists():
+        venv.symlink_to(Path(sys.prefix))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    for lang, code in blocks:
+        cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [str(venv / "bin" / "python"), "-c", code]
+        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{lang} block failed:\n{code}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    doc = json.loads((cwd / "gits-nfe5.json").read_text())
+    assert doc["family"] == "gits" and doc["solver"] == "ipndm" and len(doc["sigmas"]) == 6

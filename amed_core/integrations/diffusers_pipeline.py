@@ -56,13 +56,40 @@ def pipeline_denoiser(pipe, *, feature_layer: str = "mid_block", guidance_scale:
                       name: str | None = None):
     """The pipeline's UNet as our denoiser (:class:`DiffusersDenoiser`): the VP table and prediction type of its
     scheduler's config; for text pipelines a bank of ``prompt_embeds`` (P, L, E) picked per sample by class label."""
-    from ..adapters.diffusers_adapter import DiffusersDenoiser, alphas_cumprod_from_scheduler_config
+    from ..adapters.diffusers_adapter import DiffusersDenoiser
 
-    alphas_cumprod, prediction = alphas_cumprod_from_scheduler_config(dict(pipe.scheduler.config))
-    return DiffusersDenoiser(pipe.unet, alphas_cumprod=alphas_cumprod, prediction_type=prediction,
-                             guidance_scale=guidance_scale, prompt_embeds=prompt_embeds,
-                             negative_prompt_embeds=negative_prompt_embeds, feature_layer=feature_layer,
-                             name=name or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__))
+    alphas_cumprod, prediction = _vp_table(pipe.scheduler)
+    den = DiffusersDenoiser(pipe.unet, alphas_cumprod=alphas_cumprod, prediction_type=prediction,
+                            guidance_scale=guidance_scale, prompt_embeds=prompt_embeds,
+                            negative_prompt_embeds=negative_prompt_embeds, feature_layer=feature_layer,
+                            name=name or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__))
+    cache = getattr(pipe.unet, "_amed_sha256_cache", None)  # the weights' hash an earlier call computed (see _keep_hash)
+    if cache is not None:
+        object.__setattr__(den, "_sha256_cache", cache)
+    return den
+
+
+def _keep_hash(pipe, den) -> None:
+    """Keep the UNet's weight hash (what the teacher check computed) on the UNet, so the next call's new denoiser
+    does not rehash gigabytes (the cache's key still notices changed weights)."""
+    cache = getattr(den, "_sha256_cache", None)
+    if cache is not None:
+        object.__setattr__(pipe.unet, "_amed_sha256_cache", cache)
+
+
+def _vp_table(scheduler):
+    """(alphas_cumprod, prediction_type) of the scheduler's config, kept on the scheduler until its config changes."""
+    import json
+
+    from ..adapters.diffusers_adapter import alphas_cumprod_from_scheduler_config
+
+    config = dict(scheduler.config)
+    key = json.dumps(config, sort_keys=True, default=str)
+    cached = getattr(scheduler, "_amed_vp_table", None)
+    if cached is None or cached[0] != key:
+        cached = (key, alphas_cumprod_from_scheduler_config(config))
+        setattr(scheduler, "_amed_vp_table", cached)
+    return cached[1]
 
 
 def _feature_layer(sampler) -> str:
@@ -135,6 +162,7 @@ def sample_with(pipe, sampler, *, prompt: str | Sequence[str] | None = None,
         noise_dtype = unet.dtype
     if check_teacher and hasattr(sampler, "check_denoiser"):
         sampler.check_denoiser(den)
+        _keep_hash(pipe, den)
     if latents is None:
         latents = randn_tensor(shape, generator=generator, device=device, dtype=noise_dtype)
     elif tuple(latents.shape) != shape:
