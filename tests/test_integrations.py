@@ -31,8 +31,8 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from amed_core.adapters import load_teacher  # noqa: E402
 from amed_core.amed import AMEDPredictor, Sampler, SamplerSpec, save_checkpoint  # noqa: E402
 from amed_core.families import StaticSampler, StaticSpec, describe, free, save_sampler  # noqa: E402
-from amed_core.integrations import (export_schedule, pipeline_denoiser, sample_with, sampler_sigmas,  # noqa: E402
-                                    to_k_diffusion)
+from amed_core.integrations import (export_schedule, from_export, pipeline_denoiser, sample_with,  # noqa: E402
+                                    sampler_sigmas, to_k_diffusion)
 from amed_core.schedules import ScheduleSpec  # noqa: E402
 from k_diffusion_peer import load_k_diffusion  # noqa: E402
 from test_adapters import SCHED, _one_thread, _small_unet, _tiny_sd_pipeline  # noqa: E402,F401 (autouse fixture)
@@ -390,6 +390,11 @@ def test_fetched_champion_story_and_integrations(registry, kd, tmp_path, capsys)
     doc = json.loads(out_json.read_text())
     gits = load_sampler(f"models:/{name}@best-gits-ipndm", tracking_uri=uri)
     assert doc["sigmas"] == list(gits.spec.sigmas) and doc["solver"] == "ipndm" and doc["family"] == "gits"
+    back = from_export(doc)  # the export round-trips: the same samples
+    with torch.no_grad():
+        assert torch.equal(back(registry["den"], noise).x, gits(registry["den"], noise).x)
+    with pytest.raises(ValueError, match="^format: not an amed-schedule export"):
+        from_export({"sigmas": doc["sigmas"]})
     capsys.readouterr()
     assert main(["export", f"models:/{name}@champion", "--to", "k-diffusion", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip()
@@ -482,3 +487,43 @@ def test_readme_integrations_section_runs_as_written(registry):
         assert r.returncode == 0, f"{lang} block failed:\n{code}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     doc = json.loads((cwd / "gits-nfe5.json").read_text())
     assert doc["family"] == "gits" and doc["solver"] == "ipndm" and len(doc["sigmas"]) == 6
+
+
+def test_champion_sentence_cases_and_the_flows_panel_checkpoint(tmp_path):
+    """The story's sentence for a learned champion, for the panel's own winner, and without a recorded baseline; the
+    register stage hands the panel best's checkpoint (the free sampler.json its evaluation writes) to the picture."""
+    from flows.distill import _panel_best
+    from flows.config import load_sweep
+    from flows.plan import plan_sweep
+    from flows.registry.story import champion_sentence
+    from flows.storage import RunStore
+
+    proto = json.dumps({"metric": "fd_exact", "num_samples": 50000, "seed": 12345, "reference": "r"})
+    tags = {"method": "amed+ipndm", "family": "amed", "nfe": "3", "metric": "fd_exact", "value": "0.0125",
+            "baseline_solver": "dpmpp", "baseline_options": json.dumps({"schedule": "logsnr", "rho": 1.0, "afs": True,
+                                                                        "max_order": 3}),
+            "baseline_value": "0.05", "margin": "0.25", "protocol": proto, "protocol_hash": "0123456789abcdef"}
+    assert champion_sentence(tags, "7") == (
+        "v7 amed+ipndm (family amed) at NFE 3 is the champion: fd_exact 0.0125 against 0.05 for the best training-free "
+        "sampler, dpmpp[logsnr,afs=True,max_order=3], 75.0 % lower (margin 0.25), under fd_exact on 50000 samples from "
+        "seed 12345 (protocol 01234567).")
+    free_tags = {**tags, "method": "dpmpp", "family": "free", "value": "0.05", "margin": "1.0"}
+    assert champion_sentence(free_tags, "2") == (
+        "v2 dpmpp (family free) at NFE 3 is the champion: no learned sampler beat the best training-free sampler, which "
+        "is this one, dpmpp[logsnr,afs=True,max_order=3], with fd_exact 0.05 under fd_exact on 50000 samples from seed "
+        "12345 (protocol 01234567).")
+    old = {k: v for k, v in tags.items() if not k.startswith(("baseline", "margin"))}
+    assert champion_sentence(old, "1").endswith("is the champion with fd_exact 0.0125 under fd_exact on 50000 samples "
+                                                "from seed 12345 (protocol 01234567); no training-free baseline was "
+                                                "recorded for it.")
+
+    cfg = load_sweep({"name": "story", "datasets": [{"name": "digits", "teacher": "digits-gmm"}], "solvers": ["amed"],
+                      "nfes": [3], "store_url": str(tmp_path / "store"),
+                      "panel": {"entries": [{"solver": "ipndm"}, {"solver": "dpmpp"}]}})
+    plan = plan_sweep(cfg)
+    slot = plan.panel_for("digits", 3)
+    store = RunStore(plan.store_url)
+    best = _panel_best({"id": slot.entries[1], "solver": "dpmpp", "value": 0.5}, plan, store)
+    job = next(b for b in plan.baselines if b.id == slot.entries[1])
+    assert job.checkpoint and best["checkpoint_url"] == store.url_of(job.checkpoint)
+    assert _panel_best({}, plan, store) == {}

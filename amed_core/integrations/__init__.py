@@ -7,7 +7,7 @@ ComfyUI's custom samplers, Forge and A1111 call) and sigma lists.
 - :func:`to_k_diffusion` (``kdiffusion.py``): ``sample(model, x, sigmas, extra_args, callback, disable)`` on any
   k-diffusion-style denoiser wrapper; :func:`sampler_sigmas` its time points.
 - :func:`export_schedule` (``schedule.py``): a pure-schedule sampler (free, GITS) as a sigmas.json, a k-diffusion
-  sampler + sigmas, or a diffusers scheduler + ``sigmas=`` (``amed export``).
+  sampler + sigmas, or a diffusers scheduler + ``sigmas=`` (``amed export``); :func:`from_export` reads one back.
 
 No new dependency: diffusers is imported only inside :func:`sample_with` (``pip install 'amed-distill[models]'``);
 k-diffusion is never imported (the signature is all it takes). A ComfyUI node wrapping these:
@@ -17,8 +17,8 @@ k-diffusion is never imported (the signature is all it takes). A ComfyUI node wr
 from .diffusers_pipeline import SUPPORTED_PIPELINES, pipeline_denoiser, pipeline_kind, sample_with
 from .kdiffusion import KDiffusionModel, sampler_sigmas, to_k_diffusion
 from .schedule import (DIFFUSERS_SCHEDULERS, EXPORT_TARGETS, K_DIFFUSION_SAMPLERS, export_json, export_schedule,
-                       schedule_of, timestep_gap)
+                       from_export, schedule_of, timestep_gap)
 
 __all__ = ["sample_with", "pipeline_denoiser", "pipeline_kind", "SUPPORTED_PIPELINES", "to_k_diffusion",
            "sampler_sigmas", "KDiffusionModel", "export_schedule", "export_json", "schedule_of", "timestep_gap",
-           "EXPORT_TARGETS", "K_DIFFUSION_SAMPLERS", "DIFFUSERS_SCHEDULERS"]
+           "EXPORT_TARGETS", "K_DIFFUSION_SAMPLERS", "DIFFUSERS_SCHEDULERS", "from_export"]

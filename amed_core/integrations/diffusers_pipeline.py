@@ -104,8 +104,10 @@ def _feature_layer(sampler) -> str:
 
 
 def _teacher_guidance(sampler) -> float | None:
+    from collections.abc import Mapping
+
     teacher = getattr(sampler.spec, "teacher", None) or {}
-    g = teacher.get("guidance_scale") if isinstance(teacher, dict) else None
+    g = teacher.get("guidance_scale") if isinstance(teacher, Mapping) else None
     return float(g) if g is not None else None
 
 
@@ -185,7 +187,8 @@ def _finish(pipe, kind: str, x: torch.Tensor, *, output_type: str, return_dict: 
 
         has_nsfw = None
         if output_type != "latent":
-            image = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image = pipe.vae.decode((x / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False,
+                                    generator=generator)[0]
             image, has_nsfw = pipe.run_safety_checker(image, device, embeds_dtype)
         else:
             image = x

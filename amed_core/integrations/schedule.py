@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from ..families import PureSchedule, pure_schedule
 
 __all__ = ["EXPORT_TARGETS", "K_DIFFUSION_SAMPLERS", "DIFFUSERS_SCHEDULERS", "schedule_of", "export_schedule",
-           "export_json", "timestep_gap"]
+           "export_json", "timestep_gap", "from_export"]
 
 EXPORT_TARGETS = ("sigmas.json", "k-diffusion", "diffusers")
 FORMAT = "amed-schedule"
@@ -143,3 +143,22 @@ def export_schedule(sampler, to: str, *, source: str = "", alphas_cumprod=None) 
 def export_json(doc: Mapping) -> str:
     """The export as the JSON text ``amed export`` writes (floats exact: repr round trip)."""
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def from_export(doc: Mapping):
+    """The sampler an export describes (any target's JSON, as a dict): the solver with its AFS and options on the
+    exported sigmas, as a ``free`` sampler (``gits`` when it came from one), so an export round-trips to the same
+    samples. ValueError naming the field for a document that is not an export."""
+    from ..families import StaticSampler, StaticSpec
+
+    if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
+        raise ValueError(f"format: not an {FORMAT} export (made by `amed export`)")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"format_version: {doc.get('format_version')!r} is not {FORMAT_VERSION}")
+    kind = "gits" if doc.get("family") == "gits" else "free"
+    try:
+        return StaticSampler(StaticSpec(kind, str(doc["solver"]), str(doc.get("method") or doc["solver"]), int(doc["nfe"]),
+                                        tuple(float(v) for v in doc["sigmas"]), bool(doc.get("afs", False)),
+                                        dict(doc.get("options") or {}), None, {}, {"exported_from": doc.get("source", "")}))
+    except KeyError as e:
+        raise ValueError(f"{e.args[0]}: missing from the export") from None
