@@ -13,6 +13,9 @@ What to know (the module docstring of ``amed_core/integrations/kdiffusion.py`` h
   so the node takes it from the MODEL (``model.model.diffusion_model.middle_block``, ComfyUI's name for diffusers'
   ``mid_block``). ComfyUI batches the conditional and unconditional passes of classifier-free guidance together:
   ``cfg_features`` says which half is the conditional one; check the order your ComfyUI version uses.
+- For a full denoise ComfyUI scales the initial noise by sqrt(1 + sigma_max^2) instead of sigma_max (its EPS
+  ``noise_scaling`` with ``max_denoise``); the champion then starts from noise * sqrt(1 + sigma_max^2) / sigma_max
+  (x 1.0023 for SD 1.x's sigma_max 14.6) rather than the noise it was measured with.
 - ComfyUI maps a sigma to the nearest table timestep, where amed's diffusers adapter interpolates between timesteps:
   AMED's intermediate times can land between table entries, so results differ slightly from ``amed sample`` there.
 - Free and GITS champions are plain schedules: ``amed export URI --to sigmas.json`` gives SIGMAS for ComfyUI's own
