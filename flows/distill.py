@@ -207,7 +207,7 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
             artifacts["samples.png"] = sc["grid_url"]
         if base.get("grid_url"):
             artifacts["base_samples.png"] = base["grid_url"]
-        best = panels.get((c.train.dataset.name, c.train.nfe), {}).get("best") or {}
+        best = _panel_best(panels.get((c.train.dataset.name, c.train.nfe), {}).get("best") or {}, plan, store)
         results.append(CandidateResult(
             dataset=c.train.dataset.name, solver=c.train.solver, base_solver=c.base_solver, nfe=c.train.nfe,
             seed=c.train.seed, checkpoint_url=store.url_of(c.train.checkpoint), protocol=c.protocol,
@@ -249,6 +249,13 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
     publish_artifacts(cfg, results, scores, plan, results_url, champions)
     return {"results_url": results_url, "champions": champions, "results": payload["results"],
             "panels": payload["panels"]}
+
+
+def _panel_best(best: dict, plan: SweepPlan, store: RunStore) -> dict:
+    """The panel's best entry with its checkpoint's URL (the free sampler.json its evaluation wrote), for the
+    champion's side-by-side picture on the model page (flows/registry/story.py)."""
+    job = next((b for b in plan.baselines if b.id == best.get("id")), None)
+    return {**best, "checkpoint_url": store.url_of(job.checkpoint)} if job is not None and job.checkpoint else best
 
 
 def _warm_driver(cfg: SweepConfig) -> threading.Thread:

@@ -182,6 +182,10 @@ def describe(uri: str, files: dict[str, bytes], *, tracking_uri: Optional[str] =
                value=float(value) if value not in (None, "") else None,
                base_value=float(tags["base_value"]) if tags.get("base_value") else None,
                base_solver=tags.get("base_solver"), seed=tags.get("seed"))
+    if alias == "champion" or "champion" in aliases:  # why it won (flows/registry/story.py), as on the model page
+        from flows.registry.story import champion_sentence
+
+        out["story"] = champion_sentence(tags, str(mv.version))
     return out
 
 
@@ -198,6 +202,8 @@ def summary_lines(info: dict, out_dir) -> list[str]:
     if info.get("value") is not None:
         base = (f"; base {info.get('base_solver')} {info['base_value']:.4g}" if info.get("base_value") is not None else "")
         lines.append(f"metric   {info.get('metric')} {info['value']:.4g}{base} (lower is better)")
+    if info.get("story"):
+        lines.append(f"why      {info['story']}")
     teacher = info.get("teacher")
     if isinstance(teacher, dict):
         digest = teacher.get("content_sha256") or teacher.get("sha256") or ""
