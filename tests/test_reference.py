@@ -123,6 +123,26 @@ def test_every_evaluate_job_of_a_sweep_scores_against_one_stored_reference(tmp_p
     assert rec["value"] == pytest.approx(float(want), rel=1e-9)
     assert rec["errors_key"].endswith(".errors.safetensors") and len(rec["errors_sha256"]) == 64
 
+    # what the register stage adds: the margin's interval from the stored per-sample errors, the reference's record
+    from flows.references import load_reference, reference_records
+    from flows.report import MarginIntervals
+    from flows.storage import RunStore
+
+    other = eval_job(next(b for b in plan.baselines if b.solver == "ipndm" and b.nfe == 5))
+    store = RunStore(plan.store_url)
+    lo, hi = MarginIntervals(store)(rec, other)
+    assert lo <= rec["value"] / other["value"] <= hi
+    assert reference_records(plan)[0]["convergence"] is None  # the check is not generated yet
+    load_reference(roles["reference_check"].spec_json, plan.store_url, None, gmm, 8)
+    conv = reference_records(plan)[0]["convergence"]
+    x_n = reference_solution(gmm, noise[:8], num_steps=33)
+    x_2n = reference_solution(gmm, noise[:8], num_steps=65)
+    assert conv["points"] == 33 and conv["check_points"] == 65 and conv["num_samples"] == 8
+    assert conv["rmse"] == pytest.approx(float(((x_n - x_2n) ** 2).mean().sqrt()), rel=1e-6)
+    store.put(rec["errors_key"], store.get(other["errors_key"]))  # a changed file is refused, not used
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        MarginIntervals(store)(rec, other)
+
 
 def test_a_solver_with_its_own_sigma_range_is_refused_under_rmse(tmp_path):
     from flows.config import load_sweep

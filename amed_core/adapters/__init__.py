@@ -10,6 +10,7 @@ Teacher names (resolved by :func:`load_teacher`, the teacher registry, options f
 ``edm:PATH.pkl``             NVlabs EDM pickle; needs ``trust_pickle=True`` and the EDM code (``edm_code_dir``)
 ``diffusers:PATH_OR_ID``     diffusers pipeline / UNet folder, or a hub id already in the user's cache
 ``digits-tiny-unet``         the tiny digits UNet shipped with the package (trained by ``train_tiny``)
+``photos-tiny-unet``         the 32x32 RGB UNet on photo crops shipped with the package (``amed teacher train-photos``)
 ``py:PKG.MODULE:FUNCTION``   your own model: ``FUNCTION(**options)`` returns ``wrap_model(...)`` (:mod:`.custom`);
                              importing runs that module's code: name only modules you trust
 ==========================  =====================================================================================
@@ -82,7 +83,7 @@ TEACHER_PREFIXES = {
     "diffusers": _DIFFUSERS_OPTIONS,
 }
 
-BUILTIN_NETWORKS = {"digits-tiny-unet": "tiny_unet_digits"}
+BUILTIN_NETWORKS = {"digits-tiny-unet": "tiny_unet_digits", "photos-tiny-unet": "tiny_unet_photos"}
 BUILTIN_TEACHERS = {"digits-gmm": "digits.npz"}  # analytic mixtures shipped in amed_core/data
 
 
