@@ -202,6 +202,15 @@ def _interval(champ: list, free: list | None) -> str:
     return f" (95 % interval {ci[0]:.3f}-{ci[1]:.3f}: {verdict(ci)})"
 
 
+def _learned(best_per_family: dict, free) -> str:
+    """The best learned family's ratio to the best free sampler, with its interval (seed-0 cells)."""
+    learned = [(f, v) for f, v in best_per_family.items() if f != "free"]
+    if not learned or not free:
+        return ""
+    fam, (name, m, _, cs) = min(learned, key=lambda kv: kv[1][1])
+    return f"; best learned {fam}:{name} {m:.4g}, ratio {m / free[1]:.3f}" + _interval(cs, free[3])
+
+
 def table(db) -> str:
     metric = db["meta"]["metric"]
     cells = db["cells"].values()
@@ -240,6 +249,7 @@ def table(db) -> str:
             summary.append(f"NFE {nfe}: champion {champ[0]}:{champ[1][0]} {champ[1][1]:.4g}"
                            + (f", best free {free[0]} {free[1]:.4g}, ratio {champ[1][1] / free[1]:.3f}" if free else "")
                            + _interval(champ[1][3], free[3] if free else None)
+                           + _learned(best_per_family, free)
                            + (f"; GITS+iPNDM {gits[1]:.4g} vs iPNDM (poly7) {_ms([c[metric] for c in ipndm])[0]:.4g}"
                               if gits and ipndm else ""))
     return "\n".join(lines + [""] + summary)
