@@ -205,8 +205,10 @@ def train_tiny(args) -> int:
     return 0
 
 
-# The shipped photos-tiny-unet's settings (amed_core/data/tiny_unet_photos/config.json records them).
-PHOTOS_STEPS, PHOTOS_BATCH, PHOTOS_EMA, PHOTOS_CHANNELS = 1500, 32, 120.0, 16
+# The shipped photos-tiny-unet's settings (amed_core/data/tiny_unet_photos/config.json records them): 600 steps took
+# 29 min on the shared 2-core dev box at load average 25-30 (BENCHMARKS "Neural teachers"); more steps (--steps 3000,
+# --ema-halflife 200) give a teacher closer to its data.
+PHOTOS_STEPS, PHOTOS_BATCH, PHOTOS_EMA, PHOTOS_CHANNELS = 600, 32, 50.0, 16
 
 
 def train_photos(args) -> int:
