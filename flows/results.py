@@ -54,6 +54,8 @@ class CandidateResult(BaseModel):
     panel_best: dict = Field(default_factory=dict)            # the best training-free entry: solver, options, value
     panel_value: Optional[float] = None                       # its metric (the baseline every candidate faces)
     per_sample: dict = Field(default_factory=dict)            # error vs the reference solution: median, p90, p99
+    margin_ci: Optional[list[float]] = None                   # 95 % interval of the margin over noise seeds (paired
+                                                              # bootstrap over samples; rmse only)
 
     @property
     def margin(self) -> Optional[float]:
@@ -61,6 +63,15 @@ class CandidateResult(BaseModel):
         if self.panel_value is None or not self.panel_value:
             return None
         return self.value / self.panel_value
+
+    @property
+    def verdict(self) -> Optional[str]:
+        """better / tie / worse than the best training-free sampler, from the margin's interval (None without one)."""
+        if not self.margin_ci:
+            return None
+        from amed_core.evaluate import verdict
+
+        return verdict(self.margin_ci)
 
     @property
     def registered_name(self) -> str:
@@ -96,6 +107,8 @@ def results_table(results: list[CandidateResult]) -> list[dict]:
                      "panel_best": f"{best.get('solver')}[{options_text(best)}]" if best else "-",
                      "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
                      "margin": round(r.margin, 3) if r.margin is not None else "-",
+                     **({"margin_ci95": f"[{r.margin_ci[0]:.3f}, {r.margin_ci[1]:.3f}]", "verdict": r.verdict}
+                        if r.margin_ci else {}),
                      "base_solver": r.base_solver, "base": round(r.base_value, 6), "improvement_%": round(gain, 1),
                      **({"p50": round(ps["median"], 5), "p90": round(ps["p90"], 5), "p99": round(ps["p99"], 5)}
                         if ps else {}),
@@ -112,10 +125,14 @@ def champion_rows(results: list[CandidateResult]) -> list[dict]:
         k = (r.teacher_id or r.dataset, r.nfe, r.protocol.hash)
         if k not in best or r.value < best[k].value:
             best[k] = r
-    return [{"teacher": k[0], "nfe": k[1], "best": f"{r.family}:{r.solver}", "value": round(r.value, 6),
+    rows = [{"teacher": k[0], "nfe": k[1], "best": f"{r.family}:{r.solver}", "value": round(r.value, 6),
              "panel_best": (r.panel_best or {}).get("solver", "-"),
              "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
-             "margin": round(r.margin, 3) if r.margin is not None else "-"} for k, r in sorted(best.items())]
+             "margin": round(r.margin, 3) if r.margin is not None else "-",
+             **({"margin_ci95": f"[{r.margin_ci[0]:.3f}, {r.margin_ci[1]:.3f}]", "verdict": r.verdict}
+                if r.margin_ci else {})} for k, r in sorted(best.items())]
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # rows of equal keys (text_table)
+    return [{k: row.get(k, "-") for k in keys} for row in rows]
 
 
 def quality_plot_png(results: list[CandidateResult]) -> Optional[bytes]:

@@ -287,6 +287,9 @@ def family_tags(cand: CandidateResult) -> dict[str, str]:
                                                  **(best.get("options") or {})}, sort_keys=True))
         if cand.margin is not None:
             tags["margin"] = repr(float(cand.margin))
+        if cand.margin_ci:
+            tags.update(margin_ci95_low=repr(float(cand.margin_ci[0])), margin_ci95_high=repr(float(cand.margin_ci[1])),
+                        verdict=str(cand.verdict))
     for k, v in (cand.per_sample or {}).items():
         tags[f"per_sample_{k}"] = repr(float(v))
     return tags
