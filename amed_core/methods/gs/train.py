@@ -339,11 +339,12 @@ GS_TENSOR_FILE = "gs.safetensors"
 
 
 def gs_tensor_bytes(params: GSParams) -> bytes:
-    """The four learned tensors as safetensors bytes (equal tensors give equal bytes)."""
+    """The four learned tensors as safetensors bytes (equal tensors give equal bytes: one metadata key, since the
+    order of several is not kept)."""
     from safetensors.torch import save as st_save
 
     tensors = {name: getattr(params, name).detach().to("cpu").contiguous() for name in GSParams.TENSORS}
-    return st_save(tensors, metadata={"format": "gs-params", "version": "1"})
+    return st_save(tensors, metadata={"amed": '{"format": "gs-params", "version": 1}'})
 
 
 def gs_tensors_from_bytes(data: bytes, config: GSConfig, *, file: str = GS_TENSOR_FILE) -> GSParams:
