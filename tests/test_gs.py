@@ -148,6 +148,7 @@ def test_init_from_another_grid(teacher):
     got = p.sigmas()
     torch.testing.assert_close(got[1:-1], poly[1:-1], rtol=1e-9, atol=0)
     assert float(got[-1]) == pytest.approx(p.remap.sigma_lo) and rec["kind"] == "grid" and rec["source"] == {"solver": "ipndm"}
+    assert rec["source_sigmas"] == poly.tolist() and rec["sigmas"] == got.tolist()
     with pytest.raises(ValueError, match="has 6 points; this one has 7"):
         F.gs.init_params(cfg, get_schedule(7, 0.002, 80.0).tolist())
     low = get_schedule(6, 0.0005, 80.0, schedule_type="logsnr")

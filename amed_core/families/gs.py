@@ -117,9 +117,12 @@ def init_params(config, init: str | Sequence[float] = "reference", *, source: Ma
     if isinstance(init, str):
         if init != "reference":
             raise ValueError(f"init must be 'reference' or a list of N + 1 sigmas, got {init!r}")
-        return GSParams.reference_init(config), {"kind": "reference", "grid": "time_uniform"}
+        return GSParams.reference_init(config), {"kind": "reference", "grid": "time_uniform",
+                                                 **({"source": dict(source)} if source else {})}
     sig = [float(v) for v in init]
-    return GSParams.from_grid(config, sig), {"kind": "grid", "sigmas": sig, **({"source": dict(source)} if source else {})}
+    params = GSParams.from_grid(config, sig)  # the interior of ``sig``, GS's own end points
+    return params, {"kind": "grid", "sigmas": [float(v) for v in params.sigmas()], "source_sigmas": sig,
+                    **({"source": dict(source)} if source else {})}
 
 
 def fit(denoiser, noise, target, cfg=None, *, nfe: int, config=None, init: str | Sequence[float] = "reference",
@@ -143,6 +146,59 @@ def fit(denoiser, noise, target, cfg=None, *, nfe: int, config=None, init: str |
     doc = spec_doc(res.params.cpu(), init=init_rec, train=train,
                    teacher=teacher or (denoiser.identity() if hasattr(denoiser, "identity") else {}))
     return GSSampler(res.params.cpu(), doc), res
+
+
+def load_distance(spec: str) -> Optional[Callable]:
+    """The training distance a sweep names: ``"l2"`` -> None (the default, :func:`amed_core.methods.gs.l2_distance`);
+    ``"py:package.module:function"`` -> ``function()``, which must return a callable (x, y) -> (B,) per-sample
+    distances (e.g. :class:`amed_core.methods.gs.FeatureDistance` around your network). Importing runs that code."""
+    if spec == "l2":
+        return None
+    from ..adapters.custom import load_callable
+
+    if not spec.startswith("py:"):
+        raise ValueError(f"loss must be 'l2' or 'py:package.module:function', got {spec!r}")
+    try:
+        build = load_callable(spec[3:])
+    except ValueError as e:
+        raise ValueError(f"loss {spec}: {e}") from None
+    distance = build() if callable(build) else None
+    if not callable(distance):
+        raise ValueError(f"loss {spec}: {spec[3:]}() must return a callable (x, y) -> per-sample distances")
+    return distance
+
+
+def schedule_plot_png(sampler: GSSampler, *, panel_sigmas: Sequence[float] | None = None, panel_label: str = "panel",
+                      title: str = "") -> bytes:
+    """PNG: the learned grid (sigma at t_0 .. t_N) and the model's evaluation sigmas next to the reference's initial
+    grid, the grid training started from and the panel's best schedule at this NFE (if given), log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..evaluate.pictures import figure_png
+    from ..methods.gs import GSParams
+
+    s = sampler.spec
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    steps = list(range(len(s.sigmas)))
+    ax.plot(steps, s.sigmas, "o-", color="C0", label="GS grid (learned)")
+    ax.plot(list(range(len(s.doc["model_sigmas"]))), s.doc["model_sigmas"], "x", color="C3", ms=8,
+            label="GS model evaluation of step k (t_k + t_couple_k)")
+    ref = GSParams.reference_init(s.config).sigmas().tolist()
+    ax.plot(steps, ref, ":", color="0.5", label="reference init (uniform in VP time)")
+    if s.init.get("kind") == "grid":
+        src = s.init.get("source") or {}
+        ax.plot(steps, s.init["sigmas"], "s--", color="C2", mfc="none", label=f"initial grid: {src.get('solver', 'given')}")
+    if panel_sigmas:
+        ax.plot(list(range(len(panel_sigmas))), list(panel_sigmas), "d-.", color="C1", mfc="none", label=panel_label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step k")
+    ax.set_ylabel("sigma")
+    ax.set_title(title or f"GS NFE {s.nfe}", fontsize=9)
+    ax.legend(fontsize=7)
+    return figure_png(fig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,10 +36,11 @@ class TeacherJob(_Job):
     """The shared teacher of one dataset: a TeacherSpec (JSON) whose shards the teacher stage generates.
 
     role "students": the trajectories at the union of the student grids (AMED, EPD); role "gits": a small teacher on
-    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points)."""
+    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points); role "gs": the end
+    points only (``families.gs``: train_size + val_size trajectories)."""
 
     name: str                  # the dataset's name
-    role: Literal["students", "gits"] = "students"
+    role: Literal["students", "gits", "gs"] = "students"
     dataset: DatasetConfig
     spec_json: str
     spec_hash: str
@@ -101,8 +102,8 @@ class TrainJob(_StoreJob):
     teacher_hash: str
     checkpoint: str                            # key of the checkpoint folder in the run store
     tags: list[str] = []
-    family: str = "amed"                       # amed | gits | epd (what train_job fits)
-    fit: dict[str, Any] = {}                   # gits: metric, coeff, warmup, options, afs; epd: EPDTrainConfig fields
+    family: str = "amed"                       # amed | gits | epd | gs (what train_job fits)
+    fit: dict[str, Any] = {}                   # gits: metric, coeff, warmup, options, afs; gs: config, init, panel, loss
 
 
 class Candidate(_Job):

@@ -18,7 +18,7 @@ from flows.registry.checks import Checks, LocalChecks
 from flows.registry.loading import read_checkpoint, write_files
 from flows.registry.registration import CHAMPION, champion_uri, log_model, register_candidate
 from flows.registry.tracking import experiment, flatten, log_metrics, log_params, resolve_tracking_uri, tracking
-from flows.results import CandidateResult
+from flows.results import CandidateResult, options_text
 from flows.storage.checksums import files_sha256
 from flows.storage.credentials import redact
 from flows.storage.locks import pid_alive
@@ -242,6 +242,8 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, chec
             ref = checks.reference(config.model_dump(mode="json"), cand.dataset, cand.checkpoint_url, seeds,
                                    list(range(cand.protocol.seed, cand.protocol.seed + 8)),
                                    f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})")
+            if ref["png"] is None and cand.family == "gs":  # GS's learned grid and model times next to the panel's
+                ref["png"] = _gs_schedule_png(sampler, cand)
             if ref["png"] is not None:  # the learned schedule; samplers without a predictor have their sigmas in params
                 Path(tmp, "plots").mkdir(exist_ok=True)
                 Path(tmp, "plots", "schedule.png").write_bytes(ref["png"])
@@ -259,6 +261,21 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, chec
         log_metrics(client, rid, {"log_register_seconds": time.perf_counter() - t0})
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
         return _Logged(rid, cand.registered_name, version, moved[CHAMPION])
+
+
+def _gs_schedule_png(sampler, cand: CandidateResult) -> Optional[bytes]:
+    """GS's schedule plot (amed_core.families.gs.schedule_plot_png) with the panel's best grid at its NFE; no teacher
+    is needed, so it is drawn here. None (and a warning) if it cannot be drawn: a plot never loses a candidate."""
+    from amed_core.families.gs import schedule_plot_png
+
+    best = cand.panel_best or {}
+    try:
+        return schedule_plot_png(sampler, panel_sigmas=best.get("sigmas"),
+                                 panel_label=f"panel best: {best.get('solver')} [{options_text(best)}]",
+                                 title=f"{cand.dataset} GS NFE {cand.nfe} (seed {cand.seed})")
+    except Exception as e:  # noqa: BLE001 - a plot must never lose a candidate
+        log.warning("GS schedule plot for %s not made: %s", cand.solver, e)
+        return None
 
 
 def _log_candidate_values(client, rid: str, cfg_dict: dict, cand: CandidateResult, sampler, describe_sampler,
