@@ -19,6 +19,7 @@ from amed_core.methods.gs import (EMA, FeatureDistance, GSConfig, GSParams, GSTr
                                   train_gs, validation_loss)
 from amed_core.schedules import ScheduleSpec, get_schedule
 from amed_core.teacher import StudentGrid, TeacherSpec, generate_shard
+from gs_feature_net import TinyFeatures
 
 
 @pytest.fixture(scope="module")
@@ -177,26 +178,9 @@ def test_training_lowers_validation_loss_and_keeps_the_best(teacher, pairs):
         F.gs.fit(teacher, n, y, GSTrainConfig(iterations=1, batch_size=500), nfe=3)
 
 
-class TinyFeatures(torch.nn.Module):
-    """A small local feature network (fixed random weights): two conv maps, as LPIPS reads a backbone's layers."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1).double()
-        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1, stride=2).double()
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
-
-    def forward(self, x):
-        a = torch.relu(self.c1(x))
-        return [a, torch.relu(self.c2(a))]
-
-
 def test_feature_distance_is_pluggable(teacher, pairs):
     (n, y), (vn, vy) = pairs
-    dist = FeatureDistance(TinyFeatures(), name="tiny")
+    dist = FeatureDistance(TinyFeatures(), name="tiny")  # a small local network (tests/gs_feature_net.py)
     assert torch.equal(dist(vy[:4], vy[:4]), torch.zeros(4, dtype=torch.float64))
     assert bool((dist(vy[:4], vy[4:8]) > 0).all())
     assert not any(p.requires_grad for p in dist.network.parameters())
@@ -248,3 +232,30 @@ def test_labels_reach_the_denoiser_and_l2_is_the_reference_loss():
     torch.testing.assert_close(l2_distance(a, b), ((a - b) ** 2).mean(dim=(1, 2, 3)))
     with pytest.raises(ValueError, match="noise and target must be tensors of one"):
         train_gs(net, p, a, b[:1], GSTrainConfig(iterations=1))
+
+
+def test_cli_train_gs_with_panel_init_and_a_feature_loss(tmp_path, capsys):
+    """`amed train --method gs`: endpoint teacher, init from the best expressible training-free schedule (by the L2
+    loss on the held-out pairs), a py: feature distance; the checkpoint loads, describes and samples."""
+    from flows.cli import main
+
+    out = tmp_path / "gs"
+    assert main(["train", "--method", "gs", "--nfe", "4", "--teacher", "digits-gmm", "--out", str(out), "--iterations",
+                 "20", "--trajectories", "96", "--val", "32", "--teacher-m", "16", "--gs-init", "panel", "--loss",
+                 "py:gs_feature_net:build", "--gs-options", '{"order": 3, "output": "edm"}', "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "GS init: {'solver'" in text and "validation loss" in text
+    s = F.load_sampler(out)
+    d = F.describe(s)
+    assert (d["family"], d["nfe"], d["order"], d["init"]) == ("gs", 4, 3, "grid") and s.spec.config.output == "edm"
+    rec = json.loads((out / "train.json").read_text())
+    assert rec["train_config"]["loss"] == "py:gs_feature_net:build" and rec["init"]["source"]["solver"] in (
+        "dpmpp", "ipndm", "deis", "unipc", "euler")
+    assert sorted(p.name for p in out.iterdir()) == ["gs.safetensors", "sampler.json", "train.json"]
+    assert main(["train", "--method", "gs", "--nfe", "4", "--teacher", "digits-gmm", "--out", str(tmp_path / "x"),
+                 "--gs-options", "[1]"]) != 0
+    assert "--gs-options must be a JSON object" in capsys.readouterr().err
+    assert main(["train", "--method", "gs", "--nfe", "3", "--teacher", "digits-gmm", "--out", str(tmp_path / "y"),
+                 "--iterations", "1", "--trajectories", "24", "--val", "8", "--teacher-m", "4", "--loss",
+                 "py:nope_missing:build", "--no-progress"]) != 0
+    assert "loss py:nope_missing:build: " in capsys.readouterr().err and not (tmp_path / "y").exists()

@@ -154,6 +154,7 @@ def _fit_gs(job: TrainJob) -> dict:
     train.pop("num_trajectories", None)
     cfg = GSTrainConfig.from_dict(train)
     config = GSConfig.from_dict(fit["config"])
+    distance = fam_gs.load_distance(fit["loss"])  # before reading the teacher: a bad loss fails at once
     tstore = TeacherStore(job.store_url, storage_options=job.storage_options)
     shards = [tstore.read_shard(job.teacher_hash, i) for i in sorted(tstore.manifest(job.teacher_hash))]
     noise = torch.cat([sh.noise for sh in shards]).to(torch.float64)
@@ -167,7 +168,6 @@ def _fit_gs(job: TrainJob) -> dict:
     init, source = "reference", None
     if fit["init"] == "panel":
         init, source = gs_panel_init(store, config, fit["panel"])
-    distance = fam_gs.load_distance(fit["loss"])
     progress = Progress(store, job.id, total=cfg.iterations)
     c0, cpu0 = time.time(), time.process_time()
     to = (lambda t: None if t is None else t.to(dev))  # noqa: E731

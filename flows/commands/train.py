@@ -259,6 +259,7 @@ def run_gs(args) -> int:
         raise ValueError(f"--gs-options is not JSON: {e}") from None
     if not isinstance(options, dict):
         raise ValueError("--gs-options must be a JSON object of GSConfig fields")
+    distance = gs.load_distance(args.loss)  # before any work: a bad loss fails here
     den = load_teacher(args.teacher)
     config = gs.config_for(den, args.nfe, **options)
     n, n_val = args.trajectories or 1400, args.val or 1000
@@ -285,7 +286,7 @@ def run_gs(args) -> int:
 
     sampler, res = gs.fit(den, noise[tr], final[tr], cfg, nfe=args.nfe, config=config, init=init, init_source=source,
                           class_labels=None if labels is None else labels[tr], val=val,
-                          distance=gs.load_distance(args.loss), callback=progress)
+                          distance=distance, callback=progress)
     bar.close()
     print(f"GS at NFE {args.nfe} on {args.teacher}: validation loss {res.initial_val:.4g} -> {res.best_val:.4g} "
           f"(best at iteration {res.best_iteration} of {cfg.iterations})")
