@@ -123,6 +123,7 @@ def run_gs(args, teacher, db, nfes, ctx, done, noise) -> None:
                 tr, va = slice(0, args.gs_train), slice(args.gs_train, args.gs_train + args.gs_val)
                 x0, y = shard.noise.double(), shard.states[-1].double()
                 config = F.gs.config_for(teacher, nfe)
+                F.gs.check_start(config, float(teacher.sigma_max))
                 start, source = "reference", None
                 if init == "panel":
                     start, source = _gs_panel_init(db, teacher, nfe, db["meta"]["metric"], config)

@@ -140,6 +140,15 @@ def test_bad_checkpoints_name_the_file_and_field(teacher, case):
         F.sampler_from_files({"sampler.json": files["sampler.json"]})
 
 
+def test_a_teacher_starting_above_gs_is_refused(teacher):
+    """GS starts at min(152.17, the net's sigma_max), as the reference; a VE-style net's teacher (sigma_max 500) starts
+    elsewhere, so its end states are no targets for GS: refused naming the fix."""
+    cfg = GSConfig(steps=4, order=4, net_sigma_min=0.002, net_sigma_max=500.0)
+    with pytest.raises(ValueError, match="GS starts at sigma 152.167 .* teacher starts at 500; use a teacher"):
+        F.gs.check_start(cfg, 500.0)
+    F.gs.check_start(F.gs.config_for(teacher, 4), float(teacher.sigma_max))
+
+
 def test_init_from_another_grid(teacher):
     """The panel's schedule starts GS when it has N + 1 points inside GS's end sigmas: its interior is kept (to
     rounding), the ends are GS's; a 2-evaluation or AFS grid, or a point outside, is refused with the reason."""

@@ -101,6 +101,17 @@ def config_for(denoiser, nfe: int, *, order: Optional[int] = None, **options):
                     net_sigma_max=float(denoiser.sigma_max), **options)
 
 
+def check_start(config, teacher_sigma_max: float) -> None:
+    """Refuse training pairs whose teacher started elsewhere than GS does: GS starts at sigma(1) = min(the paper VP's
+    152.17, the net's sigma_max) (the reference's re-mapping); a teacher started at a larger sigma_max (a VE-style net)
+    maps the same noise from another point, so its end states are not GS's targets."""
+    hi = config.remap().sigma_hi
+    if teacher_sigma_max > hi * (1 + 1e-9):
+        raise ValueError(f"GS starts at sigma {hi:.6g} (the paper VP's sigma(1) caps the net's sigma_max "
+                         f"{config.net_sigma_max:.6g}, as the reference does) but the teacher starts at "
+                         f"{teacher_sigma_max:.6g}; use a teacher / sampler.sigma_max of at most {hi:.6g}")
+
+
 def spec_doc(params, *, teacher: Mapping | None = None, init: Mapping | None = None,
              train: Mapping | None = None) -> dict:
     cfg = params.config

@@ -262,6 +262,7 @@ def run_gs(args) -> int:
     distance = gs.load_distance(args.loss)  # before any work: a bad loss fails here
     den = load_teacher(args.teacher)
     config = gs.config_for(den, args.nfe, **options)
+    gs.check_start(config, float(den.sigma_max))
     n, n_val = args.trajectories or 1400, args.val or 1000
     t0 = time.perf_counter()
     schedule = ScheduleSpec("polynomial", rho=7.0, sigma_min=den.sigma_min, sigma_max=den.sigma_max)

@@ -209,6 +209,9 @@ def _gs_config(cfg: SweepConfig, den, nfe: int) -> dict[str, Any]:
         gc = GSConfig(steps=nfe, order=min(g.order or nfe, nfe), net_sigma_min=float(sch.sigma_min),
                       net_sigma_max=float(sch.sigma_max), theory=g.theory, t_eps=g.t_eps, end=g.end,
                       s4s_rescale=g.s4s_rescale, clip_model_time=g.clip_model_time, output=g.output, start=g.start)
+        from amed_core.families.gs import check_start
+
+        check_start(gc, float(sch.sigma_max))  # the GS teacher starts at the sweep's sigma_max
     except ValueError as e:
         raise ValueError(f"families.gs: at NFE {nfe}: {e}") from None
     return gc.to_dict()

@@ -494,8 +494,8 @@ def gs_sample(denoiser, x: torch.Tensor, params: GSParams, *, class_labels=None,
     if not torch.is_tensor(x) or x.ndim < 2:
         raise ValueError("x must be a batched tensor (B, ...): the VP state at t = 1")
     N, order = cfg.steps, cfg.order
-    t = params.timesteps().to(device=x.device)
-    mt = params.model_times(t)
+    t_own = params.timesteps()
+    t, mt = t_own.to(device=x.device), params.model_times(t_own).to(device=x.device)
     c_all = params.c_diff.to(device=x.device)
     a_all = params.a_diff.to(device=x.device)
     nfe = 0

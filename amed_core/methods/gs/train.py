@@ -272,7 +272,7 @@ def train_gs(denoiser, params: GSParams, noise: torch.Tensor, target: torch.Tens
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training pairs (batches drop the remainder, "
                          "as the reference's DataLoader does); lower batch_size or store more teacher trajectories")
     dist = distance or l2_distance
-    params.train().requires_grad_(True)
+    params.to(noise.device).train().requires_grad_(True)
     plist = list(params.parameters())
     opt = Adam(plist, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     ema = EMA(plist, cfg.ema_decay, cfg.ema_warmup)
