@@ -49,6 +49,31 @@ def test_plan_gs_teacher_candidates_and_panel_wait(tmp_path):
         load_sweep({**SWEEP, "families": {"gs": {"inits": ["reference"], "train_size": 8}}})
 
 
+def test_panel_init_takes_the_best_entry_gs_can_express(tmp_path):
+    """Ranked by score (ties: plan order); an entry GS cannot express (an AFS grid: N + 2 points) is skipped; with none
+    left GS starts from the reference's grid and records why."""
+    from amed_core.families.gs import config_for
+    from amed_core.adapters import load_teacher
+    from flows.cluster.jobs import gs_panel_init
+    from flows.storage import RunStore
+
+    store = RunStore(str(tmp_path / "store"))
+    poly = {"schedule_type": "polynomial", "rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
+    entries = [{"id": "a", "result_key": "evals/a.json", "solver": "ipndm", "schedule": poly, "num_steps": 6,
+                "options": {"afs": True}},
+               {"id": "b", "result_key": "evals/b.json", "solver": "deis", "schedule": poly, "num_steps": 5,
+                "options": {"afs": False}},
+               {"id": "c", "result_key": "evals/c.json", "solver": "dpmpp", "schedule": {**poly, "schedule_type": "logsnr"},
+                "num_steps": 5, "options": {"afs": False}}]
+    for key, value in (("a", 0.1), ("b", 0.3), ("c", 0.2)):
+        store.put_json(f"evals/{key}.json", {"value": value})
+    config = config_for(load_teacher("digits-gmm"), 4)
+    sigmas, source = gs_panel_init(store, config, entries)
+    assert (source["id"], source["panel_rank"], source["value"]) == ("c", 1, 0.2) and len(sigmas) == 5
+    start, why = gs_panel_init(store, config, entries[:1])
+    assert start == "reference" and why["panel"] == "no entry GS can express" and "has 5 points" in why["tried"][0]
+
+
 def test_gs_wins_the_champion_in_amed_distill(prefect_harness, ray_local, tmp_path, capsys, monkeypatch):  # noqa: F811
     import mlflow
     import pandas as pd
