@@ -243,10 +243,10 @@ def _ms(vals):
     return m, sd
 
 
-def table(db) -> str:
+def table(db, only_nfes=None) -> str:
     metric = db["meta"]["metric"]
     cells = db["cells"].values()
-    nfes = sorted({c["nfe"] for c in cells})
+    nfes = sorted({c["nfe"] for c in cells if only_nfes is None or c["nfe"] in only_nfes})
     lines = [f"teacher {db['meta']['teacher']}: {metric} of {db['meta']['n']} samples"
              + (f" (noise floor {db['fd_floor']:.4f})" if "fd_floor" in db else "")
              + f"; per-sample RMSE to a {db['meta']['reference_steps']}-step DPM-Solver++(3M) solution",
@@ -315,10 +315,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the tables of these result files")
+    ap.add_argument("--table-nfes", default=None, help="with --table: only these NFEs (e.g. 3,4,5,6,8)")
     args = ap.parse_args(argv)
     if args.table:
+        only = {int(v) for v in args.table_nfes.split(",")} if args.table_nfes else None
         for f in args.table:
-            print(table(json.loads(Path(f).read_text())), "\n")
+            print(table(json.loads(Path(f).read_text()), only), "\n")
         return 0
     torch.set_num_threads(args.threads)
     run(args)
