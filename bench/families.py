@@ -15,8 +15,9 @@ printed); every teacher: RMSE to a near-exact solution of the same noise (DPM-So
 points, float64) with the per-sample RMSE median / p90 / p99. Learned families (3 training seeds; mean +- std):
 - GITS: gits+ipndm, the DP over a 41-point polynomial teacher grid on 256 warm-up trajectories (seed s uses
   trajectories 256 s .. 256 s + 255 of one stored teacher), no AFS;
-- AMED: amed+ipndm with the improved recipe (TrainConfig.improved, afs_in_history False, scale_time 0.2), AFS on;
-- EPD: epd+ipndm (K = 2, batched), AFS on, relative loss weighting, lr --epd-lr, --epd-epochs passes over
+- AMED: amed+ipndm with the improved recipe (TrainConfig.improved, afs_in_history False, scale_time 0.2), AFS on at
+  odd NFEs (2 evaluations per step: even NFEs run without);
+- EPD: epd+ipndm (K = 2, batched), AFS on at odd NFEs, relative loss weighting, lr --epd-lr, --epd-epochs passes over
   --trajectories stored trajectories at its grid (heun teacher, --epd-teacher-m sub-steps).
 - GS: the generalized solver (amed_core.methods.gs) with the reference's configuration (theory mode, order = NFE,
   t_eps 1e-3) and training recipe (Adam 1e-3, batch 24, EMA 0.999, clip 1.0; --gs-iterations), on --gs-train pairs of an
@@ -205,7 +206,7 @@ def run(args) -> None:
             key = f"amed|amed+ipndm|{nfe}|{seed}"
             if key in db["cells"]:
                 continue
-            spec = SamplerSpec.create("amed+ipndm", nfe, afs=True, schedule=POLY, predictor=PredictorConfig(
+            spec = SamplerSpec.create("amed+ipndm", nfe, afs=nfe % 2 == 1, schedule=POLY, predictor=PredictorConfig(
                 scale_dir=0.01, scale_time=0.2), afs_in_history=False, denoiser=teacher)
             cfg = TrainConfig.improved("amed+ipndm", seed=seed, num_trajectories=args.trajectories)
             t = time.perf_counter()
@@ -221,10 +222,11 @@ def run(args) -> None:
                 continue
             from amed_core.methods import num_steps_for
 
-            N = num_steps_for("epd+ipndm", nfe, True)
+            afs = nfe % 2 == 1  # 2 (N - 1) - afs: AFS only where the NFE is odd
+            N = num_steps_for("epd+ipndm", nfe, afs)
             shard = _shard(teacher, StudentGrid(sch, N), args.trajectories, args.epd_teacher_m, shards)
             grid = sch.grid(N)
-            cfg = EPDTrainConfig(solver="epd+ipndm", afs=True, seed=seed, loss_weighting="relative", lr=args.epd_lr)
+            cfg = EPDTrainConfig(solver="epd+ipndm", afs=afs, seed=seed, loss_weighting="relative", lr=args.epd_lr)
             t = time.perf_counter()
             batches = list(shard_to_batches(shard, grid, batch_size=128)) * args.epd_epochs  # the seed: the tables' init
             s, _ = F.epd.fit(teacher, grid, batches, cfg, nfe=nfe)
