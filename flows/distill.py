@@ -202,8 +202,8 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
     for c in plan.candidates:
         tr, sc, base = trained[c.id], scores[c.eval.id], scores[c.base_id]
         teacher = teachers[c.train.dataset.name]
-        if c.family == "gits":
-            teacher = teachers.get(f"{c.train.dataset.name}:gits", teacher)
+        if c.family in ("gits", "gs"):  # their own teachers (roles gits / gs)
+            teacher = teachers.get(f"{c.train.dataset.name}:{c.family}", teacher)
         artifacts = {}
         if sc.get("grid_url"):
             artifacts["samples.png"] = sc["grid_url"]
@@ -355,9 +355,10 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
         b_fut = {b.id: evaluate_stage.with_options(tags=b.tags + ["stage:evaluate"], task_run_name=b.id
                                                    ).submit(b, compute) for b in plan.baselines}
         tr_fut, ev_fut = {}, {}
-        for c in plan.candidates:
+        for c in plan.candidates:  # a panel-initialised GS also waits for its NFE's panel scores (c.train.fit["panel"])
+            waits = [t_by_hash[c.train.teacher_hash]] + [b_fut[e["id"]] for e in c.train.fit.get("panel", ())]
             tr_fut[c.id] = train_stage.with_options(tags=c.train.tags + ["stage:train"], task_run_name=f"train-{c.name}"
-                                                    ).submit(c.train, compute, wait_for=[t_by_hash[c.train.teacher_hash]])
+                                                    ).submit(c.train, compute, wait_for=waits)
         for c in plan.candidates:
             ev_fut[c.id] = evaluate_stage.with_options(tags=c.train.tags + ["stage:evaluate"],
                                                        task_run_name=f"eval-{c.name}").submit(

@@ -51,8 +51,10 @@ class MarginIntervals:
 
 
 def panel_summaries(plan: SweepPlan, scores: dict) -> dict:
-    """Per (dataset, NFE): every panel entry's score (solver, options, schedule, value) and the best one (lowest
-    finite value; ties: the first in plan order) - the baseline every candidate of that (dataset, NFE) faces."""
+    """Per (dataset, NFE): every panel entry's score (solver, options, schedule, its sigmas, value) and the best one
+    (lowest finite value; ties: the first in plan order) - the baseline every candidate of that (dataset, NFE) faces."""
+    from amed_core.schedules import ScheduleSpec
+
     jobs = {b.id: b for b in plan.baselines}
     out = {}
     for slot in plan.panels:
@@ -61,6 +63,7 @@ def panel_summaries(plan: SweepPlan, scores: dict) -> dict:
             b, sc = jobs[i], scores.get(i, {})
             entries.append({"id": i, "solver": b.solver, "options": dict(b.solver_options),
                             "schedule": b.schedule.get("schedule_type"), "rho": b.schedule.get("rho"),
+                            "sigmas": [float(v) for v in ScheduleSpec.from_dict(b.schedule).grid(b.num_steps)],
                             "value": sc.get("value"), "denoiser_calls": sc.get("nfe"),
                             "per_sample": sc.get("per_sample", {})})
         finite = [e for e in entries if e["value"] is not None and math.isfinite(e["value"])]
@@ -75,7 +78,7 @@ def publish_artifacts(cfg, results, scores, plan, results_url, champions) -> Non
 
     key = slug(cfg.name).lower().replace("_", "-").replace(".", "-")
     create_table_artifact(table=results_table(results), key=f"{key}-results",
-                          description=f"every candidate (families free/gits/amed/epd), the best training-free sampler of its (teacher, NFE) and the margin value/panel ({results[0].protocol.metric if results else ''}, "
+                          description=f"every candidate (families free/gits/amed/epd/gs), the best training-free sampler of its (teacher, NFE) and the margin value/panel ({results[0].protocol.metric if results else ''}, "
                                       f"lower is better); {results_url}; store {plan.store_url}; registry "
                                       f"{shown_uri(cfg.mlflow_tracking_uri) if cfg.register_models else 'none'}")
     store = RunStore(plan.store_url, cfg.storage_options)

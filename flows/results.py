@@ -48,7 +48,7 @@ class CandidateResult(BaseModel):
     artifacts: dict[str, str] = Field(default_factory=dict)  # name -> URL (samples.png, schedule.png)
     sampler_spec: dict = Field(default_factory=dict)          # the SamplerSpec JSON
     # Families (issue 12): what the candidate is, what it costs, and the training-free panel it is compared with.
-    family: str = "amed"              # free | gits | amed | epd
+    family: str = "amed"              # free | gits | amed | epd | gs
     denoiser_calls: Optional[int] = None   # per sample (EPD: (N - 1)(K + 1) - afs; the others: the NFE)
     teacher_id: str = ""              # the teacher's identity: model_id, else <dataset>-<content hash[:8]>
     panel_best: dict = Field(default_factory=dict)            # the best training-free entry: solver, options, value
@@ -101,7 +101,8 @@ def results_table(results: list[CandidateResult]) -> list[dict]:
         gain = (r.base_value - r.value) / r.base_value * 100 if r.base_value else float("nan")
         best = r.panel_best or {}
         ps = r.per_sample or {}
-        rows.append({"dataset": r.dataset, "family": r.family, "solver": r.solver, "nfe": r.nfe,
+        solver = f"{r.solver} ({r.sampler_spec['init']} init)" if r.family == "gs" and r.sampler_spec.get("init") else r.solver
+        rows.append({"dataset": r.dataset, "family": r.family, "solver": solver, "nfe": r.nfe,
                      "calls": r.denoiser_calls if r.denoiser_calls is not None else r.nfe, "seed": r.seed,
                      "metric": r.protocol.metric, "value": round(r.value, 6),
                      "panel_best": f"{best.get('solver')}[{options_text(best)}]" if best else "-",
@@ -137,11 +138,11 @@ def champion_rows(results: list[CandidateResult]) -> list[dict]:
 
 def quality_plot_png(results: list[CandidateResult]) -> Optional[bytes]:
     """Quality vs NFE, a line per family (each family's best value per (teacher, NFE); log scale); None if empty."""
-    import io
-
     if not results:
         return None
     import matplotlib
+
+    from amed_core.evaluate.pictures import figure_png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -149,14 +150,14 @@ def quality_plot_png(results: list[CandidateResult]) -> Optional[bytes]:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     teachers = sorted({r.teacher_id or r.dataset for r in results})
     for ti, t in enumerate(teachers):
-        for fi, fam in enumerate(("free", "gits", "amed", "epd")):
+        for fi, fam in enumerate(("free", "gits", "amed", "epd", "gs")):
             pts: dict[int, float] = {}
             for r in results:
                 if (r.teacher_id or r.dataset) == t and r.family == fam and r.value > 0:
                     pts[r.nfe] = min(pts.get(r.nfe, float("inf")), r.value)
             if pts:
                 xs = sorted(pts)
-                ax.plot(xs, [pts[x] for x in xs], marker="os^D"[fi], color=f"C{fi}",
+                ax.plot(xs, [pts[x] for x in xs], marker="os^Dv"[fi], color=f"C{fi}",
                         linestyle=["-", "--", ":", "-."][ti % 4],
                         label=fam + (f" ({t})" if len(teachers) > 1 else ""))
     ax.set_yscale("log")
@@ -164,8 +165,4 @@ def quality_plot_png(results: list[CandidateResult]) -> Optional[bytes]:
     ax.set_ylabel(results[0].protocol.metric + " (lower is better)")
     ax.set_title("best per family" + (f": {teachers[0]}" if len(teachers) == 1 else ""), fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

@@ -22,7 +22,7 @@ Modules: :mod:`.sampling` (noise, grids, sampling, the reference solution), :mod
 from ..io import atomic_write
 from ..methods import evals_per_step, num_steps_for, pick_afs
 from ..metrics import rmse
-from .pictures import save_figure_png, save_grid_png, save_quality_plot, save_side_by_side_png
+from .pictures import figure_png, save_figure_png, save_grid_png, save_quality_plot, save_side_by_side_png
 from .sampling import (BASE_SOLVERS, DEFAULT_OPTIONS, DEFAULT_SCHEDULES, REFERENCE_OPTIONS, REFERENCE_SOLVER, SampleRun,
                        batch_ranges, default_schedule, denoiser_range, reference_solution, sample_solver, schedule_for,
                        seeded_noise, solve_batches)
@@ -56,6 +56,7 @@ __all__ = [
     "REFERENCE_OPTIONS",
     "sample_solver",
     "solve_batches",
+    "figure_png",
     "save_figure_png",
     "save_grid_png",
     "to_images",

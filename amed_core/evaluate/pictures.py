@@ -13,7 +13,7 @@ import torch
 from ..io import atomic_write
 from .tables import QualityTable
 
-__all__ = ["save_figure_png", "save_grid_png", "save_quality_plot", "save_side_by_side_png"]
+__all__ = ["figure_png", "save_figure_png", "save_grid_png", "save_quality_plot", "save_side_by_side_png"]
 
 def _grid_array(samples, nrow: int | None, pad: int, value_range) -> np.ndarray:
     x = torch.as_tensor(samples).detach().to("cpu", torch.float64)
@@ -109,6 +109,21 @@ def save_quality_plot(table: QualityTable, path: str | os.PathLike, *, title: st
     axes[0].legend(fontsize=8)
     fig.suptitle(title or f"quality vs NFE (n={table.n}, seed={table.seed})")
     return save_figure_png(fig, path, dpi=100)
+
+
+def figure_png(fig, *, dpi: int = 100) -> bytes:
+    """Lay out a matplotlib figure, return it as PNG bytes and close it (plots attached to MLflow / Prefect)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
 
 
 def save_figure_png(fig, path: str | os.PathLike, *, dpi: int = 100) -> Path:

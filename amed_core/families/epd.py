@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from .static import SPEC_FILE
+from .static import check_teacher as _check_teacher
 
 name = "epd"
 needs_teacher = True
@@ -31,11 +32,7 @@ class EPDSampler:
         from ..methods import get_solver
 
         if check_teacher:
-            want = self.spec.teacher.get("content_sha256")
-            have = (denoiser.identity() if hasattr(denoiser, "identity") else {}).get("content_sha256")
-            if want and have and want != have:
-                raise ValueError(f"this EPD sampler was trained for teacher {self.spec.teacher.get('name')!r} "
-                                 f"(sha256 {want[:12]}...) but got {have[:12]}...; pass check_teacher=False")
+            _check_teacher(self.spec.teacher, denoiser, "EPD")
         sigmas = self.spec.grid()
         with torch.no_grad():
             return get_solver(self.spec.method)(denoiser, noise * sigmas[0], sigmas, policy=self.params,

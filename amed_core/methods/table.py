@@ -2,7 +2,8 @@
 
 A :class:`Method` names its solver function (the shared solver signature, :mod:`amed_core.solvers`), its
 family (``"free"``: training-free solvers; ``"amed"``: AMED-Solver and AMED-Plugins, arXiv 2312.00094;
-``"gits"``: a base solver on a GITS schedule; ``"epd"``: EPD-Solver / EPD-Plugin), the
+``"gits"``: a base solver on a GITS schedule; ``"epd"``: EPD-Solver / EPD-Plugin; ``"gs"``: GS, the generalized
+solver), the
 denoiser evaluations it spends per step, the training-free solver a learned method builds on (``base``: the
 reference's teacher for the plugins and the baseline at equal NFE), whether it carries a multistep history,
 and its default schedule and options (the diff-solvers reference's recommended settings, its launch.sh).
@@ -25,6 +26,7 @@ from ..schedules import ScheduleSpec
 from ..solvers import COMMON_OPTIONS, SolveResult, deis, dpm2, dpmpp, euler, heun, ipndm, ipndm_v, unipc
 from . import amed as _amed
 from . import epd as _epd
+from . import gs as _gs
 
 __all__ = ["Method", "METHODS", "FAMILIES", "SOLVERS", "get_method", "method_names", "evals_per_step", "nfe_for",
            "num_steps_for", "pick_afs", "get_solver", "solver_options", "solve"]
@@ -127,6 +129,10 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("epd", "epd", _epd.epd, 2, base="heun", default_schedule=_EDM, default_options={"batched": True}),
     Method("epd+ipndm", "epd", _epd.epd_ipndm, 2, base="ipndm", multistep=True, default_schedule=_EDM,
            default_options={"max_order": 4, "batched": True}),
+    # GS (Oganov et al., arXiv 2510.17699): N steps, N denoiser calls on N + 1 learned points; its grid, model times
+    # and coefficients live in the policy (methods.gs.GSParams). At initialisation (theory mode) it is multistep
+    # DPM-Solver++(3M) without a lower-order final step on a grid uniform in VP time: its base and schedule here.
+    Method("gs", "gs", _gs.gs, 1, base="dpmpp", multistep=True, default_schedule=ScheduleSpec("time_uniform", rho=1.0)),
 )})
 
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(m.family for m in METHODS.values()))

@@ -24,11 +24,14 @@ __all__ = ["train_job", "eval_job"]
 
 def train_job(job: TrainJob) -> dict:
     """Fit one candidate of its family on stored teacher trajectories and commit its checkpoint to the run store
-    (amed: a predictor; gits: a schedule from the fine-grid teacher, JSON only; epd: EPD tables)."""
+    (amed: a predictor; gits: a schedule from the fine-grid teacher, JSON only; epd: EPD tables; gs: GS's grid, model
+    times and coefficients from the endpoint teacher)."""
     if job.family == "gits":
         return _fit_gits(job)
     if job.family == "epd":
         return _fit_epd(job)
+    if job.family == "gs":
+        return _fit_gs(job)
     from amed_core.amed import AMEDPredictor, SamplerSpec
     from amed_core.amed.checkpoint import checkpoint_files
     from amed_core.amed.train import TrainConfig, train_amed
@@ -130,6 +133,86 @@ def _fit_epd(job: TrainJob) -> dict:
               "updates": int(result.updates), "trajectories": int(result.trajectories), "pid": os.getpid(),
               "attempt": progress.state["attempt"], "compute_spans": [[c0, c1]], "cpu_seconds": time.process_time() - cpu0}
     return _commit(store, job, sampler.files(), record, t_start, progress)
+
+
+def _fit_gs(job: TrainJob) -> dict:
+    """GS: every stored (noise, final state) pair of the endpoint teacher, the first train_size trained on and the last
+    val_size held out (the reference's split), from the reference's grid or the best panel entry GS can express
+    (amed_core.families.gs.fit)."""
+    import torch
+
+    from amed_core.families import gs as fam_gs
+    from amed_core.methods.gs import GSConfig, GSTrainConfig
+    from flows.storage.teachers import TeacherStore
+
+    t_start = time.perf_counter()
+    setup_worker(job.torch_threads)
+    dev = device()
+    store = RunStore(job.store_url, job.storage_options)
+    denoiser = load_dataset_teacher(job.dataset).to(dev)
+    fit, train = job.fit, dict(job.train)
+    train.pop("num_trajectories", None)
+    cfg = GSTrainConfig.from_dict(train)
+    config = GSConfig.from_dict(fit["config"])
+    distance = fam_gs.load_distance(fit["loss"])  # before reading the teacher: a bad loss fails at once
+    tstore = TeacherStore(job.store_url, storage_options=job.storage_options)
+    shards = [tstore.read_shard(job.teacher_hash, i) for i in sorted(tstore.manifest(job.teacher_hash))]
+    noise = torch.cat([sh.noise for sh in shards]).to(torch.float64)
+    final = torch.cat([sh.states[-1] for sh in shards]).to(torch.float64)
+    labels = torch.cat([sh.one_hot_labels(torch.float64) for sh in shards]) if shards[0].label_dim else None
+    n_train, n_val = int(fit["train_size"]), int(fit["val_size"])
+    if noise.shape[0] < n_train + n_val:
+        raise ValueError(f"the GS teacher holds {noise.shape[0]} trajectories, fewer than train_size + val_size "
+                         f"({n_train} + {n_val})")
+    tr, va = slice(0, n_train), slice(noise.shape[0] - n_val, noise.shape[0])
+    init, source = "reference", None
+    if fit["init"] == "panel":
+        init, source = gs_panel_init(store, config, fit["panel"])
+    progress = Progress(store, job.id, total=cfg.iterations)
+    c0, cpu0 = time.time(), time.process_time()
+    to = (lambda t: None if t is None else t.to(dev))  # noqa: E731
+    sampler, res = fam_gs.fit(denoiser, to(noise[tr]), to(final[tr]), cfg, nfe=job.nfe, config=config, init=init,
+                              init_source=source, class_labels=None if labels is None else to(labels[tr]),
+                              val=(to(noise[va]), to(final[va]), None if labels is None else to(labels[va])),
+                              distance=distance, callback=lambda p: progress.update(p.iteration, p.loss))
+    c1 = time.time()
+    window = max(1, len(res.losses) // 200)  # the loss curve MLflow shows: at most ~200 window means
+    curve = [sum(res.losses[i:i + window]) / len(res.losses[i:i + window]) for i in range(0, len(res.losses), window)]
+    record = {"id": job.id, "family": "gs", "loss_history": curve, "train_seconds": float(res.seconds),
+              "compute_seconds": float(res.seconds), "updates": int(res.updates), "skipped": int(res.skipped),
+              "trajectories": int(res.trajectories), "pid": os.getpid(), "attempt": progress.state["attempt"],
+              "compute_spans": [[c0, c1]], "cpu_seconds": time.process_time() - cpu0, "init": sampler.spec.init,
+              "val_history": [list(v) for v in res.val_history], "best_val": res.best_val,
+              "best_iteration": res.best_iteration, "initial_val": res.initial_val}
+    return _commit(store, job, sampler.files(), record, t_start, progress)
+
+
+def gs_panel_init(store: RunStore, config, entries: list[dict]):
+    """(sigmas, source) of the best-scoring panel entry GS can express (N + 1 points inside its end sigmas), read from
+    the entries' committed scores; ("reference", why) when none can be. Ties go to the first in plan order, as the
+    panel's own choice (flows.report.panel_summaries); ``source["panel_rank"]`` 0 means the panel's best itself."""
+    import math
+
+    from amed_core.families.gs import init_params
+    from amed_core.schedules import ScheduleSpec
+
+    scored = []
+    for k, e in enumerate(entries):
+        value = store.get_json(e["result_key"]).get("value") if store.exists(e["result_key"]) else None
+        if value is not None and math.isfinite(value):
+            scored.append((value, k, e))
+    scored.sort(key=lambda v: (v[0], v[1]))
+    tried = []
+    for rank, (value, _, e) in enumerate(scored):
+        sigmas = [float(v) for v in ScheduleSpec.from_dict(e["schedule"]).grid(int(e["num_steps"]))]
+        try:
+            init_params(config, sigmas)
+        except ValueError as err:
+            tried.append(f"{e['solver']}: {err}")
+            continue
+        return sigmas, {"id": e["id"], "solver": e["solver"], "options": e["options"],
+                        "schedule": e["schedule"].get("schedule_type"), "value": value, "panel_rank": rank}
+    return "reference", {"panel": "no entry GS can express", "tried": tried[:8]}
 
 
 def eval_job(job: EvalJob) -> dict:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from amed_core.methods import get_method, method_names
 from flows.config.base import StrictModel
 
-__all__ = ["PanelEntry", "PanelConfig", "GITSFamilyConfig", "EPDFamilyConfig", "FamiliesConfig"]
+__all__ = ["PanelEntry", "PanelConfig", "GITSFamilyConfig", "EPDFamilyConfig", "GSFamilyConfig", "FamiliesConfig"]
 
 
 class PanelEntry(StrictModel):
@@ -94,6 +94,62 @@ class EPDFamilyConfig(StrictModel):
     loss_weighting: Literal["sum", "relative"] = "relative"
 
 
+class GSFamilyConfig(StrictModel):
+    """GS candidates (the generalized solver, arXiv 2510.17699: a learned grid, model times and corrections to
+    DPM-Solver++(3M)'s coefficients) at every NFE of the sweep, one per initialisation and seed, trained on the final
+    samples of an endpoint-only teacher of each dataset (train_size + val_size trajectories, its two end points stored).
+    Defaults: the reference's (configs/edm/cifar10.yaml, main.py), except the loss (L2: LPIPS weights are not here)."""
+
+    inits: list[Literal["reference", "panel"]] = Field(
+        default_factory=list, description="reference: the time-uniform grid; panel: the schedule of the panel's best "
+        "entry at that NFE that GS can express (N + 1 points, one evaluation per step, no AFS); empty: no GS")
+    order: Optional[int] = Field(default=None, ge=1, le=1000, description="history length (default: the NFE, as the "
+                                 "reference's scripts; capped at the NFE)")
+    theory: bool = Field(default=True, description="DPM-Solver++-based update (the paper's configs); false: S4S form")
+    t_eps: float = Field(default=1e-3, gt=0, lt=1, description="the student's end time in VP time (CIFAR-10: 1e-3)")
+    end: Literal["reference", "net"] = Field(default="reference", description="reference: end at the paper VP's "
+                                             "sigma(t_eps) (0.0105); net: at the teacher's own sigma_min")
+    s4s_rescale: Literal["twice", "once"] = "twice"
+    clip_model_time: bool = False
+    output: Literal["vp", "edm"] = "vp"
+    start: Literal["vp", "edm"] = "vp"
+    loss: str = Field(default="l2", description="l2, or py:package.module:function returning a distance (x, y) -> (B,) "
+                      "per-sample values (imports and runs that code on every Ray worker, like py: teachers)")
+    iterations: int = Field(default=10_000, ge=1, le=10_000_000)
+    batch_size: int = Field(default=24, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    eval_every: int = Field(default=500, ge=1, description="validation (EMA parameters) every this many iterations")
+    keep: Literal["best", "last"] = "best"
+    train_size: int = Field(default=1400, ge=1, le=10_000_000, description="teacher pairs trained on")
+    val_size: int = Field(default=1000, ge=1, le=10_000_000, description="held-out teacher pairs (best checkpoint)")
+    teacher_steps: int = Field(default=64, ge=2, le=4096, description="teacher solver steps between the stored end "
+                               "points (the reference's teacher: UniPC, 20 steps)")
+
+    @field_validator("inits")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"inits must not repeat, got {v}")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        if v != "l2" and not (v.startswith("py:") and ":" in v[3:]):
+            raise ValueError(f"must be 'l2' or 'py:package.module:function', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _batch(self):
+        if self.batch_size > self.train_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must not exceed train_size ({self.train_size}): "
+                             "batches drop the remainder, as the reference's loader does")
+        return self
+
+
 class FamiliesConfig(StrictModel):
     gits: GITSFamilyConfig = Field(default_factory=GITSFamilyConfig)
     epd: EPDFamilyConfig = Field(default_factory=EPDFamilyConfig)
+    gs: GSFamilyConfig = Field(default_factory=GSFamilyConfig)

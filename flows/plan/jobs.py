@@ -36,13 +36,14 @@ class TeacherJob(_Job):
     """The shared teacher of one dataset: a TeacherSpec (JSON) whose shards the teacher stage generates.
 
     role "students": the trajectories at the union of the student grids (AMED, EPD); role "gits": a small teacher on
-    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points); role "reference":
-    the near-exact solution of every evaluation seed (metric rmse, ``amed_core.evaluate.reference_spec``), and
-    "reference_check" the same on 2N - 1 points for its convergence. ``reference_spec``: the reference's spec JSON,
-    which the evaluate jobs of this teacher score against (None unless metric rmse)."""
+    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points); role "gs": the end
+    points only (``families.gs``: train_size + val_size trajectories); role "reference": the near-exact solution of
+    every evaluation seed (metric rmse, ``amed_core.evaluate.reference_spec``), and "reference_check" the same on
+    2N - 1 points for its convergence. ``reference_spec``: the reference's spec JSON, which the evaluate jobs of this
+    teacher score against (None unless metric rmse)."""
 
     name: str                  # the dataset's name
-    role: Literal["students", "gits", "reference", "reference_check"] = "students"
+    role: Literal["students", "gits", "gs", "reference", "reference_check"] = "students"
     dataset: DatasetConfig
     spec_json: str
     spec_hash: str
@@ -105,8 +106,8 @@ class TrainJob(_StoreJob):
     teacher_hash: str
     checkpoint: str                            # key of the checkpoint folder in the run store
     tags: list[str] = []
-    family: str = "amed"                       # amed | gits | epd (what train_job fits)
-    fit: dict[str, Any] = {}                   # gits: metric, coeff, warmup, options, afs; epd: EPDTrainConfig fields
+    family: str = "amed"                       # amed | gits | epd | gs (what train_job fits)
+    fit: dict[str, Any] = {}                   # gits: metric, coeff, warmup, options, afs; gs: config, init, panel, loss
 
 
 class Candidate(_Job):

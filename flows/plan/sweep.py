@@ -1,6 +1,6 @@
 """``plan_sweep``: per dataset the teacher (:func:`plan_dataset`), per (solver, NFE) the base solver
-(:func:`plan_baseline`), per (solver, NFE, seed) an AMED candidate (:func:`plan_candidate`); the panel, GITS and EPD
-candidates come from flows.plan.families. The plan's overview is the package docstring (flows.plan)."""
+(:func:`plan_baseline`), per (solver, NFE, seed) an AMED candidate (:func:`plan_candidate`); the panel, GITS, EPD and
+GS candidates come from flows.plan.families. The plan's overview is the package docstring (flows.plan)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 from flows.config import DatasetConfig, EvalConfig, SamplerConfig, SweepConfig
 from flows.plan.common import eval_common, identity, thresholding
-from flows.plan.families import epd_spec, plan_epd_candidate, plan_gits_candidate, plan_gits_teacher, plan_panel
+from flows.plan.families import (epd_spec, gs_base_job, plan_epd_candidate, plan_gits_candidate, plan_gits_teacher,
+                                 plan_gs_candidate, plan_gs_teacher, plan_panel)
 from flows.plan.jobs import Candidate, EvalJob, PanelSlot, SweepPlan, TeacherJob, TrainJob, slug
 from flows.results import EvalProtocol
 from flows.storage.checksums import json_digest
@@ -69,6 +70,13 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
                     if planned is not None:
                         candidates.append(planned[0])
                         add(planned[1], nfe)
+        if cfg.families.gs.inits:  # last: a panel-initialised GS reads the whole panel of its NFE
+            gst = plan_gs_teacher(cfg, d, teacher, den, store_url)
+            teachers.append(gst)
+            for nfe in cfg.nfes:
+                base = add(gs_base_job(cfg, gst, den, nfe, proto, reference), nfe)
+                candidates += [plan_gs_candidate(cfg, gst, den, nfe, init, seed, proto, base, list(slots[nfe].values()),
+                                                 tid) for init in cfg.families.gs.inits for seed in cfg.seeds]
         panels += [PanelSlot(dataset=d.name, nfe=nfe, teacher_id=tid, protocol=proto, entries=list(jobs))
                    for nfe, jobs in slots.items()]
     return SweepPlan(sweep=cfg.name, store_url=store_url, storage_options=dict(cfg.storage_options),

@@ -18,7 +18,7 @@ from flows.registry.checks import Checks, LocalChecks
 from flows.registry.loading import read_checkpoint, write_files
 from flows.registry.registration import CHAMPION, champion_uri, log_model, register_candidate
 from flows.registry.tracking import experiment, flatten, log_metrics, log_params, resolve_tracking_uri, tracking
-from flows.results import CandidateResult
+from flows.results import CandidateResult, options_text
 from flows.storage.checksums import files_sha256
 from flows.storage.credentials import redact
 from flows.storage.locks import pid_alive
@@ -243,6 +243,8 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, chec
                                    list(range(cand.protocol.seed, cand.protocol.seed + 8)),
                                    f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})",
                                    **_side_by_side_args(cand))
+            if ref.get("png") is None and cand.family == "gs":  # GS's learned grid and model times next to the panel's
+                ref["png"] = _gs_schedule_png(sampler, cand)
             Path(tmp, "plots").mkdir(exist_ok=True)
             for key, fname in (("png", "schedule.png"), ("side_by_side", "side_by_side.png")):
                 if ref.get(key) is not None:  # the learned schedule (samplers without a predictor: sigmas in params);
@@ -277,6 +279,21 @@ def _side_by_side_args(cand: CandidateResult) -> dict:
     value = best.get("value")
     return {"baseline_url": url, "titles": [f"{cand.solver} NFE {cand.nfe}: {cand.value:.4g}",
                                             f"{label}: {value:.4g}" if value is not None else label]}
+
+
+def _gs_schedule_png(sampler, cand: CandidateResult) -> Optional[bytes]:
+    """GS's schedule plot (amed_core.families.gs.schedule_plot_png) with the panel's best grid at its NFE; no teacher
+    is needed, so it is drawn here. None (and a warning) if it cannot be drawn: a plot never loses a candidate."""
+    from amed_core.families.gs import schedule_plot_png
+
+    best = cand.panel_best or {}
+    try:
+        return schedule_plot_png(sampler, panel_sigmas=best.get("sigmas"),
+                                 panel_label=f"panel best: {best.get('solver')} [{options_text(best)}]",
+                                 title=f"{cand.dataset} GS NFE {cand.nfe} (seed {cand.seed})")
+    except Exception as e:  # noqa: BLE001 - a plot must never lose a candidate
+        log.warning("GS schedule plot for %s not made: %s", cand.solver, e)
+        return None
 
 
 def _log_candidate_values(client, rid: str, cfg_dict: dict, cand: CandidateResult, sampler, describe_sampler,
