@@ -15,7 +15,7 @@ the training-free panel, GITS and EPD candidates), ``base`` (the strict model ba
 """
 
 from flows.config.base import MAX_NFE, MAX_OPTION_DEPTH, MAX_SEED, Name, StrictModel
-from flows.config.families import EPDFamilyConfig, FamiliesConfig, GITSFamilyConfig, PanelConfig, PanelEntry
+from flows.config.families import EPDFamilyConfig, FamiliesConfig, GITSFamilyConfig, InitConfig, PanelConfig, PanelEntry
 from flows.config.loading import MAX_SWEEP_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, load_sweep, quickstart_path
 from flows.config.schema import (
     AMED_SOLVERS,
@@ -53,4 +53,5 @@ __all__ = [
     "StrictModel",
     "GITSFamilyConfig",
     "EPDFamilyConfig",
+    "InitConfig",
 ]
