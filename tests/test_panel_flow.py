@@ -77,3 +77,22 @@ def test_a_run_far_above_its_peers_is_flagged_and_never_champion():
     rows = flag_diverged([cand(0, 0.1, 0.5), cand(1, 0.12, 0.6), cand(2, 5.0, 0.1)])
     assert [r.status for r in rows] == ["ok", "ok", "diverged"]
     assert champion_rows(rows)[0]["value"] == 0.5  # the diverged one is reported, not crowned
+
+
+def test_ranking_leaves_the_full_count_jobs_unchanged_and_both_adds_the_recipe():
+    """Successive halving only chooses which full-count jobs run: their ids (so seeds, samples and store keys) are
+    those of a sweep without it. Mode both trains the recipe's students beside the panel start, on one teacher."""
+    from flows.plan import plan_sweep
+    from flows.plan.init import choose
+
+    cfg, plan = _plan_with_ranking()
+    unranked = plan_sweep(load_sweep({**SWEEP, "store_url": "/nonexistent", "nfes": [3],
+                                      "panel": {"rank_samples": 0}}))
+    assert not unranked.rank and [b.id for b in unranked.baselines] == [b.id for b in plan.baselines]
+    slot, rank = plan.panels[0], plan.rank[0]
+    winners = choose(plan, 2, {rank.id: {"values": {i: 1.0 for i in slot.entries}}}).winners
+    both = plan_sweep(load_sweep({**SWEEP, "store_url": "/nonexistent", "nfes": [3], "init": {"mode": "both"},
+                                  "solvers": ["amed", "amed+ipndm"]}), winners=winners)
+    amed = [c for c in both.candidates if c.family == "amed"]
+    assert sorted(c.train.solver for c in amed) == sorted(["amed", "amed+ipndm", amed[0].train.solver])
+    assert len({c.train.teacher_hash for c in amed}) == 1 and [r.id for r in both.rank] == [rank.id]

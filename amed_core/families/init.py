@@ -30,7 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 __all__ = ["Winner", "AMEDInit", "EPDInit", "PLUGIN_FOR", "amed_init", "amed_spec", "amed_predictor", "epd_init",
-           "gits_fine_grid", "SINGLE_STEP_AT"]
+           "gits_fine_grid", "SINGLE_STEP_AT", "START_LR"]
+
+# Adam's learning rate for a panel-started AMED predictor (the recipe's 5e-3 is for a random start; a start at the
+# winner is already good, so smaller steps: bench/factors.py uses it, the sweep's init.lr defaults to it; its
+# validation table moves it 10x).
+START_LR = 1e-3
 
 # The AMED plugin that runs each training-free solver's own update on the refined grid.
 PLUGIN_FOR = {"ipndm": "amed+ipndm", "dpmpp": "amed+dpmpp", "deis": "amed+deis", "unipc": "amed+unipc",

@@ -121,6 +121,8 @@ class InitConfig(StrictModel):
     optimum than the panel's grid: bench/factors.py)."""
 
     mode: Literal["panel", "recipe", "both"] = "panel"
+    lr: float = Field(default=1e-3, gt=0, description="Adam lr of panel-started AMED predictors (amed_core.families.init."
+                      "START_LR; train.lr is the recipe's, for a random start)")
     single_step_at: Literal["first", "last"] = Field(
         default="first", description="where AMED's single-evaluation step goes when the winner's grid has an odd "
                                      "number of intervals")

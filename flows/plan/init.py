@@ -184,7 +184,7 @@ def _amed_candidate(cfg: SweepConfig, teacher: TeacherJob, den, start: EvalJob, 
     spec = amed_spec(init, predictor=pc, denoiser=den, schedule=ScheduleSpec.from_dict(start.schedule))
     held = cfg.train.val_count(cfg.teacher.num_trajectories)
     train = TrainConfig(num_trajectories=(cfg.teacher.num_trajectories - held) * tc.epochs, batch_size=tc.batch_size,
-                        lr=tc.lr, seed=seed, loss_weighting=tc.loss_weighting, tail_weight=tc.tail_weight,
+                        lr=cfg.init.lr, seed=seed, loss_weighting=tc.loss_weighting, tail_weight=tc.tail_weight,
                         loss_target=tc.loss_target, val_every=tc.val_every, patience=tc.patience).to_dict()
     start_doc = {"winner": start.id, "r": list(init.r), "exact": init.exact, "from": start.solver,
                  "winner_sampler": w.to_dict()}
