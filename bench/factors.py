@@ -20,7 +20,8 @@ Factors (one table each; the default in brackets, the others moved one at a time
 the winner's solver on the winner's grid, reproducing it before training] vs the recipe (AMED-Plugin on iPNDM, poly-7,
 AFS, the improved recipe); the budget [1024 trajectories x 4 passes] 256 / 4096 / 16384; the loss [per step, mean]
 vs the final state, vs a tail term (topk:0.1); the teacher [Heun, M=8 points per interval] M = 2 / 32; validation
-[on: the best of the validations kept] vs off (the last state kept), at the default lr and at 10x. GITS and EPD: the
+[on: the best of the validations kept] vs off (the last state kept), at the default lr and at 10x; the capacity
+[scale_dir 0.01, scale_time 0: the step scaled within 1%] vs scale_dir 0.1, and with scale_time 0.2. GITS and EPD: the
 recipe (GITS on iPNDM over a poly-7 fine grid; EPD+iPNDM from random tables) vs the panel start. Each finished cell
 is appended to --json at once and skipped on a rerun (resume freely on a shared machine).
 """
@@ -60,11 +61,14 @@ SINGLES = ("heun", "dpm2", "euler", "ipndm_v")
 EVAL_SEED = 2_000_000
 DEFAULT = {"start": "panel", "trajectories": 1024, "epochs": 4, "loss_target": "steps", "objective": "mean", "M": 8,
            "val": True, "lr_scale": 1.0}
+# Settings added after the first runs: in a cell's key only when moved (so earlier cells keep their keys).
+EXTRA = {"tsolver": "heun", "scale_dir": 0.01, "scale_time": 0.0}
 FACTORS = {  # table -> the settings it moves (each dict overrides DEFAULT)
     "start": [{"start": "recipe"}],
     "budget": [{"trajectories": 256}, {"trajectories": 4096}, {"trajectories": 16384, "epochs": 1}],
     "loss": [{"loss_target": "final"}, {"objective": "topk:0.1"}],
     "teacher": [{"M": 2}, {"M": 32}, {"tsolver": "dpmpp"}],   # tsolver: the teacher's solver (default heun)
+    "capacity": [{"scale_dir": 0.1}, {"scale_dir": 0.1, "scale_time": 0.2}],  # the predictor's scale heads
     "validation": [{"val": False}, {"lr_scale": 10.0}, {"lr_scale": 10.0, "val": False}],
 }
 
@@ -195,7 +199,7 @@ class Bench:
             return self.db["cells"][key]
         w = Winner(winner_cell["solver"], tuple(winner_cell["sigmas"]), winner_cell["afs"], winner_cell["options"],
                    winner_cell["schedule"])
-        pc = PredictorConfig(scale_dir=0.01, scale_time=0.0)
+        pc = PredictorConfig(scale_dir=s.get("scale_dir", EXTRA["scale_dir"]), scale_time=s.get("scale_time", EXTRA["scale_time"]))
         if s["start"] == "panel":
             init = amed_init(w)
             spec = amed_spec(init, predictor=pc, denoiser=self.teacher)
@@ -366,7 +370,7 @@ def table(db) -> str:
             for st in ([{}] if name.startswith("default") else [{}] + settings):
                 s = {**DEFAULT, **st}
                 cs = [c for c in amed if c["nfe"] == nfe and all(c.get(k) == s[k] for k in DEFAULT)
-                      and c.get("tsolver", "heun") == s.get("tsolver", "heun")]
+                      and all(c.get(k, v) == s.get(k, v) for k, v in EXTRA.items())]
                 if name.startswith("default"):
                     line = row("panel start, default", cs, nfe)
                 else:
@@ -390,7 +394,7 @@ def table(db) -> str:
             fam = [c for c in cells.values() if c["family"] != "free" and c["nfe"] == nfe and not c.get("diverged")
                    and c.get("start", "panel") in starts
                    and (c["family"] != "amed" or (all(c.get(k) == DEFAULT[k] for k in DEFAULT if k != "start")
-                                                  and c.get("tsolver", "heun") == "heun"))]
+                                                  and all(c.get(k, v) == v for k, v in EXTRA.items())))]
             champ = min(fam + [dict(best[nfe], family="free")], key=lambda c: c["rmse"])
             secs = sum(c.get("train_seconds", 0) for c in fam)
             out.append(f"NFE {nfe} (init {mode}): {champ['family']}{'/' + champ['start'] if 'start' in champ else ''} "

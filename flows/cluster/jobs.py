@@ -315,7 +315,7 @@ def rank_job(job: RankJob) -> dict:
     denoiser = load_dataset_teacher(job.dataset).to(dev)
     c0, cpu0 = time.time(), time.process_time()
     res = rank_samplers({e.id: free_sampler(e) for e in job.entries}, denoiser,
-                        seeds=range(job.seed, job.seed + job.num_samples), batch_size=job.batch_size,
+                        seeds=range(job.seed, job.seed + job.num_samples), metric=job.metric, batch_size=job.batch_size,
                         reference_steps=job.reference_steps, label_dim=int(getattr(denoiser, "label_dim", 0) or 0),
                         device=dev)
     compute = time.time() - c0

@@ -44,7 +44,8 @@ class PanelConfig(StrictModel):
     """The training-free panel evaluated at every (dataset, NFE): its best entry is the baseline of every candidate.
 
     Successive halving (``rank_samples`` > 0): every entry is first scored on the first ``rank_samples`` evaluation
-    seeds (at most ``evaluation.num_samples``; one task per (dataset, NFE), one noise draw, one reference), and only
+    seeds (at most ``evaluation.num_samples``; one task per (dataset, NFE), one noise draw; fd_exact on those samples,
+    else the RMSE to one near-exact reference: amed_core.evaluate.rank), and only
     the best ``finalists`` per (dataset, NFE) on the full ``evaluation.num_samples`` (the same seeds from the same
     start, so a finalist's number is what a full-count run gives); the others keep their ranking score (marked in
     results.json). With ``init.mode: panel`` the ranking round's best entry is where the learned candidates
