@@ -359,10 +359,11 @@ def table(db) -> str:
         flags = ("diverged " if any(c.get("diverged") for c in cs) else "") + \
                 ("at start " if v and not v.get("improved") else "")
         return (f"| {nfe} | {label} | {r:.4g} | {r / best[nfe]['rmse']:.3f} | {_fmt(cs[0]['ps_median'])} | "
-                f"{_fmt(cs[0]['ps_p90'])} | {_fmt(cs[0]['ps_p99'])} | {_fmt(v.get('first'))} -> {_fmt(v.get('best'))} | "
+                f"{_fmt(cs[0]['ps_p90'])} | {_fmt(cs[0]['ps_p99'])} | {_fmt(v.get('first'))} -> "
+                f"{_fmt(v.get('best') if cs[0].get('val', True) else v.get('last'))} | "
                 f"{cs[0].get('train_seconds', 0):.0f} | {flags.strip() or 'ok'} |")
 
-    head = ["| NFE | setting | RMSE | / best free | p50 | p90 | p99 | validation start -> kept | train s | status |",
+    head = ["| NFE | setting | RMSE | / best free | p50 | p90 | p99 | validation start -> kept (val=False: last) | train s | status |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, settings in [("default (panel start)", [{}])] + list(FACTORS.items()):
         out += ["", f"Factor: {name}", *head]
@@ -403,6 +404,42 @@ def table(db) -> str:
     return "\n".join(out)
 
 
+def compact(dbs: list) -> str:
+    """One table per factor across teachers: RMSE / best free (p99 / best free's p99) per (teacher, NFE)."""
+    cols = [(db["meta"]["teacher"], int(n)) for db in dbs for n in sorted(db["meta"].get("best_free", {}), key=int)]
+    by = {db["meta"]["teacher"]: db for db in dbs}
+
+    def cell(db, nfe, s):
+        cs = [c for c in db["cells"].values() if c["family"] == "amed" and c["nfe"] == nfe and c.get("seed", 0) == 0
+              and all(c.get(k) == s[k] for k in DEFAULT) and all(c.get(k, v) == s.get(k, v) for k, v in EXTRA.items())]
+        if not cs:
+            return "-"
+        free = [c for c in db["cells"].values() if c["family"] == "free" and c["nfe"] == nfe
+                and abs(c["rmse"] - db["meta"]["best_free"][str(nfe)]["rmse"]) < 1e-12]
+        ratio = cs[0]["rmse"] / db["meta"]["best_free"][str(nfe)]["rmse"]
+        p99 = cs[0]["ps_p99"] / free[0]["ps_p99"] if free else float("nan")
+        return f"{ratio:.3f} ({p99:.2f})" + (" div" if cs[0].get("diverged") else "")
+
+    out = ["RMSE / best free sampler's RMSE (in brackets: p99 / its p99), AMED, training seed 0; columns teacher NFE", ""]
+    head = "| factor | setting | " + " | ".join(f"{t} {n}" for t, n in cols) + " |"
+    out += [head, "|" + "---|" * (len(cols) + 2)]
+    out.append("| - | default: panel start, 1024 x 4, steps, mean, Heun M=8, validation | "
+               + " | ".join(cell(by[t], n, DEFAULT) for t, n in cols) + " |")
+    for name, settings in FACTORS.items():
+        for st in settings:
+            out.append(f"| {name} | {', '.join(f'{k}={v}' for k, v in st.items())} | "
+                       + " | ".join(cell(by[t], n, {**DEFAULT, **st}) for t, n in cols) + " |")
+    for fam in ("gits", "epd"):
+        for start in ("panel", "recipe"):
+            row = []
+            for t, n in cols:
+                cs = [c for c in by[t]["cells"].values() if c["family"] == fam and c["nfe"] == n and c["start"] == start]
+                row.append(f"{cs[0]['rmse'] / by[t]['meta']['best_free'][str(n)]['rmse']:.3f}"
+                           + (" =w" if cs[0].get("kept_winner") or cs[0].get("fallback") else "") if cs else "-")
+            out.append(f"| {fam.upper()} | start={start} | " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", default="digits-tiny-unet", help="any load_teacher name, or heldout-gmm")
@@ -416,7 +453,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma list of tables to run (start,budget,loss,teacher,validation,gits,epd)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the tables of these result files")
+    ap.add_argument("--compact", action="store_true", help="with --table: one table per factor across the files")
     args = ap.parse_args(argv)
+    if args.table and args.compact:
+        print(compact([json.loads(Path(f).read_text()) for f in args.table]))
+        return 0
     if not args.table:
         run(args)
     print("\n\n".join(table(json.loads(Path(f).read_text())) for f in args.table or []))
