@@ -4,7 +4,9 @@ teacher ``load_teacher`` knows (and ``heldout-gmm``, a 20-component mixture fitt
 
     .venv/bin/python bench/factors.py --teacher digits-tiny-unet --json bench/factors_unet.json
     .venv/bin/python bench/factors.py --teacher digits-gmm --json bench/factors_gmm.json --n 1024
+    .venv/bin/python bench/factors.py --teacher heldout-gmm --json bench/factors_heldout.json --n 1024
     .venv/bin/python bench/factors.py --table bench/factors_unet.json bench/factors_gmm.json     # print only
+    .venv/bin/python bench/factors.py --table bench/factors_*.json --compact     # one table per factor, all teachers
 
 The protocol, the same in every table (nothing below is tuned on these seeds):
 - held-out noise: --n samples from seeds 2,000,000.. (the teacher trajectories use seeds 0..; validation uses the
@@ -450,7 +452,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=256, help="held-out evaluation samples")
     ap.add_argument("--val", type=int, default=256, help="held-out validation trajectories")
     ap.add_argument("--reference-steps", type=int, default=200)
-    ap.add_argument("--only", default="", help="comma list of tables to run (start,budget,loss,teacher,validation,gits,epd)")
+    ap.add_argument("--only", default="", help="comma list of tables to run (start,budget,loss,teacher,capacity,validation,gits,epd)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the tables of these result files")
     ap.add_argument("--compact", action="store_true", help="with --table: one table per factor across the files")
