@@ -189,3 +189,21 @@ def test_epd_and_gits_start_on_the_winners_grid(teacher):
     assert e5.afs and len(e5.sigmas) == num_steps_for("epd", 5, True)
     fine = gits_fine_grid(ScheduleSpec().grid(11), w.sigmas)
     assert all(any(abs(float(f) - s) <= 1e-12 * s for f in fine) for s in w.sigmas)
+
+
+def test_benchmarks_factor_table_is_what_the_committed_results_print():
+    """BENCHMARKS "Learned vs free" quotes ``bench/factors.py --table ... --compact`` on the committed result files:
+    every row printed is in BENCHMARKS.md as printed (a change to the table code or the files shows here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = ["bench/factors_unet.json", "bench/factors_gmm.json", "bench/factors_heldout.json"]
+    out = subprocess.run([sys.executable, "bench/factors.py", "--table", *files, "--compact"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [r for r in out.stdout.splitlines() if r.startswith("| ")]
+    assert len(rows) == 20 and rows[0].startswith("| factor | setting | digits-tiny-unet 3 |")
+    bench = (root / "BENCHMARKS.md").read_text().splitlines()
+    assert [r for r in rows if r not in bench] == []
