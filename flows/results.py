@@ -56,6 +56,24 @@ class CandidateResult(BaseModel):
     per_sample: dict = Field(default_factory=dict)            # error vs the reference solution: median, p90, p99
     margin_ci: Optional[list[float]] = None                   # 95 % interval of the margin over noise seeds (paired
                                                               # bootstrap over samples; rmse only)
+    # Issue 21: validation on held-out trajectories (first/best/last scores), diverged, stopped early, the panel start.
+    training: dict = Field(default_factory=dict)
+
+    @property
+    def diverged(self) -> bool:
+        """Its training diverged (validation, its own loss, or its loss against its peers'): reported, never champion."""
+        return bool(self.training.get("diverged") or self.training.get("diverged_vs_peers"))
+
+    @property
+    def status(self) -> str:
+        """ok | diverged | at start (validation kept the panel start: training did not help; a start that could not
+        reproduce the winner then commits the winner itself) | stopped early."""
+        if self.diverged:
+            return "diverged"
+        v = self.training.get("validation") or {}
+        if self.training.get("fallback") or (self.training.get("init") and v and not v.get("improved")):
+            return "at start"
+        return "stopped early" if self.training.get("stopped_early") else "ok"
 
     @property
     def margin(self) -> Optional[float]:
@@ -92,6 +110,26 @@ def options_text(entry: dict) -> str:
     return ",".join([sched] + [f"{k}={v}" for k, v in sorted((entry.get("options") or {}).items())])
 
 
+def flag_diverged(results: list[CandidateResult], factor: float = 10.0) -> list[CandidateResult]:
+    """Mark (``training["diverged_vs_peers"]``) each trained candidate whose final training loss is above ``factor``
+    times the median final loss of the other candidates of its (teacher, NFE, family) (issue 21: a diverged run is
+    reported as such, not silently scored). Returns ``results``."""
+    import math
+    import statistics
+
+    groups: dict = {}
+    for r in results:
+        if r.loss_history:
+            groups.setdefault((r.teacher_id or r.dataset, r.nfe, r.family), []).append(r)
+    for group in groups.values():
+        for r in group:
+            peers = [p.loss_history[-1] for p in group if p is not r and math.isfinite(p.loss_history[-1])]
+            last = r.loss_history[-1]
+            if peers and (not math.isfinite(last) or last > factor * statistics.median(peers)):
+                r.training["diverged_vs_peers"] = True
+    return results
+
+
 def results_table(results: list[CandidateResult]) -> list[dict]:
     """One row per candidate (every family; the panel's winner as family free): its score, the best training-free
     sampler of its (teacher, NFE) with its options, the margin value / panel best (< 1: better), the base solver at
@@ -113,16 +151,31 @@ def results_table(results: list[CandidateResult]) -> list[dict]:
                      "base_solver": r.base_solver, "base": round(r.base_value, 6), "improvement_%": round(gain, 1),
                      **({"p50": round(ps["median"], 5), "p90": round(ps["p90"], 5), "p99": round(ps["p99"], 5)}
                         if ps else {}),
-                     "train_s": round(r.train_seconds, 1)})
+                     "train_s": round(r.train_seconds, 1), **_training_cells(r)})
     keys = list(dict.fromkeys(k for row in rows for k in row))  # rows of equal keys (text_table)
     return [{k: row.get(k, "-") for k in keys} for row in rows]
 
 
+def _training_cells(r: CandidateResult) -> dict:
+    """The status column, and with validation the held-out score at the start and the kept one (issue 21)."""
+    if r.family == "free" and not r.training:
+        return {}
+    v = r.training.get("validation") or {}
+    cells = {"status": r.status}
+    if v:
+        cells["val_start"] = round(v["first"], 5) if v.get("first") is not None else "-"
+        cells["val_kept"] = round(v["best"], 5) if v.get("best") is not None else "-"
+    return cells
+
+
 def champion_rows(results: list[CandidateResult]) -> list[dict]:
     """Per (teacher, NFE): the best candidate across families (lowest value under one protocol: where the champion
-    alias moves when the sweep registers), the best training-free sampler and the margin."""
+    alias moves when the sweep registers), the best training-free sampler and the margin. Diverged candidates are
+    left out."""
     best: dict = {}
     for r in results:
+        if r.diverged:
+            continue
         k = (r.teacher_id or r.dataset, r.nfe, r.protocol.hash)
         if k not in best or r.value < best[k].value:
             best[k] = r

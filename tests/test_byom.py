@@ -164,7 +164,8 @@ def test_readme_model_distilled_through_amed_distill(tmp_path, gmm):
     sweep.write_text(json.dumps({
         "name": "byom", "datasets": [{"name": "mine", "teacher": "py:mymodels:build",
                                       "options": {"weights": str(weights)}}],
-        "solvers": ["amed", "amed+ipndm"], "nfes": [3], "seeds": [0],
+        "solvers": ["amed", "amed+ipndm"], "nfes": [3], "seeds": [0], "init": {"mode": "recipe"},
+        "panel": {"expand": [], "rank_samples": 0},
         "teacher": {"M": 2, "num_trajectories": 512, "shard_size": 256},
         "train": {"batch_size": 64, "epochs": 2},
         "evaluation": {"metric": "rmse", "num_samples": 256, "batch_size": 256, "grid_samples": 16, "reference_steps": 65},

@@ -13,6 +13,7 @@
   gets RMSE only: its FD fields are None.
 - ``score_run(run, denoiser, ...)``: one sampler's score under a sweep's evaluation protocol (fd_exact,
   rmse or fid) on per-seed noise, resumable for FID (partial :class:`~amed_core.fid.FIDStats`).
+- ``rank_samplers(...)``: many samplers on one shared noise draw (and one reference), the panel's ranking round.
 - ``save_grid_png`` / ``save_side_by_side_png`` / ``save_quality_plot``: the pictures (PIL / matplotlib Agg), written atomically.
 
 Modules: :mod:`.sampling` (noise, grids, sampling, the reference solution), :mod:`.tables` (the quality table),
@@ -29,6 +30,7 @@ from .sampling import (BASE_SOLVERS, DEFAULT_OPTIONS, DEFAULT_SCHEDULES, REFEREN
 from .intervals import margin_interval, verdict
 from .reference import (reference_check_spec, reference_convergence, reference_final_states, reference_points,
                         reference_spec)
+from .rank import rank_samplers
 from .score import SCORE_METRICS, FIDSetup, ScoreResult, score_run, to_images
 from .tables import QualityRow, QualityTable, exact_samples, fmt_score, format_table, has_exact_samples, quality_table
 
@@ -44,6 +46,7 @@ __all__ = [
     "ScoreResult",
     "SCORE_METRICS",
     "score_run",
+    "rank_samplers",
     "default_schedule",
     "denoiser_range",
     "schedule_for",

@@ -86,11 +86,13 @@ def spec_doc(method: str, nfe: int, sigmas, *, afs: bool, options: Mapping | Non
             "train": dict(train or {})}
 
 
-def fit(denoiser, sigmas, batches, cfg, *, nfe: int, teacher: Mapping | None = None, callback=None):
-    """Train EPD tables (:func:`amed_core.methods.epd.train_epd`) and return (EPDSampler, EPDTrainResult)."""
+def fit(denoiser, sigmas, batches, cfg, *, nfe: int, teacher: Mapping | None = None, callback=None, params=None,
+        validation=None):
+    """Train EPD tables (:func:`amed_core.methods.epd.train_epd`; ``params``: the start, ``validation``: held-out
+    trajectories) and return (EPDSampler, EPDTrainResult)."""
     from ..methods.epd import train_epd
 
-    res = train_epd(denoiser, sigmas, batches, cfg, callback=callback)
+    res = train_epd(denoiser, sigmas, batches, cfg, callback=callback, params=params, validation=validation)
     opts = {k: v for k, v in cfg.sampler_options().items() if k != "afs"}
     doc = spec_doc(cfg.solver, nfe, sigmas, afs=cfg.afs, options=opts, num_points=cfg.num_points,
                    teacher=teacher or (denoiser.identity() if hasattr(denoiser, "identity") else {}),

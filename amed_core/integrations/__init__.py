@@ -22,4 +22,4 @@ from .schedule import (DIFFUSERS_SCHEDULERS, EXPORT_TARGETS, K_DIFFUSION_SAMPLER
 
 __all__ = ["sample_with", "pipeline_denoiser", "pipeline_kind", "SUPPORTED_PIPELINES", "to_k_diffusion",
            "sampler_sigmas", "KDiffusionModel", "export_schedule", "export_json", "schedule_of", "timestep_gap",
-           "EXPORT_TARGETS", "K_DIFFUSION_SAMPLERS", "DIFFUSERS_SCHEDULERS", "from_export"]
+           "EXPORT_TARGETS", "K_DIFFUSION_SAMPLERS", "DIFFUSERS_SCHEDULERS", "from_export", "grid_schedule_of"]

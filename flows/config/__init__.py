@@ -15,8 +15,8 @@ the training-free panel, GITS, EPD and GS candidates), ``base`` (the strict mode
 """
 
 from flows.config.base import MAX_NFE, MAX_OPTION_DEPTH, MAX_SEED, Name, StrictModel
-from flows.config.families import (EPDFamilyConfig, FamiliesConfig, GITSFamilyConfig, GSFamilyConfig, PanelConfig,
-                                   PanelEntry)
+from flows.config.families import (EPDFamilyConfig, FamiliesConfig, GITSFamilyConfig, GSFamilyConfig, InitConfig,
+                                   PanelConfig, PanelEntry)
 from flows.config.loading import MAX_SWEEP_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, load_sweep, quickstart_path
 from flows.config.schema import (
     AMED_SOLVERS,
@@ -55,4 +55,5 @@ __all__ = [
     "GITSFamilyConfig",
     "EPDFamilyConfig",
     "GSFamilyConfig",
+    "InitConfig",
 ]

@@ -9,7 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from amed_core.methods import get_method, method_names
 from flows.config.base import StrictModel
 
-__all__ = ["PanelEntry", "PanelConfig", "GITSFamilyConfig", "EPDFamilyConfig", "GSFamilyConfig", "FamiliesConfig"]
+__all__ = ["PanelEntry", "PanelConfig", "GITSFamilyConfig", "EPDFamilyConfig", "GSFamilyConfig", "FamiliesConfig",
+           "InitConfig", "DEFAULT_EXPAND"]
 
 
 class PanelEntry(StrictModel):
@@ -35,13 +36,29 @@ def _default_panel() -> list[PanelEntry]:
             PanelEntry(solver="deis"), PanelEntry(solver="heun", afs="auto")]
 
 
+# The panel searches schedules by default (issue 21): every option set of these solvers joins it.
+DEFAULT_EXPAND = ("ipndm", "deis", "dpmpp", "unipc")
+
+
 class PanelConfig(StrictModel):
-    """The training-free panel evaluated at every (dataset, NFE): its best entry is the baseline of every candidate."""
+    """The training-free panel evaluated at every (dataset, NFE): its best entry is the baseline of every candidate.
+
+    Successive halving (``rank_samples`` > 0): every entry is first scored on the first ``rank_samples`` evaluation
+    seeds (at most ``evaluation.num_samples``; one task per (dataset, NFE), one noise draw; fd_exact on those samples,
+    else the RMSE to one near-exact reference: amed_core.evaluate.rank), and only
+    the best ``finalists`` per (dataset, NFE) on the full ``evaluation.num_samples`` (the same seeds from the same
+    start, so a finalist's number is what a full-count run gives); the others keep their ranking score (marked in
+    results.json). With ``init.mode: panel`` the ranking round's best entry is where the learned candidates
+    start, and their trainings are submitted before the finalists' full-count scores."""
 
     entries: list[PanelEntry] = Field(default_factory=_default_panel)
     include_base_solvers: bool = Field(default=True, description="each candidate's base solver joins the panel")
-    expand: list[str] = Field(default_factory=list, description="solvers whose every option set joins the panel: AFS "
-                              "on/off, polynomial 7 / logsnr / time_uniform, dynamic thresholding on/off (dpmpp, unipc)")
+    expand: list[str] = Field(default_factory=lambda: list(DEFAULT_EXPAND),
+                              description="solvers whose every option set joins the panel: AFS on/off, polynomial 7 / "
+                              "logsnr / time_uniform, dynamic thresholding on/off (dpmpp, unipc); [] = the entries only")
+    rank_samples: int = Field(default=512, ge=0, description="successive halving: samples every entry is ranked on "
+                              "(capped at evaluation.num_samples; 0: no ranking, every entry its own full-count job)")
+    finalists: int = Field(default=4, ge=1, description="entries per (dataset, NFE) scored on the full count")
 
     @field_validator("expand")
     @classmethod
@@ -147,6 +164,24 @@ class GSFamilyConfig(StrictModel):
             raise ValueError(f"batch_size ({self.batch_size}) must not exceed train_size ({self.train_size}): "
                              "batches drop the remainder, as the reference's loader does")
         return self
+
+
+class InitConfig(StrictModel):
+    """Where learned candidates start (issue 21). ``panel``: from the training-free panel's best entry at their
+    (dataset, NFE) (``amed_core.families.init``): one AMED candidate per (dataset, NFE, seed), the plugin of the
+    winner's solver on the winner's grid, reproducing it before training (``solvers`` is then not used); EPD on the
+    winner's grid; GITS on the winner's solver with its fine grid containing the winner's points. Validation keeps
+    a candidate at its start unless training helps. ``recipe``: the paper's recipes (``solvers``, the configured
+    schedules, random predictor init; the presets under configs/presets/ use it). ``both``: the panel starts and the
+    recipe's AMED students (``solvers``) on one teacher; the champion is the best of all (a recipe can find a better
+    optimum than the panel's grid: bench/factors.py)."""
+
+    mode: Literal["panel", "recipe", "both"] = "panel"
+    lr: float = Field(default=1e-3, gt=0, description="Adam lr of panel-started AMED predictors (amed_core.families.init."
+                      "START_LR; train.lr is the recipe's, for a random start)")
+    single_step_at: Literal["first", "last"] = Field(
+        default="first", description="where AMED's single-evaluation step goes when the winner's grid has an odd "
+                                     "number of intervals")
 
 
 class FamiliesConfig(StrictModel):

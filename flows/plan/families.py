@@ -69,39 +69,57 @@ def plan_panel(cfg: SweepConfig, teacher: TeacherJob, den, nfe: int, proto: Eval
     return [j for j in jobs if j is not None]
 
 
-def plan_gits_teacher(cfg: SweepConfig, d: DatasetConfig, students: TeacherJob, den, store_url: str) -> TeacherJob:
+def plan_gits_teacher(cfg: SweepConfig, d: DatasetConfig, students: TeacherJob, den, store_url: str,
+                      extra_grids=()) -> TeacherJob:
     """A small teacher on the fine grid GITS selects from: ``families.gits.warmup`` trajectories at
     ``grid_points`` points (the students' teacher keeps only the union of the student grids, too coarse to select
-    from; its spec stays unchanged, so AMED's trajectories do not move)."""
+    from; its spec stays unchanged, so AMED's trajectories do not move). ``extra_grids``: StudentGrids whose points
+    join the fine grid (the panel winners', issue 21)."""
     from amed_core.teacher import StudentGrid, TeacherSpec
 
     g, t = cfg.families.gits, cfg.teacher
     schedule = schedule_for(cfg, den, g.schedule_type, g.schedule_rho)
-    spec = TeacherSpec.for_denoiser(den, [StudentGrid(schedule, g.grid_points)], num_trajectories=g.warmup,
-                                    shard_size=g.warmup, sub_steps=g.sub_steps, solver=t.solver, dtype=t.dtype,
+    n = g.warmup
+    spec = TeacherSpec.for_denoiser(den, [StudentGrid(schedule, g.grid_points), *extra_grids], num_trajectories=n,
+                                    shard_size=n, sub_steps=g.sub_steps, solver=t.solver, dtype=t.dtype,
                                     base_seed=t.seed)
     return TeacherJob(name=d.name, role="gits", dataset=students.dataset, spec_json=spec.to_json(),
-                      spec_hash=spec.spec_hash, num_shards=spec.num_shards, num_trajectories=g.warmup,
+                      spec_hash=spec.spec_hash, num_shards=spec.num_shards, num_trajectories=n,
                       store_url=store_url, storage_options=dict(cfg.storage_options),
                       reference_spec=students.reference_spec)
 
 
 def plan_gits_candidate(cfg: SweepConfig, gt: TeacherJob, den, base: str, nfe: int, proto: EvalProtocol,
-                        reference: str, tid: str):
+                        reference: str, tid: str, *, start: Optional[EvalJob] = None, validation: Optional[dict] = None):
     """(Candidate, its base solver's panel job) of ``gits+<base>`` at ``nfe``, or None where ``base`` cannot spend
-    exactly ``nfe`` without AFS. The fit reads the GITS teacher ``gt``; the checkpoint is a sampler.json."""
+    exactly ``nfe`` without AFS. The fit reads the GITS teacher ``gt``; the checkpoint is a sampler.json.
+
+    ``start`` (issue 21): the panel's winning entry: GITS runs its solver with its options and AFS, keeps its grid
+    unless the DP's is better on held-out trajectories (``validation``: {"teacher": the students' teacher hash,
+    "held_out": its last trajectories}, whose final states are accurate; the GITS teacher's, one sub-step on a
+    coarse grid, are not), and is compared with it."""
     from amed_core.methods import get_method, num_steps_for
 
     g = cfg.families.gits
+    afs, keep = False, None
     opts = thresholding(base, {**dict(get_method(base).default_options), **dict(g.options.get(base, {}))}, den)
+    if start is not None:
+        from amed_core.schedules import ScheduleSpec
+
+        opts = {k: v for k, v in start.solver_options.items() if k != "afs"}  # the DP runs without AFS (its free-step
+        keep = [float(v) for v in ScheduleSpec.from_dict(start.schedule).grid(start.num_steps)]  # search moves the NFE)
     try:
-        num_steps_for(base, nfe, False, opts)
+        num_steps_for(base, nfe, afs, opts)
     except ValueError:
         return None
-    base_job = panel_job(cfg, gt, den, PanelEntry(solver=base, options=dict(g.options.get(base, {}))), nfe, proto,
-                         reference)
+    base_job = start or panel_job(cfg, gt, den, PanelEntry(solver=base, options=dict(g.options.get(base, {}))), nfe,
+                                  proto, reference)
     method, dname = f"gits+{base}", gt.name
-    fit = {"metric": g.metric, "coeff": g.coeff, "warmup": g.warmup, "options": opts, "afs": False}
+    fit = {"metric": g.metric, "coeff": g.coeff, "warmup": g.warmup, "options": opts, "afs": afs}
+    if keep is not None:
+        fit.update(keep=keep, keep_afs=bool(start.solver_options.get("afs", False)))
+    if validation:
+        fit["validation"] = dict(validation)
     cid = json_digest({"teacher": gt.spec_hash, "method": method, "nfe": nfe, "fit": fit})
     name = f"{slug(dname)}-{slug(method)}-nfe{nfe}"
     ckpt = f"checkpoints/{name}-{cid[:12]}"
@@ -197,7 +215,7 @@ def plan_gs_teacher(cfg: SweepConfig, d: DatasetConfig, students: TeacherJob, de
                                     dtype=t.dtype, base_seed=t.seed)
     return TeacherJob(name=d.name, role="gs", dataset=students.dataset, spec_json=spec.to_json(),
                       spec_hash=spec.spec_hash, num_shards=spec.num_shards, num_trajectories=n, store_url=store_url,
-                      storage_options=dict(cfg.storage_options))
+                      storage_options=dict(cfg.storage_options), reference_spec=students.reference_spec)
 
 
 def _gs_config(cfg: SweepConfig, den, nfe: int) -> dict[str, Any]:

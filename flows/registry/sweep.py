@@ -259,10 +259,11 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, chec
                                    "not registering it")
         with _local_lock(cand.registered_name):
             version, moved = register_candidate(mlflow, client, cand, info, digest, rid,  # under the model's lock
-                                                storage_options=config.storage_options)
+                                                storage_options=config.storage_options,
+                                                aliases=[] if cand.diverged else None)  # a diverged run is never champion
         log_metrics(client, rid, {"log_register_seconds": time.perf_counter() - t0})
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
-        return _Logged(rid, cand.registered_name, version, moved[CHAMPION])
+        return _Logged(rid, cand.registered_name, version, moved.get(CHAMPION, False))
 
 
 def _side_by_side_args(cand: CandidateResult) -> dict:
