@@ -111,7 +111,7 @@ def run_gs(args, teacher, db, nfes, ctx, done, noise) -> None:
     shard = None
     seeds = [int(s) for s in (args.gs_seeds or args.seeds).split(",")]
     for nfe in nfes:
-        for init in ("ref", "panel"):
+        for init in args.gs_inits.split(","):
             for seed in seeds:
                 key = f"gs|gs-{init}|{nfe}|{seed}"
                 if key in db["cells"]:
@@ -351,13 +351,14 @@ def main(argv=None) -> int:
     ap.add_argument("--gs-train", type=int, default=1400, help="GS: training pairs (the reference's train_size)")
     ap.add_argument("--gs-val", type=int, default=1000, help="GS: held-out pairs (the reference's validation_size)")
     ap.add_argument("--gs-teacher-steps", type=int, default=64, help="GS: Heun steps of its endpoint-only teacher")
+    ap.add_argument("--gs-inits", default="ref,panel", help="GS: initialisations (ref: the reference's grid; panel: the "
+                    "best free entry's schedule GS can express)")
     ap.add_argument("--gs-seeds", default=None, help="GS: training seeds (default: --seeds)")
     ap.add_argument("--gs-dtype", choices=["float32", "float64"], default=None,
                     help="GS: the student's arithmetic (default: the teacher data's, float64; the reference: float32)")
     ap.add_argument("--reference-steps", type=int, default=200)
     ap.add_argument("--expand", default="", help="panel solvers expanded over every option set (schedules polynomial 7 / "
                     "logSNR / time-uniform, AFS, thresholding), e.g. ipndm,dpmpp,deis,unipc")
-    ap.add_argument("--families", default="gits,amed,epd", help="learned families to run (epd can be left out)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the tables of these result files")
     ap.add_argument("--table-nfes", default=None, help="with --table: only these NFEs (e.g. 3,4,5,6,8)")
