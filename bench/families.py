@@ -95,7 +95,15 @@ def _gs_panel_init(db: dict, teacher, nfe: int, metric: str, config):
     free_cells = sorted((c for c in db["cells"].values() if c["family"] == "free" and c["nfe"] == nfe
                          and c.get(metric) is not None and math.isfinite(c[metric])), key=lambda c: c[metric])
     for rank, c in enumerate(free_cells):
-        s = F.free.make(c["method"], nfe, afs=c["afs"], denoiser=teacher)
+        solver, schedule = c["method"], None
+        if "[" in solver:  # an --expand cell: solver[<schedule_type><rho>(,dt)]
+            import re
+
+            solver = solver.split("[")[0]
+            m = re.fullmatch(r"([a-z_]+?)([0-9.]+)", str(c["schedule"]))
+            schedule = ScheduleSpec(m.group(1), rho=float(m.group(2)), sigma_min=float(teacher.sigma_min),
+                                    sigma_max=float(teacher.sigma_max))
+        s = F.free.make(solver, nfe, afs=c["afs"], denoiser=teacher, schedule=schedule, options=c.get("options") or None)
         try:
             F.gs.init_params(config, s.spec.sigmas)
         except ValueError:
