@@ -38,6 +38,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad user input: one clear line, no traceback
         print(f"amed {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the command cannot use (read-only, full, missing): one line naming it
+        if e.filename is None and e.errno not in _DISK_ERRNOS:
+            raise
+        print(f"amed {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+_DISK_ERRNOS = {28, 30, 122, 13, 1}  # ENOSPC, EROFS, EDQUOT, EACCES, EPERM
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: the path, what went wrong and what to do."""
+    import errno
+
+    fix = {errno.ENOSPC: "free space there or choose another folder",
+           errno.EDQUOT: "free space there or choose another folder",
+           errno.EROFS: "it is on a read-only filesystem: choose a writable folder",
+           errno.EACCES: "choose a folder you may write", errno.EPERM: "choose a folder you may write"}.get(e.errno)
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return f"{where}{e.strerror or type(e).__name__}" + (f" ({fix})" if fix else "")
 
 
 if __name__ == "__main__":
