@@ -820,7 +820,8 @@ def _small_store(work: Path) -> tuple[Path, Path]:
 
 
 @probe("tampered-store", "a tampered spec.json / manifest, a record pointing outside the store, a shard swapped for "
-       "another valid shard, a symlink, a FIFO: verify exits 1 naming each, never hangs; repair + generate restore it")
+       "another valid shard, a symlink, a FIFO: verify exits 1 naming each, never hangs; repair + generate restore it "
+       "(an edited spec.json: ls marks it BROKEN, repair says it cannot rewrite it, generate --verify does)")
 def tampered_store(work: Path):
     results = []
     for case in ("spec", "manifest", "outside", "swapped", "symlink", "fifo"):
@@ -849,8 +850,13 @@ def tampered_store(work: Path):
             os.mkfifo(d / "shard-00001.safetensors")
         v = amed(["teacher", "verify", "--store", str(store)], sub, timeout=60)
         refused = v.returncode == 1 and "Traceback" not in v.stderr
-        if case == "spec":
-            restored = True  # a spec.json that no longer hashes to its folder is not ours to rewrite: reported only
+        if case == "spec":  # ls marks it BROKEN (and still answers); repair says it cannot; generate --verify rewrites it
+            ls = amed(["teacher", "ls", "--store", str(store)], sub, timeout=60)
+            rep = amed(["teacher", "repair", "--store", str(store)], sub, timeout=60)
+            g = amed(["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3", "--n", "40",
+                      "--shard-size", "8", "--no-progress", "--store", str(store), "--verify"], sub)
+            restored = (ls.returncode == 1 and "BROKEN" in ls.stdout and rep.returncode == 1 and "--verify" in rep.stdout
+                        and g.returncode == 0 and store_verifies(sub, store))
         else:
             amed(["teacher", "repair", "--store", str(store)], sub, timeout=60)
             g = amed(["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3", "--n", "40",
