@@ -5,6 +5,7 @@ so `amed --help` stays fast; a command module that fails to import fails the CLI
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -45,13 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-_DISK_ERRNOS = {28, 30, 122, 13, 1}  # ENOSPC, EROFS, EDQUOT, EACCES, EPERM
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
 
 
 def os_error_line(e: OSError) -> str:
     """An OSError as one line: the path, what went wrong and what to do."""
-    import errno
-
     fix = {errno.ENOSPC: "free space there or choose another folder",
            errno.EDQUOT: "free space there or choose another folder",
            errno.EROFS: "it is on a read-only filesystem: choose a writable folder",

@@ -87,6 +87,7 @@ def _entry_problem(e, index: int | None, num_shards: int | None) -> str | None:
         return "negative size"
     return None
 
+
 def _non_finite(shard: TeacherShard) -> str | None:
     """Why a shard's trajectories are unusable (NaN/inf in its noise or states), else None."""
     for name in ("noise", "states"):
@@ -479,6 +480,9 @@ class TeacherStore:
     # -- commit -----------------------------------------------------------------------------------
     def _entry_for(self, spec_hash: str, index: int, data: bytes) -> dict:
         shard = TeacherShard.from_bytes(data, expect_spec_hash=spec_hash, expect_index=index)
+        problem = _non_finite(shard)
+        if problem:  # an uncommitted object with NaN/inf is not adopted (adopt_shard removes it)
+            raise ValueError(problem)
         return {"index": index, "path": self.shard_name(index), "bytes": len(data), **digests(data),
                 "num_samples": shard.num_samples, "nfe": shard.nfe}
 
