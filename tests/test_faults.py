@@ -752,14 +752,13 @@ def _bad_variant(files: dict, name: str, kind: str, d: Path) -> None:
         raise AssertionError(kind)
 
 
+# Through the real commands: one case per cause of the issue (the whole matrix of files x variants runs in-process in
+# the bad-files probe below, 53 cases in one child process, so CI pays one interpreter start for it, not 53).
 BAD_CHECKPOINT_FILES = [
     ("amed", "predictor.safetensors", "fifo"), ("amed", "predictor.safetensors", "dev-zero"),
-    ("amed", "predictor.safetensors", "sparse"), ("amed", "predictor.safetensors", "nan"),
-    ("amed", "sampler.json", "fifo"), ("amed", "sampler.json", "dev-zero"), ("amed", "sampler.json", "sparse"),
-    ("amed", "sampler.json", "deep"), ("amed", "sampler.json", "pickle"), ("amed", "sampler.json", "num_steps"),
-    ("epd", "epd.safetensors", "fifo"), ("epd", "epd.safetensors", "nan"), ("epd", "epd.json", "deep"),
-    ("epd", "epd.json", "dev-zero"), ("epd", "sampler.json", "num_steps"),
-    ("free", "sampler.json", "inf-sigma"), ("free", "sampler.json", "deep"),
+    ("amed", "predictor.safetensors", "nan"), ("amed", "sampler.json", "deep"), ("amed", "sampler.json", "pickle"),
+    ("amed", "sampler.json", "num_steps"), ("epd", "epd.safetensors", "nan"), ("epd", "epd.json", "deep"),
+    ("free", "sampler.json", "inf-sigma"),
 ]
 
 
@@ -775,8 +774,9 @@ def test_bad_checkpoint_file_is_refused_in_one_line_by_fetch(family_files, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family, name, kind", [c for c in BAD_CHECKPOINT_FILES if c[2] in ("fifo", "dev-zero", "deep",
-                                                                                             "num_steps", "nan")])
+@pytest.mark.parametrize("family, name, kind", [("amed", "predictor.safetensors", "fifo"), ("amed", "sampler.json", "deep"),
+                                                ("amed", "sampler.json", "num_steps"),
+                                                ("amed", "predictor.safetensors", "nan")])
 def test_bad_checkpoint_file_is_refused_in_one_line_by_sample(family_files, tmp_path, family, name, kind):
     src = tmp_path / "src"
     _bad_variant(family_files[family], name, kind, src)
