@@ -926,3 +926,22 @@ def test_fetch_into_a_symlink_to_an_empty_folder(family_files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["predictor.safetensors", "sampler.json"]
     assert (tmp_path / "link").is_symlink()
+
+
+def test_a_local_store_without_room_for_the_teacher_is_refused_before_it_is_generated(tmp_path):
+    """Once the sweep is planned, `amed distill` checks the local store's free space against the teacher still to
+    write (TeacherSpec.bytes_estimate); here a teacher of 10**9 trajectories (~3 TB) on this machine's disk."""
+    from types import SimpleNamespace
+
+    from amed_core.denoisers import load_teacher
+    from amed_core.teacher import TeacherSpec, student_grids_for
+    from flows.storage.preflight import FolderUnusable, check_teacher_space
+
+    spec = TeacherSpec.for_denoiser(load_teacher("digits-gmm"), student_grids_for("amed:3"), num_trajectories=10**9,
+                                    shard_size=10**6)
+    job = SimpleNamespace(store_url=str(tmp_path / "store"), storage_options={}, spec_json=spec.to_json())
+    with pytest.raises(FolderUnusable, match="store .* needs about"):
+        check_teacher_space([job])
+    small = TeacherSpec.for_denoiser(load_teacher("digits-gmm"), student_grids_for("amed:3"), num_trajectories=64)
+    check_teacher_space([SimpleNamespace(store_url=str(tmp_path / "store"), storage_options={},
+                                         spec_json=small.to_json())])  # room enough: no error

@@ -160,8 +160,8 @@ def check_teacher_space(teachers) -> None:
         if not is_local(fs):
             continue
         spec = TeacherSpec.from_json(job.spec_json)
-        done = TeacherStore(job.store_url, job.storage_options).manifest(spec.spec_hash) \
-            if spec.spec_hash in TeacherStore(job.store_url, job.storage_options).list_specs() else {}
+        store = TeacherStore(job.store_url, job.storage_options)
+        done = store.manifest(spec.spec_hash) if spec.spec_hash in store.list_specs() else {}
         left = spec.bytes_estimate() * (spec.num_shards - len(done)) // max(spec.num_shards, 1)
         need[root] = need.get(root, 0) + left
     for root, left in need.items():
