@@ -210,16 +210,21 @@ def test_shard_claims_split_the_work_and_survive_dead_holders(backend, tmp_path,
             held.release()
     assert order == [1, 2, 0] and a.verify(spec.spec_hash).passed
     assert not a.fs.exists(f"{a.spec_dir(spec.spec_hash)}/claims/shard-00001.json")  # released
-    # the claim renews itself while held, and expires once its holder stops renewing
+    # the claim renews itself while held, and expires once its holder stops renewing. Timed by the claim's own
+    # expiry, not by sleeps sized for an idle box (issue 20): a renewal every TTL/4 leaves 0.75 s of slack for a
+    # starved thread on a loaded machine (was 0.3 s)
     spec2 = TeacherSpec.from_dict(spec.to_dict() | {"base_seed": 11})
     a.put_spec(spec2)
-    c = a.claims(spec2, ttl=0.4).try_claim(0)
-    time.sleep(1.0)
-    assert a.claims(spec2, ttl=0.4).try_claim(0) is None  # renewed: still live after 2.5 TTLs
+    c = a.claims(spec2, ttl=1.0).try_claim(0)
+    first = c.body["expires"]
+    while time.time() <= first + 0.1:  # past its first expiry
+        time.sleep(0.05)
+    assert c.body["expires"] > first and a.claims(spec2, ttl=1.0).try_claim(0) is None  # renewed: still live
     c._stop.set()
     c._thread.join()
-    time.sleep(0.6)
-    taken = a.claims(spec2, ttl=0.4).try_claim(0)
+    while time.time() <= c.body["expires"] + 0.05:  # the last renewal's expiry passes
+        time.sleep(0.05)
+    taken = a.claims(spec2, ttl=1.0).try_claim(0)
     assert taken is not None and not isinstance(taken, dict) and taken.body["token"] != c.body["token"]
     taken.release()
     # a claim of a process that is gone (same host) is taken over at once, whatever its expiry
