@@ -335,7 +335,8 @@ def kill_mlflow_create(work: Path):
 KILL_POINTS = 8
 
 
-@probe("kill-anywhere", f"amed distill SIGKILLed (its process group) at {KILL_POINTS} evenly spread moments of an "
+@probe("kill-anywhere", f"amed distill SIGKILLed (its process group) at N (--kill-points, default {KILL_POINTS}) evenly "
+       "spread moments of an "
        "undisturbed run's wall time (start-up, teacher, train, evaluate, register and between), each into a fresh "
        "--out: every rerun completes with the undisturbed run's champions, no duplicate version, one sweep run, store "
        "verifies")
