@@ -143,6 +143,10 @@ def load_reference_stats(source) -> tuple[np.ndarray, np.ndarray]:
     where = f"reference statistics {source}" if isinstance(source, (str, os.PathLike)) else "reference statistics"
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)) and os.path.lexists(source):
+        from .io import read_limited
+
+        source = io.BytesIO(read_limited(source, 2 << 30, what=where))  # a regular file, size checked first
     try:
         with np.load(source, allow_pickle=False) as z:
             if not hasattr(z, "files"):

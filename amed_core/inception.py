@@ -255,7 +255,9 @@ def _read_state_dict(source) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise ValueError(f"weights: no file at {str(path)!r}; pass the local path of the Inception weights "
                              "(pt_inception-2015-12-05-6726825d.pth or a .safetensors copy); they are never downloaded")
-        data = path.read_bytes()
+        from .io import read_limited
+
+        data = read_limited(path, 2 << 30, what=f"weights {str(path)!r}")  # a regular file, size checked first
     elif isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     else:

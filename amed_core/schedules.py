@@ -139,14 +139,24 @@ class ScheduleSpec:
     def __post_init__(self):
         if self.schedule_type not in SCHEDULE_TYPES:
             raise ValueError(f"schedule_type {self.schedule_type!r} is not one of {SCHEDULE_TYPES}")
+        for name in ("sigma_min", "sigma_max", "rho", "epsilon_t"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"schedule {name} must be a finite number, got {v!r}")
         if not (0 < self.sigma_min < self.sigma_max):
             raise ValueError(f"sigma_min ({self.sigma_min}) must be positive and below sigma_max ({self.sigma_max})")
         if self.rho <= 0:
             raise ValueError(f"rho must be positive, got {self.rho}")
+
         if self.schedule_type == "discrete" and self.alphas_cumprod is None:
             raise ValueError("schedule_type 'discrete' needs alphas_cumprod (the model's VP table)")
         if self.alphas_cumprod is not None:
-            object.__setattr__(self, "alphas_cumprod", tuple(float(a) for a in self.alphas_cumprod))
+            if isinstance(self.alphas_cumprod, (str, bytes, dict)) or not 2 <= len(self.alphas_cumprod) <= 100_000:
+                raise ValueError("alphas_cumprod must be a list of 2..100000 values (the model's VP table)")
+            table = tuple(float(a) for a in self.alphas_cumprod)
+            if not all(0 < a <= 1 for a in table):
+                raise ValueError("alphas_cumprod values must be finite and in (0, 1] (the model's VP table)")
+            object.__setattr__(self, "alphas_cumprod", table)
 
     def grid(self, num_steps: int) -> torch.Tensor:
         return get_schedule(num_steps, self.sigma_min, self.sigma_max, schedule_type=self.schedule_type,

@@ -213,14 +213,32 @@ STAGE_MARKERS = {
 }
 
 
+# teacher and train are held at a barrier until the kill (flows.storage.barriers: the kill lands there every time, issue
+# 20); evaluate and register are killed when their log marker appears (their stages last seconds in SLOW).
+STAGE_BARRIERS = {"teacher": ("teacher-shard", {}, 1), "train": ("train-step", {"attempt": 1}, 0)}
+
+
 def _kill_and_rerun(work: Path, stage: str) -> tuple[str, str]:
+    from flows.storage.barriers import Hold
+
     cfg = write_cfg(work, SLOW)
     out, log = work / "out", work / "killed.log"
-    proc, env = start_amed(["distill", str(cfg), "--out", str(out)], work, log)
-    hit = wait_for(log, STAGE_MARKERS[stage], proc)
-    kill_group(proc, env)
+    if stage in STAGE_BARRIERS:
+        point, match, skip = STAGE_BARRIERS[stage]
+        with Hold(str(out / "store"), point, match=match, skip=skip) as hold:
+            proc, env = start_amed(["distill", str(cfg), "--out", str(out)], work, log)
+            try:
+                hold.wait_reached(timeout=600, alive=lambda: proc.poll() is None)
+                hit = True
+            except (RuntimeError, TimeoutError):
+                hit = False
+            kill_group(proc, env)
+    else:
+        proc, env = start_amed(["distill", str(cfg), "--out", str(out)], work, log)
+        hit = wait_for(log, STAGE_MARKERS[stage], proc)
+        kill_group(proc, env)
     if not hit:
-        return f"marker for {stage} never seen (rc {proc.returncode})", "FAIL"
+        return f"{stage} never reached (rc {proc.returncode})", "FAIL"
     rerun = amed(["distill", str(cfg), "--out", str(out), "--summary-json", str(work / "s.json")], work)
     if rerun.returncode != 0:
         errors = [ln for ln in (rerun.stdout + rerun.stderr).splitlines() if re.search(r"Error|error:", ln)]
@@ -247,6 +265,108 @@ for _stage in STAGE_MARKERS:
           "work, no duplicate version, champion right, one sweep run (the killed attempt's, resumed), no run left RUNNING "
           "or KILLED")(
         (lambda s: lambda work: _kill_and_rerun(work, s))(_stage))
+
+
+# -- Kills the probe chooses itself (issue 20) ------------------------------------------------------------------
+
+def champions(db: Path) -> dict[str, str]:
+    """{registered model: the champion's value tag} of a local registry."""
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("select a.name, t.value from registered_model_aliases a join model_version_tags t on "
+                           "t.name = a.name and t.version = a.version and t.key = 'value' where a.alias = 'champion'")
+        return dict(sorted(rows.fetchall()))
+    finally:
+        con.close()
+
+
+def _rerun_checked(work: Path, cfg: Path, out: Path, want: dict | None) -> tuple[bool, str]:
+    """Rerun into ``out``; (ok, observation): rc 0, no duplicate version, champion right and (``want``) the same as an
+    undisturbed run's, one sweep run, none RUNNING or KILLED, store verifies."""
+    rerun = amed(["distill", str(cfg), "--out", str(out)], work)
+    if rerun.returncode != 0:
+        errors = [ln for ln in (rerun.stdout + rerun.stderr).splitlines() if re.search(r"Error|error:", ln)]
+        return False, f"rerun rc {rerun.returncode}: {(errors or ['?'])[-1][:160]}"
+    reg = registry_state(out / "mlflow.db")
+    champ = champions(out / "mlflow.db")
+    verified = store_verifies(work, out / "store")
+    ok = (reg["duplicates"] == 0 and reg["champion_ok"] and reg["running"] == 0 and reg["parents"] == 1
+          and reg["killed"] == 0 and verified and (want is None or champ == want))
+    return ok, (f"{reg['versions']} versions, {reg['duplicates']} dup, champion "
+                f"{'same' if want is not None and champ == want else champ if want is not None else 'right'}, "
+                f"{reg['parents']} sweep run(s), {reg['running']} RUNNING, {reg['killed']} KILLED, store "
+                f"{'verifies' if verified else 'FAILS'}")
+
+
+KILL_IN_MLFLOW_CREATE = """
+import os
+if os.environ.get("AMED_PROBE_KILL_IN_MLFLOW_CREATE") == "1":
+    import signal
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "after_cursor_execute")
+    def _kill(conn, cursor, statement, *args):
+        if "mlflow.db" in str(conn.engine.url) and "_alembic_tmp_" in statement \\
+                and statement.lstrip().upper().startswith("INSERT"):
+            os.kill(os.getpid(), signal.SIGKILL)  # inside the creation of the MLflow database, on purpose
+"""
+
+
+@probe("kill-mlflow-create", "amed distill SIGKILLed on purpose inside the creation of its MLflow database (a hook "
+       "kills it right after a migration copies a table into _alembic_tmp_...): the rerun completes, no duplicate "
+       "version, champion right, store verifies")
+def kill_mlflow_create(work: Path):
+    hook = work / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_IN_MLFLOW_CREATE)
+    cfg, out = write_cfg(work, TINY), work / "out"
+    env = _env(work, {"PYTHONPATH": f"{hook}{os.pathsep}{REPO}", "AMED_PROBE_KILL_IN_MLFLOW_CREATE": "1"})
+    first, env = start_amed(["distill", str(cfg), "--out", str(out)], work, work / "killed.log", env=env)
+    rc = first.wait(timeout=600)
+    kill_group(first, env)  # what it started (Prefect's server, Ray) goes with it, as after a real kill
+    if rc != -signal.SIGKILL:
+        return f"the kill hook never fired (rc {rc})", "FAIL"
+    left = sorted(p.name for p in out.iterdir() if "mlflow.db" in p.name)
+    ok, seen = _rerun_checked(work, cfg, out, None)
+    return f"killed inside the creation (left: {left or 'nothing'}); rerun: {seen}", "survived" if ok else "FAIL"
+
+
+KILL_POINTS = 8
+
+
+@probe("kill-anywhere", f"amed distill SIGKILLed (its process group) at N (--kill-points, default {KILL_POINTS}) evenly "
+       "spread moments of an "
+       "undisturbed run's wall time (start-up, teacher, train, evaluate, register and between), each into a fresh "
+       "--out: every rerun completes with the undisturbed run's champions, no duplicate version, one sweep run, store "
+       "verifies")
+def kill_anywhere(work: Path):
+    cfg = write_cfg(work, TINY)
+    t0 = time.time()
+    ref = amed(["distill", str(cfg), "--out", str(work / "ref")], work)
+    wall = time.time() - t0
+    if ref.returncode != 0:
+        return f"undisturbed run rc {ref.returncode}", "FAIL"
+    want = champions(work / "ref" / "mlflow.db")
+    shutil.rmtree(work / "ref", ignore_errors=True)
+    results = []
+    for k in range(1, KILL_POINTS + 1):
+        at = wall * k / (KILL_POINTS + 1)
+        out = work / f"k{k}"
+        proc, env = start_amed(["distill", str(cfg), "--out", str(out)], work, work / f"k{k}.log")
+        t1 = time.time()
+        while time.time() - t1 < at and proc.poll() is None:
+            time.sleep(0.02)
+        finished = proc.poll() is not None
+        kill_group(proc, env)
+        ok, seen = _rerun_checked(work, cfg, out, want)
+        results.append((k, round(at, 1), finished, ok, seen))
+        shutil.rmtree(out, ignore_errors=True)
+    bad = [f"{at} s: {seen}" for _, at, _, ok, seen in results if not ok]
+    early = sum(r[2] for r in results)
+    return (f"undisturbed {wall:.0f} s; killed at {[r[1] for r in results]} s: {sum(r[3] for r in results)}/"
+            f"{len(results)} reruns right ({early} had finished before their kill)" + (f"; {bad[:3]}" if bad else "")), \
+        "survived" if not bad else "FAIL"
 
 
 @probe("two-generates", "two amed teacher generate on one store at once: both exit 0, every shard generated once (by "
@@ -402,25 +522,25 @@ def s3_killed(work: Path):
         args = ["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3,5", "--n", "1024",
                 "--shard-size", "64", "--sub-steps", "2", "--no-progress", "--store", store]
         log = work / "gen.log"
-        gen, genv = start_amed(args, work, log, env={**env, "AWS_MAX_ATTEMPTS": "2"})
-        time.sleep(0.5)
-        import s3fs
+        from flows.storage.barriers import Hold
 
-        direct = s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True,
-                                   client_kwargs={"endpoint_url": f"http://127.0.0.1:{mport}", "region_name": "us-east-1"})
-        t0 = time.time()
-        while time.time() - t0 < 120 and gen.poll() is None:  # wait for two committed shards (asking moto directly)
-            direct.invalidate_cache()
-            if len(direct.glob("teach/x/teachers/*/manifest.d/*.json")) >= 2:
-                break
-            time.sleep(0.1)
-        proxy.kill()
-        proxy.wait()
-        try:
-            rc = gen.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            kill_group(gen, genv)
-            return "generate hung after the server went away", "FAIL"
+        direct = {"key": "testing", "secret": "testing",  # moto itself, not through the proxy the probe kills
+                  "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{mport}", "region_name": "us-east-1"}}
+        # two shards committed, then generate waits before the third (a barrier, issue 20) until the server is gone
+        with Hold(store, "teacher-shard", skip=2, storage_options=direct) as hold:
+            gen, genv = start_amed(args, work, log, env={**env, "AWS_MAX_ATTEMPTS": "2"})
+            try:
+                hold.wait_reached(timeout=120, alive=lambda: gen.poll() is None)
+            except (RuntimeError, TimeoutError) as e:
+                kill_group(gen, genv)
+                return f"generate never reached its third shard: {e}", "FAIL"
+            proxy.kill()
+            proxy.wait()
+            try:
+                rc = gen.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                kill_group(gen, genv)
+                return "generate hung after the server went away", "FAIL"
         _stop_ray(genv)
         text = log.read_text(errors="replace")
         last = text.strip().splitlines()[-1] if text.strip() else ""
@@ -701,7 +821,8 @@ def _small_store(work: Path) -> tuple[Path, Path]:
 
 
 @probe("tampered-store", "a tampered spec.json / manifest, a record pointing outside the store, a shard swapped for "
-       "another valid shard, a symlink, a FIFO: verify exits 1 naming each, never hangs; repair + generate restore it")
+       "another valid shard, a symlink, a FIFO: verify exits 1 naming each, never hangs; repair + generate restore it "
+       "(an edited spec.json: ls marks it BROKEN, repair says it cannot rewrite it, generate --verify does)")
 def tampered_store(work: Path):
     results = []
     for case in ("spec", "manifest", "outside", "swapped", "symlink", "fifo"):
@@ -730,8 +851,13 @@ def tampered_store(work: Path):
             os.mkfifo(d / "shard-00001.safetensors")
         v = amed(["teacher", "verify", "--store", str(store)], sub, timeout=60)
         refused = v.returncode == 1 and "Traceback" not in v.stderr
-        if case == "spec":
-            restored = True  # a spec.json that no longer hashes to its folder is not ours to rewrite: reported only
+        if case == "spec":  # ls marks it BROKEN (and still answers); repair says it cannot; generate --verify rewrites it
+            ls = amed(["teacher", "ls", "--store", str(store)], sub, timeout=60)
+            rep = amed(["teacher", "repair", "--store", str(store)], sub, timeout=60)
+            g = amed(["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3", "--n", "40",
+                      "--shard-size", "8", "--no-progress", "--store", str(store), "--verify"], sub)
+            restored = (ls.returncode == 1 and "BROKEN" in ls.stdout and rep.returncode == 1 and "--verify" in rep.stdout
+                        and g.returncode == 0 and store_verifies(sub, store))
         else:
             amed(["teacher", "repair", "--store", str(store)], sub, timeout=60)
             g = amed(["teacher", "generate", "--teacher", "digits-gmm", "--grid-for", "amed:3", "--n", "40",
@@ -769,6 +895,334 @@ def bad_registry(work: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Every file the project reads, made hostile (issue 20): a FIFO, a symlink to /dev/zero, a huge sparse file, a deep
+# nesting, NaN/inf content. Each must be refused in one line naming the file (or, for a store's merged view, reported
+# and survived), quickly, without hanging or reading without a limit. The cases run in one child process under an
+# address-space limit (an unbounded read ends in MemoryError there, not in the machine's swap); a case that does not
+# finish within CASE_TIMEOUT_S is a hang. ``--cli`` runs each case through the `amed` command instead (the times a user
+# sees, recorded in BENCHMARKS "Reliability, second pass").
+
+FILE_KINDS = ("sweep.yaml", "mixture.npz", "teacher shard", "spec.json", "manifest.json", "commit record",
+              "sampler.json", "predictor.safetensors", "epd.json", "epd.safetensors", "MLflow artifact")
+VARIANTS = ("fifo", "dev-zero", "sparse", "deep", "nan")
+CASE_TIMEOUT_S = 60
+SPARSE_BYTES = 1 << 40  # 1 TiB, no blocks written
+
+
+def _make_bad(path: Path, variant: str, good: bytes, nan_bytes: bytes | None, deep: bytes | None) -> bool:
+    """Put ``variant`` at ``path`` (replacing what is there); False when it does not apply to this kind of file."""
+    if variant == "deep" and deep is None or variant == "nan" and nan_bytes is None:
+        return False
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if variant == "fifo":
+        os.mkfifo(path)
+    elif variant == "dev-zero":
+        os.symlink("/dev/zero", path)
+    elif variant == "sparse":
+        with open(path, "wb") as f:
+            f.write(good[:64])
+            f.truncate(SPARSE_BYTES)
+    elif variant == "deep":
+        path.write_bytes(deep)
+    else:
+        path.write_bytes(nan_bytes)
+    return True
+
+
+def _deep_json(levels: int = 100_000) -> bytes:
+    return b'{"a": ' * levels + b"1" + b"}" * levels
+
+
+def _nan_safetensors(data: bytes) -> bytes:
+    import torch
+    from safetensors.torch import load, save
+
+    return save({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in load(data).items()})
+
+
+def _deep_safetensors() -> bytes:
+    header = b'{"a": ' * 10_000 + b"1" + b"}" * 10_000
+    return len(header).to_bytes(8, "little") + header
+
+
+def _checkpoint_sources(work: Path) -> dict:
+    """Good checkpoint files of the amed and epd families."""
+    import torch
+
+    import amed_core.families as F
+    from amed_core.amed import AMEDPredictor, Sampler, SamplerSpec
+    from amed_core.denoisers import load_teacher
+    from amed_core.methods.epd import EPDParams
+
+    teacher = load_teacher("digits-gmm")
+    spec = SamplerSpec.create("amed", 5, denoiser=teacher)
+    grid = spec.grid()
+    doc = F.epd.spec_doc("epd", 5, grid, afs=True, options={}, num_points=2, teacher=teacher.identity())
+    epd = F.epd.EPDSampler(EPDParams(len(grid), 2, scale_dir=0.01, generator=torch.Generator().manual_seed(0)), doc)
+    return {"amed": Sampler(spec, AMEDPredictor(spec.predictor, seed=0)).files(), "epd": epd.files()}
+
+
+def _registered_model(work: Path, files: dict) -> tuple[str, str, Path]:
+    """A local SQLite registry with one registered AMED version: (its models:/ URI, the tracking URI, the folder of
+    its artifacts)."""
+    from amed_core.amed import SamplerSpec, save_checkpoint, sampler_from_files
+    from amed_core.denoisers import load_teacher
+    from flows.config import load_sweep
+    from flows.registry import log_sweep
+    from flows.results import CandidateResult, EvalProtocol
+
+    uri = f"sqlite:///{work / 'reg' / 'mlflow.db'}"
+    s = sampler_from_files(files)
+    ckpt = save_checkpoint(work / "reg-ckpt", s.predictor, s.spec)
+    cfg = load_sweep({"name": "probe", "datasets": [{"name": "digits", "teacher": "digits-gmm"}], "solvers": ["amed"],
+                      "nfes": [5], "mlflow_tracking_uri": uri})
+    cand = CandidateResult(dataset="digits", solver="amed", base_solver="heun", nfe=5, seed=0, checkpoint_url=str(ckpt),
+                           protocol=EvalProtocol(metric="fd_exact", num_samples=64, seed=1000, reference="digits-gmm"),
+                           value=0.5, base_value=1.0, rmse=0.1, train_seconds=1.0, teacher_nfe=10, loss_history=[1.0],
+                           artifacts={}, sampler_spec=s.spec.to_dict())
+    log = log_sweep(cfg, [cand])
+    name, version = log.versions[0]
+    from flows.registry.loading import local_artifacts
+
+    return f"models:/{name}/{version}", uri, local_artifacts(f"models:/{name}/{version}", uri)
+
+
+def _bad_file_cases(work: Path):
+    """Yield (kind, variant, read, check): ``read()`` does what the project does with the file; ``check(result or
+    exception)`` -> (ok, one-line observation)."""
+    import numpy as np
+
+    from amed_core.adapters import BUILTIN_TEACHERS, _data_path
+    from amed_core.denoisers import load_teacher
+    from flows.config import load_sweep
+    from flows.registry.loading import fetch
+    from flows.storage import TeacherStore
+
+    def refused(words=()):
+        def check(r):
+            if not isinstance(r, BaseException):
+                return False, f"accepted ({str(r)[:80]})"
+            msg = str(r)
+            # one line; a sweep's field errors are one line per field under "invalid sweep config:"
+            ok = isinstance(r, (ValueError, RuntimeError)) and len(msg.strip().splitlines()) <= 3 and len(msg) < 800 \
+                and all(w in msg for w in words)
+            return ok, f"{type(r).__name__}: {msg[:140]}"
+        return check
+
+    # sweep.yaml
+    good_sweep = b"datasets: [{name: d, teacher: digits-gmm}]\n"
+    for v in VARIANTS:
+        d = work / f"sweep-{v}"
+        d.mkdir()
+        path = d / "sweep.yaml"
+        if _make_bad(path, v, good_sweep, b"datasets: [{name: d, teacher: digits-gmm}]\nteacher: {M: .nan}\n",
+                     b"datasets: [{name: d, teacher: digits-gmm}]\nx: " + b"[" * 100_000 + b"]" * 100_000 + b"\n"):
+            yield "sweep.yaml", v, (lambda p=path: load_sweep(p)), refused(["sweep"] if v != "nan" else ["teacher.M"]), \
+                ["distill", str(path), "--out", str(d / "out")]
+
+    # mixture.npz
+    with np.load(_data_path(BUILTIN_TEACHERS["digits-gmm"])) as z:
+        arrays = {k: z[k] for k in ("weights", "means", "covs", "shape")}
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    nan = dict(arrays)
+    nan["means"] = arrays["means"].copy()
+    nan["means"][0, 0] = np.nan
+    nbuf = io.BytesIO()
+    np.savez(nbuf, **nan)
+    for v in VARIANTS:
+        path = work / f"mixture-{v}.npz"
+        if _make_bad(path, v, buf.getvalue(), nbuf.getvalue(), None):
+            yield "mixture.npz", v, (lambda p=path: load_teacher(f"gmm:{p}")), refused([str(path)]), \
+                ["teacher", "generate", "--teacher", f"gmm:{path}", "--grid-for", "amed:3", "--n", "8", "--no-progress",
+                 "--store", str(work / f"gen-{v}")]
+
+    # the teacher store: a shard, spec.json, manifest.json, a commit record
+    from amed_core.teacher import TeacherSpec, student_grids_for
+    from flows.storage import generate
+
+    teacher = load_teacher("digits-gmm")
+    spec = TeacherSpec.for_denoiser(teacher, student_grids_for("amed:3"), num_trajectories=16, shard_size=8)
+
+    def store_with(tag: str) -> tuple[str, Path]:
+        url = str(work / f"store-{tag}")
+        generate(TeacherStore(url), teacher, spec, progress=False)
+        return url, Path(url, "teachers", spec.spec_hash)
+
+    def nan_shard(d: Path) -> bytes:  # NaN states, committed with a record that matches its bytes (a broken teacher)
+        from amed_core.shards import TeacherShard
+        from flows.storage.checksums import digests
+
+        shard = TeacherShard.from_bytes((d / "shard-00000.safetensors").read_bytes())
+        shard.states.fill_(float("nan"))
+        data = bytes(shard.to_buffer())
+        rec = json.loads((d / "manifest.d" / "shard-00000.json").read_text())
+        rec.update(bytes=len(data), **digests(data))
+        (d / "manifest.d" / "shard-00000.json").write_text(json.dumps(rec))
+        (d / "manifest.json").unlink()
+        return data
+
+    def verify_reports(words):
+        def check(r):
+            if isinstance(r, BaseException):
+                return refused(words)(r)
+            ok = not r.passed and all(w in json.dumps([r.bad, r.invalid, r.missing]) for w in words)
+            return ok, f"verify {'FAILED' if not r.passed else 'passed'}: bad {list(r.bad)}, invalid {list(r.invalid)}"
+        return check
+
+    # one store per kind of file; the variants replace the file one after the other (the NaN one, last, may rewrite
+    # the shard's commit record too)
+    url, d = store_with("shard")
+    path = d / "shard-00000.safetensors"
+    good = path.read_bytes()
+    for v in VARIANTS:
+        if v == "nan":
+            path.unlink()
+            path.write_bytes(good)
+        if _make_bad(path, v, good, nan_shard(d) if v == "nan" else None, None):
+            yield "teacher shard", v, (lambda u=url: TeacherStore(u).verify(spec.spec_hash)), verify_reports(["0"]), \
+                ["teacher", "verify", "--store", url]
+    url, d = store_with("spec")
+    path = d / "spec.json"
+    good = path.read_bytes()
+    nanb = json.dumps({**json.loads(good), "base_seed": float("nan")}).encode()
+    for v in VARIANTS:
+        if _make_bad(path, v, good, nanb, _deep_json()):
+            yield "spec.json", v, (lambda u=url: TeacherStore(u).get_spec(spec.spec_hash)), refused(["spec.json"]), \
+                ["teacher", "ls", "--store", url]
+    for name, kind in (("manifest.json", "manifest.json"), ("manifest.d/shard-00000.json", "commit record")):
+        url, d = store_with(kind.replace(" ", "-"))
+        path = d / name
+        good = path.read_bytes()
+        doc = json.loads(good)
+        nanb = json.dumps({**doc, "bytes": float("inf")} if kind == "commit record" else
+                          {**doc, "shards": {k: {**e, "bytes": float("nan")} for k, e in doc["shards"].items()}}).encode()
+        for v in VARIANTS:
+            if _make_bad(path, v, good, nanb, _deep_json()):
+                # the merged manifest is a view: a bad one is reported and rebuilt from the commit records (the shards
+                # still verify); a bad commit record is reported and its shard no longer counts
+                yield kind, v, (lambda u=url: TeacherStore(u).verify(spec.spec_hash)), \
+                    verify_reports(["manifest.json"] if kind == "manifest.json" else ["shard-00000.json"]), \
+                    ["teacher", "verify", "--store", url]
+
+    # checkpoints, fetched from a folder
+    sources = _checkpoint_sources(work)
+    for fam, name in (("amed", "sampler.json"), ("amed", "predictor.safetensors"), ("epd", "epd.json"),
+                      ("epd", "epd.safetensors")):
+        files = sources[fam]
+        for v in VARIANTS:
+            src = work / f"ckpt-{name}-{v}"
+            src.mkdir()
+            for k, data in files.items():
+                (src / k).write_bytes(data)
+            if name.endswith(".json"):
+                doc = json.loads(files[name])
+                if name == "sampler.json":
+                    doc["schedule"] = {**doc["schedule"], "sigma_max": float("inf")}
+                else:
+                    doc["params"] = {**doc["params"], "scale_dir": float("nan")}
+                nanb, deep = json.dumps(doc).encode(), _deep_json()
+            else:
+                nanb, deep = _nan_safetensors(files[name]), _deep_safetensors()
+            if _make_bad(src / name, v, files[name], nanb, deep):
+                yield name, v, (lambda s=src, o=work / f"out-{name}-{v}": fetch(str(s), o)), refused([name]), \
+                    ["fetch", str(src), "--out", str(work / f"cli-out-{name}-{v}")]
+
+    # MLflow artifacts: a registered version of a local SQLite registry, its files replaced where MLflow keeps them
+    files = sources["amed"]
+    sub = work / "mlflow"
+    sub.mkdir()
+    model_uri, uri, art = _registered_model(sub, files)
+    (target,) = [p for p in art.rglob("predictor.safetensors")]
+    good = target.read_bytes()
+    for v in VARIANTS:
+        if _make_bad(target, v, good, _nan_safetensors(good), _deep_safetensors()):
+            yield "MLflow artifact", v, (lambda m=model_uri, u=uri, o=sub / f"out-{v}": fetch(m, o, tracking_uri=u)), \
+                refused(["predictor.safetensors"]), \
+                ["fetch", model_uri, "--out", str(sub / f"cli-out-{v}"), "--tracking-uri", uri]
+
+
+def _bad_files_worker(work: Path, cli: bool = False) -> int:
+    """Child process: run every case, one JSON line before ("start") and after ("done") each. ``cli``: through the
+    `amed` command (a new process per case: its wall time is what a user waits) instead of the library call."""
+    for kind, variant, read, check, args in _bad_file_cases(work):
+        print(json.dumps({"start": [kind, variant]}), flush=True)
+        t0 = time.perf_counter()
+        if cli:
+            proc = subprocess.run([PY, "-m", "flows.cli", *args], cwd=work, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=CASE_TIMEOUT_S)
+            seconds = time.perf_counter() - t0
+            out = (proc.stdout + proc.stderr).strip()
+            ok = proc.returncode in (1, 2) and "Traceback" not in out and len(out) < 4000
+            seen = f"rc {proc.returncode}: " + " / ".join(ln for ln in out.splitlines()
+                                                           if "BROKEN" in ln or "FAILED" in ln or "error" in ln)[:160]
+        else:
+            try:
+                result = read()
+            except BaseException as e:  # noqa: BLE001 - what the reader raised is the observation
+                result = e
+            seconds = time.perf_counter() - t0
+            ok, seen = check(result)
+        print(json.dumps({"done": [kind, variant], "ok": ok, "seconds": seconds, "seen": seen}), flush=True)
+    return 0
+
+
+def _run_bad_files(work: Path, timeout: float = 900, cli: bool = False) -> tuple[list[dict], str | None]:
+    """The cases' results from a child process (4 GiB address space); (rows, the case that hung or None)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    log = work / "bad-files.jsonl"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PY, str(Path(__file__).resolve()), "--bad-files-worker", str(work / "cases")]
+                                + (["--cli"] if cli else []), cwd=work,
+                                env=_env(work), stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=limit,
+                                start_new_session=True)
+        t_case, last = time.time(), None
+        while proc.poll() is None:
+            rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
+            if rows and rows[-1].get("start") != last:
+                last, t_case = rows[-1].get("start"), time.time()
+            if (last and time.time() - t_case > CASE_TIMEOUT_S) or time.time() - t_case > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                done = [r for r in rows if "done" in r]
+                return done, f"{last[0]} / {last[1]}" if last else "setup"
+            time.sleep(0.2)
+    rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["?"]
+        return [r for r in rows if "done" in r], f"worker exited {proc.returncode}: {tail[0][:160]}"
+    return [r for r in rows if "done" in r], None
+
+
+BAD_FILE_ROWS: list[dict] = []  # the last run's per-case rows (bench --json writes them too)
+CLI_MODE = False  # bench --cli: the bad-files cases through the `amed` command
+
+
+@probe("bad-files", "every file the project reads (sweep, mixture, teacher shard, spec, manifest, commit record, "
+       "sampler.json, predictor/epd safetensors, epd.json, MLflow artifacts) as a FIFO, a symlink to /dev/zero, a 1 TiB "
+       "sparse file, a 100k-deep nesting and NaN/inf content: refused (or, for the store's views, reported) in one line "
+       "naming the file, each within seconds, nothing hangs, nothing read without a limit (4 GiB address space)",
+       fast=True)
+def bad_files(work: Path):
+    (work / "cases").mkdir()
+    rows, hung = _run_bad_files(work, cli=CLI_MODE)
+    BAD_FILE_ROWS[:] = rows
+    bad = [f"{r['done'][0]}/{r['done'][1]}: {r['seen'][:90]}" for r in rows if not r["ok"]]
+    slowest = max(rows, key=lambda r: r["seconds"]) if rows else None
+    observed = (f"{sum(r['ok'] for r in rows)}/{len(rows)} refused cleanly"
+                + (f"; slowest {slowest['done'][0]}/{slowest['done'][1]} {slowest['seconds']:.2f} s" if slowest else "")
+                + (f"; HUNG at {hung}" if hung else "") + (f"; {bad[:4]}" if bad else ""))
+    return observed, "refused" if rows and not bad and not hung else "FAIL"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 def run_probe(name: str) -> Row:
     entry = next(p for p in PROBES if p[0] == name)
@@ -789,11 +1243,20 @@ def run_probe(name: str) -> Row:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global CLI_MODE, KILL_POINTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fast", action="store_true", help="only the probes CI runs")
     ap.add_argument("--only", default=None, help="comma-separated probe names")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--cli", action="store_true", help="bad-files: each case through the amed command (user-visible times)")
+    ap.add_argument("--kill-points", type=int, default=None, help=f"kill-anywhere: moments to kill at (default {KILL_POINTS})")
+    ap.add_argument("--bad-files-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.bad_files_worker:
+        sys.path.insert(0, str(REPO))
+        return _bad_files_worker(Path(args.bad_files_worker), cli=args.cli)
+    CLI_MODE = args.cli
+    KILL_POINTS = args.kill_points or KILL_POINTS
     names = [p[0] for p in PROBES if not args.fast or p[3]]
     if args.only:
         names = [n for n in args.only.split(",") if n]
@@ -806,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row.probe} | {row.expected} | {row.observed.replace('|', '/')} | {row.verdict} | {row.seconds:.0f} |",
               flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "bad_files": BAD_FILE_ROWS}, indent=1))
     return 0 if all(r.verdict in ("survived", "refused", "skipped") for r in rows) else 1
 
 

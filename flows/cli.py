@@ -5,6 +5,7 @@ so `amed --help` stays fast; a command module that fails to import fails the CLI
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -38,6 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad user input: one clear line, no traceback
         print(f"amed {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the command cannot use (read-only, full, missing): one line naming it
+        if e.filename is None and e.errno not in _DISK_ERRNOS:
+            raise
+        print(f"amed {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: the path, what went wrong and what to do."""
+    fix = {errno.ENOSPC: "free space there or choose another folder",
+           errno.EDQUOT: "free space there or choose another folder",
+           errno.EROFS: "it is on a read-only filesystem: choose a writable folder",
+           errno.EACCES: "choose a folder you may write", errno.EPERM: "choose a folder you may write"}.get(e.errno)
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return f"{where}{e.strerror or type(e).__name__}" + (f" ({fix})" if fix else "")
 
 
 if __name__ == "__main__":

@@ -328,11 +328,10 @@ def _warm_driver(cfg: SweepConfig) -> threading.Thread:
 
             from flows.registry import resolve_tracking_uri
 
-            uri = resolve_tracking_uri(config=cfg)
-            if uri.startswith("sqlite:///"):
-                from pathlib import Path
+            from flows.registry.tracking import ensure_local_registry
 
-                Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            uri = resolve_tracking_uri(config=cfg)
+            ensure_local_registry(uri)  # a local database is built in a temporary file, moved into place complete
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001 - the register stage reports real problems
             log.debug("registry warm-up skipped: %s", e)

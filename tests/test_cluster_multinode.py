@@ -32,10 +32,9 @@ def _sweep(store_url: str, address: str):
         "datasets": [{"name": "digits", "teacher": "digits-gmm"}],
         "solvers": ["amed", "amed+ipndm"],
         "nfes": [3],
-        # Shards of 512 (~0.26 s each on the GMM): the teacher stage lasts long enough for the killer to see a shard
-        # committed on a worker node while others are still to come (at 64 per shard the stage took ~0.3 s on warm
-        # workers and the killer missed it in CI). 5 epochs x 4,096 trajectories = the 320 optimiser updates it had:
-        # a training lasts 1-3 s, long enough for the killer to catch one mid-way.
+        # 8 shards of 512 and 5 epochs x 4,096 trajectories (320 optimiser updates). The kills no longer depend on
+        # these lasting long enough (they once did, and raced in CI): the tasks wait at barriers until the killer has
+        # acted (flows.storage.barriers, test_node_loss_during_teacher_and_training).
         "teacher": {"num_trajectories": SHARD_SIZE * SHARDS, "shard_size": SHARD_SIZE, "M": 10},
         "train": {"batch_size": 64, "epochs": 5},
         "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 0},
@@ -127,11 +126,16 @@ def test_sweep_spreads_over_nodes_and_reads_the_store(cluster, undisturbed):
 
 
 def test_node_loss_during_teacher_and_training(cluster, undisturbed, tmp_path):
+    """The kills land by barrier, not by timing (issue 20): a shard task on a worker node waits before its shard, and
+    a training on a worker node after its first step, until the node is gone (flows.storage.barriers)."""
+    from flows.storage.barriers import Hold
+
     store_url = str(tmp_path / "store")
     store = RunStore(store_url)
-    head = cluster.head_node.node_id
+    workers = [n.node_id for n in cluster.worker_nodes]
     killed: dict[str, dict] = {}
     stop = threading.Event()
+    problems: list[str] = []
 
     def kill_node(node_id: str, pid: int | None) -> bool:
         node = next((n for n in cluster.worker_nodes if n.node_id == node_id), None)
@@ -145,33 +149,33 @@ def test_node_loss_during_teacher_and_training(cluster, undisturbed, tmp_path):
         cluster.remove_node(node, allow_graceful=False)     # SIGKILL raylet, object store and the node's workers
         return True
 
-    def killer():
-        while not stop.is_set():
-            teacher, train = _reports(store)
-            if "teacher" not in killed:
+    def killer(at_shard: Hold, at_step: Hold):
+        try:
+            for stage, hold in (("teacher", at_shard), ("train", at_step)):
+                who = hold.wait_reached(timeout=600, alive=lambda: not stop.is_set())  # it waits there until released
+                teacher, _ = _reports(store)
                 done = sum(1 for r in teacher.values() if r.get("done"))
-                victim = next((r for r in teacher.values() if r["node"] != head), None)
-                if victim is not None and done < SHARDS and kill_node(victim["node"], victim.get("pid")):
-                    killed["teacher"] = {**victim, "shards_done": done}
-            elif "train" not in killed:
-                victim = next((r for r in train.values() if not r["done"] and r["node"] != head
-                               and r["step"] > 0), None)
-                if victim is not None and kill_node(victim["node"], victim.get("pid")):
-                    killed["train"] = victim
-            else:
-                return
-            time.sleep(0.05)
+                if kill_node(who["node"], who.get("pid")):
+                    killed[stage] = {**who, "shards_done": done}
+                hold.release()                              # the retried task and any other waiting one go on
+        except Exception as e:  # noqa: BLE001 - reported by the asserts below
+            problems.append(f"{type(e).__name__}: {e}")
+        finally:
+            at_shard.release()
+            at_step.release()
 
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    try:
-        out = _run(_sweep(store_url, cluster.address))
-    finally:
-        stop.set()
-        t.join(10)
-    assert "teacher" in killed, "no teacher shard was made on a worker node before the teacher stage ended"
+    with Hold(store_url, "teacher-shard", match={"node": workers}) as at_shard, \
+            Hold(store_url, "train-step", match={"node": workers, "attempt": 1}) as at_step:
+        t = threading.Thread(target=killer, args=(at_shard, at_step), daemon=True)
+        t.start()
+        try:
+            out = _run(_sweep(store_url, cluster.address))
+        finally:
+            stop.set()
+            t.join(10)
+    assert not problems and "teacher" in killed, problems
     assert killed["teacher"]["shards_done"] < SHARDS
-    assert "train" in killed, "no training task ran on a worker node long enough to be killed"
+    assert "train" in killed, problems
 
     ref_store = RunStore(undisturbed[0])
     ref, got = _predictors(ref_store), _predictors(store)

@@ -44,31 +44,37 @@ def test_killed_worker_then_rerun_redoes_nothing_committed(prefect_server, tmp_p
     store = RunStore(store_url)
     log = tmp_path / "worker.log"
 
+    from flows.storage.barriers import Hold
+
     worker = start_worker(env, log)
     killed_at: dict = {}
-    try:
-        r = prefect_cli(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}))
-        assert r.returncode == 0, r.stdout + r.stderr
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+    # The kill lands by barrier (issue 20): the first training commits, the second waits after its first step until
+    # the worker tree is gone (max_parallel 1: one job at a time), so exactly one checkpoint is committed at the kill.
+    with Hold(store_url, "train-step", match={"attempt": 1}, skip=1) as hold:
+        try:
+            r = prefect_cli(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}))
+            assert r.returncode == 0, r.stdout + r.stderr
+            hold.wait_reached(timeout=300, alive=lambda: worker.poll() is None)
             done = _committed(store)
-            if done:
-                pids = process_tree(worker.pid)
-                for p in pids:          # the worker, its flow-run process, the local Ray it started: all at once
-                    try:
-                        os.kill(p, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                killed_at = {"committed": done, "pids": pids}
-                break
-            time.sleep(0.2)
-    finally:
-        stop(worker)
-    assert killed_at, "no checkpoint was committed within 300 s\n" + log.read_text()[-4000:]
-    assert len(killed_at["committed"]) < 4, "the run finished before the worker was killed"
-    time.sleep(1)
-    left = [p for p in killed_at["pids"] if Path(f"/proc/{p}").exists()
-            and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+            pids = process_tree(worker.pid)
+            for p in pids:          # the worker, its flow-run process, the local Ray it started: all at once
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed_at = {"committed": done, "pids": pids}
+        finally:
+            stop(worker)
+    assert len(killed_at["committed"]) == 1, log.read_text()[-4000:]
+    def alive(p: int) -> bool:
+        try:
+            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.monotonic() + 30  # SIGKILLed processes are gone once the kernel has torn them down: wait for
+    while (left := [p for p in killed_at["pids"] if alive(p)]) and time.monotonic() < deadline:  # that, not 1 s
+        time.sleep(0.1)
     assert not left, left
     shards_before = {p.name: p.stat().st_mtime_ns for p in Path(store_url, "teachers").rglob("shard-*.safetensors")}
     assert len(shards_before) == 4

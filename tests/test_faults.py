@@ -7,6 +7,7 @@ partial written. Each test here failed on the code before its fix (issue 15's li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -615,3 +616,332 @@ def test_fetch_from_an_unreachable_store_is_one_line(tmp_path):
            "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_EC2_METADATA_DISABLED": "true"}
     err = one_line_error(amed("fetch", "s3://dead/x", "--out", str(tmp_path / "o"), env=env))
     assert "cannot read the checkpoint" in err and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 20 (hardening, second pass). Each test below failed on the code before its fix; the comment above each says how.
+
+def amed_bounded(*args: str, timeout: float = 60, mem_gib: float = 3, **kw) -> subprocess.CompletedProcess:
+    """``amed ARGS`` with an address-space limit (an unbounded read ends in MemoryError, not in the machine's swap)
+    and a timeout (a hang fails the test instead of blocking the suite). A hang is reported as rc 124."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (int(mem_gib * (1 << 30)),) * 2)
+
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(kw.pop("env", None) or {})}
+    try:
+        return subprocess.run([*AMED, *args], cwd=kw.pop("cwd", REPO), env=full_env, capture_output=True, text=True,
+                              timeout=timeout, preexec_fn=limit)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(e.cmd, 124, e.stdout or "", f"hung for {timeout} s")
+
+
+# -- 1. MLflow's local database: a kill while it is created never blocks a rerun -------------------------------------
+# Before: SIGKILL while MLflow migrates a new SQLite database left `_alembic_tmp_*` tables in <out>/mlflow.db and every
+# later use failed ("table _alembic_tmp_trace_info already exists"). The kill lands deterministically: a SQLAlchemy
+# hook SIGKILLs the process right after MLflow's migration copies a table into `_alembic_tmp_...`.
+
+KILL_IN_MIGRATION = r"""
+import os, signal, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+@event.listens_for(Engine, "after_cursor_execute")
+def _kill(conn, cursor, statement, *args):
+    if "_alembic_tmp_" in statement and statement.lstrip().upper().startswith("INSERT"):
+        os.kill(os.getpid(), signal.SIGKILL)  # inside MLflow's table creation, on purpose
+"""
+
+
+def _killed_while_creating(db: Path, how: str) -> subprocess.CompletedProcess:
+    code = KILL_IN_MIGRATION + {
+        "ours": "from flows.registry.tracking import tracking\nwith tracking(%r) as c:\n    c.search_experiments()\n",
+        "mlflow": "import mlflow\nmlflow.MlflowClient(tracking_uri=%r).search_experiments()\n",
+    }[how] % f"sqlite:///{db}"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+
+
+def _registry_works(db: Path) -> None:
+    import uuid
+
+    from flows.registry.tracking import check_registry, tracking
+
+    check_registry(f"sqlite:///{db}")
+    with tracking(f"sqlite:///{db}") as client:
+        exp = client.create_experiment(f"after-the-kill-{uuid.uuid4().hex[:6]}")
+        run = client.create_run(exp)
+        client.log_param(run.info.run_id, "a", "1")
+        client.create_registered_model(f"m-after-the-kill-{uuid.uuid4().hex[:6]}")
+        assert client.get_run(run.info.run_id).data.params == {"a": "1"}
+
+
+@pytest.mark.parametrize("how", ["ours", "mlflow"])
+def test_kill_while_the_mlflow_database_is_created_never_blocks_a_rerun(tmp_path, how):
+    """``ours``: killed inside our own creation of the database (the flow's warm-up, `amed fetch`, registration): the
+    database is built in a temporary file and moved into place complete, so nothing half-made is ever at the path.
+    ``mlflow``: a database half-created by MLflow itself (an older amed, or plain mlflow) is detected and rebuilt."""
+    db = tmp_path / "mlflow.db"
+    proc = _killed_while_creating(db, how)
+    assert proc.returncode == -9, f"the kill hook never fired: {proc.stderr[-2000:]}"  # else this test proves nothing
+    _registry_works(db)
+    _registry_works(db)  # and again, on the database as it is now
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "mlflow.db" and not p.name.startswith("mlartifacts")]
+
+
+def test_a_database_with_runs_is_never_rebuilt(tmp_path):
+    """Detection never discards data: a complete database with runs in it is used as it is."""
+    from flows.registry.tracking import tracking
+
+    db = tmp_path / "mlflow.db"
+    with tracking(f"sqlite:///{db}") as client:
+        rid = client.create_run(client.create_experiment("keep")).info.run_id
+    with tracking(f"sqlite:///{db}") as client:
+        assert client.get_run(rid).info.run_id == rid
+
+
+# -- 2. Checkpoints: regular files only, sizes checked before reading, every field and weight validated ----------------
+# Before: a FIFO hung `amed fetch` / `amed sample --predictor`; a symlink to /dev/zero read until MemoryError;
+# num_steps 10**9 was fetched (exit 0) and made `sample` allocate 8 GB; a 100k-deep sampler.json gave a RecursionError
+# traceback (and fetch blamed the URL); all-NaN weights were fetched; a pickle as sampler.json gave "'utf-8' codec can't
+# decode byte 0x80".
+
+@pytest.fixture(scope="module")
+def family_files():
+    """{family: checkpoint files} for amed and epd (weights) and free (JSON only)."""
+    import torch
+
+    import amed_core.families as F
+    from amed_core.amed import AMEDPredictor, Sampler, SamplerSpec
+    from amed_core.denoisers import load_teacher
+    from amed_core.methods.epd import EPDParams
+
+    teacher = load_teacher("digits-gmm")
+    spec = SamplerSpec.create("amed", 5, denoiser=teacher)
+    grid = spec.grid()
+    doc = F.epd.spec_doc("epd", 5, grid, afs=True, options={}, num_points=2, teacher=teacher.identity())
+    epd = F.epd.EPDSampler(EPDParams(len(grid), 2, scale_dir=0.01, generator=torch.Generator().manual_seed(0)), doc)
+    return {"amed": Sampler(spec, AMEDPredictor(spec.predictor, seed=0)).files(), "epd": epd.files(),
+            "free": F.free.make("ipndm", 5, denoiser=teacher).files()}
+
+
+def _bad_variant(files: dict, name: str, kind: str, d: Path) -> None:
+    """Write ``files`` into ``d`` with ``name`` replaced by a bad ``kind``."""
+    import pickle
+
+    d.mkdir(parents=True, exist_ok=True)
+    for k, v in files.items():
+        if k != name:
+            (d / k).write_bytes(v)
+    target = d / name
+    if kind in ("fifo", "dev-zero", "sparse", "deep", "nan"):  # bench/reliability.py's bad-files variants
+        nan = _REL._nan_safetensors(files[name]) if kind == "nan" else None
+        assert _REL._make_bad(target, kind, files[name], nan, _REL._deep_json())
+    elif kind == "pickle":
+        target.write_bytes(pickle.dumps({"solver": "amed", "nfe": 5}))
+    elif kind == "num_steps":
+        doc = json.loads(files[name])
+        doc.update(num_steps=10**9, nfe=2 * (10**9 - 1) - 1)
+        target.write_bytes(json.dumps(doc).encode())
+    elif kind == "inf-sigma":
+        doc = json.loads(files[name])
+        doc["sigmas"] = [float("inf")] + doc["sigmas"][1:]
+        target.write_bytes(json.dumps(doc).encode())
+    else:
+        raise AssertionError(kind)
+
+
+# Through the real commands: one case per cause of the issue (the whole matrix of files x variants runs in-process in
+# the bad-files probe below, 53 cases in one child process, so CI pays one interpreter start for it, not 53).
+BAD_CHECKPOINT_FILES = [
+    ("amed", "predictor.safetensors", "fifo"), ("amed", "predictor.safetensors", "dev-zero"),
+    ("amed", "predictor.safetensors", "nan"), ("amed", "sampler.json", "deep"), ("amed", "sampler.json", "pickle"),
+    ("amed", "sampler.json", "num_steps"), ("epd", "epd.safetensors", "nan"), ("epd", "epd.json", "deep"),
+    ("free", "sampler.json", "inf-sigma"),
+]
+
+
+@pytest.mark.parametrize("family, name, kind", BAD_CHECKPOINT_FILES)
+def test_bad_checkpoint_file_is_refused_in_one_line_by_fetch(family_files, tmp_path, family, name, kind):
+    src = tmp_path / "src"
+    _bad_variant(family_files[family], name, kind, src)
+    proc = amed_bounded("fetch", str(src), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    err = one_line_error(proc)
+    assert name in err, err
+    assert "URL" not in err and "endpoint" not in err, err  # a bad file is not a network problem
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, name, kind", [("amed", "predictor.safetensors", "fifo"), ("amed", "sampler.json", "deep"),
+                                                ("amed", "sampler.json", "num_steps"),
+                                                ("amed", "predictor.safetensors", "nan")])
+def test_bad_checkpoint_file_is_refused_in_one_line_by_sample(family_files, tmp_path, family, name, kind):
+    src = tmp_path / "src"
+    _bad_variant(family_files[family], name, kind, src)
+    proc = amed_bounded("sample", "--predictor", str(src), "--n", "16", "--out-dir", str(tmp_path / "o"))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert name in one_line_error(proc)
+
+
+def test_checkpoint_loader_helper_refuses_before_reading(tmp_path):
+    """The one local reader (amed_core.io.read_limited): regular files only, the limit checked before a byte is read."""
+    import time
+
+    from amed_core.io import FileRefused, read_limited
+
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink("/dev/zero", tmp_path / "zero")
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(1 << 40)  # 1 TiB, sparse
+    (tmp_path / "ok").write_bytes(b"x" * 10)
+    t0 = time.perf_counter()
+    for name, words in (("fifo", "FIFO"), ("zero", "device"), ("sparse", "at most"), (".", "folder")):
+        with pytest.raises(FileRefused, match=words):
+            read_limited(tmp_path / name, 1 << 20, what=name)
+    assert time.perf_counter() - t0 < 2
+    assert read_limited(tmp_path / "ok", 10) == b"x" * 10
+    with pytest.raises(FileRefused, match="at most 9"):
+        read_limited(tmp_path / "ok", 9)
+
+
+# -- 3. Sweep YAML: depth bounded before parsing ------------------------------------------------------------------
+# Before: 5,000 levels (10 KB) parsed for 72 s and ended in a RecursionError traceback.
+
+@pytest.mark.parametrize("style", ["flow", "block"])
+def test_deeply_nested_sweep_is_refused_fast(tmp_path, style):
+    import time
+
+    levels = 5000
+    if style == "flow":
+        text = "datasets: [{name: d, teacher: digits-gmm}]\nextra: " + "[" * levels + "]" * levels + "\n"
+    else:
+        text = "datasets: [{name: d, teacher: digits-gmm}]\nextra:\n" + "".join(
+            "  " * i + "- \n" for i in range(1, 300)) + "  " * 300 + "- x\n"
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    msg = _error(path)
+    assert "nested" in msg and "levels" in msg and time.perf_counter() - t0 < 5, msg
+
+
+# -- 4. Disks: a full or read-only --out is one line naming the folder ------------------------------------------
+# Before: a full 3 MB --out restarted Prefect's ephemeral server ~10 times and ended after 127 s in 15 tracebacks; a
+# read-only --out gave an OSError traceback in distill, fetch and train.
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str, read_only: bool = False):
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_full_disk_out_is_refused_before_any_work(tmp_path):
+    import time
+
+    with _tmpfs(tmp_path / "disk", "3m") as disk:
+        t0 = time.perf_counter()
+        proc = amed_bounded("distill", "--out", str(disk / "out"), timeout=120)
+        seconds = time.perf_counter() - t0
+        err = one_line_error(proc)
+        assert proc.returncode == 2 and str(disk / "out") in err and "free" in err and seconds < 60, (seconds, err)
+        assert "Traceback" not in proc.stdout and len((proc.stdout + proc.stderr).splitlines()) < 10
+
+
+@pytest.mark.parametrize("command", ["distill", "fetch", "train"])
+def test_read_only_out_is_one_line(family_files, tmp_path, command):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k, v in family_files["amed"].items():
+        (src / k).write_bytes(v)
+    with _tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        args = {"distill": ["distill", "--out", str(ro / "out")],
+                "fetch": ["fetch", str(src), "--out", str(ro / "out")],
+                "train": ["train", "--teacher", "digits-gmm", "--solver", "amed", "--nfe", "3", "--out", str(ro / "out")]}
+        proc = amed_bounded(*args[command], timeout=300)
+        err = one_line_error(proc)
+        assert proc.returncode == 2 and str(ro) in err and "read-only" in err.lower(), err
+
+
+# -- 5. Store: one broken teacher does not break the store ---------------------------------------------------------
+# Before: one edited spec.json made `amed teacher ls` fail for the whole store; repair and generate --verify failed with
+# the same line and no advice.
+
+def test_one_edited_spec_does_not_break_the_store(small_store, tmp_path, capsys):
+    from flows.cli import main
+
+    url, d = small_store
+    other = [*GEN[:5], "amed:5", *GEN[6:]]  # a second, healthy teacher
+    assert main([*other, "--store", url]) == 0
+    spec = json.loads((d / "spec.json").read_text())
+    spec["base_seed"] = spec.get("base_seed", 0) + 1
+    (d / "spec.json").write_text(json.dumps(spec))
+    capsys.readouterr()
+    assert main(["teacher", "ls", "--store", url]) == 1
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert any("5/5" in ln and d.name[:12] not in ln for ln in lines), out.out  # the healthy one is listed
+    assert any(d.name[:12] in ln and "BROKEN" in ln for ln in lines), out.out  # the broken one is marked
+    assert main(["teacher", "repair", "--store", url]) == 1
+    said = capsys.readouterr()
+    assert "spec.json" in said.out + said.err and "generate" in said.out + said.err and "--verify" in said.out + said.err
+    assert main([*GEN, "--store", url, "--verify"]) == 0  # the generator knows the spec: it restores spec.json
+    capsys.readouterr()
+    assert main(["teacher", "verify", "--store", url]) == 0
+    assert main(["teacher", "ls", "--store", url]) == 0
+
+
+# -- 6. Messages: no secret in an error line, the right cause named ------------------------------------------------
+
+def test_secret_in_a_store_url_is_never_printed(tmp_path):
+    proc = amed_bounded("distill", "--out", str(tmp_path / "o"), "--store", f"s3://AKIAEXAMPLE:{CANARY}@bucket/x",
+                        env={"AWS_EC2_METADATA_DISABLED": "true", "AWS_MAX_ATTEMPTS": "1",
+                             "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    err = one_line_error(proc)
+    assert CANARY not in proc.stdout + proc.stderr and "credentials" in err, err
+
+
+def test_a_tracking_uri_with_a_password_names_the_real_cause(tmp_path):
+    err = one_line_error(amed_bounded("fetch", "models:/x@champion", "--out", str(tmp_path / "o"), "--tracking-uri",
+                                      "http://user:pw@127.0.0.1:9"))
+    assert ":pw@" not in err
+    assert "Name or service not known" not in err and "refused" in err.lower(), err
+
+
+def test_fetch_into_a_symlink_to_an_empty_folder(family_files, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k, v in family_files["amed"].items():
+        (src / k).write_bytes(v)
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    proc = amed("fetch", str(src), "--out", str(tmp_path / "link"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["predictor.safetensors", "sampler.json"]
+    assert (tmp_path / "link").is_symlink()
+
+
+def test_a_local_store_without_room_for_the_teacher_is_refused_before_it_is_generated(tmp_path):
+    """Once the sweep is planned, `amed distill` checks the local store's free space against the teacher still to
+    write (TeacherSpec.bytes_estimate); here a teacher of 10**9 trajectories (~3 TB) on this machine's disk."""
+    from types import SimpleNamespace
+
+    from amed_core.denoisers import load_teacher
+    from amed_core.teacher import TeacherSpec, student_grids_for
+    from flows.storage.preflight import FolderUnusable, check_teacher_space
+
+    spec = TeacherSpec.for_denoiser(load_teacher("digits-gmm"), student_grids_for("amed:3"), num_trajectories=10**9,
+                                    shard_size=10**6)
+    job = SimpleNamespace(store_url=str(tmp_path / "store"), storage_options={}, spec_json=spec.to_json())
+    with pytest.raises(FolderUnusable, match="store .* needs about"):
+        check_teacher_space([job])
+    small = TeacherSpec.for_denoiser(load_teacher("digits-gmm"), student_grids_for("amed:3"), num_trajectories=64)
+    check_teacher_space([SimpleNamespace(store_url=str(tmp_path / "store"), storage_options={},
+                                         spec_json=small.to_json())])  # room enough: no error

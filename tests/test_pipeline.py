@@ -123,28 +123,28 @@ def test_killed_training_worker_is_retried_with_identical_results(first_run, tmp
     cfg0, out0 = first_run
     cfg = _sweep(tmp_path)
     store = RunStore(cfg.store_url)
+    from flows.storage.barriers import Hold
+
     killed: list[dict] = []
     stop = threading.Event()
 
-    def killer():
-        while not stop.is_set():
-            for name in store.list("progress"):
-                if name.startswith("digits-amed-nfe3") and not killed:
-                    p = store.get_json(f"progress/{name}")
-                    if not p["done"] and p["attempt"] == 1:
-                        os.kill(p["pid"], signal.SIGKILL)
-                        killed.append(p)
-                        return
-            time.sleep(0.02)
+    def killer(hold: Hold):  # the first training waits after its first step until it is killed (no race)
+        try:
+            p = hold.wait_reached(timeout=600, alive=lambda: not stop.is_set())
+            os.kill(p["pid"], signal.SIGKILL)
+            killed.append(p)
+        finally:
+            hold.release()
 
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    try:
-        out = distill(cfg)
-    finally:
-        stop.set()
-        t.join(5)
-    assert killed, "the training task finished before it could be killed"
+    with Hold(cfg.store_url, "train-step", match={"attempt": 1}) as hold:
+        t = threading.Thread(target=killer, args=(hold,), daemon=True)
+        t.start()
+        try:
+            out = distill(cfg)
+        finally:
+            stop.set()
+            t.join(5)
+    assert killed, "no training reached the barrier"
     with pytest.raises(ProcessLookupError):
         os.kill(killed[0]["pid"], 0)
     final = store.get_json(f"progress/{killed[0]['job']}.json")

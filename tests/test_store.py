@@ -210,16 +210,21 @@ def test_shard_claims_split_the_work_and_survive_dead_holders(backend, tmp_path,
             held.release()
     assert order == [1, 2, 0] and a.verify(spec.spec_hash).passed
     assert not a.fs.exists(f"{a.spec_dir(spec.spec_hash)}/claims/shard-00001.json")  # released
-    # the claim renews itself while held, and expires once its holder stops renewing
+    # the claim renews itself while held, and expires once its holder stops renewing. Timed by the claim's own
+    # expiry, not by sleeps sized for an idle box (issue 20): a renewal every TTL/4 leaves 0.75 s of slack for a
+    # starved thread on a loaded machine (was 0.3 s)
     spec2 = TeacherSpec.from_dict(spec.to_dict() | {"base_seed": 11})
     a.put_spec(spec2)
-    c = a.claims(spec2, ttl=0.4).try_claim(0)
-    time.sleep(1.0)
-    assert a.claims(spec2, ttl=0.4).try_claim(0) is None  # renewed: still live after 2.5 TTLs
+    c = a.claims(spec2, ttl=1.0).try_claim(0)
+    first = c.body["expires"]
+    while time.time() <= first + 0.1:  # past its first expiry
+        time.sleep(0.05)
+    assert c.body["expires"] > first and a.claims(spec2, ttl=1.0).try_claim(0) is None  # renewed: still live
     c._stop.set()
     c._thread.join()
-    time.sleep(0.6)
-    taken = a.claims(spec2, ttl=0.4).try_claim(0)
+    while time.time() <= c.body["expires"] + 0.05:  # the last renewal's expiry passes
+        time.sleep(0.05)
+    taken = a.claims(spec2, ttl=1.0).try_claim(0)
     assert taken is not None and not isinstance(taken, dict) and taken.body["token"] != c.body["token"]
     taken.release()
     # a claim of a process that is gone (same host) is taken over at once, whatever its expiry
@@ -265,27 +270,25 @@ def test_cli_generate_killed_then_resumed(backend, tmp_path, request, capsys):
     url = str(tmp_path / "cli") if backend == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/cli"
     cmd = [sys.executable, "-m", "flows.cli", "teacher", "generate", "--teacher", "digits-gmm", "--grid-for", GRID_FOR,
            "--n", "40", "--shard-size", "4", "--sub-steps", "8", "--store", url, "--no-progress"]
-    # The killed run computes one trajectory at a time (--batch-size 1; content does not depend on it) with
-    # M=8, so each shard takes far longer than one poll here: the kill always lands mid-run.
-    proc = subprocess.Popen(cmd + ["--batch-size", "1"], cwd=REPO, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The kill lands by barrier, not by timing (issue 20): shards 0 and 1 are generated and committed, then the process
+    # waits before shard 2 (flows.storage.barriers) until it is killed.
+    from flows.storage.barriers import Hold
+
     store = TeacherStore(url)
-    deadline = time.time() + 120
-    spec_hash = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            hashes = store.list_specs()
-            if hashes:
-                spec_hash = hashes[0]
-                if len(store.manifest(spec_hash)) >= 2:
-                    break
-            time.sleep(0.01)
-        assert proc.poll() is None, "generation finished before it could be killed: " + proc.stderr.read().decode()
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    with Hold(url, "teacher-shard", skip=2) as hold:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            try:
+                hold.wait_reached(timeout=120, alive=lambda: proc.poll() is None)
+            except (RuntimeError, TimeoutError) as e:
+                raise AssertionError(f"{e}: {proc.stderr.read().decode() if proc.poll() is not None else ''}") from None
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
+    (spec_hash,) = store.list_specs()
     assert proc.returncode == -signal.SIGKILL
     done_before = len(store.manifest(spec_hash))
-    assert 2 <= done_before < 10
+    assert done_before == 2
     report = store.verify(spec_hash)
     assert report.ok == sorted(store.manifest(spec_hash)) and report.missing and not report.bad
     assert amed_main(["teacher", "verify", "--store", url]) == 1

@@ -318,9 +318,11 @@ def _resolve_root(path_or_id: str, *, local_files_only: bool, cache_dir: str | N
 
 
 def _read_json(p: Path) -> dict:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    from ..io import parse_json, read_limited
+
+    try:  # a regular file, size checked before reading, shallow UTF-8 JSON (amed_core.io)
+        return parse_json(read_limited(p, 1 << 20, what=str(p)), str(p))
+    except OSError as e:
         raise ValueError(f"cannot read {p}: {e}") from None
 
 

@@ -334,10 +334,11 @@ def load_network(
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise ValueError(f"{path} must be a folder holding {CONFIG_NAME} and {WEIGHTS_NAME} (written by `amed convert` "
                          "or `amed teacher train-tiny`)")
-    try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / CONFIG_NAME} is not valid JSON: {e}") from None
+    from ..io import parse_json, read_limited
+
+    raw = parse_json(read_limited(path / CONFIG_NAME, 1 << 20), str(path / CONFIG_NAME))  # bounded, regular, shallow
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path / CONFIG_NAME} must be a JSON object (the network's config)")
     config = NetworkConfig.from_dict(raw)
     changes: dict[str, Any] = {}
     if feature_layer is not None:

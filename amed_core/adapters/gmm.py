@@ -25,6 +25,10 @@ def _float_array(name: str, a) -> np.ndarray:
     return arr
 
 
+#: A mixture file (weights, means, covariances) loaded whole; bounded so a sparse terabyte or a zip bomb is refused.
+MAX_MIXTURE_BYTES = 4 << 30
+
+
 class GaussianMixtureDenoiser(BaseDenoiser):
     """Exact denoiser of a Gaussian mixture  p(x0) = sum_k w_k N(mu_k, C_k).
 
@@ -93,22 +97,33 @@ class GaussianMixtureDenoiser(BaseDenoiser):
 
         Anything else (a text file, a pickle, a ``.npy``, an object array, NaN/inf, wrong shapes) raises one
         ValueError naming the file and the field."""
-        import zipfile
+        from ..io import open_limited
 
         need = ("weights", "means", "covs", "shape")
-        try:
-            with open(path, "rb") as f:
-                magic = f.read(4)
+        try:  # a regular file of at most MAX_MIXTURE_BYTES (a FIFO would block, /dev/zero never end)
+            f = open_limited(path, MAX_MIXTURE_BYTES, what=f"mixture file {path}")
         except FileNotFoundError:
             raise ValueError(f"mixture file {path} does not exist (use gmm:PATH.npz with an existing file)") from None
-        except (IsADirectoryError, PermissionError) as e:
-            raise ValueError(f"mixture file {path} cannot be read ({e.strerror})") from None
-        if magic[:4] != b"PK\x03\x04" and magic[:4] != b"PK\x05\x06":
-            kind = "a .npy array" if magic[:4] == b"\x93NUM" else "not an .npz archive"
-            raise ValueError(f"mixture file {path} is {kind}; it must be an .npz with arrays {', '.join(need)} "
-                             "(np.savez(path, weights=..., means=..., covs=..., shape=...))")
+        with f:
+            magic = f.read(4)
+            if magic[:4] != b"PK\x03\x04" and magic[:4] != b"PK\x05\x06":
+                kind = "a .npy array" if magic[:4] == b"\x93NUM" else "not an .npz archive"
+                raise ValueError(f"mixture file {path} is {kind}; it must be an .npz with arrays {', '.join(need)} "
+                                 "(np.savez(path, weights=..., means=..., covs=..., shape=...))")
+            f.seek(0)
+            return cls._from_open_npz(f, path, need, **kwargs)
+
+    @classmethod
+    def _from_open_npz(cls, f, path, need, **kwargs) -> "GaussianMixtureDenoiser":
+        import zipfile
+
         try:
-            with np.load(path, allow_pickle=False) as d:
+            with zipfile.ZipFile(f) as z:  # uncompressed sizes bounded before anything is inflated (a zip bomb)
+                total = sum(i.file_size for i in z.infolist())
+            if total > MAX_MIXTURE_BYTES:
+                raise ValueError(f"mixture file {path} unpacks to {total} bytes; at most {MAX_MIXTURE_BYTES} are loaded")
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as d:
                 missing = set(need) - set(d.files)
                 if missing:
                     raise ValueError(f"mixture file {path} lacks {sorted(missing)}; it needs weights, means, covs, shape")

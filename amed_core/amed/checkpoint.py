@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..io import atomic_write_bytes
+from ..bounds import checkpoint_limit, sampler_document
+from ..io import (MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, atomic_write_bytes, load_safetensors, read_limited,
+                  safetensors_layout)
 from ..solvers import SolveResult
 from .predictor import AMEDPredictor
 from ..methods import get_solver
@@ -94,70 +95,12 @@ def save_checkpoint(directory: str | os.PathLike, predictor: AMEDPredictor, spec
 
 # Limits on what a checkpoint may ask of the loader (a predictor is ~9k parameters; a spec a few KiB): checked
 # before anything is parsed or allocated, so a hostile or broken file fails with one line, not an allocation.
-MAX_SPEC_BYTES = 1 << 20
-MAX_PREDICTOR_BYTES = 256 << 20
-_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def _safetensors_header(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (dtype, shape)} of a safetensors buffer, checked against its length before safetensors reads it:
-    header size, JSON, dtypes, shapes and data offsets (contiguous, in bounds, the size each shape needs)."""
-    import struct
-
-    where = PREDICTOR_FILE
-    if len(data) < 8:
-        raise ValueError(f"{where} is {len(data)} bytes: truncated or empty (re-fetch or re-train the checkpoint)")
-    (n,) = struct.unpack("<Q", bytes(data[:8]))
-    if n > len(data) - 8 or n > MAX_SPEC_BYTES:
-        raise ValueError(f"{where}: its header claims {n} bytes but the file has {len(data) - 8} after the length "
-                         "(truncated or not a safetensors file)")
-    try:
-        header = json.loads(bytes(data[8:8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{where}: the header is not JSON (not a safetensors file; pickles and .pt files are never "
-                         "loaded)") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{where}: the header is not a JSON object (not a safetensors file)")
-    body = len(data) - 8 - n
-    out, spans = {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        ok = (isinstance(info, dict) and info.get("dtype") in _ST_DTYPES and isinstance(info.get("shape"), list)
-              and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in info["shape"])
-              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
-        if not ok:
-            raise ValueError(f"{where}: tensor {name[:60]!r} has a malformed entry (dtype, shape, data_offsets)")
-        lo, hi = info["data_offsets"]
-        size = _ST_DTYPES[info["dtype"]]
-        for d in info["shape"]:
-            size *= d
-        if not 0 <= lo <= hi <= body or hi - lo != size:
-            raise ValueError(f"{where}: tensor {name[:60]!r} claims bytes {lo}..{hi} of {body} for shape {info['shape']} "
-                             "(truncated, or the offsets lie)")
-        spans.append((lo, hi))
-        out[name] = (info["dtype"], tuple(info["shape"]))
-    pos = 0
-    for lo, hi in sorted(spans):
-        if lo != pos:
-            raise ValueError(f"{where}: tensor data overlaps or leaves gaps (offsets {lo}, expected {pos})")
-        pos = hi
-    if pos != body:
-        raise ValueError(f"{where}: {body - pos} bytes after the last tensor (corrupted or appended to)")
-    return out
+MAX_SPEC_BYTES = MAX_JSON_BYTES
+MAX_PREDICTOR_BYTES = MAX_WEIGHTS_BYTES
 
 
 def _spec_from_bytes(raw) -> SamplerSpec:
-    if len(raw) > MAX_SPEC_BYTES:
-        raise ValueError(f"{SPEC_FILE} is {len(raw)} bytes; a sampler spec is at most {MAX_SPEC_BYTES} (not a sampler.json)")
-    try:
-        spec_dict = json.loads(raw.decode() if isinstance(raw, (bytes, bytearray, memoryview)) and not isinstance(raw, str)
-                               else raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{SPEC_FILE} is not valid JSON ({str(e)[:120]})") from None
-    if not isinstance(spec_dict, dict):
-        raise ValueError(f"{SPEC_FILE} must be a JSON object (SamplerSpec fields), not a {type(spec_dict).__name__}")
+    spec_dict = sampler_document(raw, SPEC_FILE)  # bounded, UTF-8, shallow, an object, common fields in bounds
     if spec_dict.get("kind", "amed") != "amed":
         raise ValueError(f"sampler kind {str(spec_dict.get('kind'))[:60]!r} is not an AMED sampler")
     try:
@@ -181,17 +124,14 @@ def sampler_from_files(files: Mapping[str, bytes]) -> Sampler:
     data = bytes(files[PREDICTOR_FILE])
     if len(data) > MAX_PREDICTOR_BYTES:
         raise ValueError(f"{PREDICTOR_FILE} is {len(data)} bytes; an AMED predictor is far smaller (wrong file?)")
-    stored = _safetensors_header(data)
+    stored = safetensors_layout(data, PREDICTOR_FILE)
     with torch.device("meta"):  # shapes only: a config asking for huge layers allocates nothing here
         want = {k: tuple(v.shape) for k, v in AMEDPredictor(spec.predictor, seed=None).state_dict().items()}
     if {k: shape for k, (_, shape) in stored.items()} != want:
         diff = sorted(set(want) ^ set(stored)) or sorted(k for k in want if want[k] != stored[k][1])
         raise ValueError(f"{PREDICTOR_FILE} does not fit {SPEC_FILE}'s predictor config (tensors {diff[:4]} differ); "
                          "the two files come from different checkpoints")
-    try:
-        state = st_load(data)
-    except Exception as e:  # noqa: BLE001 - safetensors' own error type, as one line
-        raise ValueError(f"{PREDICTOR_FILE} is not a valid safetensors file ({str(e)[:160]})") from None
+    state = load_safetensors(data, PREDICTOR_FILE)  # NaN/inf weights refused here, naming the file
     predictor = AMEDPredictor(spec.predictor, seed=None)  # every tensor comes from the strict load below
     try:
         predictor.load_state_dict(state, strict=True)
@@ -200,23 +140,15 @@ def sampler_from_files(files: Mapping[str, bytes]) -> Sampler:
     return Sampler(spec, predictor)
 
 
-def _read_small(path: Path, limit: int) -> bytes:
-    """A regular file of at most ``limit`` bytes (a FIFO or device would block; a huge file is not a checkpoint)."""
-    import stat
-
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path} is not a regular file")
-    if st.st_size > limit:
-        raise ValueError(f"{path} is {st.st_size} bytes; at most {limit} are read for a checkpoint file")
-    return path.read_bytes()
-
-
 def load_sampler(directory: str | os.PathLike) -> Sampler:
     """Load a checkpoint directory written by :func:`save_checkpoint`."""
     d = Path(directory)
-    if not (d / SPEC_FILE).exists():
+    if not os.path.lexists(d / SPEC_FILE):
         raise ValueError(f"{d} is not an AMED checkpoint (no {SPEC_FILE}); train one with `amed train --out DIR`")
-    limits = {PREDICTOR_FILE: MAX_PREDICTOR_BYTES, SPEC_FILE: MAX_SPEC_BYTES}
-    return sampler_from_files({name: _read_small(d / name, limits[name]) for name in (PREDICTOR_FILE, SPEC_FILE)
-                               if (d / name).exists()})
+    files = {}
+    for name in (PREDICTOR_FILE, SPEC_FILE):  # regular files only, sizes checked before reading (amed_core.io)
+        try:
+            files[name] = read_limited(d / name, checkpoint_limit(name), what=name)
+        except FileNotFoundError:
+            pass
+    return sampler_from_files(files)

@@ -16,6 +16,7 @@ from ..methods.amed import resolve_options
 from ..schedules import ScheduleSpec
 from .predictor import PredictorConfig
 from .._fields import check_fields
+from ..bounds import MAX_NFE, MAX_STEPS, check_int
 
 __all__ = ["SamplerSpec", "evals_per_step", "num_steps_for", "nfe_for", "SPEC_VERSION", "OPTION_FIELDS"]
 
@@ -76,8 +77,10 @@ class SamplerSpec:
             raise ValueError(f"SamplerSpec.solver must be one of {sorted(method_names('amed'))}, got {self.solver!r}")
         if not isinstance(self.afs, bool):
             raise ValueError(f"SamplerSpec.afs must be true or false, got {self.afs!r}")
-        if not isinstance(self.num_steps, int) or self.num_steps < 2:
-            raise ValueError(f"SamplerSpec.num_steps must be an integer >= 2, got {self.num_steps!r}")
+        check_int(self.num_steps, "SamplerSpec.num_steps", 2, MAX_STEPS, "sampler spec")
+        check_int(self.nfe, "SamplerSpec.nfe", 1, MAX_NFE, "sampler spec")
+        if not isinstance(self.teacher, dict) or not isinstance(self.feature_source, str):
+            raise ValueError("SamplerSpec.teacher must be an object (the teacher's identity) and feature_source a string")
         if self.single_steps is not None:
             object.__setattr__(self, "single_steps", tuple(self.single_steps))
         if self.sigmas is not None:

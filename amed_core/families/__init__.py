@@ -18,18 +18,18 @@ Adding a family is adding a module here with the :class:`Family` attributes and 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-from ..io import atomic_write_bytes
+from ..bounds import checkpoint_limit, sampler_document
+from ..io import atomic_write_bytes, read_limited
 from . import amed, epd, free, gits, gs
 from .static import SPEC_FILE, PureSchedule, StaticSampler, StaticSpec
 
 __all__ = ["Family", "FAMILY_MODULES", "SPEC_FILE", "StaticSampler", "StaticSpec", "get_family", "family_of",
-           "checkpoint_kind", "checkpoint_names", "sampler_from_files", "load_sampler", "save_sampler", "describe",
-           "sampler_files", "PureSchedule", "pure_schedule"]
+           "checkpoint_kind", "checkpoint_names", "sampler_from_files", "read_checkpoint_dir", "load_sampler",
+           "save_sampler", "describe", "sampler_files", "PureSchedule", "pure_schedule"]
 
 
 @runtime_checkable
@@ -81,19 +81,13 @@ def family_of(method: str) -> str:
 
 def checkpoint_kind(spec_json: bytes | str | Mapping) -> str:
     """The family a ``sampler.json`` belongs to (its ``kind``; AMED specs before families were ``amed`` too)."""
-    if isinstance(spec_json, Mapping):
-        doc = spec_json
-    else:
-        raw = spec_json.decode() if isinstance(spec_json, (bytes, bytearray, memoryview)) else spec_json
-        try:
-            doc = json.loads(bytes(raw).decode() if isinstance(raw, memoryview) else raw)
-        except ValueError as e:
-            raise ValueError(f"{SPEC_FILE} is not JSON: {e}") from None
+    doc = spec_json if isinstance(spec_json, Mapping) else sampler_document(spec_json, SPEC_FILE)
     if not isinstance(doc, Mapping):
         raise ValueError(f"{SPEC_FILE} must hold a JSON object")
     kind = doc.get("kind", "amed")
-    get_family(kind)
-    return str(kind)
+    if not isinstance(kind, str) or kind not in FAMILY_MODULES:
+        raise ValueError(f"{SPEC_FILE}: kind {str(kind)[:40]!r} is not a sampler family; one of {sorted(FAMILY_MODULES)}")
+    return kind
 
 
 def checkpoint_names(kind: str) -> tuple[str, ...]:
@@ -108,13 +102,27 @@ def sampler_from_files(files: Mapping[str, bytes]):
     return get_family(checkpoint_kind(files[SPEC_FILE])).from_files(files)
 
 
-def load_sampler(directory: str | os.PathLike):
-    """Load a checkpoint folder of any family."""
+def read_checkpoint_dir(directory: str | os.PathLike) -> dict[str, bytes]:
+    """The checkpoint files of a local folder (those its sampler.json's family names), each read with
+    :func:`amed_core.io.read_limited`: regular files only (a FIFO or a symlink to /dev/zero is refused, never waited
+    on or read without end), sizes checked before reading (:func:`amed_core.bounds.checkpoint_limit`)."""
     d = Path(directory)
-    if not (d / SPEC_FILE).is_file():
+    if not os.path.lexists(d / SPEC_FILE):
         raise ValueError(f"{d} is not a sampler checkpoint (no {SPEC_FILE})")
-    kind = checkpoint_kind((d / SPEC_FILE).read_bytes())
-    return sampler_from_files({n: (d / n).read_bytes() for n in checkpoint_names(kind) if (d / n).exists()})
+    spec = read_limited(d / SPEC_FILE, checkpoint_limit(SPEC_FILE), what=SPEC_FILE)
+    files = {SPEC_FILE: spec}
+    for name in checkpoint_names(checkpoint_kind(spec)):
+        if name != SPEC_FILE:
+            try:
+                files[name] = read_limited(d / name, checkpoint_limit(name), what=name)
+            except FileNotFoundError:
+                pass  # the family's loader names what is missing
+    return files
+
+
+def load_sampler(directory: str | os.PathLike):
+    """Load a checkpoint folder of any family (:func:`read_checkpoint_dir`, then :func:`sampler_from_files`)."""
+    return sampler_from_files(read_checkpoint_dir(directory))
 
 
 def sampler_files(sampler) -> dict[str, bytes]:

@@ -103,13 +103,32 @@ def fit(denoiser, sigmas, batches, cfg, *, nfe: int, teacher: Mapping | None = N
 def from_files(files: Mapping[str, bytes]) -> EPDSampler:
     from ..methods.epd import epd_from_files
 
+    from ..bounds import MAX_POINTS, check_int, sampler_document
+
     missing = sorted(set(globals()["files"]) - set(files))
     if missing:
         raise ValueError(f"EPD checkpoint lacks {missing}")
-    params, _ = epd_from_files(files)
-    doc = json.loads(bytes(files[SPEC_FILE]).decode())
+    doc = sampler_document(files[SPEC_FILE], SPEC_FILE)  # bounded, shallow, nfe / num_steps / sigmas / afs in bounds
     if doc.get("kind") != "epd":
-        raise ValueError(f"{SPEC_FILE} kind {doc.get('kind')!r} is not 'epd'")
+        raise ValueError(f"{SPEC_FILE} kind {str(doc.get('kind'))[:40]!r} is not 'epd'")
+    for k in ("method", "nfe", "sigmas", "num_points"):
+        if k not in doc:
+            raise ValueError(f"{SPEC_FILE} lacks {k!r} (an EPD sampler.json has method, nfe, sigmas, num_points)")
+    check_int(doc["num_points"], "num_points", 1, MAX_POINTS, SPEC_FILE)
+    from ..methods import method_names, nfe_for
+
+    if doc["method"] not in method_names("epd"):
+        raise ValueError(f"{SPEC_FILE}: method {str(doc['method'])[:40]!r} is not one of {list(method_names('epd'))}")
+    if nfe_for(doc["method"], len(doc["sigmas"]), bool(doc.get("afs", False))) != doc["nfe"]:
+        raise ValueError(f"{SPEC_FILE}: nfe {doc['nfe']} disagrees with {len(doc['sigmas'])} sigmas "
+                         f"(afs={bool(doc.get('afs', False))})")
+    for k in ("options", "teacher"):
+        if not isinstance(doc.get(k) or {}, dict):
+            raise ValueError(f"{SPEC_FILE}: {k} must be an object")
+    params, _ = epd_from_files(files)
+    if (params.num_steps, params.num_points) != (len(doc["sigmas"]), doc["num_points"]):
+        raise ValueError(f"epd.safetensors holds tables for {params.num_steps} points x K={params.num_points}, but "
+                         f"{SPEC_FILE} has {len(doc['sigmas'])} sigmas and num_points {doc['num_points']}")
     return EPDSampler(params, doc)
 
 

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import torch
 
+from ..bounds import MAX_NFE, check_bool, check_int, check_sigmas, sampler_document
+
 SPEC_FILE = "sampler.json"
 FORMAT_VERSION = 1
 
@@ -50,12 +52,16 @@ class StaticSpec:
         from ..methods import get_method, nfe_for
 
         if self.kind not in ("free", "gits"):
-            raise ValueError(f"StaticSpec.kind must be 'free' or 'gits', got {self.kind!r}")
-        if get_method(self.solver).family != "free":
-            raise ValueError(f"StaticSpec.solver must be a training-free solver, got {self.solver!r}")
-        s = tuple(float(v) for v in self.sigmas)
-        if len(s) < 2 or any(not (v > 0) for v in s) or any(b >= a for a, b in zip(s, s[1:])):
-            raise ValueError("sigmas must be at least 2 positive, strictly decreasing values")
+            raise ValueError(f"StaticSpec.kind must be 'free' or 'gits', got {str(self.kind)[:40]!r}")
+        if not isinstance(self.solver, str) or get_method(self.solver).family != "free":
+            raise ValueError(f"StaticSpec.solver must be a training-free solver, got {str(self.solver)[:40]!r}")
+        check_int(self.nfe, "nfe", 1, MAX_NFE, "StaticSpec")
+        check_bool(self.afs, "afs", "StaticSpec")
+        for name in ("options", "teacher", "fit"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValueError(f"StaticSpec.{name} must be an object, got {type(getattr(self, name)).__name__}")
+        s = check_sigmas(list(self.sigmas) if not isinstance(self.sigmas, (str, bytes, Mapping)) else self.sigmas,
+                         "StaticSpec")
         object.__setattr__(self, "sigmas", s)
         object.__setattr__(self, "options", dict(self.options))
         spent = nfe_for(self.solver, len(s), self.afs, self.options)
@@ -132,11 +138,15 @@ class StaticSampler:
 
 
 def from_files(files: Mapping[str, bytes], kind: str) -> StaticSampler:
-    raw = files[SPEC_FILE]
-    doc = json.loads(bytes(raw).decode())
+    doc = sampler_document(files[SPEC_FILE], SPEC_FILE)  # bounded, shallow, common fields in bounds (amed_core.bounds)
     if doc.get("kind") != kind:
-        raise ValueError(f"{SPEC_FILE} kind {doc.get('kind')!r} is not {kind!r}")
-    return StaticSampler(StaticSpec.from_dict(doc))
+        raise ValueError(f"{SPEC_FILE} kind {str(doc.get('kind'))[:40]!r} is not {kind!r}")
+    try:
+        return StaticSampler(StaticSpec.from_dict(doc))
+    except ValueError as e:
+        raise ValueError(f"{SPEC_FILE}: {str(e)[:300]}") from None
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{SPEC_FILE} has fields of the wrong type ({str(e)[:200]})") from None
 
 
 def schedule(sampler: StaticSampler) -> PureSchedule:

@@ -184,11 +184,15 @@ class TeacherSpec:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "TeacherSpec":
+        from ..io import parse_json
+
+        d = parse_json(text, "teacher spec (spec.json)")
+        if not isinstance(d, dict):
+            raise ValueError(f"teacher spec (spec.json) must be a JSON object, not a {type(d).__name__}")
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"teacher spec is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+            return cls.from_dict(d)
+        except (TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"teacher spec (spec.json) has fields of the wrong type ({str(e)[:160]})") from None
 
     @property
     def spec_hash(self) -> str:

@@ -56,6 +56,10 @@ class TeacherWorker:
             with got:
                 entry = store.adopt_shard(spec, index)  # a killed writer may have left a complete object behind
                 if entry is None:
+                    from flows.storage.barriers import wait_at
+
+                    wait_at(store.fs, store.root, "teacher-shard",  # a fault test's hold (none: one existence check)
+                            {"index": index, "spec_hash": spec.spec_hash, **node_info()})
                     c0, cpu0 = time.time(), time.process_time()
                     shard = generate_shard(self.denoiser, spec, index, device=self.device)
                     cpu = time.process_time() - cpu0

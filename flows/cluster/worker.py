@@ -136,6 +136,9 @@ class Progress:
         self.state["nodes"] = nodes + [self.state["node"]]  # every attempt's node, in order
         self._last = 0.0
         self.write()
+        from flows.storage.barriers import held
+
+        self._hold = held(store.fs, store.root, "train-step")  # a fault test's hold (flows.storage.barriers)
 
     def write(self) -> None:
         self.state["updated"] = time.time()
@@ -146,6 +149,14 @@ class Progress:
         self.state["step"] = step
         if loss is not None:
             self.state["loss"] = float(loss)
+        if self._hold is not None and step > 0:  # wait (after a report of this step) until the test has acted
+            hold, self._hold = self._hold, None
+            self.write()
+            from flows.storage.barriers import wait_at
+
+            info = {k: self.state[k] for k in ("job", "attempt", "node", "pid", "step") if k in self.state}
+            wait_at(self.store.fs, self.store.root, "train-step", info, hold)
+            return
         if force or time.perf_counter() - self._last >= self.every_s:
             self.write()
 

@@ -59,23 +59,25 @@ def run(args) -> int:
     source = args.sweep or quickstart_path()
     cfg = load_sweep(source)  # ValueError -> "amed distill: error: ..." before anything starts
     out = Path(args.out or Path("amed-runs", cfg.name)).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    from flows.storage.locks import hold_lock
-
-    hold_lock(out / ".amed-distill.lock", f"output folder {out}")  # one run per folder; the kernel frees it on any exit
     from flows.registry.tracking import check_registry, redact_uri, resolve_endpoints
 
     # flows.registry.tracking.PRECEDENCE: flag > sweep field > MLFLOW_TRACKING_URI / AMED_STORE_URL > under --out
     overrides = resolve_endpoints(cfg, tracking_uri=args.tracking_uri, store_url=args.store_url,
                                   default_tracking=f"sqlite:///{(out / 'mlflow.db').as_posix()}",
                                   default_store=str(out / "store"))
-    registry = check_registry(overrides["mlflow_tracking_uri"]) if cfg.register_models else None  # before any compute
-    from flows.storage.preflight import check_store
-
-    check_store(overrides["store_url"], cfg.storage_options)  # reachable and writable, before any compute
     if args.ray_address:
         overrides["compute"] = {**cfg.compute.model_dump(mode="json"), "ray_address": args.ray_address}
-    cfg = load_sweep(cfg, **overrides)
+    cfg = load_sweep(cfg, **overrides)  # the flags validated too (e.g. no credentials in --store): nothing written yet
+    from flows.storage.preflight import check_folder, check_teacher_space
+
+    check_folder(out, what="--out")  # writable, with room for Prefect's and MLflow's databases: one line, before work
+    from flows.storage.locks import hold_lock
+
+    hold_lock(out / ".amed-distill.lock", f"output folder {out}")  # one run per folder; the kernel frees it on any exit
+    registry = check_registry(cfg.mlflow_tracking_uri) if cfg.register_models else None  # before any compute
+    from flows.storage.preflight import check_store
+
+    check_store(cfg.store_url, cfg.storage_options)  # reachable and writable, before any compute
     # Prefect and MLflow keep their state under the output folder (set before prefect is imported).
     os.environ.setdefault("PREFECT_HOME", str(out / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,9 @@ def run(args) -> int:
         if not server:  # the API is still starting: begin the work that needs nothing upstream
             from flows.plan import plan_sweep
 
-            PREFETCHED.start(plan_sweep(cfg), cfg.compute)
+            plan = plan_sweep(cfg)
+            check_teacher_space(plan.teachers)  # a local store has room for the teacher, before it is generated
+            PREFETCHED.start(plan, cfg.compute)
         warm.join()
         if warm_err:
             raise warm_err[0]

@@ -13,7 +13,15 @@ from pathlib import Path
 def _storage_options(text: str | None) -> dict | None:
     if not text:
         return None
-    raw = Path(text[1:]).read_text() if text.startswith("@") else text
+    if text.startswith("@"):
+        from amed_core.io import read_limited
+
+        try:
+            raw = read_limited(text[1:], 1 << 20, what="--storage-options file").decode("utf-8", "replace")
+        except FileNotFoundError:
+            raise ValueError(f"--storage-options file {text[1:]!r} does not exist") from None
+    else:
+        raw = text
     try:
         opts = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -41,7 +49,10 @@ def _guard(fn):
             print(f"amed teacher: error: {e}", file=sys.stderr)
             return 3
         except ShardVerificationError as e:
-            print(f"amed teacher: verification failed: {e}", file=sys.stderr)
+            from flows.storage.teachers import BrokenSpecError
+
+            fix = f"; {BROKEN_SPEC_FIX.format(folder='teachers/' + e.spec_hash)}" if isinstance(e, BrokenSpecError) else ""
+            print(f"amed teacher: verification failed: {e}{fix}", file=sys.stderr)
             return 1
         except Exception as e:  # noqa: BLE001 - a store that fails mid-way (disk full, server gone): one line
             if not _store_failure(e):
@@ -116,6 +127,8 @@ def generate(args) -> int:
         refine_space="logsnr" if args.schedule == "logsnr" else "polynomial", refine_rho=args.rho)
     store = _store(args)
     if args.verify and spec.spec_hash in store.list_specs():  # regenerate whatever fails verification
+        if store.restore_spec(spec):  # an edited spec.json: the folder's name says what it must hold, and we have it
+            print(f"{spec.spec_hash[:16]}: spec.json did not hash to its folder; rewritten from these arguments")
         _report_repair(store.repair(spec.spec_hash))
     union = spec.union_grid()
     print(f"teacher {spec.spec_hash} in {store.url}: {args.teacher}, students N={[g.num_steps for g in grids]}, "
@@ -135,16 +148,32 @@ def generate(args) -> int:
     return 0 if summary.shards == spec.num_shards else 1
 
 
+BROKEN_SPEC_FIX = ("repair cannot rewrite a spec.json (only the teacher's arguments say what it held): run `amed teacher "
+                   "generate` with them and --verify (it rewrites spec.json, then repairs and regenerates), or remove the "
+                   "folder {folder} (its shards are generated again by the next sweep)")
+
+
+def _broken_line(store, h: str, e: BaseException) -> str:
+    return f"{h[:16]}  BROKEN: {e}; " + BROKEN_SPEC_FIX.format(folder=store.spec_dir(h))
+
+
 def repair(args) -> int:
+    from flows.storage.teachers import BrokenSpecError
+
     store = _store(args)
     hashes = [store.resolve(args.spec_hash)] if args.spec_hash else store.list_specs()
     if not hashes:
         print(f"no teachers in {store.url}", file=sys.stderr)
         return 1
+    broken = 0
     for h in hashes:
-        _report_repair(store.repair(h))
+        try:
+            _report_repair(store.repair(h))
+        except BrokenSpecError as e:
+            print(_broken_line(store, h, e))
+            broken += 1
     print("run `amed teacher generate` with the teacher's arguments (or the sweep again) to regenerate removed shards")
-    return 0
+    return 1 if broken else 0
 
 
 def ls(args) -> int:
@@ -155,9 +184,17 @@ def ls(args) -> int:
     if not hashes:
         print(f"no teachers in {store.url}")
         return 0
+    from flows.storage.teachers import BrokenSpecError
+
     print(f"{'spec hash':16}  {'shards':>9}  {'trajectories':>12}  {'bytes':>10}  model / students / teacher")
+    broken = 0
     for h in hashes:
-        spec = store.get_spec(h)
+        try:
+            spec = store.get_spec(h)
+        except BrokenSpecError as e:  # one broken teacher is marked; the others are listed
+            print(_broken_line(store, h, e))
+            broken += 1
+            continue
         entries = store.manifest(h)  # commit records only: stray files and out-of-range indexes never count
         n = sum(e["num_samples"] for e in entries.values())
         b = sum(e["bytes"] for e in entries.values())
@@ -165,7 +202,7 @@ def ls(args) -> int:
         students = ",".join(str(g.num_steps) for g in spec.grids)
         print(f"{h[:16]}  {len(entries):>4}/{spec.num_shards:<4}  {n:>12}  {_human(b):>10}  {model} / N={students} / "
               f"{spec.solver} M={spec.sub_steps} {spec.dtype}")
-    return 0
+    return 1 if broken else 0
 
 
 def verify(args) -> int:
@@ -174,9 +211,16 @@ def verify(args) -> int:
     if not hashes:
         print(f"no teachers in {store.url}", file=sys.stderr)
         return 1
+    from flows.storage.teachers import BrokenSpecError
+
     failed = False
     for h in hashes:
-        report = store.verify(h)
+        try:
+            report = store.verify(h)
+        except BrokenSpecError as e:
+            print(_broken_line(store, h, e))
+            failed = True
+            continue
         status = "OK" if report.passed else "FAILED"
         print(f"{h[:16]} {status}: {len(report.ok)}/{report.num_shards} shards verified ({_human(report.bytes)})")
         if report.missing:

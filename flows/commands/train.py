@@ -115,6 +115,9 @@ def run(args) -> int:
         raise ValueError(f"--solver is required with --method {args.method}")
     if args.method == "amed" and args.solver not in SOLVER_CHOICES:
         raise ValueError(f"--solver {args.solver!r}: --method amed takes {', '.join(SOLVER_CHOICES)}")
+    from flows.storage.preflight import check_folder
+
+    check_folder(args.out, 1 << 20, "--out")  # writable, before minutes of training (a checkpoint is KiB to MiB)
     if args.method == "gits":
         return run_gits(args)
     if args.method == "epd":

@@ -23,7 +23,8 @@ Name = Annotated[str, AfterValidator(_check_name)]  # a dataset's or a sweep's n
 
 # Bounds that keep a typo from becoming an allocation or an overflow deep inside a Ray task: NFE 10**9 asks for a
 # 10**9-point grid; torch seeds are 64-bit and every trajectory adds its index to the base seed.
-MAX_NFE = 1000
+from amed_core.bounds import MAX_NFE  # noqa: E402 - the one bound on NFE (checkpoints are checked against it too)
+
 MAX_SEED = 2**53
 MAX_OPTION_DEPTH = 8
 

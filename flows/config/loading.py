@@ -10,12 +10,16 @@ from pydantic import BaseModel, ValidationError
 
 from flows.config.schema import SweepConfig
 
-__all__ = ["MAX_SWEEP_BYTES", "MAX_YAML_ALIASES", "MAX_YAML_NODES", "load_sweep", "quickstart_path"]
+__all__ = ["MAX_SWEEP_BYTES", "MAX_YAML_ALIASES", "MAX_YAML_NODES", "MAX_YAML_DEPTH", "load_sweep", "quickstart_path"]
 
 # A sweep file is a few KiB; refuse large files and alias-heavy YAML (a "billion laughs" bomb) before parsing into memory.
 MAX_SWEEP_BYTES = 1 << 20
 MAX_YAML_ALIASES = 100
 MAX_YAML_NODES = 100_000
+# The deepest a sweep nests is ~6 (datasets -> item -> options -> a value's list); PyYAML composes recursively and its
+# time grows with depth squared (5,000 levels in 10 KB: 72 s, then a RecursionError), so depth is bounded on the event
+# stream, before anything is composed.
+MAX_YAML_DEPTH = 32
 
 
 def _format(e: ValidationError) -> str:
@@ -31,7 +35,9 @@ def _format(e: ValidationError) -> str:
             msg = "required field is missing"
         got = err.get("input")
         if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
-            shown = repr(got)
+            from flows.storage.credentials import redact
+
+            shown = repr(redact(got))  # a URL's password is never echoed
             msg += f" (got {shown[:80] + '...' if len(shown) > 80 else shown})"
         lines.append(f"  {loc}: {msg}")
     return "invalid sweep config:\n" + "\n".join(lines)
@@ -74,23 +80,16 @@ def _is_file(path: Path) -> bool:
 
 
 def _read_sweep_file(path: Path, name: str) -> str:
-    """The text of a sweep file: a regular file of at most MAX_SWEEP_BYTES (checked before reading; a FIFO or a
-    device would block or never end)."""
-    import stat
+    """The text of a sweep file: a regular file of at most MAX_SWEEP_BYTES (:func:`amed_core.io.read_limited`: checked
+    on the opened file before reading; a FIFO or a device would block or never end)."""
+    from amed_core.io import read_limited
 
     try:
-        st = path.stat()
+        data = read_limited(path, MAX_SWEEP_BYTES, what=f"sweep file {name!r}")
     except FileNotFoundError:
         raise ValueError(f"sweep file {name!r} does not exist") from None
-    except OSError as e:
-        raise ValueError(f"sweep file {name!r} cannot be read: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"sweep file {name!r} is not a regular file; give the path of a YAML/JSON file")
-    if st.st_size > MAX_SWEEP_BYTES:
-        raise ValueError(f"sweep file {name!r} is {st.st_size} bytes; a sweep config is at most {MAX_SWEEP_BYTES} "
-                         "bytes (is it the right file?)")
     try:
-        return path.read_text()
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"sweep file {name!r} is not UTF-8 text (a YAML/JSON sweep config is)") from None
 
@@ -110,6 +109,9 @@ def _safe_yaml(text: str) -> Any:
                 stack[-1][1] += sizes.get(event.anchor, 1)
             elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
                 stack.append([event.anchor, 1])
+                if len(stack) > MAX_YAML_DEPTH + 1:
+                    raise ValueError(f"sweep config is nested more than {MAX_YAML_DEPTH} levels deep; a sweep needs "
+                                     "fewer than 10 (is it the right file?)")
             elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
                 anchor, n = stack.pop()
                 if anchor is not None:

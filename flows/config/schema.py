@@ -260,6 +260,14 @@ class SweepConfig(StrictModel):
             raise ValueError(f"{what} must be distinct integers in {low}..{high} (got {v})")
         return v
 
+    @field_validator("store_url")
+    @classmethod
+    def _no_url_secret(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and secret_paths(v):
+            raise ValueError("the URL holds credentials (not shown); the config is recorded, so put them in the "
+                             "environment instead: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        return v
+
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:

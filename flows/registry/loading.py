@@ -12,29 +12,32 @@ from amed_core.io import atomic_write_bytes
 from flows.registry.tracking import check_registry, resolve_tracking_uri, tracking
 
 __all__ = ["CHECKPOINT_FILES", "read_checkpoint", "write_files", "is_models_uri", "model_files", "checkpoint_bytes",
-           "load_sampler", "fetch", "describe", "summary_lines", "relocated_artifacts"]
+           "load_sampler", "fetch", "describe", "summary_lines", "local_artifacts", "relocated_artifacts"]
 
 CHECKPOINT_FILES = ("predictor.safetensors", "sampler.json")
 
 
 def read_checkpoint(url: str, storage_options: Optional[dict] = None) -> dict[str, bytes]:
     """{"predictor.safetensors": ..., "sampler.json": ...} from a folder path or fsspec URL; the files of the family
-    ``sampler.json`` names (``amed_core.families``: free / gits have sampler.json only, epd its tables)."""
+    ``sampler.json`` names (``amed_core.families``: free / gits have sampler.json only, epd its tables). Each is read
+    with :func:`flows.storage.reads.read_object` (regular files only, the size limit of its name checked first)."""
     import fsspec
 
+    from amed_core.bounds import checkpoint_limit
     from amed_core.families import checkpoint_kind, checkpoint_names
+    from flows.storage.reads import read_object
 
     fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     files = {}
     try:
-        spec = fs.cat_file(f"{root.rstrip('/')}/sampler.json")
+        spec = read_object(fs, f"{root.rstrip('/')}/sampler.json", checkpoint_limit("sampler.json"), what="sampler.json")
     except FileNotFoundError:
         raise ValueError(f"{url!r} is not a sampler checkpoint: sampler.json is missing") from None
     names = checkpoint_names(checkpoint_kind(spec))
     for name in names:
         path = f"{root.rstrip('/')}/{name}"
         try:
-            files[name] = fs.cat_file(path)
+            files[name] = spec if name == "sampler.json" else read_object(fs, path, checkpoint_limit(name), what=name)
         except FileNotFoundError:
             raise ValueError(f"{url!r} is not an AMED checkpoint: {name} is missing (it needs {', '.join(names)})") from None
     return files
@@ -61,21 +64,39 @@ def model_files(uri: str, tracking_uri: Optional[str]) -> dict[str, bytes]:
     tracking_uri = resolve_tracking_uri(tracking_uri)
     check_registry(tracking_uri)  # an unknown scheme or a dead server: one line now, not minutes of retries
     with tracking(tracking_uri), tempfile.TemporaryDirectory(prefix="amed-fetch-") as tmp:
-        local = relocated_artifacts(uri, tracking_uri)  # a moved run folder: artifacts next to its database
+        # Local artifacts (a SQLite run folder, moved or not) are read where they are, with limits: MLflow's copy
+        # would follow a symlink to /dev/zero without end. Other stores are downloaded, then read with limits.
+        local = local_artifacts(uri, tracking_uri)
         try:
             if local is None:
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri))
         except MlflowException as e:
             raise ValueError(f"cannot resolve {uri!r} on {tracking_uri}: {e.message}") from None
-        from amed_core.families import checkpoint_kind, checkpoint_names
+        return _checkpoint_in(local, uri)
 
-        spec = next((p for p in local.rglob("sampler.json")), None)
-        names = checkpoint_names(checkpoint_kind(spec.read_bytes())) if spec is not None else CHECKPOINT_FILES
-        found = {p.name: p for p in local.rglob("*") if p.name in names}
-        missing = set(names) - set(found)
-        if missing:
-            raise ValueError(f"{uri!r} holds no AMED checkpoint ({sorted(missing)} missing)")
-        return {name: p.read_bytes() for name, p in found.items()}
+
+def _checkpoint_in(folder: Path, uri: str) -> dict[str, bytes]:
+    """The checkpoint files under an artifact folder (found without following symlinked folders), read with limits."""
+    import os
+
+    from amed_core.bounds import checkpoint_limit
+    from amed_core.families import checkpoint_kind, checkpoint_names
+    from amed_core.io import read_limited
+
+    paths: dict[str, Path] = {}
+    for top, dirs, names in os.walk(folder):  # followlinks=False: a link to / is not walked
+        dirs.sort()
+        for n in sorted(names):
+            paths.setdefault(n, Path(top, n))
+    if "sampler.json" in paths:
+        spec = read_limited(paths["sampler.json"], checkpoint_limit("sampler.json"), what="sampler.json")
+        names = checkpoint_names(checkpoint_kind(spec))
+    else:
+        names = CHECKPOINT_FILES
+    missing = set(names) - set(paths)
+    if missing:
+        raise ValueError(f"{uri!r} holds no AMED checkpoint ({sorted(missing)} missing)")
+    return {name: read_limited(paths[name], checkpoint_limit(name), what=name) for name in names}
 
 
 def checkpoint_bytes(uri: str, *, tracking_uri: Optional[str] = None, storage_options: Optional[dict] = None) -> dict[str, bytes]:
@@ -87,8 +108,10 @@ def checkpoint_bytes(uri: str, *, tracking_uri: Optional[str] = None, storage_op
     except (ValueError, FileNotFoundError):
         raise
     except Exception as e:  # noqa: BLE001 - a store that cannot be reached: one line, not a botocore traceback
-        text = " ".join(str(e).split())[:200]
-        raise ValueError(f"cannot read the checkpoint at {uri!r} ({type(e).__name__}: {text}); check the URL, "
+        from flows.storage.credentials import redact
+
+        text = redact(" ".join(str(e).split())[:200])
+        raise ValueError(f"cannot read the checkpoint at {redact(uri)!r} ({type(e).__name__}: {text}); check the URL, "
                          "AWS_ENDPOINT_URL and that the store is up") from None
 
 
@@ -119,7 +142,12 @@ def fetch(uri: str, out, *, tracking_uri: Optional[str] = None, storage_options:
     from amed_core.families import load_sampler as load_local
 
     out = Path(out)
+    if out.is_symlink() and out.is_dir():  # a link to a folder: fill the folder, keep the link
+        out = Path(os.path.realpath(out))
     _check_out(out, force)
+    from flows.storage.preflight import check_folder
+
+    check_folder(out.absolute().parent, 1 << 20, "--out's folder")  # writable, before the download
     files = checkpoint_bytes(str(uri), tracking_uri=tracking_uri, storage_options=storage_options)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.fetch-", dir=out.absolute().parent))
@@ -221,35 +249,58 @@ def json_short(d, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def relocated_artifacts(uri: str, tracking_uri: str) -> Optional[Path]:
-    """For a local (SQLite) registry whose run folder was moved or copied: the model's artifact folder found under
-    the database's folder (``<db folder>/mlartifacts/...``), when the absolute location MLflow recorded is gone.
-    None when nothing moved, the registry is a server, or the folder is not there either."""
-    import re
+def local_artifacts(uri: str, tracking_uri: str) -> Optional[Path]:
+    """The local folder a ``models:/`` URI's artifacts are in, for a SQLite registry whose artifacts are files (where
+    MLflow recorded them, else :func:`relocated_artifacts`); None for servers and remote artifact stores."""
+    path = _recorded_local_path(uri, tracking_uri)
+    if path is None:
+        return None
+    return path if path.is_dir() else relocated_artifacts(uri, tracking_uri)
+
+
+def _recorded_local_path(uri: str, tracking_uri: str) -> Optional[Path]:
+    """The local path a SQLite registry recorded for a ``models:/`` URI's artifacts (None: not SQLite, not a file
+    URI, or the registry cannot say)."""
     from urllib.parse import unquote, urlparse
 
     if not str(tracking_uri).startswith("sqlite:///"):
         return None
+    src = _artifact_source(uri, tracking_uri)
+    if src is None:
+        return None
+    parsed = urlparse(src)
+    return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else None
+
+
+def _artifact_source(uri: str, tracking_uri: str) -> Optional[str]:
+    """Where the registry recorded a ``models:/`` URI's artifacts (None when it cannot say)."""
+    import re
+
     from mlflow.exceptions import MlflowException
 
-    db_dir = Path(tracking_uri[len("sqlite:///"):]).parent
     with tracking(tracking_uri) as client:
         try:
             m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", str(uri).strip())
             if m and not m.group(1).startswith("m-"):
                 name, alias, version = m.groups()
                 version = client.get_model_version_by_alias(name, alias).version if alias else version
-                src = client.get_model_version_download_uri(name, version)
-            elif str(uri).startswith("models:/m-"):
-                src = client.get_logged_model(str(uri)[len("models:/"):].strip("/")).artifact_location
-            else:
-                return None
+                return client.get_model_version_download_uri(name, version)
+            if str(uri).startswith("models:/m-"):
+                return client.get_logged_model(str(uri)[len("models:/"):].strip("/")).artifact_location
         except MlflowException:
             return None  # the normal download reports it
-    parsed = urlparse(src)
-    if parsed.scheme not in ("", "file"):
+    return None
+
+
+def relocated_artifacts(uri: str, tracking_uri: str) -> Optional[Path]:
+    """For a local (SQLite) registry whose run folder was moved or copied: the model's artifact folder found under
+    the database's folder (``<db folder>/mlartifacts/...``), when the absolute location MLflow recorded is gone.
+    None when nothing moved, the registry is a server, or the folder is not there either."""
+    recorded = _recorded_local_path(uri, tracking_uri)
+    if recorded is None:
         return None
-    path = unquote(parsed.path)
+    db_dir = Path(tracking_uri[len("sqlite:///"):]).parent
+    path = str(recorded)
     if Path(path).exists() or "/mlartifacts/" not in path:
         return None
     moved = db_dir / path[path.rindex("/mlartifacts/") + 1:]

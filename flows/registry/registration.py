@@ -247,8 +247,10 @@ class VersionIndex:
             fs, path = self._fs()
             if not fs.exists(path):
                 return None
-            with fs.open(path, "rb") as f:
-                return json.loads(f.read())
+            from amed_core.io import parse_json
+            from flows.storage.reads import read_object
+
+            return parse_json(read_object(fs, path, 64 << 10, what=path), path)  # bounded, regular, shallow
         except Exception as e:  # noqa: BLE001 - no index: fall back to the registry's search
             log.debug("version index %s unreadable: %s", self.url, e)
             self.usable = False

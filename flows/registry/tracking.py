@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import math
 import os
 import re
@@ -13,7 +15,10 @@ from typing import Any, Optional
 
 __all__ = ["QUICKSTART_DB", "QUICKSTART_TRACKING_URI", "STORE_ENV", "PRECEDENCE", "RegistryUnreachable",
            "default_tracking_uri", "resolve_tracking_uri", "resolve_store_url", "resolve_endpoints", "check_registry",
-           "redact_uri", "tracking", "experiment", "flatten", "param_key", "log_params", "log_metrics"]
+           "redact_uri", "ensure_local_registry", "tracking", "experiment", "flatten", "param_key", "log_params",
+           "log_metrics"]
+
+log = logging.getLogger(__name__)
 
 QUICKSTART_DB = Path("amed-runs", "quickstart", "mlflow.db")
 QUICKSTART_TRACKING_URI = f"sqlite:///{QUICKSTART_DB.as_posix()}"
@@ -101,9 +106,17 @@ def check_registry(uri: str, timeout: float = 10.0) -> str:
     shown = redact_uri(uri)
     fix = "start it (infra/local-stack.sh up) or point MLFLOW_TRACKING_URI / --tracking-uri / mlflow_tracking_uri at a live one"
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/api/2.0/mlflow/registered-models/search?max_results=1"
+        from urllib.parse import unquote, urlsplit, urlunsplit
+
+        parts = urlsplit(uri)  # user:password@ in the URI: sent as Basic auth (urllib would take it for the host name)
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else (parts.hostname or "")
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")) + \
+            "/api/2.0/mlflow/registered-models/search?max_results=1"
         req = urllib.request.Request(url, headers={"Accept": "application/json"})
         user, pw = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        if parts.username is not None and not (user and pw):
+            user, pw = unquote(parts.username), unquote(parts.password or "")
         token = os.environ.get("MLFLOW_TRACKING_TOKEN")
         if user and pw:
             req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode())
@@ -151,13 +164,152 @@ def _registry_schemes() -> set[str]:
     return builtin | {ep.name for ep in entry_points(group="mlflow.model_registry_store")}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The local registry's SQLite database: created whole or not at all.
+
+_TMP_MARK = ".creating-"
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    if not str(uri).startswith("sqlite:///"):
+        return None
+    path = Path(str(uri)[len("sqlite:///"):].split("?", 1)[0])
+    return None if not path.name or path.name == ":memory:" else path
+
+
+@functools.cache
+def _head_revision() -> Optional[str]:
+    """The schema revision this MLflow creates (None if MLflow no longer says: then only leftovers are detected)."""
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        return _get_latest_schema_revision()
+    except Exception:  # noqa: BLE001 - a private helper of MLflow's: detection falls back to the leftovers
+        return None
+
+
+_DATA_TABLES = ("runs", "registered_models", "model_versions", "logged_models", "trace_info")
+
+
+def _db_state(path: Path) -> str:
+    """``absent``, ``complete``, ``half-created`` (MLflow's table creation did not finish: a schema revision that is not
+    this MLflow's head or ``_alembic_tmp_*`` tables left by a batch migration, and no data in it), ``outdated`` (an
+    older schema with data: MLflow's own message says to run ``mlflow db upgrade``) or ``foreign`` (not SQLite)."""
+    import sqlite3
+
+    if not os.path.lexists(path):
+        return "absent"
+    if os.path.getsize(path) == 0:
+        return "half-created"  # killed before SQLite wrote its first page
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)  # read-write: rolls back a hot journal
+    except sqlite3.Error:
+        return "foreign"
+    try:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        try:
+            version = con.execute("select version_num from alembic_version").fetchone() if "alembic_version" in tables \
+                else None
+        except sqlite3.Error:
+            version = None
+        leftovers = any(t.startswith("_alembic_tmp_") for t in tables)
+        head = _head_revision()
+        if not leftovers and version is not None and (head is None or version[0] == head):
+            return "complete"
+        data = 0
+        for t in _DATA_TABLES:
+            if t in tables:
+                data += con.execute(f"select count(*) from {t}").fetchone()[0]  # noqa: S608 - fixed names
+        if "experiments" in tables:
+            data += con.execute("select count(*) from experiments where experiment_id != 0").fetchone()[0]
+        return "outdated" if data else "half-created"
+    except sqlite3.DatabaseError:
+        return "foreign"
+    finally:
+        con.close()
+
+
+def _remove_db(path: Path) -> None:
+    """The database file and SQLite's side files (a stale hot journal must never meet a new database)."""
+    for p in (path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary databases of creators that were killed (their pid is gone on this host)."""
+    from flows.storage.locks import pid_alive
+
+    prefix = f".{path.name}{_TMP_MARK}"
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(path.parent):
+            if name.startswith(prefix):
+                pid = name[len(prefix):].split("-", 1)[0]
+                if pid.isdigit() and not pid_alive(int(pid)):
+                    _remove_db(path.parent / name)
+
+
+def ensure_local_registry(uri: str) -> None:
+    """For ``sqlite:///PATH``: make PATH a complete MLflow database, never a half-created one.
+
+    MLflow creates a new database by running its migrations in place, for seconds; a process killed meanwhile left
+    ``_alembic_tmp_*`` tables and a schema that every later use failed on ("table _alembic_tmp_trace_info already
+    exists", issue 20). Here the database is built in a temporary file next to PATH (``.mlflow.db.creating-<pid>-...``)
+    and hard-linked into place only when complete (atomic; a concurrent creator's database wins, ours is dropped).
+    A database at PATH that an older amed or plain MLflow left half-created (no data in it) is removed and rebuilt, with
+    a warning; one with data is never touched (MLflow names the upgrade it needs). Temporary files of killed creators
+    are removed. Other URIs: nothing to do."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    state = _db_state(path)
+    if state in ("complete", "outdated"):
+        return
+    if state == "foreign":
+        raise ValueError(f"{path} is not an MLflow SQLite database; move it away or point --tracking-uri elsewhere")
+    if state == "half-created":
+        log.warning("MLflow database %s was left half-created by a killed run (no data in it): rebuilding it", path)
+        _remove_db(path)
+    _create_atomically(path)
+
+
+def _create_atomically(path: Path) -> None:
+    import uuid
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = path.parent / f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").absolute().as_uri())
+        store.engine.dispose()
+        getattr(SqlAlchemyStore, "_db_uri_sql_alchemy_engine_map", {}).pop(f"sqlite:///{tmp}", None)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic, never over an existing database (a concurrent creator's)
+        except FileExistsError:
+            pass
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        _remove_db(tmp)
+
+
 @contextlib.contextmanager
 def tracking(uri: str):
-    """Point mlflow's fluent API (tracking + registry) at ``uri`` for the block, then restore."""
+    """Point mlflow's fluent API (tracking + registry) at ``uri`` for the block, then restore. A local SQLite registry
+    is created (or rebuilt from a killed creation) first, atomically: :func:`ensure_local_registry`."""
     import mlflow
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    ensure_local_registry(uri)
     prev_t, prev_r = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -13,7 +13,8 @@ import os
 import re
 from typing import Any, Mapping, Optional
 
-__all__ = ["redact", "secret_paths", "is_secret_key", "s3_options_from_env", "merge_s3_options", "credential_problem"]
+__all__ = ["redact", "secret_paths", "is_secret_key", "s3_options_from_env", "merge_s3_options", "credential_problem",
+           "refuse_url_secret"]
 
 # Keys whose values are credentials (compared lower case without '_' and '-'), anywhere in a tree of options.
 _SECRET_PARTS = ("secret", "password", "passwd", "token", "credential", "sastoken", "connectionstring")
@@ -45,6 +46,13 @@ def secret_paths(options: Any, prefix: str = "storage_options") -> list[str]:
     elif isinstance(options, str) and _URL_PASSWORD.search(options):
         out.append(prefix)
     return out
+
+
+def refuse_url_secret(url: str, what: str = "store URL") -> None:
+    """A store URL with credentials in it (``s3://KEY:SECRET@bucket``) is refused before it is used or printed."""
+    if isinstance(url, str) and _URL_PASSWORD.search(url):
+        raise ValueError(f"the {what} holds credentials (not shown): it would be printed and recorded; put them in the "
+                         "environment instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
 
 
 def redact(options: Any) -> Any:

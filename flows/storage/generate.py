@@ -58,6 +58,9 @@ def generate(store: TeacherStore, denoiser, spec: TeacherSpec, *, progress: bool
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-commit")  # commit i while computing i+1
     in_flight = None  # (commit future, the shard's claim): the claim is released once the commit is done
+    from flows.storage.barriers import held, wait_at
+
+    hold = held(store.fs, store.root, "teacher-shard")  # a fault test's hold (flows.storage.barriers), read once
 
     def settle():
         nonlocal in_flight, pending
@@ -83,6 +86,9 @@ def generate(store: TeacherStore, denoiser, spec: TeacherSpec, *, progress: bool
             entry = got if isinstance(got, dict) else store.adopt_shard(spec, i, update_manifest=False)
             if entry is None:  # we hold the claim and nobody left an object: generate it
                 try:
+                    if hold is not None:  # earlier shards committed first, so the test sees them
+                        settle()
+                        wait_at(store.fs, store.root, "teacher-shard", {"index": i, "spec_hash": h}, hold)
                     shard = generate_shard(denoiser, spec, i, batch_size=batch_size, device=device)
                     settle()
                 except BaseException:

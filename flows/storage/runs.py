@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from amed_core.io import atomic_write_bytes
+from amed_core.io import atomic_write_bytes, parse_json
 from flows.storage.checksums import sha256
+from flows.storage.reads import MAX_OBJECT_BYTES, read_object
 
 __all__ = ["RunStore"]
+
+MAX_RECORD_JSON_BYTES = 64 << 20  # results.json of a large sweep is a few MB
 
 
 class RunStore:
@@ -42,11 +45,14 @@ class RunStore:
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))
 
-    def get(self, key: str) -> bytes:
-        return self.fs.cat_file(self.path(key))
+    def get(self, key: str, limit: int = MAX_OBJECT_BYTES) -> bytes:
+        """An object of at most ``limit`` bytes (:func:`flows.storage.reads.read_object`: locally a regular file, never
+        a FIFO or a device; a larger object is refused before it is read)."""
+        return read_object(self.fs, self.path(key), limit, what=key)
 
     def get_json(self, key: str) -> Any:
-        return json.loads(self.get(key))
+        """A JSON record (results.json, evals, progress, train.json): at most 64 MiB, nested at most 64 levels."""
+        return parse_json(self.get(key, MAX_RECORD_JSON_BYTES), key, limit=MAX_RECORD_JSON_BYTES)
 
     def put(self, key: str, data: bytes) -> str:
         """Write atomically: readers see the old object or the whole new one, never a prefix."""
@@ -76,12 +82,17 @@ class RunStore:
         key = f"{checkpoint}/train.json"
         if not self.exists(key):
             return None
-        rec = self.get_json(key)
+        try:
+            rec = self.get_json(key)
+        except ValueError:  # not a regular file, too large, not JSON: not a commit marker (retrained, replaced)
+            return None
+        if not isinstance(rec, dict) or not isinstance(rec.get("files", {}), dict):
+            return None
         for name, digest in rec.get("files", {}).items():
             try:
                 if sha256(self.get(f"{checkpoint}/{name}")) != digest:
                     return None
-            except FileNotFoundError:
+            except (FileNotFoundError, ValueError):  # missing, or not a regular file / too large: not committed
                 return None
         return rec
 

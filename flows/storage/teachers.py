@@ -42,23 +42,32 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 import fsspec
 import torch
 
-from amed_core.io import atomic_write_bytes
+from amed_core.io import MAX_JSON_BYTES, FileRefused, atomic_write_bytes, parse_json
 from amed_core.shards import TeacherShard
 from amed_core.teacher import TeacherBatch, TeacherSpec
 from flows.storage.checksums import READ_CHECKS, digests, digests_async
-from flows.storage.credentials import credential_problem, merge_s3_options, redact
+from flows.storage.credentials import credential_problem, merge_s3_options, redact, refuse_url_secret
 from flows.storage.errors import ShardVerificationError, StoreCredentialsError
-from flows.storage.reads import fetch_checked, read_regular
+from flows.storage.reads import fetch_checked, read_object
 
 if TYPE_CHECKING:
     from flows.storage.claims import ClaimBook
 
-__all__ = ["TeacherStore", "VerifyReport", "RepairReport"]
+__all__ = ["TeacherStore", "VerifyReport", "RepairReport", "BrokenSpecError"]
 
 log = logging.getLogger(__name__)
 
 _ENTRY_NAME = re.compile(r"^shard-(\d{5,})\.json$")
 _ENTRY_FIELDS = {"index": int, "path": str, "bytes": int, "sha256": str, "num_samples": int, "nfe": int}
+# Read limits (checked before reading): a spec, a commit record or a claim is a few KiB; the merged manifest ~250 bytes
+# per shard; an uncommitted shard (adopted on resume) at most what its spec's shape, grid and dtype make.
+MAX_RECORD_BYTES = 64 << 10
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _shard_limit(spec: TeacherSpec) -> int:
+    """Twice the bytes a shard of ``spec`` stores (states, noise, labels, seeds), plus room for its header."""
+    return 2 * (spec.bytes_estimate() // max(spec.num_shards, 1) + 16 * spec.shard_size) + (1 << 20)
 
 
 def _entry_problem(e, index: int | None, num_shards: int | None) -> str | None:
@@ -77,6 +86,26 @@ def _entry_problem(e, index: int | None, num_shards: int | None) -> str | None:
     if e["bytes"] < 0:
         return "negative size"
     return None
+
+
+def _non_finite(shard: TeacherShard) -> str | None:
+    """Why a shard's trajectories are unusable (NaN/inf in its noise or states), else None."""
+    for name in ("noise", "states"):
+        t = getattr(shard, name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"its {name} hold {int((~torch.isfinite(t)).sum())} NaN/inf values"
+    return None
+
+
+class BrokenSpecError(ShardVerificationError):
+    """A teacher's spec.json does not hash to its folder's name (edited, corrupted) or is not a spec at all. Nothing
+    in that folder can be trusted; ``amed teacher generate ... --verify`` with the spec's own arguments rewrites it
+    (the folder's name is the hash of the one right content)."""
+
+    def __init__(self, spec_hash: str, message: str):
+        super().__init__(message)
+        self.spec_hash = spec_hash
+
 
 @dataclass
 class VerifyReport:
@@ -114,6 +143,7 @@ class TeacherStore:
     def __init__(self, url: str, storage_options: Mapping | None = None, *, read_check: str = "fast"):
         if not isinstance(url, str) or not url.strip():
             raise ValueError("store url must be a path or an fsspec URL such as s3://bucket/prefix or memory://name")
+        refuse_url_secret(url)
         if read_check not in READ_CHECKS:
             raise ValueError(f"read_check must be one of {READ_CHECKS} (fast: size + XXH3-128 on every read; full: also "
                              f"SHA-256), got {read_check!r}")
@@ -205,19 +235,22 @@ class TeacherStore:
             else:
                 self.fs.pipe_file(path, data)
 
-    def _cat(self, path: str) -> bytes:
+    def _cat(self, path: str, limit: int = MAX_RECORD_BYTES) -> bytes:
+        """An object of at most ``limit`` bytes (:func:`flows.storage.reads.read_object`): locally a regular file, never
+        a FIFO, device or symlink; anything refused raises ShardVerificationError naming it and the fix."""
         with self._errors(f"read {path}"):
-            if self._local:
-                return read_regular(path)  # a FIFO or symlink in the store is refused, not waited on
-            return self.fs.cat_file(path)
+            try:
+                return read_object(self.fs, path, limit, follow_symlinks=False)
+            except FileRefused as e:
+                raise ShardVerificationError(f"{e}; `amed teacher repair` removes it") from None
 
-    def _cat_existing(self, path: str, attempts: int = 9) -> bytes:
+    def _cat_existing(self, path: str, attempts: int = 9, limit: int = MAX_RECORD_BYTES) -> bytes:
         """Read an object we know exists (listed, or refused as already present): a not-found is a transient
         read-after-write gap (moto's conditional PUT is not atomic under concurrency), so retry with backoff,
         dropping fsspec's cached listings first (a stale listing would answer not-found without asking)."""
         for k in range(attempts):
             try:
-                return self._cat(path)
+                return self._cat(path, limit)
             except FileNotFoundError:
                 if k == attempts - 1:
                     raise
@@ -243,13 +276,34 @@ class TeacherStore:
     def get_spec(self, spec_hash: str) -> TeacherSpec:
         path = f"{self.spec_dir(spec_hash)}/spec.json"
         try:
-            text = self._cat(path)
+            text = self._cat(path, MAX_JSON_BYTES)
         except FileNotFoundError:
             raise ValueError(f"no teacher {spec_hash} in {self.url} (see `amed teacher ls --store {self.url}`)") from None
-        spec = TeacherSpec.from_json(text)
+        except ShardVerificationError as e:  # a FIFO, a symlink, too large
+            raise BrokenSpecError(spec_hash, str(e)) from None
+        try:
+            spec = TeacherSpec.from_json(text)
+        except ValueError as e:
+            raise BrokenSpecError(spec_hash, f"{path} is not a teacher spec ({str(e)[:160]})") from None
         if spec.spec_hash != spec_hash:
-            raise ShardVerificationError(f"{path} hashes to {spec.spec_hash}, not to its folder name {spec_hash}")
+            raise BrokenSpecError(spec_hash, f"{path} hashes to {spec.spec_hash[:16]}..., not to its folder name "
+                                  f"{spec_hash[:16]}... (edited or corrupted)")
         return spec
+
+    def restore_spec(self, spec: TeacherSpec) -> bool:
+        """Rewrite ``spec``'s spec.json when what is stored is not it (edited, corrupted, a special file): the folder's
+        name is the hash of the one right content, which the caller has. True when it was rewritten."""
+        path = f"{self.spec_dir(spec.spec_hash)}/spec.json"
+        try:
+            self.get_spec(spec.spec_hash)
+            return False
+        except BrokenSpecError:
+            pass
+        if self._local and (os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path))):
+            self._remove(path)
+        self._put_replace(path, spec.to_json().encode())
+        self._num_shards.pop(spec.spec_hash, None)
+        return True
 
     def list_specs(self) -> list[str]:
         """Hashes of every teacher in the store (those with a spec.json)."""
@@ -316,7 +370,8 @@ class TeacherStore:
         with self._errors(f"read the manifest of {spec_hash}"):
             self.fs.invalidate_cache()
             try:
-                merged = json.loads(self.fs.cat_file(f"{d}/manifest.json"))
+                merged = parse_json(self._cat(f"{d}/manifest.json", MAX_MANIFEST_BYTES), "manifest.json",
+                                    limit=MAX_MANIFEST_BYTES)
                 shards = merged.get("shards", {}) if isinstance(merged, dict) else None
                 if not isinstance(shards, dict):
                     invalid["manifest.json"] = "not a manifest (no 'shards' object)"
@@ -325,8 +380,8 @@ class TeacherStore:
                     add(e, f"manifest.json[{key}]")
             except FileNotFoundError:
                 pass
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                invalid["manifest.json"] = "not JSON"
+            except (FileRefused, ShardVerificationError) as e:  # not JSON, too large or deep, a FIFO, a symlink
+                invalid["manifest.json"] = str(e)[:200]
             for p, e in self._read_entries(self._entry_paths(d, invalid)):
                 name = p.rsplit("/", 1)[-1]
                 add(e, f"manifest.d/{name}", int(_ENTRY_NAME.match(name).group(1)))
@@ -358,17 +413,30 @@ class TeacherStore:
         return out
 
     def _read_entries(self, paths: list[str]) -> Iterator[tuple[str, dict]]:
-        """(path, entry) of each listed commit record, fetched together (a listed one not found yet is retried)."""
+        """(path, entry) of each listed commit record, fetched together (a listed one not found yet is retried); a
+        record that is not a regular file, too large or not JSON is yielded as None (reported by the caller)."""
         if not paths:
             return
-        for p, raw in self.fs.cat(paths, on_error="return").items():
+        if self._local:  # one by one: fsspec's local cat would open a FIFO and wait for a writer
+            fetched = {}
+            for p in paths:
+                try:
+                    fetched[p] = self._cat(p)
+                except (FileNotFoundError, ShardVerificationError) as e:
+                    fetched[p] = e
+        else:
+            fetched = self.fs.cat(paths, on_error="return")
+        for p, raw in fetched.items():
             if isinstance(raw, FileNotFoundError):
                 raw = self._cat_existing(p)
+            elif isinstance(raw, ShardVerificationError):
+                yield p, None
+                continue
             elif isinstance(raw, Exception):
                 raise raw
             try:
-                yield p, json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                yield p, parse_json(raw, p, limit=MAX_RECORD_BYTES, max_depth=4)
+            except FileRefused:
                 yield p, None  # not a record: reported by the caller
 
     def _write_manifest(self, spec: TeacherSpec, known: list[dict] | None = None) -> dict[int, dict]:
@@ -379,12 +447,13 @@ class TeacherStore:
             self.fs.invalidate_cache()
             n = spec.num_shards
             try:
-                merged = json.loads(self.fs.cat_file(f"{d}/manifest.json"))
+                merged = parse_json(self._cat(f"{d}/manifest.json", MAX_MANIFEST_BYTES), "manifest.json",
+                                    limit=MAX_MANIFEST_BYTES)
                 entries = {e["index"]: e for e in merged["shards"].values() if _entry_problem(e, None, n) is None}
             except FileNotFoundError:
                 entries = {}
-            except (ValueError, KeyError, TypeError, AttributeError):  # not a manifest: rebuilt from manifest.d/
-                entries = {}
+            except (ValueError, KeyError, TypeError, AttributeError, ShardVerificationError):
+                entries = {}  # not a manifest (or a FIFO, a symlink, too large): rebuilt from manifest.d/
             entries.update({e["index"]: e for e in known or ()})
             new = [p for p in self._entry_paths(d)
                    if int(_ENTRY_NAME.match(p.rsplit("/", 1)[-1]).group(1)) not in entries]
@@ -411,6 +480,9 @@ class TeacherStore:
     # -- commit -----------------------------------------------------------------------------------
     def _entry_for(self, spec_hash: str, index: int, data: bytes) -> dict:
         shard = TeacherShard.from_bytes(data, expect_spec_hash=spec_hash, expect_index=index)
+        problem = _non_finite(shard)
+        if problem:  # an uncommitted object with NaN/inf is not adopted (adopt_shard removes it)
+            raise ValueError(problem)
         return {"index": index, "path": self.shard_name(index), "bytes": len(data), **digests(data),
                 "num_samples": shard.num_samples, "nfe": shard.nfe}
 
@@ -418,8 +490,8 @@ class TeacherStore:
         path = self._entry_path(spec.spec_hash, entry["index"])
         if not self._put_once(path, json.dumps(entry, sort_keys=True).encode()):
             try:
-                other = json.loads(self._cat_existing(path))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                other = parse_json(self._cat_existing(path), path, limit=MAX_RECORD_BYTES, max_depth=4)
+            except (FileRefused, ShardVerificationError):
                 other = None
             if _entry_problem(other, entry["index"], None) is not None:
                 raise ShardVerificationError(f"{path} is not a valid commit record; run `amed teacher repair "
@@ -435,10 +507,10 @@ class TeacherStore:
     def committed_entry(self, spec: TeacherSpec, index: int) -> Optional[dict]:
         """Shard ``index``'s commit record when it is committed (and the record is valid), else None."""
         try:
-            entry = json.loads(self._cat(self._entry_path(spec.spec_hash, index)))
+            entry = parse_json(self._cat(self._entry_path(spec.spec_hash, index)), "commit record", max_depth=4)
         except FileNotFoundError:
             return None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, ShardVerificationError):
             return None
         return entry if _entry_problem(entry, index, spec.num_shards) is None else None
 
@@ -459,8 +531,9 @@ class TeacherStore:
                     known_to_exist: bool = False) -> Optional[dict]:
         """Commit a shard object that exists without an entry (a writer died before its entry); None if absent/bad."""
         path = self.shard_path(spec.spec_hash, index)
+        limit = _shard_limit(spec)
         try:
-            data = self._cat_existing(path) if known_to_exist else self._cat(path)
+            data = self._cat_existing(path, limit=limit) if known_to_exist else self._cat(path, limit)
         except FileNotFoundError:
             return None
         except ShardVerificationError as e:  # a FIFO, device or symlink where an uncommitted shard would be
@@ -507,6 +580,10 @@ class TeacherStore:
     def _put_shard(self, spec: TeacherSpec, shard: TeacherShard):
         if shard.spec_hash != spec.spec_hash:
             raise ValueError(f"shard belongs to spec {shard.spec_hash}, not {spec.spec_hash}")
+        problem = _non_finite(shard)
+        if problem:  # never commit what training would diverge on
+            raise ValueError(f"teacher shard {shard.index} of {spec.spec_hash[:16]}: {problem}; the teacher (its weights, "
+                             "dtype or sigma range) is broken, nothing was stored")
         data = shard.to_buffer()
         digest = digests_async(data)
         created = self._put_once(self.shard_path(spec.spec_hash, shard.index), data)
@@ -521,16 +598,17 @@ class TeacherStore:
             return self._commit_entry(spec, entry, update_manifest)
         # Another writer (or a killed one) created this object first: take its entry, or adopt what is there.
         try:
-            entry = json.loads(self._cat(self._entry_path(spec.spec_hash, shard.index)))
+            try:
+                entry = parse_json(self._cat(self._entry_path(spec.spec_hash, shard.index)), "commit record",
+                                   max_depth=4)
+            except (FileRefused, ShardVerificationError):
+                entry = None
             if _entry_problem(entry, shard.index, spec.num_shards) is not None:
                 raise ShardVerificationError(f"{self._entry_path(spec.spec_hash, shard.index)} is not a valid commit "
                                              f"record; run `amed teacher repair {spec.spec_hash[:16]} --store {self.url}`")
             if update_manifest:
                 self._write_manifest(spec)
             return entry
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ShardVerificationError(f"{self._entry_path(spec.spec_hash, shard.index)} is not JSON; run "
-                                         f"`amed teacher repair {spec.spec_hash[:16]} --store {self.url}`") from None
         except FileNotFoundError:
             pass
         entry = self.adopt_shard(spec, shard.index, update_manifest=update_manifest, known_to_exist=True)
@@ -560,7 +638,7 @@ class TeacherStore:
             algos = ("xxh3_128",)
         path = self.shard_path(spec_hash, index)
         try:
-            data, digests = self._fetch_checked(path, algos)
+            data, digests = self._fetch_checked(path, algos, entry["bytes"])
         except FileNotFoundError:
             raise ShardVerificationError(f"{path} is listed in the manifest but missing") from None
         if len(data) != entry["bytes"]:
@@ -574,9 +652,11 @@ class TeacherStore:
         except ValueError as e:
             raise ShardVerificationError(f"{path}: {e}") from None
 
-    def _fetch_checked(self, path: str, algos: tuple[str, ...]) -> tuple[bytearray | memoryview, dict]:
+    def _fetch_checked(self, path: str, algos: tuple[str, ...], expect_bytes: int | None = None
+                       ) -> tuple[bytearray | memoryview, dict]:
         with self._errors(f"read {path}"):
-            return fetch_checked(self.fs, path, algos, local=self._local, protocol=self.protocol)
+            return fetch_checked(self.fs, path, algos, local=self._local, protocol=self.protocol,
+                                 expect_bytes=expect_bytes)
 
     def verify(self, spec_hash: str) -> VerifyReport:
         """Check every shard of a spec: present in the manifest, object present, size, SHA-256 (and XXH3-128), parse."""
@@ -592,6 +672,9 @@ class TeacherStore:
                 lo, hi = spec.shard_range(i)
                 if shard.num_samples != hi - lo or not torch.equal(shard.seeds, spec.seeds(i)):
                     raise ShardVerificationError(f"shard {i} holds seeds other than the spec's {lo}..{hi - 1}")
+                problem = _non_finite(shard)
+                if problem:
+                    raise ShardVerificationError(f"shard {i}: {problem}")
             except ShardVerificationError as e:
                 report.bad[i] = str(e)
                 continue

@@ -262,29 +262,43 @@ def epd_files(params: EPDParams, sampler: dict | None = None) -> dict[str, bytes
 
 def epd_from_files(files) -> tuple[EPDParams, dict]:
     """Inverse of :func:`epd_files`: (EPDParams in the stored dtype, the stored sampler description). Never unpickles."""
-    from safetensors.torch import load as st_load
+    from ...bounds import MAX_POINTS, MAX_STEPS, check_bool, check_int, check_number
+    from ...io import load_safetensors, parse_json
 
     for name in (PARAMS_FILE, CONFIG_FILE):
         if name not in files:
             raise ValueError(f"EPD checkpoint lacks {name}")
-    doc = json.loads(bytes(files[CONFIG_FILE]).decode())
+    doc = parse_json(files[CONFIG_FILE], CONFIG_FILE)  # bounded, UTF-8, shallow (amed_core.io)
     if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-        raise ValueError(f"{CONFIG_FILE} is not an EPD parameter file (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+        raise ValueError(f"{CONFIG_FILE} is not an EPD parameter file (format "
+                         f"{str(doc.get('format'))[:40] if isinstance(doc, dict) else None!r})")
     if doc.get("version") != 1:
-        raise ValueError(f"unsupported EPD parameter file version {doc.get('version')!r}")
-    cfg = doc["params"]
-    tensors = st_load(bytes(files[PARAMS_FILE]))
+        raise ValueError(f"unsupported EPD parameter file version {str(doc.get('version'))[:20]!r}")
+    cfg = doc.get("params")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{CONFIG_FILE}: params must be an object (num_steps, num_points, scale_dir, scale_time, fcn)")
+    shape = (check_int(cfg.get("num_steps"), "params.num_steps", 2, MAX_STEPS, CONFIG_FILE) - 1,
+             check_int(cfg.get("num_points"), "params.num_points", 1, MAX_POINTS, CONFIG_FILE))
+    scale_dir = check_number(cfg.get("scale_dir"), "params.scale_dir", CONFIG_FILE, lo=0.0, hi=1e3)
+    scale_time = check_number(cfg.get("scale_time"), "params.scale_time", CONFIG_FILE, lo=0.0, hi=1e3)
+    fcn = check_bool(cfg.get("fcn"), "params.fcn", CONFIG_FILE)
+    tensors = load_safetensors(files[PARAMS_FILE], PARAMS_FILE)  # header checked first; NaN/inf tables refused
     missing = set(EPDParams.TABLES) - set(tensors)
     if missing:
         raise ValueError(f"{PARAMS_FILE} lacks tables {sorted(missing)}")
-    shape = (int(cfg["num_steps"]) - 1, int(cfg["num_points"]))
     for name in EPDParams.TABLES:
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"table {name} has shape {tuple(tensors[name].shape)}, the config says {shape}")
-    params = EPDParams.from_raw(*(tensors[n] for n in EPDParams.TABLES), scale_dir=float(cfg["scale_dir"]),
-                                scale_time=float(cfg["scale_time"]), fcn=bool(cfg["fcn"]),
-                                dtype=tensors["r_params"].dtype)
-    return params.eval().requires_grad_(False), dict(doc.get("sampler") or {})
+            raise ValueError(f"{PARAMS_FILE}: table {name} has shape {tuple(tensors[name].shape)}, {CONFIG_FILE} says "
+                             f"{shape}")
+    try:
+        params = EPDParams.from_raw(*(tensors[n] for n in EPDParams.TABLES), scale_dir=scale_dir,
+                                    scale_time=scale_time, fcn=fcn, dtype=tensors["r_params"].dtype)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{PARAMS_FILE} does not fit {CONFIG_FILE} ({str(e)[:200]})") from None
+    sampler = doc.get("sampler") or {}
+    if not isinstance(sampler, dict):
+        raise ValueError(f"{CONFIG_FILE}: sampler must be an object")
+    return params.eval().requires_grad_(False), dict(sampler)
 
 
 def save_epd(directory, params: EPDParams, sampler: dict | None = None):
