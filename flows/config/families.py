@@ -39,7 +39,8 @@ class PanelConfig(StrictModel):
     """The training-free panel evaluated at every (dataset, NFE): its best entry is the baseline of every candidate."""
 
     entries: list[PanelEntry] = Field(default_factory=_default_panel)
-    include_base_solvers: bool = Field(default=True, description="each candidate's base solver joins the panel")
+    include_base_solvers: bool = Field(default=True, description="each candidate's base solver is evaluated and joins "
+                                       "the panel (false: neither; every candidate is compared with the panel alone)")
     expand: list[str] = Field(default_factory=list, description="solvers whose every option set joins the panel: AFS "
                               "on/off, polynomial 7 / logsnr / time_uniform, dynamic thresholding on/off (dpmpp, unipc)")
 

@@ -131,8 +131,9 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
                 out = _log_candidate(mlflow, client, config, cfg_dict, cand, checks, register, previous,
                                      parent.info.run_id, exp_id, uri)
                 out.seconds = time.perf_counter() - t0
-                log.info("candidate %s %s nfe=%d seed=%d: %s=%.5g (base %s %.5g)%s in %.1fs", cand.dataset, cand.solver,
-                         cand.nfe, cand.seed, cand.protocol.metric, cand.value, cand.base_solver, cand.base_value,
+                log.info("candidate %s %s nfe=%d seed=%d: %s=%.5g (base %s %s)%s in %.1fs", cand.dataset, cand.solver,
+                         cand.nfe, cand.seed, cand.protocol.metric, cand.value, cand.base_name,
+                         "not evaluated" if cand.base_value is None else f"{cand.base_value:.5g}",
                          f" -> {cand.registered_name} v{out.version}" if out.version else "", out.seconds)
                 return out
 
@@ -271,10 +272,10 @@ def _log_candidate_values(client, rid: str, cfg_dict: dict, cand: CandidateResul
     params.update(flatten({"spec": sampler.spec.to_dict() if hasattr(sampler.spec, "to_dict") else
                            {k: v for k, v in describe_sampler(sampler).items() if k != "sigmas"}}))
     log_params(client, rid, params)
-    improvement = cand.base_value - cand.value
+    improvement = cand.base_value - cand.value if cand.base_value is not None else None
     log_metrics(client, rid, {
         metric: cand.value, f"base_{metric}": cand.base_value, "improvement": improvement,
-        "improvement_pct": 100 * improvement / cand.base_value if cand.base_value else None,
+        "improvement_pct": 100 * improvement / cand.base_value if cand.base_value and improvement is not None else None,
         "rmse": cand.rmse, "train_seconds": cand.train_seconds, "teacher_nfe": cand.teacher_nfe,
         "nfe": cand.nfe, "denoiser_calls": cand.denoiser_calls, "panel_value": cand.panel_value,
         "margin": cand.margin, **{f"per_sample_{k}": v for k, v in (cand.per_sample or {}).items()}},
