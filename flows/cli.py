@@ -36,8 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # bad user input: one clear line, no traceback
-        print(f"amed {args.command}: error: {e}", file=sys.stderr)
+        print(f"amed {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
+
+
+def error_line(e: BaseException) -> str:
+    """The error as one line. A Ray task's error (``RayTaskError(ValueError)``, a subclass of its cause's type) carries
+    the remote traceback in its text, which the flow's log has already shown: only its cause is repeated."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and type(e).__name__.startswith("RayTaskError"):
+        return f"{type(cause).__name__}: {cause} (in a Ray task; its traceback is in the log above)"
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,87 @@ def test_readme_model_distilled_through_amed_distill(tmp_path, gmm):
     other = mymodels.build()
     with pytest.raises(ValueError, match="trained for teacher 'score-mixer@v1'"):
         sampler(other, torch.randn(2, 1, 8, 8, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19, item 3: a model of any channel count gets its pictures; a missing weights file fails before any work;
+# a Ray task's error is reported once.
+
+TWO_CHANNELS = '''
+import torch
+from amed_core.adapters import wrap_model
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.SiLU(),
+                                        torch.nn.Conv2d(8, 2, 3, padding=1))
+
+    def forward(self, x, sigma):
+        return torch.tanh(self.body(x))
+
+
+def build(weights=None):
+    torch.manual_seed(0)
+    return wrap_model(Net(), parameterization="x0", sigma_min=0.02, sigma_max=80.0, shape=(2, 8, 8),
+                      feature_module="body.0", identity="two-channel@v1")
+'''
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 6])
+def test_sample_grids_of_any_channel_count(tmp_path, channels):
+    """The evaluate stage's grid (flows.cluster.jobs._grid_png) failed for a 2-channel model after its training:
+    `samples must be (B, 1 or 3, H, W)`. C = 1 gray, 3 RGB; 2: the first channel; more: the first three (RGB)."""
+    from PIL import Image
+
+    from amed_core.evaluate import save_grid_png, shown_channels
+    from flows.cluster.jobs import _grid_png
+
+    x = torch.rand(6, channels, 8, 8) * 2 - 1
+    png = Image.open(save_grid_png(x, tmp_path / "g.png", nrow=3, scale=1))
+    assert png.mode == ("L" if channels in (1, 2) else "RGB") and png.size == (3 * 9 + 1, 2 * 9 + 1)
+    assert tuple(shown_channels(x).shape[1:]) == ((1 if channels in (1, 2) else 3), 8, 8)
+    assert _grid_png(x)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_amed_sample_draws_a_two_channel_model(tmp_path):
+    (tmp_path / "twoch.py").write_text(TWO_CHANNELS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "sample", "--teacher", "py:twoch:build", "--solvers", "euler",
+                        "--nfe", "3", "--n", "32", "--rmse-samples", "8", "--reference-steps", "20", "--out-dir",
+                        str(tmp_path / "out")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "out" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_weights_of_a_py_teacher_fail_before_any_work(tmp_path):
+    """The README's own sweep names /models/score-mixer.safetensors; missing, it was reported after 118 s, once Ray
+    and Prefect had started (the README says bad configs fail before any work)."""
+    (tmp_path / "twoch.py").write_text(TWO_CHANNELS)
+    missing = tmp_path / "models" / "score-mixer.safetensors"
+    sweep = tmp_path / "my-sweep.yaml"
+    sweep.write_text(json.dumps({"name": "my-model", "solvers": ["amed"], "nfes": [3], "evaluation": {"metric": "rmse"}, "datasets": [
+        {"name": "mine", "teacher": "py:twoch:build", "options": {"weights": str(missing)}}]}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "distill", str(sweep), "--out", str(tmp_path / "run")],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    took = time.time() - t0
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"options.weights: '{missing}' does not exist (teacher 'py:twoch:build' gets it as its 'weights')" \
+        in r.stderr, r.stderr
+    assert "Ray" not in r.stdout + r.stderr and not (tmp_path / "run").exists()  # nothing started, nothing written
+    assert took < 60, took  # imports only (a few seconds on an idle machine)
+
+
+def test_a_ray_task_error_is_reported_once(capsys):
+    """`amed distill: error:` repeated the Ray task's whole traceback that the flow's log had just printed."""
+    from ray.exceptions import RayTaskError
+
+    from flows.cli import error_line
+
+    err = RayTaskError("eval_job", "Traceback (most recent call last):\n  ...\nValueError: bad grid", ValueError("bad grid"))
+    line = error_line(err.as_instanceof_cause())
+    assert line == "ValueError: bad grid (in a Ray task; its traceback is in the log above)"
+    assert error_line(ValueError("plain")) == "plain"

@@ -26,7 +26,7 @@ from ..io import atomic_write
 from ..methods import evals_per_step, num_steps_for, pick_afs
 from ..metrics import rmse
 from .baselines import base_options, baseline_name, schedule_label
-from .pictures import save_figure_png, save_grid_png, save_quality_plot, save_side_by_side_png
+from .pictures import save_figure_png, save_grid_png, save_quality_plot, save_side_by_side_png, shown_channels
 from .sampling import (BASE_SOLVERS, DEFAULT_OPTIONS, DEFAULT_SCHEDULES, REFERENCE_OPTIONS, REFERENCE_SOLVER, SampleRun,
                        batch_ranges, default_schedule, denoiser_range, reference_solution, sample_solver, schedule_for,
                        seeded_noise, solve_batches)
@@ -62,6 +62,7 @@ __all__ = [
     "solve_batches",
     "save_figure_png",
     "save_grid_png",
+    "shown_channels",
     "to_images",
     "save_quality_plot",
     "save_side_by_side_png",
