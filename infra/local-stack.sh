@@ -25,7 +25,7 @@
 #                       set it when browsers reach the server by another address, e.g. through an ingress)
 #   AMED_WORK_POOL      Prefect work pool (default: amed-local, as in infra/prefect.yaml)
 #   AMED_STACK_S3       none (default): no S3; moto: an S3-protocol server (moto, in memory: its objects are lost
-#                       at `down`; needs pip install 'moto[server]==5.2.5') for the store
+#                       at `down`; needs pip install -e '.[local-s3]') for the store
 #   AMED_S3_ENDPOINT    an S3 of yours for the store (credentials from the usual AWS_* variables); no moto then
 #   AMED_S3_BUCKET      the bucket of the store on S3 (default: amed-distill)
 #   AMED_STORE_URL      store URL handed to clients (default: $AMED_STACK_DIR/store, or s3://$AMED_S3_BUCKET/store
@@ -476,8 +476,8 @@ start_s3() {
   local pid
   if [ "$S3_MODE" = external ]; then echo "  s3: using $S3_EXTERNAL (AMED_S3_ENDPOINT)"; return; fi
   if pid="$(svc_pid s3)"; then echo "  s3 (moto) already running (pid $pid)"; return; fi
-  # the pin of the test extra: it keeps botocore inside the window aiobotocore (s3fs) accepts (pip check clean)
-  [ -x "$BIN/moto_server" ] || die "AMED_STACK_S3=moto needs moto's server in $BIN: pip install 'moto[server]==5.2.5'" \
+  # as the extra local-s3 (pyproject.toml): resolved with s3fs's aiobotocore, botocore stays in its window
+  [ -x "$BIN/moto_server" ] || die "AMED_STACK_S3=moto needs moto's server in $BIN: pip install -e '.[local-s3]'" \
     "(or leave AMED_STACK_S3 unset: the store on disk)"
   need_port s3 127.0.0.1 "$S3_PORT" AMED_S3_PORT
   spawn s3 "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT"

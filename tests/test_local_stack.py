@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_prefect import process_tree
+from fixtures_readme import processes_naming as _processes_naming, running as _running
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "infra" / "local-stack.sh"
@@ -136,27 +137,6 @@ def _listeners(port: int) -> set[str]:
 def _stack_pids(stack_dir: Path) -> set[int]:
     """PIDs recorded by the script and all their descendants."""
     return set(process_tree(*(int(p.read_text().split()[0]) for p in (stack_dir / "run").glob("*.pid"))))
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _processes_naming(text: str) -> list[str]:
-    hits = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmd and _running(int(d.name)):
-                hits.append(f"{d.name}: {cmd}")
-    return hits
 
 
 def _down_and_check(env) -> str:
