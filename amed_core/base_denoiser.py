@@ -27,6 +27,7 @@ __all__ = [
     "BaseDenoiser",
     "FeatureTap",
     "as_sigma",
+    "check_data_range",
     "pool_features",
     "FEATURE_SIZE",
 ]
@@ -55,6 +56,20 @@ def pool_features(feature_map: torch.Tensor, size: int = FEATURE_SIZE) -> torch.
     return m[:, 0]
 
 
+def check_data_range(value, field: str = "data_range") -> tuple[float, float]:
+    """``(low, high)`` of a model's data, two finite floats with low < high; ValueError naming ``field`` otherwise."""
+    import math
+
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field} must be (low, high), two numbers, e.g. (-1, 1) for images scaled to [-1, 1]; "
+                         f"got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{field} must be two finite numbers with low < high, e.g. (-1, 1); got {value!r}")
+    return low, high
+
+
 @dataclass
 class FeatureTap:
     """Receives the AMED features of the next denoiser evaluation (detached, (B, 8, 8))."""
@@ -74,6 +89,9 @@ class BaseDenoiser(torch.nn.Module):
     shape: tuple[int, int, int]
     label_dim: int = 0
     feature_source: str = "denoised"
+    # (low, high) of the model's data, when the model declares it (None: unknown; amed_core.adapters.data_range
+    # measures it). Dynamic thresholding is on by default only for data inside [-1, 1].
+    data_range: tuple[float, float] | None = None
 
     def __init__(self) -> None:
         super().__init__()

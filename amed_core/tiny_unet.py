@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TinyUNetConfig", "TinyUNet"]
+__all__ = ["TinyUNetConfig", "TinyUNet", "NOISE_EMBEDDINGS"]
+
+# How c_noise = ln(sigma) / 4 enters the network. "fourier": frequencies pi * 2^[0, 6] (the digits teacher's; the
+# denoiser then oscillates in sigma: its second derivative in ln sigma is 5-300x the exact digits mixture's, so its ODE
+# needs many more points to converge, BENCHMARKS "Neural teachers"); "positional": EDM's PositionalEmbedding
+# (frequencies (1/10000)^(i / (n/2 - 1)), endpoint=True, cos then sin), smooth in sigma like EDM's networks.
+NOISE_EMBEDDINGS = ("fourier", "positional")
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,12 @@ class TinyUNetConfig:
     label_dim: int = 0
     emb_dim: int = 64
     dropout: float = 0.0
+    noise_embedding: str = "fourier"
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(c) for c in self.channel_mult))
+        if self.noise_embedding not in NOISE_EMBEDDINGS:
+            raise ValueError(f"noise_embedding must be one of {NOISE_EMBEDDINGS}, got {self.noise_embedding!r}")
         if self.img_resolution < 8 or self.img_resolution & (self.img_resolution - 1):
             raise ValueError(f"img_resolution must be a power of two >= 8, got {self.img_resolution}")
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -111,8 +120,14 @@ class TinyUNet(nn.Module):
         elif kwargs:
             raise ValueError("pass either a TinyUNetConfig or keyword fields, not both")
         self.config = c = config
-        # sinusoidal embedding of c_noise = ln(sigma)/4 (range ~[-2, 1.2]) at frequencies pi * 2^[0, 6]
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.linspace(0, 6, c.emb_dim // 4))
+        # sinusoidal embedding of c_noise = ln(sigma)/4 (range ~[-2, 1.2]): at frequencies pi * 2^[0, 6] ("fourier"),
+        # or EDM's positional frequencies (1/10000)^(i/(n-1)) ("positional"; NOISE_EMBEDDINGS)
+        half = c.emb_dim // 4
+        if c.noise_embedding == "fourier":
+            freqs = math.pi * 2.0 ** torch.linspace(0, 6, half)
+        else:
+            freqs = (1.0 / 10000) ** (torch.arange(half, dtype=torch.float32) / max(1, half - 1))
+        self.register_buffer("freqs", freqs)
         self.map_noise = nn.Sequential(nn.Linear(2 * (c.emb_dim // 4), c.emb_dim), nn.SiLU(), nn.Linear(c.emb_dim, c.emb_dim))
         self.map_label = nn.Linear(c.label_dim, c.emb_dim, bias=False) if c.label_dim else None
         self.enc = nn.ModuleDict()

@@ -4,6 +4,8 @@
     .venv/bin/python bench/families.py --teacher digits-tiny-unet --json bench/families_unet.json --n 256 \
         --trajectories 512 --reference-steps 100
     .venv/bin/python bench/families.py --table bench/families_gmm.json bench/families_unet.json   # print only
+    .venv/bin/python bench/families.py --teacher photos-tiny-unet --json bench/families_photos.json --n 128 \
+        --seeds 0 --trajectories 256 --expand ipndm,dpmpp,deis,unipc   # the panel expanded over schedules
 
 Scores: digits-gmm: FD of --n samples (noise seeds 12345..) to --n exact mixture samples (the noise floor is
 printed); every teacher: RMSE to a near-exact solution of the same noise (DPM-Solver++ 3M on --reference-steps logSNR
@@ -50,7 +52,8 @@ def _save(path: Path, db) -> None:
 def _scores(x: torch.Tensor, ctx: dict) -> dict:
     x = x.to(torch.float64)
     per = ((x - ctx["ref"]) ** 2).reshape(x.shape[0], -1).mean(dim=1).sqrt()
-    out = {"rmse": float(((x - ctx["ref"]) ** 2).mean().sqrt()), **{f"ps_{k}": v for k, v in per_sample_summary(per).items()}}
+    out = {"rmse": float(((x - ctx["ref"]) ** 2).mean().sqrt()), **{f"ps_{k}": v for k, v in per_sample_summary(per).items()},
+           "errors": [float(f"{v:.6g}") for v in per.tolist()]}  # per-sample RMSE: the margin's interval (table)
     if ctx.get("exact") is not None:
         out["fd"] = fd_to_samples(x, ctx["exact"])
     return out
@@ -114,8 +117,24 @@ def run(args) -> None:
                 continue
             done(key, {"family": "free", "method": solver, "afs": r.afs, "nfe": nfe, "calls": nfe,
                        "schedule": r.schedule.schedule_type, "seconds": time.perf_counter() - t, **_scores(r.x, ctx)})
-    gits_shard = _shard(teacher, StudentGrid(sch, 41), 256 * len(seeds), 1, shards)
-    for nfe in nfes:
+        for solver in [s for s in args.expand.split(",") if s]:  # the panel expanded over schedules, AFS, thresholding
+            for o in F.free.option_sets(solver, nfe):
+                opts = {k: v for k, v in o["options"].items() if k == "dynamic_thresholding"}
+                sched = f"{o['schedule'].schedule_type}{o['schedule'].rho:g}"
+                key = f"free|{solver}{'+afs' if o['afs'] else ''}|{nfe}|{sched}{''.join(f',dt={v}' for v in opts.values())}"
+                if key in db["cells"]:
+                    continue
+                t = time.perf_counter()
+                schedule = ScheduleSpec(o["schedule"].schedule_type, rho=o["schedule"].rho,
+                                        sigma_min=float(teacher.sigma_min), sigma_max=float(teacher.sigma_max))
+                r = sample_solver(teacher, solver, nfe, args.n, args.sample_seed, schedule, opts, noise=noise,
+                                  afs=o["afs"])
+                done(key, {"family": "free", "method": f"{solver}[{sched}{',dt' if opts.get('dynamic_thresholding') else ''}]",
+                           "afs": r.afs, "nfe": nfe, "calls": nfe, "schedule": sched, "options": opts,
+                           "seconds": time.perf_counter() - t, **_scores(r.x, ctx)})
+    fams = args.families.split(",")
+    gits_shard = _shard(teacher, StudentGrid(sch, 41), 256 * len(seeds), 1, shards) if "gits" in fams else None
+    for nfe in nfes if "gits" in fams else []:
         for seed in seeds:
             key = f"gits|gits+ipndm|{nfe}|{seed}"
             if key in db["cells"]:
@@ -129,7 +148,7 @@ def run(args) -> None:
             x, calls = _batched(s, teacher, noise)
             done(key, {"family": "gits", "method": "gits+ipndm", "nfe": nfe, "calls": calls, "seconds": fit_s,
                        "sigmas": list(s.spec.sigmas), **_scores(x, ctx)})
-    for nfe in nfes:
+    for nfe in nfes if "amed" in fams else []:
         for seed in seeds:
             key = f"amed|amed+ipndm|{nfe}|{seed}"
             if key in db["cells"]:
@@ -143,7 +162,7 @@ def run(args) -> None:
             x, calls = _batched(Sampler(spec, res.predictor), teacher, noise)
             done(key, {"family": "amed", "method": "amed+ipndm", "nfe": nfe, "calls": calls, "seconds": fit_s,
                        **_scores(x, ctx)})
-    for nfe in nfes:
+    for nfe in nfes if "epd" in fams else []:
         for seed in seeds:
             key = f"epd|epd+ipndm|{nfe}|{seed}"
             if key in db["cells"]:
@@ -170,6 +189,26 @@ def _ms(vals):
     m = sum(vals) / len(vals)
     sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
     return m, sd
+
+
+def _interval(champ: list, free: list | None) -> str:
+    """The champion / best-free RMSE ratio's 95 % interval over noise seeds (paired bootstrap over samples; seed-0
+    cell of each) and its verdict; empty when the cells hold no per-sample errors."""
+    from amed_core.evaluate import margin_interval, verdict
+
+    if not free or "errors" not in champ[0] or "errors" not in free[0] or champ[0] is free[0]:
+        return ""
+    ci = margin_interval(torch.tensor(champ[0]["errors"]), torch.tensor(free[0]["errors"]))
+    return f" (95 % interval {ci[0]:.3f}-{ci[1]:.3f}: {verdict(ci)})"
+
+
+def _learned(best_per_family: dict, free) -> str:
+    """The best learned family's ratio to the best free sampler, with its interval (seed-0 cells)."""
+    learned = [(f, v) for f, v in best_per_family.items() if f != "free"]
+    if not learned or not free:
+        return ""
+    fam, (name, m, _, cs) = min(learned, key=lambda kv: kv[1][1])
+    return f"; best learned {fam}:{name} {m:.4g}, ratio {m / free[1]:.3f}" + _interval(cs, free[3])
 
 
 def table(db) -> str:
@@ -209,6 +248,8 @@ def table(db) -> str:
             gits = best_per_family.get("gits")
             summary.append(f"NFE {nfe}: champion {champ[0]}:{champ[1][0]} {champ[1][1]:.4g}"
                            + (f", best free {free[0]} {free[1]:.4g}, ratio {champ[1][1] / free[1]:.3f}" if free else "")
+                           + _interval(champ[1][3], free[3] if free else None)
+                           + _learned(best_per_family, free)
                            + (f"; GITS+iPNDM {gits[1]:.4g} vs iPNDM (poly7) {_ms([c[metric] for c in ipndm])[0]:.4g}"
                               if gits and ipndm else ""))
     return "\n".join(lines + [""] + summary)
@@ -228,6 +269,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epd-lr", type=float, default=5e-2,
                     help="EPD: Adam lr (the reference's 5e-3 needs ~24 passes from its random init on digits-gmm)")
     ap.add_argument("--reference-steps", type=int, default=200)
+    ap.add_argument("--expand", default="", help="panel solvers expanded over every option set (schedules polynomial 7 / "
+                    "logSNR / time-uniform, AFS, thresholding), e.g. ipndm,dpmpp,deis,unipc")
+    ap.add_argument("--families", default="gits,amed,epd", help="learned families to run (epd can be left out)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the tables of these result files")
     args = ap.parse_args(argv)

@@ -26,16 +26,12 @@ digits-gmm: FD to exact mixture samples, RMSE to the near-exact ODE solution.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -48,30 +44,15 @@ from amed_core.schedules import get_schedule  # noqa: E402
 
 
 def load_k_diffusion_sampling():
-    """The real ``k_diffusion.sampling`` module, imported without the package __init__ (see module doc)."""
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"], importlib.metadata.version("k-diffusion")
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("k-diffusion is not installed: .venv/bin/pip install --no-deps k-diffusion==0.1.1.post1 "
-                         "torchdiffeq==0.2.5 torchsde==0.2.6 trampoline==0.1.2")
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__package__ = "k_diffusion"
-    sys.modules["k_diffusion"] = pkg
-    stubbed = []
-    if importlib.util.find_spec("torchvision") is None:
-        for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-            sys.modules[name] = types.ModuleType(name)
-            stubbed.append(name)
-        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-        sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+    """The real ``k_diffusion.sampling`` module, imported without the package __init__ (tests/k_diffusion_peer.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from k_diffusion_peer import load_k_diffusion
+
     try:
-        sampling = importlib.import_module("k_diffusion.sampling")
-    finally:
-        for name in stubbed:
-            sys.modules.pop(name, None)
-    return sampling, importlib.metadata.version("k-diffusion")
+        sampling, version = load_k_diffusion("sampling")
+    except ImportError as e:
+        raise SystemExit(str(e)) from None
+    return sampling, version
 
 
 class StandardGaussianDenoiser(torch.nn.Module):

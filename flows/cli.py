@@ -8,9 +8,9 @@ import argparse
 import logging
 import sys
 
-from flows.commands import convert, distill, fetch, fid, fid_ref, promote, sample, teacher, train
+from flows.commands import convert, distill, export, fetch, fid, fid_ref, promote, sample, teacher, train
 
-COMMANDS = (sample, train, teacher, distill, fetch, promote, fid_ref, fid, convert)
+COMMANDS = (sample, train, teacher, distill, fetch, export, promote, fid_ref, fid, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

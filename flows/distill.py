@@ -37,7 +37,8 @@ from flows.cluster.teacher import start_teacher
 from flows.config import ComputeConfig, SweepConfig, load_sweep
 from flows.env import freeze_gc_at_exit
 from flows.plan import EvalJob, SweepPlan, TeacherJob, TrainJob, plan_sweep, slug
-from flows.report import final_lines, panel_summaries, publish_artifacts, shown_uri
+from flows.references import reference_records
+from flows.report import MarginIntervals, final_lines, panel_summaries, publish_artifacts, shown_uri
 from flows.results import CandidateResult, champion_rows, results_table
 from flows.storage.checksums import json_digest, sha256
 from flows.storage.credentials import redact
@@ -196,6 +197,7 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
     cfg = SweepConfig.model_validate(cfg_json)
     store = RunStore(plan.store_url, cfg.storage_options)
     panels = panel_summaries(plan, scores)
+    interval = MarginIntervals(store)  # margin intervals over noise seeds (paired bootstrap over samples)
     jobs = {b.id: b for b in plan.baselines}
 
     def options_of(job: EvalJob) -> dict:  # what names a training-free sampler (flows.results.entry_name)
@@ -214,7 +216,7 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
             artifacts["samples.png"] = sc["grid_url"]
         if base.get("grid_url"):
             artifacts["base_samples.png"] = base["grid_url"]
-        best = panels.get((c.train.dataset.name, c.train.nfe), {}).get("best") or {}
+        best = _panel_best(panels.get((c.train.dataset.name, c.train.nfe), {}).get("best") or {}, plan, store)
         results.append(CandidateResult(
             dataset=c.train.dataset.name, solver=c.train.solver, base_solver=c.base_solver, nfe=c.train.nfe,
             base_options=options_of(jobs[c.base_id]) if c.base_id else {},
@@ -223,7 +225,8 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
             teacher_nfe=int(teacher.get("nfe_total", 0)), loss_history=tr.get("loss_history", []),
             artifacts=artifacts, sampler_spec=c.train.sampler_spec, family=c.family,
             denoiser_calls=int(sc.get("nfe", c.train.nfe)), teacher_id=c.teacher_id,
-            panel_best=best, panel_value=best.get("value"), per_sample=sc.get("per_sample", {})))
+            panel_best=best, panel_value=best.get("value"), per_sample=sc.get("per_sample", {}),
+            margin_ci=interval(sc, scores.get(best.get("id"), {})) if best else None))
     for (dname, nfe), p in panels.items():  # the panel's winner is a candidate too (family free, no weights)
         best = p["best"]
         if not best:
@@ -238,9 +241,12 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
             denoiser_calls=int(sc.get("nfe", nfe)), teacher_id=p["teacher_id"], panel_best=best,
             panel_value=best["value"], per_sample=sc.get("per_sample", {}),
             sampler_spec={"solver": job.solver, "options": job.solver_options, "schedule": job.schedule}))
+    references = reference_records(plan)  # metric rmse: the stored reference and its convergence (N vs 2N - 1)
+    for ref in references:
+        logger.info("reference of %s: %s", ref["dataset"], ref)
     payload = {"sweep": cfg.name, "config": redact(cfg_json), "results": [r.model_dump(mode="json") for r in results],
                "panels": [{**{k: v for k, v in p.items() if k != "protocol"}, "dataset": d, "nfe": n}
-                          for (d, n), p in panels.items()]}
+                          for (d, n), p in panels.items()], "references": references}
     results_url = store.put_json(f"runs/{cfg.name}/results.json", payload)
     logger.info("results: %s", results_url)
     champions: dict[str, str] = {}
@@ -256,7 +262,14 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
             logger.info("champion %s -> %s", name, uri)
     publish_artifacts(cfg, results, scores, plan, results_url, champions)
     return {"results_url": results_url, "champions": champions, "results": payload["results"],
-            "panels": payload["panels"]}
+            "panels": payload["panels"], "references": references}
+
+
+def _panel_best(best: dict, plan: SweepPlan, store: RunStore) -> dict:
+    """The panel's best entry with its checkpoint's URL (the free sampler.json its evaluation wrote), for the
+    champion's side-by-side picture on the model page (flows/registry/story.py)."""
+    job = next((b for b in plan.baselines if b.id == best.get("id")), None)
+    return {**best, "checkpoint_url": store.url_of(job.checkpoint)} if job is not None and job.checkpoint else best
 
 
 def _warm_driver(cfg: SweepConfig) -> threading.Thread:
@@ -384,6 +397,6 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
     return {"sweep": cfg.name, "store_url": plan.store_url, "results_url": reg["results_url"],
             "tracking_uri": shown_uri(cfg.mlflow_tracking_uri) if cfg.register_models else None,
             "champions": reg["champions"], "results": reg["results"], "table": table, "best": best,
-            "panels": reg.get("panels", []),
+            "panels": reg.get("panels", []), "references": reg.get("references", []),
             "work": work, "compute_seconds": compute_s, "compute_cpu_seconds": cpu_s, "compute_spans": spans, "ray_start_seconds": ray_info.seconds,
             "wall_seconds": wall, "flow_started": t_epoch}

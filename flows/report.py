@@ -13,7 +13,41 @@ from flows.plan import SweepPlan, slug
 from flows.results import CandidateResult, champion_rows, quality_plot_png, results_table
 from flows.storage.runs import RunStore
 
-__all__ = ["panel_summaries", "publish_artifacts", "text_table", "shown_uri", "final_lines", "MAX_INLINE_GRIDS"]
+__all__ = ["panel_summaries", "publish_artifacts", "text_table", "shown_uri", "final_lines", "MAX_INLINE_GRIDS",
+           "MarginIntervals"]
+
+
+class MarginIntervals:
+    """The 95 % interval of a margin value / panel over noise seeds: a paired bootstrap over samples of the two
+    per-sample error vectors the evaluate jobs stored (``errors_key``, checked against ``errors_sha256``;
+    ``amed_core.evaluate.margin_interval``). None where a score has no per-sample errors (metric fd_exact / fid)."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+        self._cache: dict = {}
+
+    def _errors(self, score: dict):
+        key = score.get("errors_key")
+        if not key:
+            return None
+        if key not in self._cache:
+            from safetensors.torch import load
+
+            from flows.storage.checksums import sha256
+
+            data = self.store.get(key)
+            if score.get("errors_sha256") and sha256(data) != score["errors_sha256"]:
+                raise ValueError(f"{key}: checksum mismatch (the store's per-sample errors changed); rerun its evaluation")
+            self._cache[key] = load(data)["errors"]
+        return self._cache[key]
+
+    def __call__(self, score: dict, panel_score: dict):
+        from amed_core.evaluate import margin_interval
+
+        e, p = self._errors(score), self._errors(panel_score)
+        if e is None or p is None or e.shape != p.shape:
+            return None
+        return [round(v, 4) for v in margin_interval(e, p)]
 
 
 def panel_summaries(plan: SweepPlan, scores: dict) -> dict:

@@ -55,6 +55,8 @@ class CandidateResult(BaseModel):
     panel_best: dict = Field(default_factory=dict)            # the best training-free entry: solver, options, value
     panel_value: Optional[float] = None                       # its metric (the baseline every candidate faces)
     per_sample: dict = Field(default_factory=dict)            # error vs the reference solution: median, p90, p99
+    margin_ci: Optional[list[float]] = None                   # 95 % interval of the margin over noise seeds (paired
+                                                              # bootstrap over samples; rmse only)
 
     @property
     def margin(self) -> Optional[float]:
@@ -72,6 +74,15 @@ class CandidateResult(BaseModel):
     def panel_name(self) -> str:
         """The panel's best entry with its options, or ``-``."""
         return entry_name(self.panel_best) if self.panel_best else "-"
+
+    @property
+    def verdict(self) -> Optional[str]:
+        """better / tie / worse than the best training-free sampler, from the margin's interval (None without one)."""
+        if not self.margin_ci:
+            return None
+        from amed_core.evaluate import verdict
+
+        return verdict(self.margin_ci)
 
     @property
     def registered_name(self) -> str:
@@ -107,6 +118,8 @@ def results_table(results: list[CandidateResult]) -> list[dict]:
                      "panel_best": entry_name(best) if best else "-",
                      "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
                      "margin": round(r.margin, 3) if r.margin is not None else "-",
+                     **({"margin_ci95": f"[{r.margin_ci[0]:.3f}, {r.margin_ci[1]:.3f}]", "verdict": r.verdict}
+                        if r.margin_ci else {}),
                      "base_solver": r.base_name if r.base_value is not None else f"{r.base_solver} (not evaluated)",
                      "base": round(r.base_value, 6) if r.base_value is not None else "-",
                      "improvement_%": round(gain, 1) if gain is not None else "-",
@@ -125,10 +138,14 @@ def champion_rows(results: list[CandidateResult]) -> list[dict]:
         k = (r.teacher_id or r.dataset, r.nfe, r.protocol.hash)
         if k not in best or r.value < best[k].value:
             best[k] = r
-    return [{"teacher": k[0], "nfe": k[1], "best": f"{r.family}:{r.solver}", "value": round(r.value, 6),
-             "panel_best": r.panel_name,
+    rows = [{"teacher": k[0], "nfe": k[1], "best": f"{r.family}:{r.solver}", "value": round(r.value, 6),
+              "panel_best": r.panel_name,
              "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
-             "margin": round(r.margin, 3) if r.margin is not None else "-"} for k, r in sorted(best.items())]
+             "margin": round(r.margin, 3) if r.margin is not None else "-",
+             **({"margin_ci95": f"[{r.margin_ci[0]:.3f}, {r.margin_ci[1]:.3f}]", "verdict": r.verdict}
+                if r.margin_ci else {})} for k, r in sorted(best.items())]
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # rows of equal keys (text_table)
+    return [{k: row.get(k, "-") for k in keys} for row in rows]
 
 
 def quality_plot_png(results: list[CandidateResult]) -> Optional[bytes]:

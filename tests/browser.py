@@ -33,6 +33,16 @@ def dump_dom(url: str, *, budget_ms: int = 30000, timeout: float = 180) -> str:
     return r.stdout
 
 
+def screenshot(url: str, png, *, budget_ms: int = 30000, size: str = "1400,1200", timeout: float = 180) -> None:
+    """A PNG of ``url`` as rendered (for people looking at a page a test checked)."""
+    exe = chromium()
+    if exe is None:
+        raise RuntimeError("chromium is not installed (Debian: apt-get install -y chromium)")
+    with tempfile.TemporaryDirectory(prefix="amed-chromium-") as profile:
+        subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+                        f"--window-size={size}", f"--screenshot={png}", url], capture_output=True, timeout=timeout)
+
+
 def visible_text(dom: str) -> str:
     """The text a reader sees: no scripts, styles or tags; entities decoded; whitespace collapsed."""
     text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", dom, flags=re.S | re.I)

@@ -161,7 +161,7 @@ def _base_job(**fields):
     return EvalJob.model_validate({"kind": "baseline", "torch_threads": 1, "storage_options": {},
                                    "dataset": DatasetConfig(name="digits", teacher="digits-gmm"), "solver": "euler",
                                    "num_steps": N_STEPS, "solver_options": {}, "schedule": SCHED.to_dict(),
-                                   "reference_solver": "heun", "protocol_hash": "test", **fields})
+                                   "protocol_hash": "test", **fields})
 
 
 def test_eval_job_scores_fid_from_urls_and_resumes(tmp_path, gmm, fid_files):

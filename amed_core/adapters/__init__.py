@@ -10,6 +10,7 @@ Teacher names (resolved by :func:`load_teacher`, the teacher registry, options f
 ``edm:PATH.pkl``             NVlabs EDM pickle; needs ``trust_pickle=True`` and the EDM code (``edm_code_dir``)
 ``diffusers:PATH_OR_ID``     diffusers pipeline / UNet folder, or a hub id already in the user's cache
 ``digits-tiny-unet``         the tiny digits UNet shipped with the package (trained by ``train_tiny``)
+``photos-tiny-unet``         the 32x32 RGB UNet on photo crops shipped with the package (``amed teacher train-photos``)
 ``py:PKG.MODULE:FUNCTION``   your own model: ``FUNCTION(**options)`` returns ``wrap_model(...)`` (:mod:`.custom`);
                              importing runs that module's code: name only modules you trust
 ==========================  =====================================================================================
@@ -49,6 +50,7 @@ __all__ = [
     "BUILTIN_NETWORKS",
     "load_adapter",
     "expand_paths",
+    "expand_py_options",
     "builtin_network_dir",
     "EDMPickleDenoiser",
     "NetworkConfig",
@@ -81,7 +83,7 @@ TEACHER_PREFIXES = {
     "diffusers": _DIFFUSERS_OPTIONS,
 }
 
-BUILTIN_NETWORKS = {"digits-tiny-unet": "tiny_unet_digits"}
+BUILTIN_NETWORKS = {"digits-tiny-unet": "tiny_unet_digits", "photos-tiny-unet": "tiny_unet_photos"}
 BUILTIN_TEACHERS = {"digits-gmm": "digits.npz"}  # analytic mixtures shipped in amed_core/data
 
 
@@ -98,11 +100,12 @@ def load_teacher(spec: str, **kwargs) -> BaseDenoiser:
     (``digits-tiny-unet``, ``tiny-unet:DIR``, ``edm-safetensors:DIR``, ``edm:PATH.pkl``, ``diffusers:PATH_OR_ID``;
     see the module docstring), keyword options forwarded (e.g. ``trust_pickle``, ``guidance_scale``, ``prompts``)."""
     if spec in BUILTIN_TEACHERS:
+        kwargs.setdefault("data_range", (-1.0, 1.0))  # the digits were scaled to [-1, 1]
         return GaussianMixtureDenoiser.from_npz(_data_path(BUILTIN_TEACHERS[spec]), name=spec, **kwargs)
     if spec.startswith("gmm:"):
         return GaussianMixtureDenoiser.from_npz(spec[4:], **kwargs)
-    if spec.startswith("py:"):  # the user's own model (importing runs its code)
-        return load_py_teacher(spec[3:], **kwargs)
+    if spec.startswith("py:"):  # the user's own model (importing runs its code); ~ and $VARS in its options expanded
+        return load_py_teacher(spec[3:], **expand_py_options(kwargs))
     if spec in BUILTIN_NETWORKS or spec.partition(":")[0] in TEACHER_PREFIXES:
         return load_adapter(spec, **kwargs)
     raise ValueError(
@@ -126,11 +129,29 @@ def _expand(field: str, value):
     return os.path.expanduser(out) if not out.startswith(("http://", "https://", "s3://", "gs://")) else out
 
 
+def expand_py_options(options: Mapping) -> dict:
+    """A ``py:`` teacher's options with ``~`` and ``$VARS`` expanded in every string (and in strings inside lists):
+    its builder's options are not known to be paths or not, so any string naming a variable or starting with ``~``
+    is expanded; an unset variable is an error naming the option. Strings without either are unchanged."""
+
+    def one(field: str, v):
+        if isinstance(v, str) and (v.startswith("~") or re.search(r"\$\{?[A-Za-z_]", v)):
+            return _expand(field, v)
+        if isinstance(v, (list, tuple)):
+            return type(v)(one(f"{field}[{i}]", x) for i, x in enumerate(v))
+        return v
+
+    return {k: one(f"options.{k}", v) for k, v in dict(options).items()}
+
+
 def expand_paths(spec: str, options: Mapping) -> tuple[str, dict]:
     """``spec`` and ``options`` with ``~`` and ``$VARS`` expanded where :func:`load_adapter` expands them (the
-    argument after a model prefix, path options, ``weights_url``), so a planned teacher loads on machines (remote
-    Ray workers) that lack the variables. Other teachers and options are returned unchanged."""
+    argument after a model prefix, path options, ``weights_url``; every string option of a ``py:`` teacher,
+    :func:`expand_py_options`), so a planned teacher loads on machines (remote Ray workers) that lack the variables.
+    Other teachers and options are returned unchanged."""
     options = dict(options)
+    if spec.startswith("py:"):
+        return spec, expand_py_options(options)
     if spec in BUILTIN_NETWORKS or spec.partition(":")[0] not in TEACHER_PREFIXES:
         return spec, options
     prefix, sep, arg = spec.partition(":")

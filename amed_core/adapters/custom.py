@@ -43,7 +43,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..base_denoiser import FEATURE_SIZE, BaseDenoiser, pool_features
+from ..base_denoiser import FEATURE_SIZE, BaseDenoiser, check_data_range, pool_features
 from ._common import first_tensor, module_dtype, state_dict_sha256
 
 __all__ = ["PARAMETERIZATIONS", "VPTime", "CustomDenoiser", "wrap_model", "content_sha256", "cast_like", "to_dtype",
@@ -55,17 +55,37 @@ PARAMETERIZATIONS = ("x0", "eps", "v", "score")
 @dataclass(frozen=True)
 class VPTime:
     """Song et al.'s VP-SDE time: ``sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)``; the model is called with
-    ``t(sigma) * time_scale`` (e.g. 999 for a model trained on discrete steps 0..999 scaled to [0, 1])."""
+    ``t(sigma) * time_scale`` (e.g. 999 for a model trained on discrete steps 0..999 scaled to [0, 1]).
+
+    ``beta_d = 0`` is the constant-beta VP (``sigma(t)^2 = exp(beta_min t) - 1``): :meth:`t` uses the rationalised
+    inverse ``2 L / (sqrt(beta_min^2 + 2 beta_d L) + beta_min)``, ``L = log(1 + sigma^2)``, which equals the usual
+    ``(sqrt(beta_min^2 + 2 beta_d L) - beta_min) / beta_d`` and stays finite there (the usual form is 0/0 = NaN).
+    The parameters are checked: finite, ``beta_min >= 0``, ``beta_d >= 0``, not both 0, ``time_scale > 0``."""
 
     beta_min: float = 0.1
     beta_d: float = 19.9
     time_scale: float = 1.0
 
+    def __post_init__(self):
+        for name in ("beta_min", "beta_d", "time_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"VPTime.{name} must be a finite number, got {v!r}")
+        if self.beta_min < 0 or self.beta_d < 0:
+            raise ValueError(f"VPTime needs beta_min >= 0 and beta_d >= 0 (got beta_min={self.beta_min}, "
+                             f"beta_d={self.beta_d}); the usual VP-SDE is beta_min=0.1, beta_d=19.9")
+        if self.beta_min == 0 and self.beta_d == 0:
+            raise ValueError("VPTime: beta_min and beta_d are both 0, so sigma(t) = 0 for every t (no noise); the usual "
+                             "VP-SDE is beta_min=0.1, beta_d=19.9")
+        if not self.time_scale > 0:
+            raise ValueError(f"VPTime.time_scale must be positive (e.g. 1, or 999 for discrete steps), got {self.time_scale}")
+
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(torch.expm1(0.5 * self.beta_d * t ** 2 + self.beta_min * t))
 
     def t(self, sigma: torch.Tensor) -> torch.Tensor:
-        return (torch.sqrt(self.beta_min ** 2 + 2 * self.beta_d * torch.log1p(sigma ** 2)) - self.beta_min) / self.beta_d
+        L = torch.log1p(sigma ** 2)
+        return 2 * L / (torch.sqrt(self.beta_min ** 2 + 2 * self.beta_d * L) + self.beta_min)
 
     def to_dict(self) -> dict:
         return {"beta_min": self.beta_min, "beta_d": self.beta_d, "time_scale": self.time_scale}
@@ -117,9 +137,11 @@ def pool_feature_map(out, layer: str = "feature layer", layout: str = "auto", si
     """A layer's output as AMED's ``(B, size, size)`` features (detached, float32).
 
     ``layout``: ``"bchw"`` (conv maps), ``"btc"`` (tokens x channels, T a square number), ``"bct"`` (channels x tokens),
-    ``"bd"`` (a flat vector per sample, D a square number) or ``"auto"`` (4-D: bchw; 3-D: btc if T is square, else bct
-    if the last axis is; 2-D: bd). Tuple outputs and ``.sample`` attributes are unwrapped. A shape that cannot be
-    pooled raises ValueError naming ``layer``."""
+    ``"bd"`` (a flat vector per sample, D a square number) or ``"auto"`` (4-D: bchw; 3-D: btc if only the middle axis is
+    a square number, bct if only the last one is; 2-D: bd). A 3-D output whose two axes are both square numbers (e.g.
+    (B, 64, 16): 64 tokens of 16 channels, or 16 tokens of 64?) is ambiguous and refused under ``"auto"``: say which
+    with ``feature_layout``. Tuple outputs and ``.sample`` attributes are unwrapped. A shape that cannot be pooled raises
+    ValueError naming ``layer``."""
     try:
         x = first_tensor(out)
     except ValueError:
@@ -134,6 +156,10 @@ def pool_feature_map(out, layer: str = "feature layer", layout: str = "auto", si
         if x.ndim == 4:
             layout = "bchw"
         elif x.ndim == 3:
+            if square(x.shape[1]) and square(x.shape[2]):
+                raise ValueError(f"{layer} gives features of shape {tuple(x.shape)}: both {x.shape[1]} and {x.shape[2]} "
+                                 "are square numbers, so they could be tokens x channels or channels x tokens; pass "
+                                 "feature_layout='btc' (B, tokens, channels) or 'bct' (B, channels, tokens) to wrap_model")
             layout = "btc" if square(x.shape[1]) else "bct" if square(x.shape[2]) else "?"
         elif x.ndim == 2:
             layout = "bd"
@@ -173,8 +199,9 @@ class CustomDenoiser(BaseDenoiser):
                  shape: Sequence[int], identity: str, feature_module=None, feature_layout: str = "auto",
                  vp: Optional[VPTime] = None, input_scaling: Optional[str] = None,
                  time_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, label_dim: int = 0,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 dtype: Optional[torch.dtype] = None, data_range: Optional[Sequence[float]] = None) -> None:
         super().__init__()
+        self.data_range = None if data_range is None else check_data_range(data_range, "data_range")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         if not isinstance(identity, str) or not identity.strip():
@@ -294,9 +321,12 @@ class CustomDenoiser(BaseDenoiser):
 def wrap_model(net: Callable, *, parameterization: str = "x0", sigma_min: float, sigma_max: float,
                shape: Sequence[int], identity: str, feature_module=None, feature_layout: str = "auto",
                vp: Union[VPTime, dict, bool, None] = None, input_scaling: Optional[str] = None,
-               time_fn: Optional[Callable] = None, label_dim: int = 0, dtype: Optional[torch.dtype] = None) -> CustomDenoiser:
+               time_fn: Optional[Callable] = None, label_dim: int = 0, dtype: Optional[torch.dtype] = None,
+               data_range: Optional[Sequence[float]] = None) -> CustomDenoiser:
     """Any torch callable -> an AMED teacher (see the module docstring). ``vp=True`` means ``VPTime()``; a dict gives
-    its fields. The wrapper is a ``torch.nn.Module`` (``.to(device)`` moves ``net``)."""
+    its fields. The wrapper is a ``torch.nn.Module`` (``.to(device)`` moves ``net``). ``data_range=(low, high)``
+    declares the range of the model's data (e.g. (-1, 1)); undeclared, a sweep measures it
+    (:mod:`amed_core.data_range`) to decide whether DPM-Solver++ / UniPC threshold by default."""
     if vp is True:
         vp = VPTime()
     elif isinstance(vp, dict):
@@ -305,7 +335,8 @@ def wrap_model(net: Callable, *, parameterization: str = "x0", sigma_min: float,
         vp = None
     return CustomDenoiser(net, parameterization=parameterization, sigma_min=sigma_min, sigma_max=sigma_max,
                           shape=shape, identity=identity, feature_module=feature_module, feature_layout=feature_layout,
-                          vp=vp, input_scaling=input_scaling, time_fn=time_fn, label_dim=label_dim, dtype=dtype)
+                          vp=vp, input_scaling=input_scaling, time_fn=time_fn, label_dim=label_dim, dtype=dtype,
+                          data_range=data_range)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -115,6 +115,8 @@ class DiffusersDenoiser(BaseDenoiser):
         self.text_conditional = getattr(cfg, "cross_attention_dim", None) is not None and type(unet).__name__ != "UNet2DModel"
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         self.shape = (int(cfg.in_channels), int(size), int(size))
+        # pixel UNets are trained on images in [-1, 1] (diffusers' convention); latents' range is not declared
+        self.data_range = None if vae is not None or vae_loader is not None or self.text_conditional else (-1.0, 1.0)
         if self.text_conditional:
             if prompt_embeds is None:
                 raise ValueError("a UNet2DConditionModel needs prompt_embeds (P, L, E) or prompts=[...] with a pipeline folder")

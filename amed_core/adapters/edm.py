@@ -60,6 +60,7 @@ class EDMPickleDenoiser(FeatureHookMixin, BaseDenoiser):
         self.label_dim = int(net.label_dim)
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
+        self.data_range = (-1.0, 1.0)  # EDM's networks are trained on images scaled to [-1, 1]
         self.feature_layer = feature_layer or default_feature_layer(net.model, "nvlabs")
         get_layer(net.model, self.feature_layer)
         self.feature_source = f"nvlabs:{self.feature_layer}"
@@ -163,7 +164,7 @@ def convert_edm_pickle(
         arch="nvlabs", kwargs=_init_kwargs(net.model), shape=pickled.shape, precond=precond,
         label_dim=pickled.label_dim, sigma_min=sigma_min, sigma_max=sigma_max, feature_layer=pickled.feature_layer,
         nvlabs_module=nvlabs_module, nvlabs_class=type(net.model).__name__, name=Path(path).stem,
-        extra={"converted_from": Path(path).name, "precond_class": cls_name},
+        extra={"converted_from": Path(path).name, "precond_class": cls_name}, data_range=(-1.0, 1.0),
     )
     out = save_network(PreconditionedDenoiser(net.model, config), out)
     if check:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..base_denoiser import BaseDenoiser, pool_features
+from ..base_denoiser import BaseDenoiser, check_data_range, pool_features
 from ..tiny_unet import TinyUNet, TinyUNetConfig
 from ..io import atomic_write_bytes, atomic_write_json
 from ._common import cached_state_dict_sha256, first_tensor, module_dtype
@@ -113,6 +113,8 @@ class NetworkConfig:
     arch: ``tiny-unet`` (kwargs = TinyUNetConfig), ``diffusers-unet2d`` (kwargs = UNet2DModel config) or
     ``nvlabs`` (``nvlabs_class`` from ``nvlabs_module`` of the user's EDM checkout, constructed with kwargs).
     feature_layer: dotted module path inside the raw network (None = the default for the arch).
+    data_range: (low, high) of the data the network was trained on (None: not declared; the sweep then measures it,
+    ``amed_core.adapters.data_range``); decides whether DPM-Solver++ / UniPC threshold by default.
     """
 
     arch: str
@@ -127,10 +129,13 @@ class NetworkConfig:
     nvlabs_class: str | None = None
     name: str = "edm-network"
     extra: dict = field(default_factory=dict)
+    data_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.precond, dict):
             object.__setattr__(self, "precond", Preconditioning(**self.precond))
+        if self.data_range is not None:
+            object.__setattr__(self, "data_range", check_data_range(self.data_range, "data_range"))
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
         if self.arch not in ARCHS:
             raise ValueError(f"arch {self.arch!r} is not one of {ARCHS}")
@@ -151,6 +156,8 @@ class NetworkConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if self.data_range is not None:
+            d["data_range"] = list(self.data_range)
         return {"format": FORMAT, "version": 1, **d}
 
     @classmethod
@@ -243,6 +250,7 @@ class PreconditionedDenoiser(FeatureHookMixin, BaseDenoiser):
         self.label_dim = config.label_dim
         self.sigma_min = float(config.sigma_min)
         self.sigma_max = float(config.sigma_max)
+        self.data_range = config.data_range
         self.feature_layer = config.feature_layer or default_feature_layer(net, config.arch)
         get_layer(net, self.feature_layer)  # fail early on a bad name
         self.feature_source = f"{config.arch}:{self.feature_layer}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..base_denoiser import BaseDenoiser
+from ..base_denoiser import BaseDenoiser, check_data_range
 
 __all__ = ["GaussianMixtureDenoiser"]
 
@@ -46,6 +46,7 @@ class GaussianMixtureDenoiser(BaseDenoiser):
         name: str = "gmm",
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
+        data_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         weights, means, covs = (_float_array(n, a) for n, a in (("weights", weights), ("means", means), ("covs", covs)))
@@ -76,6 +77,7 @@ class GaussianMixtureDenoiser(BaseDenoiser):
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self.label_dim = 0
+        self.data_range = None if data_range is None else check_data_range(data_range, "data_range")
         self.register_buffer("log_weights", torch.from_numpy(np.log(weights)))
         self.register_buffer("means", torch.from_numpy(means))
         self.register_buffer("evals", torch.from_numpy(evals))

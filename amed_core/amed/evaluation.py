@@ -120,7 +120,8 @@ def compare_with_base(sampler: Sampler, denoiser, n: int, seed: int, *, base_sol
     rows = [scores(spec.solver, run.x, run.nfe, run.seconds)]
     base = base_solver or spec.base_solver
     opts = base_options(base, afs=spec.afs if base_afs is None else base_afs, max_order=spec.max_order,
-                        predict_x0=spec.predict_x0, lower_order_final=spec.lower_order_final)
+                        predict_x0=spec.predict_x0, lower_order_final=spec.lower_order_final,
+                        dynamic_thresholding=spec.dynamic_thresholding)
     try:
         afs = opts.pop("afs")
         b = sample_solver(denoiser, base, spec.nfe, n, seed, spec.schedule, opts, noise=noise, afs=afs,

@@ -88,7 +88,9 @@ class SamplerSpec:
                afs_in_history: bool | None = None, denoiser=None, recipe: str = "reference") -> "SamplerSpec":
         """Spec for ``solver`` at ``nfe`` (N derived); teacher/feature source from ``denoiser``. What is not given
         comes from ``recipe`` (:mod:`amed_core.amed.recipes`, the same defaults ``amed train --preset`` uses): the
-        method table's schedule over the denoiser's sigma range, the predictor's scales, ``afs_in_history``."""
+        method table's schedule over the denoiser's sigma range, the predictor's scales, ``afs_in_history``.
+        ``dynamic_thresholding`` not given follows ``predict_x0`` as in the reference, except that with a ``denoiser``
+        it is on only when the denoiser's data range lies inside [-1, 1] (:mod:`amed_core.data_range`)."""
         from .recipes import default_schedule_for, sampler_defaults
 
         if solver not in method_names("amed"):
@@ -105,7 +107,14 @@ class SamplerSpec:
         defaults = get_method(solver).default_options  # the plugin's defaults fill what is not given
         opts = {k: defaults[k] if v is None and k in defaults else v for k, v in given.items()}
         if "dynamic_thresholding" in defaults and opts["dynamic_thresholding"] is None:
-            opts["dynamic_thresholding"] = opts["predict_x0"]  # None = follow predict_x0
+            # None = follow predict_x0 (the reference), and with a denoiser only for data inside [-1, 1]
+            # (amed_core.data_range: thresholding rescales wider data)
+            opts["dynamic_thresholding"] = opts["predict_x0"]
+            if denoiser is not None:
+                from ..data_range import default_thresholding
+
+                opts["dynamic_thresholding"] = bool(opts["predict_x0"]) and default_thresholding(
+                    getattr(denoiser, "data_range", None), getattr(denoiser, "data_range_how", "declared"))
         extra = {}
         if denoiser is not None:
             extra = dict(teacher=denoiser.identity(), feature_source=str(getattr(denoiser, "feature_source", "")))

@@ -30,6 +30,9 @@ from .pictures import save_figure_png, save_grid_png, save_quality_plot, save_si
 from .sampling import (BASE_SOLVERS, DEFAULT_OPTIONS, DEFAULT_SCHEDULES, REFERENCE_OPTIONS, REFERENCE_SOLVER, SampleRun,
                        batch_ranges, default_schedule, denoiser_range, reference_solution, sample_solver, schedule_for,
                        seeded_noise, solve_batches)
+from .intervals import margin_interval, verdict
+from .reference import (reference_check_spec, reference_convergence, reference_final_states, reference_points,
+                        reference_spec)
 from .score import SCORE_METRICS, FIDSetup, ScoreResult, score_run, to_images
 from .tables import QualityRow, QualityTable, exact_samples, fmt_score, format_table, has_exact_samples, quality_table
 
@@ -73,4 +76,11 @@ __all__ = [
     "exact_samples",
     "batch_ranges",
     "rmse",
+    "margin_interval",
+    "verdict",
+    "reference_spec",
+    "reference_check_spec",
+    "reference_points",
+    "reference_final_states",
+    "reference_convergence",
 ]

@@ -19,8 +19,9 @@ __all__ = ["base_options", "baseline_name", "schedule_label"]
 
 
 def base_options(base: str, *, afs: bool, max_order: Optional[int] = None, predict_x0: Optional[bool] = None,
-                 lower_order_final: Optional[bool] = None) -> dict[str, Any]:
-    """The options of the base solver ``base`` that match a learned student's (its AFS, order and DPM-Solver++ flags),
+                 lower_order_final: Optional[bool] = None, dynamic_thresholding: Optional[bool] = None) -> dict[str, Any]:
+    """The options of the base solver ``base`` that match a learned student's (its AFS, order and DPM-Solver++ flags,
+    its dynamic thresholding when set: chosen from the data range),
     as far as the base accepts them (the method table's ``options``); the order is capped at the base's default, its
     highest (dpmpp: 3). This is the base solver a sweep scores every candidate next to (``flows.plan``), and the one
     ``amed sample --predictor`` scores."""
@@ -31,6 +32,8 @@ def base_options(base: str, *, afs: bool, max_order: Optional[int] = None, predi
     for k, v in (("predict_x0", predict_x0), ("lower_order_final", lower_order_final)):
         if k in m.options:
             opts[k] = v
+    if "dynamic_thresholding" in m.options and dynamic_thresholding is not None:
+        opts["dynamic_thresholding"] = bool(dynamic_thresholding)
     return opts
 
 

@@ -42,6 +42,7 @@ class ScoreResult:
     samples: torch.Tensor
     stats: FIDStats | None = None
     per_sample: dict | None = None  # rmse: each sample's RMSE to its reference solution: median, p90, p99, max
+    errors: torch.Tensor | None = None  # rmse: every sample's RMSE to its reference (n,), float64, in seed order
 
 
 def per_sample_summary(errors: torch.Tensor) -> dict:
@@ -84,8 +85,10 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
 
     - ``fd_exact``: Frechet distance ||mu - mu*||^2 + tr(S + S* - 2 (S S*)^{1/2}) of the samples' moments to the
       mixture's exact ones (:func:`amed_core.metrics.fd_exact_gmm`; analytic teachers only);
-    - ``rmse``: sqrt(sum_j ||x_j - x*_j||^2 / (n d)) to ``reference(noise, labels)`` (the near-exact ODE
-      solution of the same noise, a tensor or a result with ``.x``);
+    - ``rmse``: sqrt(sum_j ||x_j - x*_j||^2 / (n d)) to the near-exact ODE solution of the same noise: ``reference``
+      is either the stored solutions of all ``seeds`` ((n, C, H, W), in seed order; what a sweep does,
+      :mod:`amed_core.evaluate.reference`) or ``reference(noise, labels)`` per batch (a tensor or a result with ``.x``);
+      ``errors`` holds every sample's RMSE;
     - ``fid``: FID of the samples (images in [-1, 1], quantised with :func:`amed_core.fid.to_uint8`; latent
       models' samples decoded first, :func:`to_images`) against ``fid``'s reference statistics. ``partial``
       (statistics of the first ``partial.n`` seeds, e.g. from an
@@ -135,15 +138,20 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
     err2, nfe, numel = 0.0, None, 0
     per: list[torch.Tensor] = []
 
-    def draw(chunk, pictures: int):
-        """(states, NFE, squared error to the reference, images of the first ``pictures`` (all for fid))."""
+    if metric == "rmse" and torch.is_tensor(reference) and (reference.ndim != 4 or reference.shape[0] < n):
+        raise ValueError(f"reference holds {tuple(reference.shape)}: it must be (n, C, H, W), one solution per seed "
+                         f"({n} seeds)")
+
+    def draw(chunk, pictures: int, lo: int = 0):
+        """(states, NFE, squared error to the reference, images of the first ``pictures`` (all for fid)); ``lo``:
+        the chunk's first position in ``seeds``."""
         noise, onehot = _inputs(chunk, denoiser, label_dim, device)
         with torch.no_grad():
             res = run(noise, onehot)
             x = res.x.to(device="cpu", dtype=torch.float64)
             e2 = None
             if metric == "rmse":
-                ref = reference(noise, onehot)
+                ref = reference[lo:lo + len(chunk)] if torch.is_tensor(reference) else reference(noise, onehot)
                 ref = getattr(ref, "x", ref)
                 d2 = ((x - ref.to(device="cpu", dtype=torch.float64)) ** 2).reshape(x.shape[0], -1)
                 e2 = (float(d2.sum()), d2.mean(dim=1).sqrt())
@@ -160,7 +168,7 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
     for lo in range(start, n, batch_size):
         chunk = seeds[lo:lo + batch_size]
         have = sum(k.shape[0] for k in kept)
-        x, nfe, e2, img = draw(chunk, max(0, min(keep - have, len(chunk))))
+        x, nfe, e2, img = draw(chunk, max(0, min(keep - have, len(chunk))), lo)
         finite = finite and bool(torch.isfinite(x).all())
         if metric == "rmse":
             err2 += e2[0]
@@ -183,5 +191,6 @@ def score_run(run: Callable, denoiser, *, seeds: Sequence[int], batch_size: int,
     else:
         value = stats.fid(fid.mu_ref, fid.sigma_ref)
     samples = torch.cat(kept) if kept else torch.empty((0, *denoiser.shape), dtype=torch.float64)  # pictures
-    summary = per_sample_summary(torch.cat(per)) if per else None
-    return ScoreResult(metric, float(value), int(nfe), n, finite, samples, stats, summary)
+    errors = torch.cat(per) if per else None
+    summary = per_sample_summary(errors) if per else None
+    return ScoreResult(metric, float(value), int(nfe), n, finite, samples, stats, summary, errors)

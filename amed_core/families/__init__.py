@@ -24,11 +24,11 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 from ..io import atomic_write_bytes
 from . import amed, epd, free, gits
-from .static import SPEC_FILE, StaticSampler, StaticSpec
+from .static import SPEC_FILE, PureSchedule, StaticSampler, StaticSpec
 
 __all__ = ["Family", "FAMILY_MODULES", "SPEC_FILE", "StaticSampler", "StaticSpec", "get_family", "family_of",
            "checkpoint_kind", "checkpoint_names", "sampler_from_files", "load_sampler", "save_sampler", "describe",
-           "sampler_files"]
+           "sampler_files", "PureSchedule", "pure_schedule"]
 
 
 @runtime_checkable
@@ -52,6 +52,11 @@ class Family(Protocol):
     def to_files(self, sampler) -> dict[str, bytes]: ...
 
     def describe(self, sampler) -> dict: ...
+
+
+# Optional in a family module: ``schedule(sampler) -> PureSchedule`` where the sampler is a sigma list run by a
+# training-free solver (free, gits; GS's grid), so the exports of amed_core.integrations can hand it to diffusers /
+# k-diffusion / a sigmas.json. Families without it (amed, epd: per-step learned parts) are refused by the exports.
 
 
 FAMILY_MODULES = {"free": free, "gits": gits, "amed": amed, "epd": epd}
@@ -128,6 +133,13 @@ def save_sampler(directory: str | os.PathLike, sampler) -> Path:
 def describe(sampler) -> dict:
     """{"family", "method", "nfe" (the method's reported NFE), "denoiser_calls" (per sample), "num_steps", ...}."""
     return get_family(_kind(sampler)).describe(sampler)
+
+
+def pure_schedule(sampler) -> PureSchedule | None:
+    """The sampler as a :class:`PureSchedule` (sigmas + the free solver run on them) when its family is a pure
+    schedule (its module has ``schedule(sampler)``), else None (amed, epd)."""
+    fn = getattr(get_family(_kind(sampler)), "schedule", None)
+    return fn(sampler) if fn is not None else None
 
 
 def _kind(sampler) -> str:

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 from .static import SPEC_FILE, StaticSampler, StaticSpec
 from .static import describe as _describe
 from .static import from_files as _from_files
+from .static import schedule as _schedule
 
 name = "free"
 needs_teacher = False
@@ -53,6 +54,12 @@ def to_files(sampler: StaticSampler) -> dict[str, bytes]:
 
 def describe(sampler: StaticSampler) -> dict:
     return _describe(sampler)
+
+
+def schedule(sampler: StaticSampler):
+    """A pure schedule: its sigmas and base solver (:class:`~amed_core.families.static.PureSchedule`), for the
+    exports of :mod:`amed_core.integrations`."""
+    return _schedule(sampler)
 
 
 PANEL_SCHEDULES = (("polynomial", 7.0), ("logsnr", 1.0), ("time_uniform", 1.0))

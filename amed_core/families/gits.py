@@ -16,6 +16,7 @@ import torch
 from .static import SPEC_FILE, StaticSampler, StaticSpec
 from .static import describe as _describe
 from .static import from_files as _from_files
+from .static import schedule as _schedule
 
 name = "gits"
 needs_teacher = True
@@ -87,3 +88,9 @@ def to_files(sampler: StaticSampler) -> dict[str, bytes]:
 
 def describe(sampler: StaticSampler) -> dict:
     return _describe(sampler)
+
+
+def schedule(sampler: StaticSampler):
+    """A pure schedule: its sigmas and base solver (:class:`~amed_core.families.static.PureSchedule`), for the
+    exports of :mod:`amed_core.integrations`."""
+    return _schedule(sampler)

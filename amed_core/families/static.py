@@ -18,6 +18,22 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
+class PureSchedule:
+    """What a pure-schedule sampler is, for tools that take a sigma list (:mod:`amed_core.integrations`): the N
+    time points (decreasing, float64 values, no trailing 0) and the training-free solver that runs on them with its
+    AFS and options. A family whose sampler is a schedule (free, gits; GS's grid) provides it through its module's
+    ``schedule(sampler)``; the exports (diffusers, k-diffusion, sigmas.json) need nothing else."""
+
+    sigmas: tuple[float, ...]
+    solver: str
+    afs: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    family: str = "free"
+    method: str = ""
+    nfe: int = 0
+
+
+@dataclass(frozen=True)
 class StaticSpec:
     kind: str
     solver: str
@@ -116,6 +132,12 @@ def from_files(files: Mapping[str, bytes], kind: str) -> StaticSampler:
     if doc.get("kind") != kind:
         raise ValueError(f"{SPEC_FILE} kind {doc.get('kind')!r} is not {kind!r}")
     return StaticSampler(StaticSpec.from_dict(doc))
+
+
+def schedule(sampler: StaticSampler) -> PureSchedule:
+    """The sampler as a :class:`PureSchedule` (its explicit sigmas and base solver)."""
+    s = sampler.spec
+    return PureSchedule(tuple(s.sigmas), s.solver, bool(s.afs), dict(s.options), s.kind, s.method, int(s.nfe))
 
 
 def describe(sampler: StaticSampler) -> dict:

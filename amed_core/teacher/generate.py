@@ -75,8 +75,12 @@ def generate_shard(denoiser, spec: TeacherSpec, index: int, *, batch_size: int |
         if cl is not None:
             cl = cl.to(device)
         with torch.no_grad():
-            res = solve(spec.solver, denoiser, x, grid, class_labels=cl, return_trajectory=True, **spec.solver_options)
-        traj = res.trajectory[keep.to(res.trajectory.device)]
+            if len(keep) * 2 <= len(grid):  # a few kept points of a long grid (e.g. a reference): no whole trajectory
+                res, traj = _solve_keeping(spec, denoiser, x, grid, keep, cl)
+            else:
+                res = solve(spec.solver, denoiser, x, grid, class_labels=cl, return_trajectory=True,
+                            **spec.solver_options)
+                traj = res.trajectory[keep.to(res.trajectory.device)]
         if not torch.isfinite(traj).all():
             raise FloatingPointError(f"teacher produced non-finite states in shard {index} (solver {spec.solver!r})")
         chunks.append(traj.to(device="cpu", dtype=sdtype))
@@ -87,6 +91,24 @@ def generate_shard(denoiser, spec: TeacherSpec, index: int, *, batch_size: int |
     return TeacherShard(spec_hash=spec.spec_hash, index=index, seeds=seeds, noise=noise64.to(sdtype),
                         states=states.contiguous(), sigmas=spec.union_grid(), labels=labels,
                         label_dim=spec.label_dim, nfe=int(nfe))
+
+
+def _solve_keeping(spec: TeacherSpec, denoiser, x: torch.Tensor, grid: torch.Tensor, keep: torch.Tensor, cl):
+    """The solver on ``grid``, keeping only the states at ``keep`` (from the step callback: state ``i + 1`` after step
+    ``i``), so memory does not grow with the grid's length."""
+    want = [int(k) for k in keep]
+    got = {0: x} if 0 in want else {}
+    wanted = set(want)
+
+    def keep_state(info) -> None:
+        if info.i + 1 in wanted:
+            got[info.i + 1] = info.x.detach().clone()
+
+    res = solve(spec.solver, denoiser, x, grid, class_labels=cl, callback=keep_state, **spec.solver_options)
+    missing = [k for k in want if k not in got]
+    if missing:
+        raise RuntimeError(f"teacher solver {spec.solver!r} reported no state at grid points {missing[:4]}")
+    return res, torch.stack([got[k] for k in want])
 
 
 def teacher_nfe_per_trajectory(solver: str, sigmas: torch.Tensor, *, shape: Sequence[int] = (1, 1, 1),

@@ -144,7 +144,9 @@ def eval_job(job: EvalJob) -> dict:
     """
     from amed_core.evaluate import score_run
     from amed_core.schedules import ScheduleSpec
-    from amed_core.methods import nfe_for, solve
+    from amed_core.methods import nfe_for
+
+    import torch
 
     t_start = time.perf_counter()
     setup_worker(job.torch_threads)
@@ -177,11 +179,13 @@ def eval_job(job: EvalJob) -> dict:
         return sampler(denoiser, noise, class_labels=labels)
 
     reference = None
-    if proto.metric == "rmse":
-        ref_sigmas = ScheduleSpec.from_dict(job.schedule).grid(proto.reference_steps)
+    if proto.metric == "rmse":  # the stored near-exact reference of these seeds (flows.references), one per teacher
+        from flows.references import load_reference
 
-        def reference(noise, labels):
-            return solve(job.reference_solver, denoiser, noise * ref_sigmas[0], ref_sigmas, class_labels=labels)
+        if not job.reference_spec:
+            raise ValueError("metric rmse needs the stored reference (EvalJob.reference_spec); plan the sweep again")
+        reference = load_reference(job.reference_spec, job.store_url, job.storage_options, denoiser,
+                                   proto.num_samples)
 
     fid_kw: dict = {}
     partial_key = f"{job.result_key}.fid-partial.safetensors"
@@ -201,6 +205,13 @@ def eval_job(job: EvalJob) -> dict:
         record["rmse"] = float(res.value)
     if res.per_sample:
         record["per_sample"] = dict(res.per_sample)
+    if res.errors is not None:  # every sample's error, for the margin's confidence interval (register stage)
+        from safetensors.torch import save
+
+        data = save({"errors": res.errors.to(torch.float64).contiguous()}, metadata={"seed": str(proto.seed)})
+        record["errors_key"] = f"{job.result_key}.errors.safetensors"
+        store.put(record["errors_key"], data)
+        record["errors_sha256"] = sha256(data)
     if proto.metric == "fid" and fid_kw.get("partial") is not None:
         record["resumed_from"] = int(fid_kw["partial"].n)
     if job.grid_samples > 0:

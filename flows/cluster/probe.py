@@ -30,7 +30,8 @@ _IN_PROCESS = ("digits-gmm",)
 
 class TeacherFacts:
     """A teacher's planning facts; quacks like the denoiser where the planner reads it (``identity()``,
-    ``sigma_min``, ``sigma_max``, ``shape``, ``label_dim``, ``feature_source``, ``alphas_cumprod``); it cannot denoise."""
+    ``sigma_min``, ``sigma_max``, ``shape``, ``label_dim``, ``feature_source``, ``alphas_cumprod``, ``data_range`` and ``data_range_how``:
+    declared / measured / unknown); it cannot denoise."""
 
     def __init__(self, facts: dict[str, Any]):
         self.facts = dict(facts)
@@ -43,6 +44,9 @@ class TeacherFacts:
         if table is not None:
             self.alphas_cumprod = tuple(float(a) for a in table)
         self.has_exact_samples = bool(facts.get("has_exact_samples"))
+        rng = facts.get("data_range")
+        self.data_range = None if rng is None else (float(rng[0]), float(rng[1]))
+        self.data_range_how = str(facts.get("data_range_how") or "unknown")
 
     def identity(self) -> dict:
         return dict(self.facts["identity"])
@@ -65,14 +69,18 @@ def teacher_facts(dataset) -> dict[str, Any]:
     """Load the dataset's teacher (wherever this runs) and return its planning facts as JSON-able values."""
     from flows.cluster.worker import load_dataset_teacher
 
+    from amed_core.data_range import data_range_of
+
     den = load_dataset_teacher(dataset)
+    rng, how = data_range_of(den)  # declared, else measured on a few samples (decides thresholding defaults)
     table = getattr(den, "alphas_cumprod", None)
     if table is not None:
         table = [float(a) for a in (table.tolist() if hasattr(table, "tolist") else table)]
     return {"identity": den.identity(), "sigma_min": float(den.sigma_min), "sigma_max": float(den.sigma_max),
             "shape": [int(v) for v in den.shape], "label_dim": int(getattr(den, "label_dim", 0) or 0),
             "feature_source": str(getattr(den, "feature_source", "") or ""), "alphas_cumprod": table,
-            "has_exact_samples": callable(getattr(den, "sample", None))}
+            "has_exact_samples": callable(getattr(den, "sample", None)),
+            "data_range": None if rng is None else [float(v) for v in rng], "data_range_how": how}
 
 
 def probes_in_process(dataset) -> bool:

@@ -1,5 +1,5 @@
-"""`amed teacher generate | ls | verify | repair | train-tiny`: shared teacher trajectories in a store (flows.storage), and
-the tiny digits UNet teacher (``amed_core.tiny_unet.train_tiny``)."""
+"""`amed teacher generate | ls | verify | repair | train-tiny | train-photos`: shared teacher trajectories in a store
+(flows.storage), and the tiny UNet teachers on digits and on 32x32 photo crops (``amed_core.tiny_train.train_tiny``)."""
 
 from __future__ import annotations
 
@@ -205,8 +205,28 @@ def train_tiny(args) -> int:
     return 0
 
 
+# The shipped photos-tiny-unet's settings (amed_core/data/tiny_unet_photos/config.json records them): 600 steps took
+# 29 min on the shared 2-core dev box at load average 25-30 (BENCHMARKS "Neural teachers"); more steps (--steps 3000,
+# --ema-halflife 200) give a teacher closer to its data.
+PHOTOS_STEPS, PHOTOS_BATCH, PHOTOS_EMA, PHOTOS_CHANNELS = 600, 32, 50.0, 16
+
+
+def train_photos(args) -> int:
+    import torch
+
+    from amed_core.tiny_train import TrainTinyConfig, photos_unet_config, train_tiny
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = TrainTinyConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, dataset="photos",
+                          ema_halflife_steps=args.ema_halflife, unet=photos_unet_config(args.channels))
+    den = train_tiny(config=cfg, out=args.out, progress=not args.no_progress)
+    print(json.dumps({"out": str(args.out), "teacher": f"tiny-unet:{args.out}", **den.identity()}, indent=2))
+    return 0
+
+
 HANDLERS = {"generate": _guard(generate), "ls": _guard(ls), "verify": _guard(verify), "repair": _guard(repair),
-            "train-tiny": train_tiny}
+            "train-tiny": train_tiny, "train-photos": train_photos}
 
 
 def run(args) -> int:
@@ -279,6 +299,23 @@ def register(subparsers) -> None:
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=run)
+
+    ph = teacher_subparsers.add_parser(
+        "train-photos", help="train the 32x32 RGB UNet on crops of the photographs shipped in scikit-image's and "
+                             "scikit-learn's wheels (the photos-tiny-unet teacher)",
+        description="Writes config.json + model.safetensors to --out; use it as teacher 'tiny-unet:DIR'. Needs "
+                    "scikit-image installed (its wheel holds the photographs; nothing is downloaded).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ph.add_argument("--out", required=True, help="output folder")
+    ph.add_argument("--steps", type=int, default=PHOTOS_STEPS)
+    ph.add_argument("--batch-size", type=int, default=PHOTOS_BATCH)
+    ph.add_argument("--lr", type=float, default=2e-3)
+    ph.add_argument("--ema-halflife", type=float, default=PHOTOS_EMA, help="EMA half-life in optimiser steps")
+    ph.add_argument("--channels", type=int, default=PHOTOS_CHANNELS, help="channels of the 32x32 level")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ph.add_argument("--no-progress", action="store_true")
+    ph.set_defaults(func=run)
 
 
 __all__ = ["register", "run"]

@@ -173,8 +173,11 @@ class EvalConfig(StrictModel):
     fid_stats: Optional[str] = Field(default=None, description="metric fid: reference statistics (.npz path/URL)")
     inception_weights: Optional[str] = Field(default=None, description="metric fid: Inception weights (path/URL)")
     grid_samples: int = Field(default=64, ge=0, le=256, description="samples drawn into each PNG grid")
-    reference_steps: int = Field(default=257, ge=3, description="metric rmse: grid points of the reference solution "
-                                 "(teacher solver on the sampler's schedule)")
+    reference_steps: int = Field(default=257, ge=3, le=100_000, description="metric rmse: log-SNR points of the near-exact "
+                                 "reference (DPM-Solver++(3M), float64), computed once per (teacher, evaluation seeds) "
+                                 "and stored beside the teacher")
+    reference_check_samples: int = Field(default=256, ge=1, le=MAX_SEED, description="metric rmse: samples on which "
+                                         "the reference is also solved on 2N - 1 points (its convergence, recorded)")
 
     @model_validator(mode="after")
     def _fid(self):

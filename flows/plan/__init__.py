@@ -27,10 +27,11 @@ from flows.plan.families import (
     plan_panel,
 )
 from flows.plan.jobs import Candidate, EvalJob, PanelSlot, ScoreSettings, SweepPlan, TeacherJob, TrainJob, slug
-from flows.plan.sweep import get_family_name, plan_baseline, plan_candidate, plan_dataset, plan_sweep, teacher_id
+from flows.plan.sweep import (get_family_name, plan_baseline, plan_candidate, plan_dataset, plan_reference, plan_sweep,
+                              teacher_id)
 
 __all__ = ["TeacherJob", "TrainJob", "EvalJob", "ScoreSettings", "Candidate", "PanelSlot", "SweepPlan", "plan_sweep",
-           "plan_dataset", "plan_baseline", "plan_candidate", "plan_panel", "panel_job", "plan_gits_teacher",
+           "plan_dataset", "plan_reference", "plan_baseline", "plan_candidate", "plan_panel", "panel_job", "plan_gits_teacher",
            "plan_gits_candidate", "plan_epd_candidate", "teacher_id", "slug",
            # also public: the pieces the modules share, EPD's student spec, a method's family
            "eval_common", "identity", "schedule_for", "epd_spec", "get_family_name"]

@@ -10,7 +10,7 @@ from flows.config import SweepConfig
 from flows.plan.jobs import ScoreSettings, TeacherJob
 from flows.results import EvalProtocol
 
-__all__ = ["identity", "schedule_for", "eval_common"]
+__all__ = ["identity", "schedule_for", "eval_common", "thresholding"]
 
 
 def identity(teacher: TeacherJob) -> dict[str, Any]:
@@ -30,6 +30,15 @@ def schedule_for(cfg: SweepConfig, den, schedule_type: str, rho: float):
                         sigma_max=sc.sigma_max or float(den.sigma_max))
 
 
+def thresholding(solver: str, options: dict, den) -> dict:
+    """``options`` with dynamic thresholding chosen from the teacher's data range where the solver takes it and the
+    sweep did not set it: on only for data inside [-1, 1] (amed_core.data_range; ``den`` is the probe's facts)."""
+    from amed_core.data_range import thresholding_options
+
+    return thresholding_options(solver, options, getattr(den, "data_range", None),
+                                getattr(den, "data_range_how", "declared"))
+
+
 def eval_common(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol) -> dict[str, Any]:
     ev = cfg.evaluation
     settings = ScoreSettings(metric=ev.metric, num_samples=ev.num_samples, seed=ev.seed, batch_size=ev.batch_size,
@@ -38,5 +47,5 @@ def eval_common(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol) 
                                 if ev.metric == "fid" else {}))
     return {"store_url": teacher.store_url, "storage_options": teacher.storage_options,
             "torch_threads": cfg.compute.torch_threads, "dataset": teacher.dataset, "protocol": settings,
-            "protocol_hash": proto.hash, "grid_samples": ev.grid_samples, "reference_solver": cfg.teacher.solver,
+            "protocol_hash": proto.hash, "grid_samples": ev.grid_samples, "reference_spec": teacher.reference_spec,
             "schedule": sp.schedule.to_dict()}

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict
 
 from flows.config import DatasetConfig, PanelEntry, SweepConfig
-from flows.plan.common import eval_common, identity, schedule_for
+from flows.plan.common import eval_common, identity, schedule_for, thresholding
 from flows.plan.jobs import Candidate, EvalJob, ScoreSettings, TeacherJob, TrainJob, slug
 from flows.results import EvalProtocol
 from flows.storage.checksums import json_digest
@@ -29,7 +29,7 @@ def panel_job(cfg: SweepConfig, teacher: TeacherJob, den, entry, nfe: int, proto
                              entry.schedule_rho if entry.schedule_rho is not None else
                              (default.rho if entry.schedule_type in (None, default.schedule_type) else 7.0))
     afs = pick_afs(entry.solver, nfe, None if entry.afs == "auto" else entry.afs)
-    opts = {**dict(m.default_options), **dict(entry.options), "afs": afs}
+    opts = {**thresholding(entry.solver, {**dict(m.default_options), **dict(entry.options)}, den), "afs": afs}
     try:
         steps = num_steps_for(entry.solver, nfe, afs, opts)
     except ValueError:
@@ -47,7 +47,7 @@ def panel_job(cfg: SweepConfig, teacher: TeacherJob, den, entry, nfe: int, proto
     return EvalJob(id=f"base-{slug(name)}-{solver}-nfe{nfe}-{bid[:8]}", store_url=teacher.store_url,
                    storage_options=teacher.storage_options, torch_threads=cfg.compute.torch_threads,
                    dataset=teacher.dataset, kind="baseline", protocol=settings, protocol_hash=proto.hash,
-                   grid_samples=ev.grid_samples, reference_solver=cfg.teacher.solver, schedule=schedule.to_dict(),
+                   grid_samples=ev.grid_samples, reference_spec=teacher.reference_spec, schedule=schedule.to_dict(),
                    result_key=f"evals/{bid}.json", grid_key=f"evals/{bid}-samples.png",
                    title=f"{name} {solver} NFE {nfe}", solver=solver, nfe=nfe, num_steps=steps, solver_options=opts,
                    tags=[f"dataset:{name}", f"solver:{solver}", f"nfe:{nfe}", "baseline", "panel"], family="free",
@@ -81,7 +81,8 @@ def plan_gits_teacher(cfg: SweepConfig, d: DatasetConfig, students: TeacherJob, 
                                     base_seed=t.seed)
     return TeacherJob(name=d.name, role="gits", dataset=students.dataset, spec_json=spec.to_json(),
                       spec_hash=spec.spec_hash, num_shards=spec.num_shards, num_trajectories=g.warmup,
-                      store_url=store_url, storage_options=dict(cfg.storage_options))
+                      store_url=store_url, storage_options=dict(cfg.storage_options),
+                      reference_spec=students.reference_spec)
 
 
 def plan_gits_candidate(cfg: SweepConfig, gt: TeacherJob, den, base: str, nfe: int, proto: EvalProtocol,
@@ -91,7 +92,7 @@ def plan_gits_candidate(cfg: SweepConfig, gt: TeacherJob, den, base: str, nfe: i
     from amed_core.methods import get_method, num_steps_for
 
     g = cfg.families.gits
-    opts = {**dict(get_method(base).default_options), **dict(g.options.get(base, {}))}
+    opts = thresholding(base, {**dict(get_method(base).default_options), **dict(g.options.get(base, {}))}, den)
     try:
         num_steps_for(base, nfe, False, opts)
     except ValueError:
@@ -111,7 +112,7 @@ def plan_gits_candidate(cfg: SweepConfig, gt: TeacherJob, den, base: str, nfe: i
     eid = json_digest({"checkpoint": cid, "protocol": proto.hash})
     common = {k: v for k, v in base_job.model_dump().items() if k in (
         "store_url", "storage_options", "torch_threads", "dataset", "protocol", "protocol_hash", "grid_samples",
-        "reference_solver", "schedule")}
+        "reference_spec", "schedule")}
     ev = EvalJob(**common, id=f"eval-{name}-{eid[:8]}", kind="candidate", checkpoint=ckpt, family="gits",
                  result_key=f"evals/{eid}.json", grid_key=f"{ckpt}/samples.png", title=f"{dname} {method} NFE {nfe}")
     cand = Candidate(train=job, eval=ev, base_id=base_job.id, base_solver=base, protocol=proto, family="gits",

@@ -36,10 +36,13 @@ class TeacherJob(_Job):
     """The shared teacher of one dataset: a TeacherSpec (JSON) whose shards the teacher stage generates.
 
     role "students": the trajectories at the union of the student grids (AMED, EPD); role "gits": a small teacher on
-    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points)."""
+    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points); role "reference":
+    the near-exact solution of every evaluation seed (metric rmse, ``amed_core.evaluate.reference_spec``), and
+    "reference_check" the same on 2N - 1 points for its convergence. ``reference_spec``: the reference's spec JSON,
+    which the evaluate jobs of this teacher score against (None unless metric rmse)."""
 
     name: str                  # the dataset's name
-    role: Literal["students", "gits"] = "students"
+    role: Literal["students", "gits", "reference", "reference_check"] = "students"
     dataset: DatasetConfig
     spec_json: str
     spec_hash: str
@@ -47,6 +50,7 @@ class TeacherJob(_Job):
     num_trajectories: int
     store_url: str
     storage_options: dict[str, Any] = {}
+    reference_spec: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -73,7 +77,7 @@ class EvalJob(_StoreJob):
     protocol: ScoreSettings
     protocol_hash: str
     grid_samples: int
-    reference_solver: str                      # metric rmse: the teacher solver of the near-exact reference
+    reference_spec: Optional[str] = None       # metric rmse: the stored reference's TeacherSpec JSON (scored against)
     schedule: dict[str, Any]                   # ScheduleSpec JSON
     result_key: str                            # evals/<hash>.json: the cached score
     grid_key: str                              # the PNG of the first grid_samples samples

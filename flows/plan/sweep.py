@@ -9,13 +9,14 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from flows.config import DatasetConfig, EvalConfig, SamplerConfig, SweepConfig
-from flows.plan.common import eval_common, identity
+from flows.plan.common import eval_common, identity, thresholding
 from flows.plan.families import epd_spec, plan_epd_candidate, plan_gits_candidate, plan_gits_teacher, plan_panel
 from flows.plan.jobs import Candidate, EvalJob, PanelSlot, SweepPlan, TeacherJob, TrainJob, slug
 from flows.results import EvalProtocol
 from flows.storage.checksums import json_digest
 
-__all__ = ["plan_sweep", "plan_dataset", "plan_baseline", "plan_candidate", "teacher_id", "get_family_name"]
+__all__ = ["plan_sweep", "plan_dataset", "plan_reference", "plan_baseline", "plan_candidate", "teacher_id",
+           "get_family_name"]
 
 
 def plan_sweep(cfg: SweepConfig) -> SweepPlan:
@@ -28,11 +29,15 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     teachers, candidates, baselines, panels = [], [], {}, []
     for d in cfg.datasets:
         teacher, den, specs = plan_dataset(cfg, d, store_url)
-        teachers.append(teacher)
+        refs = plan_reference(cfg, teacher, den, store_url)  # metric rmse: the stored near-exact reference + check
+        if refs:
+            teacher = teacher.model_copy(update={"reference_spec": refs[0].spec_json})
+        teachers += [teacher, *refs]
         reference = den.identity().get("content_sha256") or json_digest(den.identity())
         tid = teacher_id(d, den)
         proto = EvalProtocol(metric=cfg.evaluation.metric, num_samples=cfg.evaluation.num_samples,
-                             seed=cfg.evaluation.seed, reference=_reference(cfg.evaluation, reference, cfg.teacher.solver))
+                             seed=cfg.evaluation.seed,
+                             reference=_reference(cfg.evaluation, reference, refs[0].spec_hash if refs else ""))
         slots: dict[int, dict[str, EvalJob]] = {nfe: {} for nfe in cfg.nfes}
 
         def add(job: EvalJob, nfe: int) -> EvalJob:
@@ -117,11 +122,39 @@ def plan_dataset(cfg: SweepConfig, d: DatasetConfig, store_url: str):
     grids = sorted({StudentGrid(sp.schedule, sp.num_steps) for sp in specs.values()}, key=lambda g: g.num_steps)
     t = cfg.teacher
     tspec = TeacherSpec.for_denoiser(den, grids, num_trajectories=t.num_trajectories, shard_size=t.shard_size,
-                                     sub_steps=t.M, solver=t.solver, dtype=t.dtype, base_seed=t.seed)
+                                     sub_steps=t.M, solver=t.solver, dtype=t.dtype, base_seed=t.seed,
+                                     solver_options=thresholding(t.solver, {}, den))
     job = TeacherJob(name=d.name, dataset=ds, spec_json=tspec.to_json(), spec_hash=tspec.spec_hash,
                      num_shards=tspec.num_shards, num_trajectories=t.num_trajectories, store_url=store_url,
                      storage_options=dict(cfg.storage_options))
     return job, den, specs
+
+
+def plan_reference(cfg: SweepConfig, teacher: TeacherJob, den, store_url: str) -> list[TeacherJob]:
+    """Metric rmse: the dataset's near-exact reference (role "reference": DPM-Solver++(3M) on
+    ``evaluation.reference_steps`` log-SNR points, float64, one per evaluation seed) and its convergence check (role
+    "reference_check": 2N - 1 points on ``reference_check_samples`` seeds), stored like teacher shards; every
+    evaluate job of the dataset scores against the first. Empty for other metrics. The reference spans the sweep's
+    sigma range; a solver whose own range differs could not be compared with it and is refused here."""
+    from amed_core.evaluate.reference import reference_check_spec, reference_spec
+
+    ev = cfg.evaluation
+    if ev.metric != "rmse":
+        return []
+    lo, hi = cfg.sampler.sigma_min or float(den.sigma_min), cfg.sampler.sigma_max or float(den.sigma_max)
+    for s, sc in cfg.solver_options.items():
+        for name, mine, sweep in (("sigma_min", sc.sigma_min, lo), ("sigma_max", sc.sigma_max, hi)):
+            if mine is not None and mine != sweep:
+                raise ValueError(f"solver_options.{s}.{name}: {mine} differs from the sweep's {name} ({sweep}); under "
+                                 "metric rmse every sampler is scored against one reference solution over one sigma "
+                                 f"range: set sampler.{name} instead")
+    spec = reference_spec(den, seed=ev.seed, num_samples=ev.num_samples, num_points=ev.reference_steps,
+                          sigma_min=lo, sigma_max=hi)
+    check = reference_check_spec(spec, ev.reference_check_samples)
+    return [TeacherJob(name=teacher.name, role=role, dataset=teacher.dataset, spec_json=s.to_json(),
+                       spec_hash=s.spec_hash, num_shards=s.num_shards, num_trajectories=s.num_trajectories,
+                       store_url=store_url, storage_options=dict(cfg.storage_options))
+            for role, s in (("reference", spec), ("reference_check", check))]
 
 
 def plan_baseline(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol, reference: str) -> EvalJob:
@@ -212,13 +245,15 @@ def _base_options(base: str, sp) -> dict[str, Any]:
     from amed_core.evaluate import base_options
 
     return base_options(base, afs=sp.afs, max_order=sp.max_order, predict_x0=getattr(sp, "predict_x0", None),
-                        lower_order_final=getattr(sp, "lower_order_final", None))
+                        lower_order_final=getattr(sp, "lower_order_final", None),
+                        dynamic_thresholding=getattr(sp, "dynamic_thresholding", None))  # the student's (data range)
 
 
-def _reference(ev: EvalConfig, reference: str, teacher_solver: str) -> str:
-    """What the samples are compared with (EvalProtocol.reference): a number is comparable only under the same one."""
+def _reference(ev: EvalConfig, reference: str, reference_hash: str) -> str:
+    """What the samples are compared with (EvalProtocol.reference): a number is comparable only under the same one
+    (rmse: the stored reference's spec hash, which pins the model, the seeds, the solver and its points)."""
     if ev.metric == "rmse":
-        return f"{reference[:16]};{teacher_solver}@{ev.reference_steps}"
+        return f"{reference[:16]};dpmpp3M-logsnr@{ev.reference_steps}-float64;ref:{reference_hash[:16]}"
     if ev.metric == "fid":  # the statistics and the network both define the number
         return f"fid:{ev.fid_stats};inception:{ev.inception_weights}"
     return f"gmm:{reference[:16]}"

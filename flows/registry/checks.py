@@ -31,9 +31,12 @@ def teacher_for(config, dataset: str):
 
 
 def reference_samples(config_json: dict, dataset: str, checkpoint_url: str, seeds: list[int],
-                      plot_seeds: Optional[list[int]] = None, title: str = "") -> dict:
+                      plot_seeds: Optional[list[int]] = None, title: str = "", baseline_url: Optional[str] = None,
+                      titles: Optional[list[str]] = None) -> dict:
     """The candidate's samples for ``seeds`` (float64, one row per seed) and, for a sampler with a learned per-step
-    policy, its schedule plot on ``plot_seeds`` (PNG bytes, else None)."""
+    policy, its schedule plot on ``plot_seeds`` (PNG bytes, else None); with ``baseline_url`` (the panel best's
+    checkpoint) also ``side_by_side``: both samplers' pictures of the ``plot_seeds`` noise next to each other under
+    ``titles`` (PNG bytes, the champion's story on the model page)."""
     import torch
 
     from amed_core.families import sampler_from_files
@@ -63,7 +66,28 @@ def reference_samples(config_json: dict, dataset: str, checkpoint_url: str, seed
             png = policy_plot_png(sampler, denoiser, noise, class_labels=onehot, title=title)
         except Exception as e:  # noqa: BLE001 - a plot must never lose a candidate
             log.warning("schedule plot for %s not made: %s", title, e)
-    return {"expected": expected, "png": png}
+    side = None
+    if plot_seeds and baseline_url:
+        try:
+            side = _side_by_side(sampler, sampler_from_files(read_checkpoint(baseline_url, config.storage_options)),
+                                 denoiser, *inputs(plot_seeds), titles or ["candidate", "best training-free"])
+        except Exception as e:  # noqa: BLE001 - a picture must never lose a candidate
+            log.warning("side-by-side picture for %s not made: %s", title, e)
+    return {"expected": expected, "png": png, "side_by_side": side}
+
+
+def _side_by_side(sampler, baseline, denoiser, noise, onehot, titles: list[str]) -> bytes:
+    """PNG bytes: the two samplers' images (decoded for latent models) of the same noise, side by side."""
+    import tempfile
+    from pathlib import Path
+
+    from amed_core.evaluate import save_side_by_side_png
+    from amed_core.evaluate.score import to_images
+
+    panels = {t: to_images(denoiser, s(denoiser, noise, class_labels=onehot).x).float().cpu()
+              for t, s in zip(titles, (sampler, baseline))}
+    with tempfile.TemporaryDirectory(prefix="amed-side-") as tmp:
+        return save_side_by_side_png(panels, Path(tmp, "side_by_side.png")).read_bytes()
 
 
 def reproduces(tracking_uri: str, model_uri: str, seeds: list[int], expected) -> bool:

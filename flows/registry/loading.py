@@ -184,31 +184,19 @@ def describe(uri: str, files: dict[str, bytes], *, tracking_uri: Optional[str] =
                base_solver=tags.get("base_solver"), seed=tags.get("seed"), family=tags.get("family"))
     # the baselines by their one name with options (amed_core.evaluate.baseline_name): the base solver at the same
     # NFE and the panel's best training-free sampler (what the champion had to beat: the margin is value / panel)
+    from flows.registry.story import baseline_label
+
     if tags.get("base_solver"):
-        out["base_name"] = _tag_name(tags["base_solver"], tags.get("base_options"))
+        out["base_name"] = baseline_label(tags["base_solver"], tags.get("base_options"))
     if tags.get("baseline_solver"):
-        out.update(panel_name=_tag_name(tags["baseline_solver"], tags.get("baseline_options")),
+        out.update(panel_name=baseline_label(tags["baseline_solver"], tags.get("baseline_options")),
                    panel_value=float(tags["baseline_value"]) if tags.get("baseline_value") else None,
                    margin=float(tags["margin"]) if tags.get("margin") else None)
+    if alias == "champion" or "champion" in aliases:  # why it won (flows/registry/story.py), as on the model page
+        from flows.registry.story import champion_sentence
+
+        out["story"] = champion_sentence(tags, str(mv.version))
     return out
-
-
-def _tag_name(solver: str, options_json: Optional[str]) -> str:
-    """A baseline's name from its version tags: ``base_options`` {schedule, rho, options} or ``baseline_options``
-    {schedule, rho, **options} (flows.registry.registration)."""
-    import json
-
-    from amed_core.evaluate import baseline_name
-
-    try:
-        opts = json.loads(options_json) if options_json else {}
-    except ValueError:
-        opts = {}
-    if not isinstance(opts, dict):
-        opts = {}
-    schedule, rho = opts.pop("schedule", None), opts.pop("rho", None)
-    options = opts.pop("options", None) or {}
-    return baseline_name(solver, {**opts, **options}, schedule, rho)
 
 
 def summary_lines(info: dict, out_dir) -> list[str]:
@@ -229,6 +217,8 @@ def summary_lines(info: dict, out_dir) -> list[str]:
         if info.get("base_value") is not None:
             lines.append(f"base     {info.get('base_name') or info.get('base_solver')} {info['base_value']:.4g} "
                          "(the base solver at the same NFE)")
+    if info.get("story"):
+        lines.append(f"why      {info['story']}")
     teacher = info.get("teacher")
     if isinstance(teacher, dict):
         digest = teacher.get("content_sha256") or teacher.get("sha256") or ""

@@ -127,13 +127,37 @@ def mark_champion(client, name: str, version: str) -> str:
             value = "?"
         line = f"champion: v{version} ({tags.get('solver', '?')}, {tags.get('metric', 'value')} {value})"
         client.set_registered_model_tag(name, CHAMPION, line.removeprefix("champion: "))
+        story = _story_lines(client, mv, version)
         model = client.get_registered_model(name)
-        rest = [ln for ln in (model.description or "").splitlines() if not ln.startswith("champion: ")]
-        client.update_registered_model(name, description="\n".join([line, *rest]))
+        rest = [ln for ln in (model.description or "").splitlines()
+                if ln.strip() and not ln.startswith(("champion: ", *STORY_PREFIXES))]
+        client.update_registered_model(name, description="\n\n".join([line, *story, *rest]))
     except MlflowException as e:  # cosmetic: the alias is what loading reads
         log.warning("could not tag %s with its champion v%s: %s", name, version, e)
         return ""
     return line
+
+
+STORY_PREFIXES = ("why: ", "![samples: champion")  # description lines mark_champion rewrites
+
+
+def _story_lines(client, mv, version: str) -> list[str]:
+    """The model page's story (flows/registry/story.py): ``why: <sentence>`` (also the version's description) and,
+    when the version's run holds it, the side-by-side picture of its samples and the panel best's on the same noise."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.registry.story import SIDE_BY_SIDE, champion_sentence, side_by_side_markdown
+
+    sentence = champion_sentence(mv.tags or {}, str(version))
+    lines = [f"why: {sentence}"]
+    try:
+        client.update_model_version(mv.name, str(version), description=sentence)
+        folder = SIDE_BY_SIDE.rsplit("/", 1)[0]
+        if mv.run_id and any(a.path == SIDE_BY_SIDE for a in client.list_artifacts(mv.run_id, folder)):
+            lines.append(side_by_side_markdown(mv.run_id))
+    except (MlflowException, OSError) as e:  # cosmetic, like the tag
+        log.warning("champion story of %s v%s incomplete: %s", mv.name, version, e)
+    return lines
 
 
 def promote(uri: str, alias: str = CHAMPION, *, tracking_uri: Optional[str] = None) -> dict:
@@ -265,6 +289,9 @@ def family_tags(cand: CandidateResult) -> dict[str, str]:
                                                  **(best.get("options") or {})}, sort_keys=True))
         if cand.margin is not None:
             tags["margin"] = repr(float(cand.margin))
+        if cand.margin_ci:
+            tags.update(margin_ci95_low=repr(float(cand.margin_ci[0])), margin_ci95_high=repr(float(cand.margin_ci[1])),
+                        verdict=str(cand.verdict))
     for k, v in (cand.per_sample or {}).items():
         tags[f"per_sample_{k}"] = repr(float(v))
     return tags

@@ -242,11 +242,13 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, chec
             seeds = [cand.protocol.seed, cand.protocol.seed + 1]
             ref = checks.reference(config.model_dump(mode="json"), cand.dataset, cand.checkpoint_url, seeds,
                                    list(range(cand.protocol.seed, cand.protocol.seed + 8)),
-                                   f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})")
-            if ref["png"] is not None:  # the learned schedule; samplers without a predictor have their sigmas in params
-                Path(tmp, "plots").mkdir(exist_ok=True)
-                Path(tmp, "plots", "schedule.png").write_bytes(ref["png"])
-                mlflow.log_artifact(str(Path(tmp, "plots", "schedule.png")), "plots")
+                                   f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})",
+                                   **_side_by_side_args(cand))
+            Path(tmp, "plots").mkdir(exist_ok=True)
+            for key, fname in (("png", "schedule.png"), ("side_by_side", "side_by_side.png")):
+                if ref.get(key) is not None:  # the learned schedule (samplers without a predictor: sigmas in params);
+                    Path(tmp, "plots", fname).write_bytes(ref[key])  # the champion's story picture
+                    mlflow.log_artifact(str(Path(tmp, "plots", fname)), "plots")
             if not register:
                 return _Logged(rid)
             t0 = time.perf_counter()
@@ -260,6 +262,19 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, chec
         log_metrics(client, rid, {"log_register_seconds": time.perf_counter() - t0})
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
         return _Logged(rid, cand.registered_name, version, moved[CHAMPION])
+
+
+def _side_by_side_args(cand: CandidateResult) -> dict:
+    """reference_samples' baseline arguments: the panel best's checkpoint and both titles (none for the panel's own
+    winner, or a panel without a checkpoint)."""
+    best = cand.panel_best or {}
+    url = best.get("checkpoint_url")
+    if not url or url == cand.checkpoint_url:
+        return {}
+    label = cand.panel_name  # its one name with options (amed_core.evaluate.baseline_name)
+    value = best.get("value")
+    return {"baseline_url": url, "titles": [f"{cand.solver} NFE {cand.nfe}: {cand.value:.4g}",
+                                            f"{label}: {value:.4g}" if value is not None else label]}
 
 
 def _log_candidate_values(client, rid: str, cfg_dict: dict, cand: CandidateResult, sampler, describe_sampler,
