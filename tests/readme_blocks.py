@@ -1,7 +1,7 @@
 """README.md as the sequence of blocks a new user pastes, with what each one needs (tests/test_readme.py runs them).
 
 A fenced block whose language is ``bash``, ``python`` or ``yaml`` is a step; other blocks (diagrams, ``text``) are not.
-A step may be preceded (on the line just above its fence) by one annotation comment::
+Every step is preceded (on the line just above its fence) by one annotation comment (tests/test_readme.py checks)::
 
     <!-- readme-test: env=main; install; timeout=1200; needs=postgres; check=deploy -->
 

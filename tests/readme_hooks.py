@@ -165,4 +165,11 @@ def fetch(ws, repo: Path, o) -> None:
     assert (repo / "my-sampler" / "sampler.json").is_file()
 
 
-CHECKS = {"quickstart": quickstart, "deploy": deploy, "stack-down": stack_down, "byom": byom, "fetch": fetch}
+def integrations_export(ws, repo: Path, o) -> None:
+    """`amed export ... --to sigmas.json` of the quickstart's GITS candidate at NFE 5: its schedule, 6 points."""
+    doc = json.loads((repo / "gits-nfe5.json").read_text())
+    assert doc["family"] == "gits" and doc["solver"] == "ipndm" and len(doc["sigmas"]) == 6, doc
+
+
+CHECKS = {"quickstart": quickstart, "deploy": deploy, "stack-down": stack_down, "byom": byom, "fetch": fetch,
+          "integrations-export": integrations_export}

@@ -23,6 +23,8 @@ def test_readme_steps_are_annotated_consistently():
     envs: dict[str, list] = {}
     for b in BLOCKS:
         envs.setdefault(b.env, []).append(b)
+        # every step says how it is covered (at least its time bound): a new section opts in explicitly
+        assert b.notes, f"README.md:{b.line} ({b.section}): a step without a readme-test annotation"
         if b.lang == "yaml":
             assert b.file or b.sweep or b.skip, f"README.md:{b.line}: a yaml block needs file=PATH, sweep or skip=REASON"
         if b.install:
