@@ -73,3 +73,13 @@ class Adam:
             bias_correction2_sqrt = bias_correction2 ** 0.5
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def descend(loss: torch.Tensor, opt: "Adam", params) -> None:
+    """One step of the trainers (``train_amed``, ``train_epd``): backpropagate ``loss``, zero the gradients' non-finite
+    entries (as the reference does), then ``opt.step()``."""
+    loss.backward()
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    opt.step()

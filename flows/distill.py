@@ -10,7 +10,12 @@ scored next to its training-free base solver at the same NFE.
 - **teacher** (one task per dataset): missing shards spread over Ray tasks (each worker loads the model once).
 - **train** (one task per combination, tagged dataset/solver/nfe): one Ray task each (``num_gpus`` when
   the cluster has GPUs); the checkpoint is committed with ``train.json`` written last.
-- **evaluate** (one task per candidate and per base solver): scores cached in the store.
+- **evaluate** (one task per candidate and per base solver): scores cached in the store. The panel first ranks every
+  entry on ``panel.rank_samples`` seeds (one task per (dataset, NFE)); only its best ``panel.finalists`` are scored on
+  the full count (successive halving, issue 21). With ``init.mode: panel`` (the default) the ranking's winner is
+  where the learned candidates start: the plan is completed after the ranking (``plan_sweep(cfg, winners)``) and the
+  trainings, the sweep's critical path, are submitted before the finalists' full-count scores and take free
+  slots first.
 - **register**: ``runs/<sweep>/results.json`` (list of ``flows.results.CandidateResult``), then
   ``flows.registry.register_sweep`` unless ``register_models`` is false; Prefect table + markdown artifacts.
 
@@ -30,16 +35,18 @@ from typing import Optional, Union
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.cluster.jobs import eval_job, train_job
+from flows.cluster.jobs import eval_job, rank_job, train_job
 from flows.cluster.schedule import PREFETCHED, SLOTS, run_one
 from flows.cluster.session import ray_session
 from flows.cluster.teacher import start_teacher
 from flows.config import ComputeConfig, SweepConfig, load_sweep
 from flows.env import freeze_gc_at_exit
 from flows.plan import EvalJob, SweepPlan, TeacherJob, TrainJob, plan_sweep, slug
+from flows.plan.init import choose
+from flows.plan.jobs import RankJob
 from flows.references import reference_records
 from flows.report import MarginIntervals, final_lines, panel_summaries, publish_artifacts, shown_uri
-from flows.results import CandidateResult, champion_rows, results_table
+from flows.results import CandidateResult, champion_rows, flag_diverged, results_table
 from flows.storage.checksums import json_digest, sha256
 from flows.storage.credentials import redact
 from flows.storage.runs import RunStore
@@ -77,6 +84,11 @@ def _train_key(context, parameters) -> Optional[str]:
 def _eval_key(context, parameters) -> Optional[str]:
     job: EvalJob = parameters["job"]
     return _done_key("eval", job.id, job, job.result_key)
+
+
+def _rank_key(context, parameters) -> Optional[str]:
+    job: RankJob = parameters["job"]
+    return _done_key("rank", job.id, job, job.result_key)
 
 
 def _done_key(stage: str, job_id: str, job, marker: str) -> Optional[str]:
@@ -162,14 +174,46 @@ def train_stage(job: TrainJob, compute: ComputeConfig) -> dict:
     if rec is not None:
         logger.info("train %s: checkpoint committed in the store, skipping", job.name)
         return {**rec, "skipped": True, "seconds": 0.0}
-    with SLOTS.slot(compute.max_parallel):
+    with SLOTS.slot(compute.max_parallel, priority=1):  # the critical path: the next free slot is a training's
         logger.info("train %s: %d trajectories x %d epoch(s), batch %d", job.name, job.train["num_trajectories"]
                     // job.epochs, job.epochs, job.train["batch_size"])
         rec = run_one(train_job, job, compute=compute, gpu=True, logger=logger, store=store)
     if store.committed_checkpoint(job.checkpoint) is None:
         raise RuntimeError(f"train {job.name}: the checkpoint was not committed")
-    logger.info("train %s: done in %.1f s (final loss %.4g)", job.name, rec["seconds"],
-                rec["loss_history"][-1] if rec["loss_history"] else float("nan"))
+    logger.info("train %s: done in %.1f s (final loss %.4g)%s", job.name, rec["seconds"],
+                rec["loss_history"][-1] if rec["loss_history"] else float("nan"), _validation_line(rec))
+    return {**rec, "skipped": False}
+
+
+def _validation_line(rec: dict) -> str:
+    v = rec.get("validation") or {}
+    if not v:
+        return " DIVERGED" if rec.get("diverged") else ""
+    return (f"; validation {v.get('first'):.4g} -> {v.get('best'):.4g} (kept update {v.get('best_updates')})"
+            + (" DIVERGED" if rec.get("diverged") else "") + (", stopped early" if rec.get("stopped_early") else ""))
+
+
+@task(name="rank", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_infra_only, cache_key_fn=_rank_key,
+      persist_result=True, result_serializer="json")
+def rank_stage(job: RankJob, compute: ComputeConfig) -> dict:
+    """Rank one (dataset, NFE)'s panel on the first seeds as a Ray task; skip when its record is in the store."""
+    logger = get_run_logger()
+    rec = _stored_or_run(rank_job, job, compute, logger, "rank")
+    best = sorted(rec["values"].items(), key=lambda kv: kv[1])[:3]
+    logger.info("rank %s: %d entries on %d samples (%s), best %s", job.id, len(rec["values"]), job.num_samples,
+                rec["metric"], ", ".join(f"{k.split('-nfe')[0].rsplit('-', 1)[-1]}={v:.4g}" for k, v in best))
+    return rec
+
+
+def _stored_or_run(fn, job, compute: ComputeConfig, logger, label: str) -> dict:
+    """A scoring job's record: the one in the store (``skipped``) unless ``amed distill`` already started the job on
+    Ray, else ``fn(job)`` as a Ray task in a flow slot."""
+    store = _store(job)
+    if not PREFETCHED.has_eval(job.id) and store.exists(job.result_key):
+        logger.info("%s %s: in the store, skipping", label, job.id)
+        return {**store.get_json(job.result_key), "skipped": True, "seconds": 0.0}
+    with SLOTS.slot(compute.max_parallel):
+        rec = run_one(fn, job, compute=compute, gpu=True, logger=logger, store=store, ref=PREFETCHED.take_eval(job.id))
     return {**rec, "skipped": False}
 
 
@@ -178,25 +222,22 @@ def train_stage(job: TrainJob, compute: ComputeConfig) -> dict:
 def evaluate_stage(job: EvalJob, compute: ComputeConfig) -> dict:
     """Score a candidate checkpoint or a base solver as a Ray task; skip when its score is in the store."""
     logger = get_run_logger()
-    store = _store(job)
-    if not PREFETCHED.has_eval(job.id) and store.exists(job.result_key):
-        logger.info("evaluate %s: score in the store, skipping", job.id)
-        return {**store.get_json(job.result_key), "skipped": True, "seconds": 0.0}
-    with SLOTS.slot(compute.max_parallel):
-        rec = run_one(eval_job, job, compute=compute, gpu=True, logger=logger, store=store,
-                      ref=PREFETCHED.take_eval(job.id))
+    rec = _stored_or_run(eval_job, job, compute, logger, "evaluate")
+    if rec["skipped"]:
+        return rec
     logger.info("evaluate %s: %s = %.5g (NFE %d, %d samples)", job.id, job.protocol.metric, rec["value"],
                 rec["nfe"], rec["num_samples"])
     return {**rec, "skipped": False}
 
 
 @task(name="register", retries=1, retry_delay_seconds=1)
-def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict, teachers: dict) -> dict:
+def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict, teachers: dict,
+                   ranked: Optional[list] = None) -> dict:
     """Write runs/<sweep>/results.json, register winners in MLflow (register_models), publish artifacts."""
     logger = get_run_logger()
     cfg = SweepConfig.model_validate(cfg_json)
     store = RunStore(plan.store_url, cfg.storage_options)
-    panels = panel_summaries(plan, scores)
+    panels = panel_summaries(plan, scores, ranked)
     interval = MarginIntervals(store)  # margin intervals over noise seeds (paired bootstrap over samples)
     jobs = {b.id: b for b in plan.baselines}
 
@@ -209,8 +250,8 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
         tr, sc = trained[c.id], scores[c.eval.id]
         base = scores[c.base_id] if c.base_id else {}  # none: panel.include_base_solvers false
         teacher = teachers[c.train.dataset.name]
-        if c.family == "gits":
-            teacher = teachers.get(f"{c.train.dataset.name}:gits", teacher)
+        if c.family in ("gits", "gs"):  # their own teachers (roles gits / gs)
+            teacher = teachers.get(f"{c.train.dataset.name}:{c.family}", teacher)
         artifacts = {}
         if sc.get("grid_url"):
             artifacts["samples.png"] = sc["grid_url"]
@@ -226,7 +267,10 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
             artifacts=artifacts, sampler_spec=c.train.sampler_spec, family=c.family,
             denoiser_calls=int(sc.get("nfe", c.train.nfe)), teacher_id=c.teacher_id,
             panel_best=best, panel_value=best.get("value"), per_sample=sc.get("per_sample", {}),
-            margin_ci=interval(sc, scores.get(best.get("id"), {})) if best else None))
+            margin_ci=interval(sc, scores.get(best.get("id"), {})) if best else None,
+            training={k: tr[k] for k in ("validation", "diverged", "stopped_early", "init", "objectives", "held_out",
+                                         "fallback", "winner_validation") if k in tr}))
+    flag_diverged(results)
     for (dname, nfe), p in panels.items():  # the panel's winner is a candidate too (family free, no weights)
         best = p["best"]
         if not best:
@@ -324,6 +368,31 @@ def _preflight(cfg: SweepConfig, logger) -> SweepConfig:
     return cfg
 
 
+def _panel_first(cfg: SweepConfig, plan: SweepPlan, compute: ComputeConfig, logger):
+    """The panel's ranking round (and, without one, under init panel, every entry's full score), then, under init
+    panel, the plan completed with the candidates that start from the winners. Returns (plan, {"records": RankJob id
+    -> record, "choice": [{dataset, nfe, metric, num_samples, values}]}, {EvalJob id -> record scored in full})."""
+    records, early = {}, {}
+    if plan.rank:
+        futs = {r.id: rank_stage.with_options(tags=[f"dataset:{r.dataset.name}", f"nfe:{r.nfe}", "stage:rank"],
+                                              task_run_name=r.id).submit(r, compute) for r in plan.rank}
+        records = {k: _this_run(f) for k, f in futs.items()}
+    elif plan.pending_init:  # no halving: the winners need every entry's full score first
+        futs = {b.id: evaluate_stage.with_options(tags=b.tags + ["stage:evaluate"], task_run_name=b.id
+                                                  ).submit(b, compute) for b in plan.baselines}
+        early = {k: _this_run(f) for k, f in futs.items()}
+    choice = choose(plan, cfg.panel.finalists, records, early)
+    if plan.pending_init:
+        for (dname, nfe), job in sorted(choice.winners.items()):
+            logger.info("panel start %s NFE %d: %s %s (the learned candidates start here)", dname, nfe, job.solver,
+                        {k: v for k, v in job.schedule.items() if k in ("schedule_type", "rho")})
+        plan = plan_sweep(cfg, winners=choice.winners)
+        logger.info("planned from the panel's winners: %d teacher(s), %d candidate(s)", len(plan.teachers),
+                    len(plan.candidates))
+    ranking = [{"dataset": d, "nfe": n, **v} for (d, n), v in choice.ranked.items()]  # JSON-able task parameter
+    return plan, {"records": records, "choice": ranking}, early
+
+
 def _this_run(future) -> dict:
     """A stage's result as work of this run: a result Prefect served from its cache (an earlier, maybe killed, run
     computed it) counts as skipped, so a rerun's summary never claims the earlier run's shards, training or seconds."""
@@ -356,16 +425,30 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
     with ray_session(cfg.compute) as ray_info:
         logger.info("Ray at %s (%s, %.1f s): %s", ray_info.address, "started here" if ray_info.started_here else
                     "existing", ray_info.seconds, {k: v for k, v in ray_info.resources.items() if "node" not in k})
+        plan, ranked, early = _panel_first(cfg, plan, compute, logger)
         t_fut = {t.key: teacher_stage.with_options(tags=[f"dataset:{t.name}", "stage:teacher"],
                                                    task_run_name=f"teacher-{slug(t.key)}").submit(t, compute)
                  for t in plan.teachers}
         t_by_hash = {t.spec_hash: t_fut[t.key] for t in plan.teachers}
-        b_fut = {b.id: evaluate_stage.with_options(tags=b.tags + ["stage:evaluate"], task_run_name=b.id
-                                                   ).submit(b, compute) for b in plan.baselines}
         tr_fut, ev_fut = {}, {}
-        for c in plan.candidates:
+        def submit_train(c, extra=()):
+            deps = [t_by_hash[c.train.teacher_hash], *extra]
+            vt = (c.train.fit.get("validation") or {}).get("teacher")  # GITS validates on the students' teacher
+            if vt in t_by_hash and vt != c.train.teacher_hash:
+                deps.append(t_by_hash[vt])
             tr_fut[c.id] = train_stage.with_options(tags=c.train.tags + ["stage:train"], task_run_name=f"train-{c.name}"
-                                                    ).submit(c.train, compute, wait_for=[t_by_hash[c.train.teacher_hash]])
+                                                    ).submit(c.train, compute, wait_for=deps)
+
+        waits_for_panel = [c for c in plan.candidates if c.train.fit.get("panel")]
+        for c in plan.candidates:  # trainings first: the critical path
+            if not c.train.fit.get("panel"):
+                submit_train(c)
+        full = set(choose(plan, cfg.panel.finalists, ranked.get("records"), early).full)
+        b_fut = {b.id: evaluate_stage.with_options(tags=b.tags + ["stage:evaluate"], task_run_name=b.id
+                                                   ).submit(b, compute) for b in plan.baselines
+                 if b.id in full and b.id not in early}
+        for c in waits_for_panel:  # a panel-initialised GS waits for its NFE's panel scores (those scored in full)
+            submit_train(c, [b_fut[e["id"]] for e in c.train.fit["panel"] if e["id"] in b_fut])
         for c in plan.candidates:
             ev_fut[c.id] = evaluate_stage.with_options(tags=c.train.tags + ["stage:evaluate"],
                                                        task_run_name=f"eval-{c.name}").submit(
@@ -373,11 +456,11 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
         warm = _warm_driver(cfg)  # after Ray's start and the submissions: its imports would slow both (the GIL)
         teachers = {n: _this_run(f) for n, f in t_fut.items()}
         trained = {k: _this_run(f) for k, f in tr_fut.items()}
-        scores = {b: _this_run(f) for b, f in b_fut.items()}
+        scores = {**early, **{b: _this_run(f) for b, f in b_fut.items()}}
         scores.update({c.eval.id: _this_run(ev_fut[c.id]) for c in plan.candidates})
         warm.join()
         # inside the Ray session: the teacher-dependent checks of registration run on the workers
-        reg = register_stage(cfg.model_dump(mode="json"), plan, trained, scores, teachers)
+        reg = register_stage(cfg.model_dump(mode="json"), plan, trained, scores, teachers, ranked.get("choice"))
     wall = time.perf_counter() - t_flow
     work = {"teacher_shards_written": sum(t["shards_written"] for t in teachers.values()),
             "trained": sum(not r.get("skipped") for r in trained.values()),
@@ -388,6 +471,7 @@ def distill(sweep: Union[SweepConfig, dict, str] = "configs/quickstart.yaml") ->
                  "train": sum(r.get("compute_seconds", 0.0) for r in trained.values() if not r.get("skipped")),
                  "evaluate": sum(r.get("compute_seconds", 0.0) for r in scores.values() if not r.get("skipped"))}
     spans = [s for t in teachers.values() for s in t.get("compute_spans", [])]
+    spans += [s for r in ranked.get("records", {}).values() if not r.get("skipped") for s in r.get("compute_spans", [])]
     spans += [s for r in list(trained.values()) + list(scores.values()) if not r.get("skipped")
               for s in r.get("compute_spans", [])]
     final = [CandidateResult.model_validate(r) for r in reg["results"]]

@@ -50,19 +50,28 @@ class MarginIntervals:
         return [round(v, 4) for v in margin_interval(e, p)]
 
 
-def panel_summaries(plan: SweepPlan, scores: dict) -> dict:
-    """Per (dataset, NFE): every panel entry's score (solver, options, schedule, value) and the best one (lowest
-    finite value; ties: the first in plan order) - the baseline every candidate of that (dataset, NFE) faces."""
+def panel_summaries(plan: SweepPlan, scores: dict, ranked: list | None = None) -> dict:
+    """Per (dataset, NFE): every panel entry's score (solver, options, schedule, its sigmas, value) and the best one (lowest
+    finite value; ties: the first in plan order) - the baseline every candidate of that (dataset, NFE) faces.
+    With a ranking round (``ranked``: [{"dataset", "nfe", "metric", "num_samples", "values"}]) every entry also shows
+    its ranking score (``rank_value``); only the finalists have a full-count ``value``."""
+    from amed_core.schedules import ScheduleSpec
+
     jobs = {b.id: b for b in plan.baselines}
+    ranked = {(r["dataset"], r["nfe"]): r for r in (ranked or [])}
     out = {}
     for slot in plan.panels:
         entries = []
+        rank = ranked.get((slot.dataset, slot.nfe)) or {}
         for i in slot.entries:
             b, sc = jobs[i], scores.get(i, {})
             entries.append({"id": i, "solver": b.solver, "options": dict(b.solver_options),
                             "schedule": b.schedule.get("schedule_type"), "rho": b.schedule.get("rho"),
+                            "sigmas": [float(v) for v in ScheduleSpec.from_dict(b.schedule).grid(b.num_steps)],
                             "value": sc.get("value"), "denoiser_calls": sc.get("nfe"),
-                            "per_sample": sc.get("per_sample", {})})
+                            "per_sample": sc.get("per_sample", {}),
+                            **({"rank_value": rank["values"].get(i), "rank_metric": rank.get("metric"),
+                                "rank_samples": rank.get("num_samples")} if rank else {})})
         finite = [e for e in entries if e["value"] is not None and math.isfinite(e["value"])]
         best = min(finite, key=lambda e: e["value"]) if finite else {}
         out[(slot.dataset, slot.nfe)] = {"teacher_id": slot.teacher_id, "protocol": slot.protocol, "entries": entries,
@@ -77,7 +86,7 @@ def publish_artifacts(cfg, results, scores, plan, results_url, champions) -> Non
     # the champions in the description too: the flow run's Artifacts tab shows descriptions, not contents
     champs = "; champions: " + ", ".join(champions.values()) if champions else ""
     create_table_artifact(table=results_table(results), key=f"{key}-results",
-                          description=f"every candidate (families free/gits/amed/epd), the best training-free sampler of its (teacher, NFE) and the margin value/panel ({results[0].protocol.metric if results else ''}, "
+                          description=f"every candidate (families free/gits/amed/epd/gs), the best training-free sampler of its (teacher, NFE) and the margin value/panel ({results[0].protocol.metric if results else ''}, "
                                       f"lower is better){champs}; {results_url}; store {plan.store_url}; registry "
                                       f"{shown_uri(cfg.mlflow_tracking_uri) if cfg.register_models else 'none'}")
     store = RunStore(plan.store_url, cfg.storage_options)

@@ -648,7 +648,7 @@ def test_plan_sweep_gives_discrete_schedules_the_models_table(tmp_path):
         "solvers": ["amed+dpmpp"], "nfes": [5], "seeds": [0],
         "sampler": {"schedule_type": "discrete", "schedule_rho": 1.0, "afs": "auto"},
         "evaluation": {"metric": "rmse", "num_samples": 8},
-        "store_url": str(tmp_path / "store"), "register_models": False,
+        "store_url": str(tmp_path / "store"), "register_models": False, "init": {"mode": "recipe"},
     })
     plan = plan_sweep(cfg)
     den = load_teacher("diffusers", weights_url=str(folder))

@@ -155,7 +155,7 @@ def test_bad_options_raise_value_error(teacher):
     with pytest.raises(ValueError, match="nfe"):
         SamplerSpec(solver="amed", nfe=6, num_steps=4, afs=True)
     with pytest.raises(ValueError, match="solver"):
-        SamplerSpec.create("amed+unipc", 5)
+        SamplerSpec.create("amed+lms", 5)
 
 
 def test_gradients_reach_every_predictor_parameter(teacher):
@@ -279,7 +279,7 @@ def test_teacher_choice_reference_and_improved(teacher):
     assert (name, M, opts) == ("heun", 10, {})                                             # other solver: its defaults
     assert TrainConfig.improved("amed+dpm") == TrainConfig()
     with pytest.raises(ValueError, match="solver"):
-        TrainConfig.improved("amed+unipc")
+        TrainConfig.improved("amed+lms")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

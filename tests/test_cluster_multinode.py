@@ -39,7 +39,7 @@ def _sweep(store_url: str, address: str):
         "teacher": {"num_trajectories": SHARD_SIZE * SHARDS, "shard_size": SHARD_SIZE, "M": 10},
         "train": {"batch_size": 64, "epochs": 5},
         "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 0},
-        "panel": {"entries": [{"solver": "ipndm"}]},
+        "panel": {"entries": [{"solver": "ipndm"}], "expand": [], "rank_samples": 0}, "init": {"mode": "recipe"},
         "register_models": False,
         "store_url": store_url,
         "compute": {"ray_address": address, "max_parallel": 3, "teacher_actors": 2, "task_retries": 4,

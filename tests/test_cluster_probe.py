@@ -45,7 +45,7 @@ def _sweep(root, tmp_path):
         "solvers": ["amed"], "nfes": [4], "sampler": {"schedule_type": "discrete"},
         "teacher": {"num_trajectories": 64, "shard_size": 64}, "train": {"batch_size": 32},
         "evaluation": {"metric": "rmse", "num_samples": 64},
-        "panel": {"entries": [{"solver": "ipndm"}]}, "register_models": False})
+        "panel": {"entries": [{"solver": "ipndm"}]}, "register_models": False, "init": {"mode": "recipe"}})
 
 
 @pytest.fixture

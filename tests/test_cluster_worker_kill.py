@@ -38,7 +38,8 @@ def test_killed_worker_then_rerun_redoes_nothing_committed(prefect_server, tmp_p
     sweep = {"name": "killed", "datasets": [{"name": "digits", "teacher": "digits-gmm"}],
              "solvers": ["amed", "amed+ipndm"], "nfes": [3, 5], "teacher": {"num_trajectories": 512, "shard_size": 128},
              "train": {"batch_size": 64, "epochs": 6}, "evaluation": {"num_samples": 256, "batch_size": 256},
-             "panel": {"entries": [{"solver": "ipndm"}]}, "register_models": False, "store_url": store_url,
+             "panel": {"entries": [{"solver": "ipndm"}], "expand": [], "rank_samples": 0}, "init": {"mode": "recipe"},
+             "register_models": False, "store_url": store_url,
              "compute": {"num_cpus": 2, "object_store_memory": 200_000_000, "max_parallel": 1}}
     store = RunStore(store_url)
     log = tmp_path / "worker.log"

@@ -33,7 +33,7 @@ def _sweep(name: str, seed: int, store_url: str, tracking_uri: str, ray_address:
             "teacher": {"num_trajectories": 64 * SHARDS, "shard_size": 64, "M": 8},
             "train": {"batch_size": 64, "epochs": 2},
             "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 0},
-            "panel": {"entries": [{"solver": "ipndm"}]},
+            "panel": {"entries": [{"solver": "ipndm"}], "expand": [], "rank_samples": 0}, "init": {"mode": "recipe"},
             "register_models": True, "mlflow_tracking_uri": tracking_uri, "store_url": store_url,
             "compute": {"ray_address": ray_address, "max_parallel": 2, "teacher_actors": 2, "cpus_per_task": 1,
                         "torch_threads": 1}}

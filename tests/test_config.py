@@ -98,7 +98,7 @@ def test_bad_plan_fails_before_work():
     from flows.plan import plan_sweep
 
     cfg = load_sweep({**MINIMAL, "sampler": {"sigma_min": 0.002, "sigma_max": 500.0}, "solvers": ["amed+euler"],
-                      "nfes": [3]})
+                      "nfes": [3], "init": {"mode": "recipe"}})
     plan = plan_sweep(cfg)  # a larger sigma_max than the teacher's is allowed (the grid is the user's choice)
     assert len(plan.candidates) == 1 and plan.baselines[0].solver == "euler"
     qs = plan_sweep(load_sweep(quickstart_path()))
@@ -117,8 +117,8 @@ def test_fid_protocol_hash_names_statistics_and_network():
     from flows.plan import plan_sweep
 
     def proto(stats, weights):
-        plan = plan_sweep(load_sweep({**MINIMAL, "solvers": ["amed"], "nfes": [3], "evaluation": {
-            "metric": "fid", "fid_stats": stats, "inception_weights": weights}}))
+        plan = plan_sweep(load_sweep({**MINIMAL, "solvers": ["amed"], "nfes": [3], "init": {"mode": "recipe"},
+                                      "evaluation": {"metric": "fid", "fid_stats": stats, "inception_weights": weights}}))
         return plan.candidates[0].eval.protocol_hash
 
     base = proto("s3://b/cifar10.npz", "s3://b/inception-a.pth")
@@ -173,7 +173,8 @@ def test_plan_expands_paths_for_remote_workers(monkeypatch):
     where = str(builtin_network_dir("digits-tiny-unet"))
     monkeypatch.setenv("AMED_TEST_TINY_UNET", where)
     plan = plan_sweep(load_sweep({"datasets": [{"name": "t", "teacher": "tiny-unet:$AMED_TEST_TINY_UNET"}],
-                                  "solvers": ["amed"], "nfes": [3], "evaluation": {"metric": "rmse"}}))
+                                  "solvers": ["amed"], "nfes": [3], "evaluation": {"metric": "rmse"},
+                                  "init": {"mode": "recipe"}}))
     monkeypatch.delenv("AMED_TEST_TINY_UNET")
     ds = plan.candidates[0].train.dataset
     assert ds.teacher == f"tiny-unet:{where}"

@@ -38,7 +38,8 @@ def test_deploy_worker_run_completed(prefect_server, tmp_path):  # noqa: F811
     sweep = {"name": "deployed", "datasets": [{"name": "digits", "teacher": "digits-gmm"}], "solvers": ["amed"],
              "nfes": [3], "teacher": {"num_trajectories": 256, "shard_size": 128}, "train": {"batch_size": 64},
              "evaluation": {"num_samples": 256, "batch_size": 256, "grid_samples": 16}, "register_models": False,
-             "store_url": store_url, "compute": {"num_cpus": 2, "object_store_memory": 200_000_000}}
+             "store_url": store_url, "compute": {"num_cpus": 2, "object_store_memory": 200_000_000},
+             "init": {"mode": "recipe"}, "panel": {"expand": [], "rank_samples": 0}}
     try:
         r = prefect_cli(env, "deployment", "run", "distill/local", "--params", json.dumps({"sweep": sweep}), "--watch",
                      "--watch-timeout", "300", timeout=330)

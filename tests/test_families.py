@@ -114,8 +114,8 @@ def test_panel_best_and_champion_across_families(tmp_path):
 
     cfg = load_sweep({"name": "fam", "datasets": [{"name": "digits", "teacher": "digits-gmm", "model_id": "dg"}],
                       "solvers": ["amed"], "nfes": [3, 4], "store_url": str(tmp_path / "store"),
-                      "families": {"gits": {"solvers": ["ipndm"]}},
-                      "panel": {"entries": [{"solver": "ipndm"}, {"solver": "heun"}, {"solver": "dpmpp"}]}})
+                      "families": {"gits": {"solvers": ["ipndm"]}}, "init": {"mode": "recipe"},
+                      "panel": {"entries": [{"solver": "ipndm"}, {"solver": "heun"}, {"solver": "dpmpp"}], "expand": []}})
     plan = plan_sweep(cfg)
     slot3, slot4 = plan.panel_for("digits", 3), plan.panel_for("digits", 4)
     jobs = {b.id: b for b in plan.baselines}

@@ -12,7 +12,7 @@ from amed_core.schedules import ScheduleSpec
 
 
 def test_table_entries():
-    assert method_names("amed") == ("amed", "amed+euler", "amed+dpm", "amed+ipndm", "amed+dpmpp")
+    assert method_names("amed") == ("amed", "amed+euler", "amed+dpm", "amed+ipndm", "amed+dpmpp", "amed+deis", "amed+unipc")
     assert set(method_names("free")) == {"euler", "heun", "dpm2", "ipndm", "ipndm_v", "dpmpp", "unipc", "deis"}
     assert set(method_names()) >= set(method_names("free")) | set(method_names("amed"))
     for name in method_names():
@@ -21,13 +21,15 @@ def test_table_entries():
         if m.learned:
             assert get_method(m.base).family == "free"
     assert {n: get_method(n).base for n in method_names("amed")} == {
-        "amed": "heun", "amed+euler": "euler", "amed+dpm": "dpm2", "amed+ipndm": "ipndm", "amed+dpmpp": "dpmpp"}
-    assert {n for n in method_names("amed") if get_method(n).multistep} == {"amed+ipndm", "amed+dpmpp"}
+        "amed": "heun", "amed+euler": "euler", "amed+dpm": "dpm2", "amed+ipndm": "ipndm", "amed+dpmpp": "dpmpp",
+        "amed+deis": "deis", "amed+unipc": "unipc"}
+    assert {n for n in method_names("amed") if get_method(n).multistep} == {"amed+ipndm", "amed+dpmpp", "amed+deis",
+                                                                            "amed+unipc"}
     assert get_method("amed").default_schedule == ScheduleSpec("time_uniform", rho=1.0)
     assert get_method("amed+dpmpp").default_schedule.schedule_type == "logsnr"
     assert get_method("amed+dpmpp").options == {"max_order", "predict_x0", "lower_order_final", "dynamic_thresholding",
-                                               "afs_in_history"}
-    assert get_method("amed").options == frozenset()
+                                               "afs_in_history", "single_steps"}
+    assert get_method("amed").options == frozenset({"single_steps"})
 
 
 def test_default_options_are_the_signature_defaults_for_amed():

@@ -30,6 +30,8 @@ TINY = {
     "evaluation": {"num_samples": 512, "batch_size": 512, "grid_samples": 16},
     "register_models": False,
     "compute": {"max_parallel": 2, "teacher_actors": 2, "task_retries": 2},
+    # the mechanics under test need the recipe's students and the 5-entry panel (issue 21 made both opt-in)
+    "init": {"mode": "recipe"}, "panel": {"expand": [], "rank_samples": 0},
 }
 
 
@@ -182,3 +184,50 @@ def test_amed_distill_cli_prints_results_and_where_things_are(first_run, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.json", "tiny.yaml"]
     assert main(["distill", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+PANEL_START = {  # the defaults of issue 21: init panel, the panel expanded over schedules and ranked
+    "name": "panel-start",
+    "datasets": [{"name": "digits", "teacher": "digits-gmm", "model_id": "dps"}],
+    "nfes": [3, 4],
+    "teacher": {"M": 4, "num_trajectories": 512, "shard_size": 256},
+    "train": {"batch_size": 64, "epochs": 2, "lr": 2e-3, "loss_weighting": "relative", "val_every": 2},
+    "families": {"gits": {"solvers": ["ipndm"], "warmup": 64, "grid_points": 21}, "epd": {"solvers": ["epd+ipndm"], "epochs": 2}},
+    "panel": {"rank_samples": 128, "finalists": 2},
+    "evaluation": {"num_samples": 512, "batch_size": 512, "grid_samples": 0},
+    "register_models": False,
+    "compute": {"max_parallel": 2, "teacher_actors": 1, "torch_threads": 1},
+}
+
+
+def test_default_sweep_ranks_the_panel_and_starts_from_its_winner(tmp_path, prefect_harness, ray_local):  # noqa: F811
+    from flows.distill import distill
+
+    cfg = load_sweep({**PANEL_START, "store_url": str(tmp_path / "store")})
+    assert cfg.init.mode == "panel" and cfg.panel.expand == ["ipndm", "deis", "dpmpp", "unipc"]
+    out = distill(cfg.model_dump(mode="json"))
+    store = RunStore(cfg.store_url)
+    doc = json.loads(store.get("runs/panel-start/results.json"))
+    results = [CandidateResult.model_validate(r) for r in doc["results"]]
+    for p in doc["panels"]:
+        ranked = [e for e in p["entries"] if e.get("rank_value") is not None]
+        full = [e for e in p["entries"] if e["value"] is not None]
+        assert len(ranked) == len(p["entries"]) > 30 and p["entries"][0]["rank_samples"] == 128
+        assert 2 <= len(full) <= 3 and p["best"]["id"] in {e["id"] for e in full}  # finalists (+ a base solver)
+        winner = min(ranked, key=lambda e: e["rank_value"])
+        trained = [r for r in results if r.nfe == p["nfe"] and r.family != "free"]
+        assert {r.family for r in trained} == {"amed", "gits", "epd"}
+        for r in trained:  # every family started from the ranking's winner and is compared with it
+            assert r.base_solver == winner["solver"]
+            if r.family == "gits":
+                continue
+            assert r.training["init"]["winner"] == winner["id"]
+            v = r.training["validation"]
+            assert v["best"] <= v["first"] and r.training["held_out"] == 64  # never worse on held-out trajectories
+        amed = next(r for r in trained if r.family == "amed")
+        assert amed.solver == {"ipndm": "amed+ipndm", "deis": "amed+deis", "dpmpp": "amed+dpmpp",
+                               "unipc": "amed+unipc"}[winner["solver"]]
+        assert amed.training["init"]["exact"] and amed.sampler_spec["sigmas"]
+        if p["nfe"] == 3 and not winner["options"].get("afs"):  # odd NFE, no AFS: one single-evaluation step
+            assert amed.sampler_spec["single_steps"] == [0]
+    assert out["work"]["trained"] == 6 and all(r.status in ("ok", "at start", "stopped early") for r in results)

@@ -12,7 +12,8 @@ from flows.config import load_sweep
 
 SWEEP = {"name": "preflight", "datasets": [{"name": "digits", "teacher": "digits-gmm"}], "solvers": ["amed"],
          "nfes": [3], "teacher": {"num_trajectories": 256, "shard_size": 128},
-         "evaluation": {"num_samples": 256, "batch_size": 256}}
+         "evaluation": {"num_samples": 256, "batch_size": 256}, "init": {"mode": "recipe"},
+         "panel": {"expand": [], "rank_samples": 0}}
 
 
 def _dead_url() -> str:

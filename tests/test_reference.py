@@ -83,15 +83,34 @@ def test_stored_reference_is_generated_once_and_resumed(tmp_path, gmm):
     assert shard_files[0].stat().st_mtime_ns == stamps[0] and shard_files[2].stat().st_mtime_ns == stamps[2]
 
 
-def _rmse_sweep(tmp_path, **evaluation):
+def _rmse_sweep(tmp_path, init="recipe", **evaluation):
     from flows.config import load_sweep
 
     return load_sweep({"name": "ref", "datasets": [{"name": "digits", "teacher": "digits-gmm"}], "solvers": ["amed"],
                        "nfes": [3, 5], "store_url": str(tmp_path / "store"), "register_models": False,
-                       "families": {"gits": {"solvers": ["ipndm"]}},
-                       "panel": {"entries": [{"solver": "ipndm"}, {"solver": "deis"}]},
+                       "families": {"gits": {"solvers": ["ipndm"]}}, "init": {"mode": init},
+                       "panel": {"entries": [{"solver": "ipndm"}, {"solver": "deis"}], "expand": []},
                        "evaluation": {"metric": "rmse", "num_samples": 16, "batch_size": 16, "reference_steps": 33,
                                       "reference_check_samples": 8, **evaluation}})
+
+
+def test_panel_started_plans_score_against_the_same_stored_reference(tmp_path):
+    """init.mode panel (the default): the pending plan (panel + ranking) and the plan completed from the winners
+    carry the one stored reference into every evaluate job, the panel-started candidates' included."""
+    from flows.plan import plan_sweep
+
+    cfg = _rmse_sweep(tmp_path, init="panel")
+    pending = plan_sweep(cfg)
+    assert pending.pending_init and not pending.candidates
+    roles = {t.role: t for t in pending.teachers}
+    assert {"reference", "reference_check"} <= set(roles)
+    ref = roles["reference"].spec_json
+    assert {b.reference_spec for b in pending.baselines} == {ref}
+    winners = {("digits", nfe): next(b for b in pending.baselines if b.nfe == nfe and b.solver == "ipndm")
+               for nfe in (3, 5)}
+    plan = plan_sweep(cfg, winners=winners)
+    assert plan.candidates and {c.eval.reference_spec for c in plan.candidates} == {ref}
+    assert {t.reference_spec for t in plan.teachers if t.role in ("students", "gits")} == {ref}
 
 
 def test_every_evaluate_job_of_a_sweep_scores_against_one_stored_reference(tmp_path, gmm):

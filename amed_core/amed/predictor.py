@@ -14,6 +14,11 @@ of t_next (8 channels each) through one shared linear layer + SiLU, a per-sample
 flattened 8x8 feature map (64 -> 128 -> 4, SiLU between), and linear heads on the concatenation
 (4 + 8 + 8 = 20 inputs) with sigmoids. :class:`FixedPolicy` returns the same per-step values for every
 sample (the golden cases, ablations, and a learned predictor's per-step summary).
+
+Ours (off by default): ``PredictorConfig.step_bias = N - 1`` adds a learned logit per step to r's head. With the
+heads' weights zero and those logits at logit(r_i), the predictor *is* a FixedPolicy of given r_i (scales 1), so a
+sampler can start training exactly at a training-free winner's grid (:func:`init_from_steps`,
+:mod:`amed_core.families.init`) and move away from it only as far as training (and validation) says.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from .._fields import check_fields
 from ..base_denoiser import FEATURE_SIZE  # features are (B, 8, 8)
 
-__all__ = ["PredictorConfig", "AMEDPredictor", "FixedPolicy", "Policy", "FEATURE_SIZE"]
+__all__ = ["PredictorConfig", "AMEDPredictor", "FixedPolicy", "Policy", "FEATURE_SIZE", "init_from_steps"]
 
 
 
@@ -43,6 +48,7 @@ class PredictorConfig:
 
     scale_dir / scale_time: half-widths s_d / s_t of the scale heads' ranges (0 disables the head and fixes
     the scale at 1).
+    step_bias: steps with a learned logit of their own added to r's head (ours; 0 = the reference's architecture).
     """
 
     feature_dim: int = FEATURE_SIZE * FEATURE_SIZE
@@ -52,8 +58,12 @@ class PredictorConfig:
     max_positions: int = 10_000
     scale_dir: float = 0.01
     scale_time: float = 0.0
+    step_bias: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.step_bias, int) or isinstance(self.step_bias, bool) or self.step_bias < 0:
+            raise ValueError(f"PredictorConfig.step_bias must be an integer >= 0 (steps with a logit of their own), "
+                             f"got {self.step_bias!r}")
         for name in ("feature_dim", "hidden_dim", "bottleneck_dim", "time_channels", "max_positions"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -69,7 +79,10 @@ class PredictorConfig:
             object.__setattr__(self, name, float(v))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["step_bias"]:  # added after the format was fixed: left out while 0 (old ids and bytes stay)
+            del d["step_bias"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PredictorConfig":
@@ -126,6 +139,9 @@ class AMEDPredictor(torch.nn.Module):
         self.fc_r = _Linear(n_in, 1, _kaiming_normal(n_in, 1, g))
         self.fc_scale_dir = _Linear(n_in, 1, _kaiming_normal(n_in, 1, g)) if cfg.scale_dir > 0 else None
         self.fc_scale_time = _Linear(n_in, 1, _kaiming_normal(n_in, 1, g)) if cfg.scale_time > 0 else None
+        # float64, so a start at given r_i is exact to float64 rounding (float32 logits move r by ~1e-8)
+        self.r_step = torch.nn.Parameter((torch.zeros if g is not None else torch.empty)(cfg.step_bias, dtype=torch.float64)) \
+            if cfg.step_bias else None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -151,7 +167,13 @@ class AMEDPredictor(torch.nn.Module):
         h = self.enc_layer1(F.silu(self.enc_layer0(features.reshape(B, -1))))
         out = torch.cat([h, emb.expand(B, -1)], dim=1)
         # Heads: r in (0, 1); scales in (1 - s, 1 + s).
-        r = torch.sigmoid(self.fc_r(out))[:, 0]
+        logit = self.fc_r(out)[:, 0]
+        if self.r_step is not None:
+            if step_idx is None or not 0 <= int(step_idx) < self.r_step.shape[0]:
+                raise ValueError(f"this predictor has per-step logits for {self.r_step.shape[0]} steps; step_idx "
+                                 f"{step_idx!r} is outside them (num_steps - 1 must match)")
+            logit = logit + self.r_step[int(step_idx)].to(logit.dtype)
+        r = torch.sigmoid(logit)
         ones = torch.ones_like(r)
         cfg = self.config
         sd = 1 - cfg.scale_dir + 2 * cfg.scale_dir * torch.sigmoid(self.fc_scale_dir(out))[:, 0] if self.fc_scale_dir is not None else ones
@@ -186,3 +208,23 @@ class FixedPolicy:
         B = features.shape[0]
         kw = dict(dtype=features.dtype, device=features.device)
         return tuple(torch.full((B,), float(a[step_idx]), **kw) for a in (self.r, self.scale_dir, self.scale_time))
+
+
+def init_from_steps(predictor: AMEDPredictor, r: Sequence[float]) -> AMEDPredictor:
+    """Make ``predictor`` the fixed policy of per-step ``r`` (scales 1): every head's weights and bias zero, r's
+    per-step logits at logit(r_i). Needs ``config.step_bias == len(r)``; r_i in (0, 1) (1 - 1e-9 stands in for 1,
+    r = 1 putting the intermediate point at t_next). Returns the predictor (changed in place)."""
+    r = [float(v) for v in r]
+    if predictor.r_step is None or predictor.r_step.shape[0] != len(r):
+        raise ValueError(f"init_from_steps: the predictor needs PredictorConfig.step_bias={len(r)} (one logit per "
+                         f"step), it has {0 if predictor.r_step is None else predictor.r_step.shape[0]}")
+    if any(not 0 < v <= 1 for v in r):
+        raise ValueError(f"init_from_steps: r must lie in (0, 1], got {r}")
+    with torch.no_grad():
+        for head in (predictor.fc_r, predictor.fc_scale_dir, predictor.fc_scale_time):
+            if head is not None:
+                head.weight.zero_()
+                head.bias.zero_()
+        predictor.r_step.copy_(torch.tensor([math.log(v / (1 - v)) if v < 1 - 1e-9 else math.log((1 - 1e-9) / 1e-9)
+                                             for v in r], dtype=predictor.r_step.dtype))
+    return predictor

@@ -14,6 +14,18 @@ The teacher is pluggable: ``batches`` is any iterable of :class:`~amed_core.teac
 (:func:`teacher_batches`): Heun with M = 1 point inserted per interval for the AMED-Solver, the
 student's base solver with M = 2 for the plugins, on ``schedule.grid((M + 1)(N - 1) + 1)``.
 
+Ours (issue 21; defaults keep the reference's loop):
+- ``objective``: per-sample errors e_b = ||x^student_b - x^teacher_b||^2 enter as mean(e) (the reference) plus
+  ``tail_weight`` x a tail term (the mean of the worst fraction F, ``topk:F``, or the F-quantile, ``q:F``): the tail
+  decides a mean RMSE (:func:`amed_core.validation.tail_objective`).
+- ``loss_target="final"``: one loss per batch on the final state only (the trajectory rolled out with gradients
+  through every state; the multistep histories stay detached, as the reference keeps them), instead of one per step.
+- ``validation=`` (held-out trajectories, :class:`amed_core.validation.ValidationSet`): the sampler is scored at the
+  start, every ``val_every`` batches and at the end; the best state is restored (``select="best"``), ``patience``
+  validations without improvement stop training, and a run whose last score exceeds ``diverge_factor`` x its first
+  is flagged ``diverged`` (:class:`amed_core.validation.Tracker`). Without validation the flag compares the last
+  batch's training loss with the first's.
+
 Progress goes to ``callback(TrainProgress)``; amed_core never logs.
 """
 
@@ -33,7 +45,8 @@ from .predictor import AMEDPredictor
 from .recipes import check_recipe
 from .spec import SamplerSpec
 from .._fields import check_fields
-from ..optim import Adam
+from ..optim import Adam, descend
+from ..validation import ValidationSet, Validator, check_objective, loss_diverged, tail_objective
 
 __all__ = ["TrainConfig", "TrainResult", "TrainProgress", "train_amed", "teacher_batches", "teacher_states",
            "default_teacher", "train_config"]
@@ -59,6 +72,13 @@ class TrainConfig:
       own floating dtype (float64 for the exact mixtures, float32 for networks).
     loss_weighting: "sum" (the reference: sum_b ||err_b||^2 / B) or "relative" (divided by the batch's
       sum_b ||x_{i+1} - x_i||^2 of the teacher, so every student step weighs alike in the shared predictor).
+    objective / tail_weight: "mean" (the reference), "topk:F" or "q:F" with that weight (see the module docstring).
+    loss_target: "steps" (a loss and an Adam step per student step, the reference) or "final" (one per batch, on the
+      final state).
+    val_every / patience / select / diverge_factor: with a validation set, validate every val_every batches, stop
+      after patience validations without improvement (0: never), keep the "best" or the "last" state, and flag a
+      last score above diverge_factor x the first as diverged.
+    The fields after loss_weighting are ours; at their defaults they are left out of to_dict (ids stay as before).
     """
 
     num_trajectories: int = 10_000
@@ -75,6 +95,13 @@ class TrainConfig:
     epochs: int = 1
     dtype: Optional[str] = None
     loss_weighting: str = "sum"
+    objective: str = "mean"
+    tail_weight: float = 1.0
+    loss_target: str = "steps"
+    val_every: int = 4
+    patience: int = 0
+    select: str = "best"
+    diverge_factor: float = 10.0
 
     def __post_init__(self):
         for name in ("num_trajectories", "batch_size", "epochs"):
@@ -100,6 +127,22 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.loss_weighting must be 'sum' or 'relative', got {self.loss_weighting!r}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        try:
+            check_objective(self.objective)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig.{e}") from None
+        if not (isinstance(self.tail_weight, (int, float)) and 0 <= self.tail_weight < math.inf):
+            raise ValueError(f"TrainConfig.tail_weight must be a number >= 0, got {self.tail_weight!r}")
+        if self.loss_target not in ("steps", "final"):
+            raise ValueError(f"TrainConfig.loss_target must be 'steps' or 'final', got {self.loss_target!r}")
+        for name in ("val_every", "patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 0, got {v!r}")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"TrainConfig.select must be 'best' or 'last', got {self.select!r}")
+        if not (isinstance(self.diverge_factor, (int, float)) and self.diverge_factor > 1):
+            raise ValueError(f"TrainConfig.diverge_factor must be a number > 1, got {self.diverge_factor!r}")
 
     @classmethod
     def reference(cls, **overrides) -> "TrainConfig":
@@ -130,7 +173,11 @@ class TrainConfig:
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for f in _OURS:  # added later: left out at their defaults, so earlier configs keep their ids
+            if d[f] == _OURS[f]:
+                del d[f]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -141,6 +188,10 @@ class TrainConfig:
         if self.restart is not None:
             return self.restart
         return "own" if get_method(solver).multistep else "teacher"
+
+
+_OURS = {"objective": "mean", "tail_weight": 1.0, "loss_target": "steps", "val_every": 4, "patience": 0, "select": "best",
+         "diverge_factor": 10.0}
 
 
 def train_config(solver: str, recipe: str = "reference", **overrides) -> TrainConfig:
@@ -171,11 +222,14 @@ class TrainResult:
     predictor: AMEDPredictor
     spec: SamplerSpec
     config: TrainConfig
-    losses: list = field(default_factory=list)  # per batch: [loss at step 0, ..., step N-2]
+    losses: list = field(default_factory=list)  # per batch: [loss at step 0, ..., step N-2] (loss_target final: [loss])
     seconds: float = 0.0
     updates: int = 0
     trajectories: int = 0
     teacher_nfe: int = 0  # per trajectory, on-the-fly teacher only (0 for given batches)
+    validation: dict = field(default_factory=dict)  # Tracker.summary() when a validation set was given
+    stopped_early: bool = False
+    diverged: bool = False
 
 
 def compute_dtype(denoiser, cfg: TrainConfig) -> torch.dtype:
@@ -202,12 +256,18 @@ def default_teacher(spec: SamplerSpec, cfg: TrainConfig) -> tuple[str, int, dict
 
 def teacher_states(denoiser, spec: SamplerSpec, noise: torch.Tensor, *, solver: str, M: int, options: dict | None = None,
                    class_labels=None, afs: bool = False) -> tuple[torch.Tensor, int]:
-    """Teacher trajectory at the student's grid: run ``solver`` on grid((M+1)(N-1)+1), keep every (M+1)-th state.
+    """Teacher trajectory at the student's grid: run ``solver`` on grid((M+1)(N-1)+1) (an explicit grid: M points
+    inserted per interval), keep every (M+1)-th state.
 
     Returns (states (N, B, ...), teacher NFE per trajectory)."""
     N = spec.num_steps
-    fine = spec.schedule.grid((M + 1) * (N - 1) + 1)
     coarse = spec.grid()
+    if spec.sigmas is not None:  # an explicit grid (a panel start): M points inserted per interval (schedules.refine)
+        from ..schedules import refine
+
+        fine = refine(coarse, M)
+    else:
+        fine = spec.schedule.grid((M + 1) * (N - 1) + 1)
     if not torch.allclose(fine[:: M + 1], coarse, rtol=1e-9, atol=0):
         raise ValueError(f"the {spec.schedule.schedule_type} teacher grid with M={M} does not contain the student's points")
     with torch.no_grad():
@@ -239,9 +299,11 @@ def teacher_batches(denoiser, spec: SamplerSpec, cfg: TrainConfig, *, nfe_out: l
 
 
 def train_amed(denoiser, spec: SamplerSpec, cfg: TrainConfig | None = None, batches: Iterable[TeacherBatch] | None = None,
-               callback: Callable[[TrainProgress], None] | None = None, *, predictor: AMEDPredictor | None = None
-               ) -> TrainResult:
-    """Fit an AMED predictor for ``spec`` to teacher trajectories (see the module docstring); deterministic under cfg.seed."""
+               callback: Callable[[TrainProgress], None] | None = None, *, predictor: AMEDPredictor | None = None,
+               validation: ValidationSet | None = None) -> TrainResult:
+    """Fit an AMED predictor for ``spec`` to teacher trajectories (see the module docstring); deterministic under
+    cfg.seed. ``predictor``: start from this one (e.g. :func:`amed_core.amed.predictor.init_from_steps`);
+    ``validation``: held-out trajectories that pick the checkpoint, stop training and flag divergence."""
     cfg = cfg or TrainConfig()
     if spec.solver not in STEPS:
         raise ValueError(f"spec.solver must be one of {sorted(STEPS)}, got {spec.solver!r}")
@@ -273,6 +335,12 @@ def train_amed(denoiser, spec: SamplerSpec, cfg: TrainConfig | None = None, batc
     result = TrainResult(predictor=predictor, spec=spec, config=cfg)
     t0 = time.perf_counter()
     seen = 0
+    validator = None
+    if validation is not None:
+        validator = Validator(validation, predictor, lambda n, lab: solve(
+            spec.solver, denoiser, n.to(dtype) * grid[0].to(dtype), grid, policy=predictor,
+            class_labels=None if lab is None else lab.to(dtype), **spec.solver_options()).x, cfg)
+        validator.check(0, 0)
     for k, batch in enumerate(epochs_of(source)):
         if seen >= total:
             break
@@ -285,32 +353,49 @@ def train_amed(denoiser, spec: SamplerSpec, cfg: TrainConfig | None = None, batc
                            **spec.solver_options())
         x, history, batch_losses = states[0], History(), []
         seen += B
-        for i in range(N - 1):
-            opt.zero_grad(set_to_none=True)
-            out = step_fn(ctx, x, i, history)
-            err = (out.x - states[i + 1]) ** 2
-            loss = err.sum() / B
+
+        def objective(out_x, target, start):
+            err = ((out_x - target) ** 2).reshape(B, -1).sum(dim=1)
+            loss = tail_objective(err, cfg.objective, cfg.tail_weight)
             if cfg.loss_weighting == "relative":
-                loss = loss / (((states[i + 1] - states[i]) ** 2).sum() / B)
-            loss.backward()
-            for p in predictor.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-            opt.step()
-            result.updates += 1
+                loss = loss / (((target - start) ** 2).sum() / B)
+            return loss
+
+        def update(loss, out, i) -> None:
+            if loss.requires_grad:  # a single-evaluation step has nothing to learn
+                descend(loss, opt, predictor.parameters())
+                result.updates += 1
             value = float(loss.detach())
             batch_losses.append(value)
-            x = states[i + 1] if restart == "teacher" else out.x.detach()
-            history = out.history
             if callback is not None:
                 callback(TrainProgress(batch=k, step=i, loss=value, r_mean=float(out.r.detach().mean()),
                                        r_std=float(out.r.detach().std()) if B > 1 else 0.0,
                                        scale_dir_mean=float(out.scale_dir.detach().mean()),
                                        scale_time_mean=float(out.scale_time.detach().mean()),
                                        trajectories=seen, total_trajectories=total, seconds=time.perf_counter() - t0))
+
+        if cfg.loss_target == "final":  # one rollout with gradients through every state, one loss on the last
+            opt.zero_grad(set_to_none=True)
+            for i in range(N - 1):
+                out = step_fn(ctx, x, i, history)
+                x, history = out.x, out.history
+            update(objective(x, states[-1], states[0]), out, N - 2)
+        else:
+            for i in range(N - 1):
+                opt.zero_grad(set_to_none=True)
+                out = step_fn(ctx, x, i, history)
+                update(objective(out.x, states[i + 1], states[i]), out, i)
+                x = states[i + 1] if restart == "teacher" else out.x.detach()
+                history = out.history
         result.losses.append(batch_losses)
+        if validator is not None and validator.after_batch(k, result.updates, seen):
+            result.stopped_early = True
+            break
+    result.validation, result.diverged = (validator.finish(result.updates, seen) if validator is not None
+                                          else ({}, loss_diverged(result.losses, cfg.diverge_factor)))
     predictor.eval().requires_grad_(False)
     result.seconds = time.perf_counter() - t0
     result.trajectories = seen
     result.teacher_nfe = nfe_log[0] if nfe_log else 0
     return result
+

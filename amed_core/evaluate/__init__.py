@@ -15,6 +15,7 @@
   rmse or fid) on per-seed noise, resumable for FID (partial :class:`~amed_core.fid.FIDStats`).
 - ``baseline_name(solver, options, schedule)``: the one name a training-free baseline is shown by, with its options
   (``ipndm[poly7,afs=True,max_order=4]``); ``base_options(base, afs=, ...)``: the base solver's options for a student.
+- ``rank_samplers(...)``: many samplers on one shared noise draw (and one reference), the panel's ranking round.
 - ``save_grid_png`` / ``save_side_by_side_png`` / ``save_quality_plot``: the pictures (PIL / matplotlib Agg), written atomically.
 
 Modules: :mod:`.sampling` (noise, grids, sampling, the reference solution), :mod:`.tables` (the quality table),
@@ -26,13 +27,15 @@ from ..io import atomic_write
 from ..methods import evals_per_step, num_steps_for, pick_afs
 from ..metrics import rmse
 from .baselines import base_options, baseline_name, schedule_label
-from .pictures import save_figure_png, save_grid_png, save_quality_plot, save_side_by_side_png, shown_channels
+from .pictures import (figure_png, save_figure_png, save_grid_png, save_quality_plot, save_side_by_side_png,
+                       shown_channels)
 from .sampling import (BASE_SOLVERS, DEFAULT_OPTIONS, DEFAULT_SCHEDULES, REFERENCE_OPTIONS, REFERENCE_SOLVER, SampleRun,
                        batch_ranges, default_schedule, denoiser_range, reference_solution, sample_solver, schedule_for,
                        seeded_noise, solve_batches)
 from .intervals import margin_interval, verdict
 from .reference import (reference_check_spec, reference_convergence, reference_final_states, reference_points,
                         reference_spec)
+from .rank import rank_samplers
 from .score import SCORE_METRICS, FIDSetup, ScoreResult, score_run, to_images
 from .tables import QualityRow, QualityTable, exact_samples, fmt_score, format_table, has_exact_samples, quality_table
 
@@ -51,6 +54,7 @@ __all__ = [
     "ScoreResult",
     "SCORE_METRICS",
     "score_run",
+    "rank_samplers",
     "default_schedule",
     "denoiser_range",
     "schedule_for",
@@ -63,6 +67,7 @@ __all__ = [
     "REFERENCE_OPTIONS",
     "sample_solver",
     "solve_batches",
+    "figure_png",
     "save_figure_png",
     "save_grid_png",
     "shown_channels",

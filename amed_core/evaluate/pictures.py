@@ -13,7 +13,8 @@ import torch
 from ..io import atomic_write
 from .tables import QualityTable
 
-__all__ = ["save_figure_png", "save_grid_png", "save_quality_plot", "save_side_by_side_png", "shown_channels"]
+__all__ = ["figure_png", "save_figure_png", "save_grid_png", "save_quality_plot", "save_side_by_side_png",
+           "shown_channels"]
 
 def shown_channels(samples: torch.Tensor) -> torch.Tensor:
     """The channels a grid shows of (B, C, H, W) samples: C = 1 (gray) and C = 3 (RGB) as they are; C = 2 its first
@@ -121,6 +122,21 @@ def save_quality_plot(table: QualityTable, path: str | os.PathLike, *, title: st
     axes[0].legend(fontsize=8)
     fig.suptitle(title or f"quality vs NFE (n={table.n}, seed={table.seed})")
     return save_figure_png(fig, path, dpi=100)
+
+
+def figure_png(fig, *, dpi: int = 100) -> bytes:
+    """Lay out a matplotlib figure, return it as PNG bytes and close it (plots attached to MLflow / Prefect)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
 
 
 def save_figure_png(fig, path: str | os.PathLike, *, dpi: int = 100) -> Path:

@@ -1,8 +1,9 @@
-"""Method families as first-class citizens: one module per family (``free``, ``gits``, ``amed``, ``epd``), each a
+"""Method families as first-class citizens: one module per family (``free``, ``gits``, ``amed``, ``epd``, ``gs``), each a
 :class:`Family` that says how to plan its work, fits a sampler, writes/reads its checkpoint and samples.
 
 Every family's checkpoint is a dict of files with a ``sampler.json`` whose ``kind`` names the family; a family with
-weights adds safetensors files (``amed``: ``predictor.safetensors``; ``epd``: ``epd.safetensors`` + ``epd.json``),
+weights adds safetensors files (``amed``: ``predictor.safetensors``; ``epd``: ``epd.safetensors`` + ``epd.json``;
+``gs``: ``gs.safetensors``),
 a family without weights saves only JSON (``free``: solver + explicit sigmas + options; ``gits``: base solver + the
 selected sigmas + options + how they were selected). Nothing is unpickled.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 from ..io import atomic_write_bytes
-from . import amed, epd, free, gits
+from . import amed, epd, free, gits, gs
 from .static import SPEC_FILE, PureSchedule, StaticSampler, StaticSpec
 
 __all__ = ["Family", "FAMILY_MODULES", "SPEC_FILE", "StaticSampler", "StaticSpec", "get_family", "family_of",
@@ -37,7 +38,8 @@ class Family(Protocol):
 
     name: the family (``METHODS[m].family``); needs_teacher: reads stored teacher trajectories; trains: has weights
     fitted by gradient steps; teacher_grid: which teacher grid it reads (``"student"``: the states at the student's
-    own grid points; ``"fine"``: every point of the stored teacher grid; None: no teacher); files: the checkpoint
+    own grid points; ``"fine"``: every point of the stored teacher grid; ``"final"``: only the noise and the last
+    state; None: no teacher); files: the checkpoint
     file names; ``from_files(files) -> sampler``; ``to_files(sampler) -> {name: bytes}``; ``describe(sampler)``.
     """
 
@@ -59,7 +61,7 @@ class Family(Protocol):
 # k-diffusion / a sigmas.json. Families without it (amed, epd: per-step learned parts) are refused by the exports.
 
 
-FAMILY_MODULES = {"free": free, "gits": gits, "amed": amed, "epd": epd}
+FAMILY_MODULES = {"free": free, "gits": gits, "amed": amed, "epd": epd, "gs": gs}
 
 
 def get_family(name: str):

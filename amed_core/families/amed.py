@@ -21,6 +21,33 @@ def fit(denoiser, spec, cfg, batches, callback=None):
     return Sampler(spec, res.predictor.cpu())
 
 
+def fit_best(denoiser, spec, cfgs, batches_for, *, init_r=None, validation=None, callback=None, device="cpu"):
+    """One training per config (e.g. per objective, issue 21), each from the same start (``init_r``: per-step r of a
+    panel start, :func:`amed_core.amed.predictor.init_from_steps`; else the config's seeded random init), each picked
+    on ``validation``; returns (the best TrainResult on validation, or the first without one; [summary per config]).
+
+    ``batches_for(cfg)``: a fresh iterable of TeacherBatches for that training."""
+    from ..amed import AMEDPredictor, init_from_steps
+    from ..amed.train import train_amed
+
+    results, summaries = [], []
+    for cfg in cfgs:
+        predictor = AMEDPredictor(spec.predictor, seed=cfg.seed)
+        if init_r is not None:
+            init_from_steps(predictor, init_r)
+        res = train_amed(denoiser, spec, cfg, batches_for(cfg), callback=callback, predictor=predictor.to(device),
+                         validation=validation)
+        v = res.validation or {}
+        summaries.append({"objective": cfg.objective, "loss_target": cfg.loss_target, "best": v.get("best"),
+                          "first": v.get("first"), "improved": v.get("improved"), "diverged": res.diverged,
+                          "stopped_early": res.stopped_early, "updates": res.updates})
+        results.append(res)
+    scored = [(s["best"], i) for i, s in enumerate(summaries) if s["best"] is not None]
+    pick = min(scored)[1] if scored else 0
+    summaries[pick]["chosen"] = True
+    return results[pick], summaries
+
+
 def from_files(files: Mapping[str, bytes]):
     from ..amed import sampler_from_files
 

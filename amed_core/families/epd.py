@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from .static import SPEC_FILE
+from .static import check_teacher as _check_teacher
 
 name = "epd"
 needs_teacher = True
@@ -31,11 +32,7 @@ class EPDSampler:
         from ..methods import get_solver
 
         if check_teacher:
-            want = self.spec.teacher.get("content_sha256")
-            have = (denoiser.identity() if hasattr(denoiser, "identity") else {}).get("content_sha256")
-            if want and have and want != have:
-                raise ValueError(f"this EPD sampler was trained for teacher {self.spec.teacher.get('name')!r} "
-                                 f"(sha256 {want[:12]}...) but got {have[:12]}...; pass check_teacher=False")
+            _check_teacher(self.spec.teacher, denoiser, "EPD")
         sigmas = self.spec.grid()
         with torch.no_grad():
             return get_solver(self.spec.method)(denoiser, noise * sigmas[0], sigmas, policy=self.params,
@@ -89,11 +86,13 @@ def spec_doc(method: str, nfe: int, sigmas, *, afs: bool, options: Mapping | Non
             "train": dict(train or {})}
 
 
-def fit(denoiser, sigmas, batches, cfg, *, nfe: int, teacher: Mapping | None = None, callback=None):
-    """Train EPD tables (:func:`amed_core.methods.epd.train_epd`) and return (EPDSampler, EPDTrainResult)."""
+def fit(denoiser, sigmas, batches, cfg, *, nfe: int, teacher: Mapping | None = None, callback=None, params=None,
+        validation=None):
+    """Train EPD tables (:func:`amed_core.methods.epd.train_epd`; ``params``: the start, ``validation``: held-out
+    trajectories) and return (EPDSampler, EPDTrainResult)."""
     from ..methods.epd import train_epd
 
-    res = train_epd(denoiser, sigmas, batches, cfg, callback=callback)
+    res = train_epd(denoiser, sigmas, batches, cfg, callback=callback, params=params, validation=validation)
     opts = {k: v for k, v in cfg.sampler_options().items() if k != "afs"}
     doc = spec_doc(cfg.solver, nfe, sigmas, afs=cfg.afs, options=opts, num_points=cfg.num_points,
                    teacher=teacher or (denoiser.identity() if hasattr(denoiser, "identity") else {}),

@@ -39,13 +39,19 @@ def base_of(method: str) -> str:
 
 def fit(denoiser, states: torch.Tensor, sigmas_fine, *, method: str, nfe: int, afs: bool = False,
         options: Mapping[str, Any] | None = None, metric: str = "dev", coeff: float = 1.15, class_labels=None,
-        warmup: int | None = 256, teacher: Mapping | None = None, dtype: torch.dtype = torch.float64) -> StaticSampler:
+        warmup: int | None = 256, teacher: Mapping | None = None, dtype: torch.dtype = torch.float64,
+        keep=None, keep_afs: bool | None = None, validation=None) -> StaticSampler:
     """A GITS sampler for ``method`` (``gits+ipndm`` or ``ipndm``) at ``nfe`` from stored trajectories.
 
     states: (G, B, C, H, W) teacher states at ``sigmas_fine`` (G,) (a TeacherShard's ``states`` / ``sigmas``);
     the first ``warmup`` trajectories are used (None: all). class_labels: (B, label_dim) one-hot or None.
     AFS (``afs=True``) runs the reference's free-step search; the resulting grid must spend ``nfe`` (ValueError if
-    the search changed the count)."""
+    the search changed the count).
+
+    ``keep`` (ours, issue 21): a schedule to keep unless the selected one is better, e.g. the training-free panel
+    winner's (the same solver and options, its own AFS ``keep_afs``, default ``afs``; its points should be on the fine
+    grid so the DP could pick them). Both are scored on ``validation`` (held-out trajectories, :class:`amed_core.validation.ValidationSet`;
+    default: the warm-up trajectories' own final states) and the better one is returned; ``fit`` records both."""
     from ..methods import gits as G
     from ..methods import nfe_for, num_steps_for
 
@@ -74,6 +80,26 @@ def fit(denoiser, states: torch.Tensor, sigmas_fine, *, method: str, nfe: int, a
     fit_info = {"metric": metric, "coeff": float(coeff), "dp_list": [int(i) for i in res.dp_list],
                 "teacher_grid_points": int(t.shape[0]), "warmup_trajectories": int(s.shape[1]),
                 "slope_evals": int(traj.nfe), "free_step": res.free_step}
+    if keep is not None:
+        from ..methods import solve
+        from ..validation import ValidationSet
+
+        keep = [float(v) for v in keep]
+        k_afs = afs if keep_afs is None else bool(keep_afs)
+        if nfe_for(solver, len(keep), k_afs, opts) != nfe:
+            raise ValueError(f"keep: {solver} on its {len(keep)} points (afs={k_afs}) does not spend {nfe} evaluations")
+        vset = validation or ValidationSet(s[0] / t[0].to(s.dtype), s[-1], None if labels is None else labels[0])
+
+        def score(sig, a):
+            grid = torch.tensor(sig, dtype=torch.float64)
+            return vset.score(lambda n, lab: solve(solver, denoiser, n * grid[0].to(n.dtype), grid, class_labels=lab,
+                                                   afs=a, **opts).x)
+
+        selected, kept = score(sigmas, afs), score(keep, k_afs)
+        fit_info.update(selected_score=selected, kept_score=kept, kept=bool(kept <= selected),
+                        validation_trajectories=len(vset))
+        if kept <= selected:
+            sigmas, afs = keep, k_afs
     return StaticSampler(StaticSpec("gits", solver, f"gits+{solver}", int(nfe), tuple(sigmas), bool(afs), opts, None,
                                     ident, fit_info))
 

@@ -94,6 +94,15 @@ class StaticSpec:
         return cls(**d)
 
 
+def check_teacher(teacher: Mapping[str, Any], denoiser, kind: str) -> None:
+    """ValueError when ``denoiser``'s weights (content_sha256) are not those of the teacher a sampler was made for."""
+    want = teacher.get("content_sha256")
+    have = (denoiser.identity() if hasattr(denoiser, "identity") else {}).get("content_sha256")
+    if want and have and want != have:
+        raise ValueError(f"this {kind} sampler was made for teacher {teacher.get('name')!r} (sha256 {want[:12]}...) "
+                         f"but got {have[:12]}...; pass check_teacher=False to sample anyway")
+
+
 class StaticSampler:
     """``sampler(denoiser, noise, class_labels=None) -> SolveResult``: the solver on the spec's sigmas from
     ``noise * sigmas[0]`` (the evaluate stage's arithmetic, so a registered sampler reproduces its score's samples)."""
@@ -102,11 +111,7 @@ class StaticSampler:
         self.spec = spec
 
     def check_denoiser(self, denoiser) -> None:
-        want = self.spec.teacher.get("content_sha256")
-        have = (denoiser.identity() if hasattr(denoiser, "identity") else {}).get("content_sha256")
-        if want and have and want != have:
-            raise ValueError(f"this {self.spec.kind} sampler was made for teacher {self.spec.teacher.get('name')!r} "
-                             f"(sha256 {want[:12]}...) but got {have[:12]}...; pass check_teacher=False to sample anyway")
+        check_teacher(self.spec.teacher, denoiser, self.spec.kind)
 
     def __call__(self, denoiser, noise: torch.Tensor, class_labels=None, *, check_teacher: bool = True,
                  return_trajectory: bool = False, callback=None):

@@ -17,8 +17,9 @@ k-diffusion is never imported (the signature is all it takes). A ComfyUI node wr
 from .diffusers_pipeline import SUPPORTED_PIPELINES, pipeline_denoiser, pipeline_kind, sample_with
 from .kdiffusion import KDiffusionModel, sampler_sigmas, to_k_diffusion
 from .schedule import (DIFFUSERS_SCHEDULERS, EXPORT_TARGETS, K_DIFFUSION_SAMPLERS, export_json, export_schedule,
+                       grid_schedule_of,
                        from_export, schedule_of, timestep_gap)
 
 __all__ = ["sample_with", "pipeline_denoiser", "pipeline_kind", "SUPPORTED_PIPELINES", "to_k_diffusion",
            "sampler_sigmas", "KDiffusionModel", "export_schedule", "export_json", "schedule_of", "timestep_gap",
-           "EXPORT_TARGETS", "K_DIFFUSION_SAMPLERS", "DIFFUSERS_SCHEDULERS", "from_export"]
+           "EXPORT_TARGETS", "K_DIFFUSION_SAMPLERS", "DIFFUSERS_SCHEDULERS", "from_export", "grid_schedule_of"]

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from ..families import PureSchedule, pure_schedule
 
 __all__ = ["EXPORT_TARGETS", "K_DIFFUSION_SAMPLERS", "DIFFUSERS_SCHEDULERS", "schedule_of", "export_schedule",
-           "export_json", "timestep_gap", "from_export"]
+           "export_json", "timestep_gap", "from_export", "grid_schedule_of"]
 
 EXPORT_TARGETS = ("sigmas.json", "k-diffusion", "diffusers")
 FORMAT = "amed-schedule"
@@ -112,20 +112,48 @@ def timestep_gap(sigmas, alphas_cumprod) -> float:
     return float(np.max(np.abs(ours - theirs)))
 
 
-def export_schedule(sampler, to: str, *, source: str = "", alphas_cumprod=None) -> dict:
+def grid_schedule_of(sampler) -> PureSchedule:
+    """A family's approximate grid-only schedule (its module's ``grid_schedule``: GS's learned grid with its base
+    solver), or :func:`schedule_of` for a pure schedule; ValueError for families with neither (amed, epd)."""
+    from ..families import get_family
+
+    fn = getattr(get_family(str(getattr(sampler.spec, "kind", "amed"))), "grid_schedule", None)
+    return fn(sampler) if fn is not None else schedule_of(sampler)
+
+
+def export_schedule(sampler, to: str, *, source: str = "", alphas_cumprod=None, grid_only: bool = False) -> dict:
     """The export of a pure-schedule sampler for ``to`` (one of :data:`EXPORT_TARGETS`) as a JSON-able dict.
+
+    ``grid_only``: for a sampler whose steps learn more than its grid (GS), export only its grid with its base solver
+    (:func:`grid_schedule_of`); the document then says ``"approximation": true`` and what it leaves out. Without it
+    such a sampler is refused (its samples would differ from the champion's).
 
     ``alphas_cumprod``: the model's VP table (a diffusers model), to record :func:`timestep_gap` with the diffusers
     export. ValueError (one line, naming the target and the fix) for samplers or solvers the target cannot run."""
     if to not in EXPORT_TARGETS:
         raise ValueError(f"--to must be one of {', '.join(EXPORT_TARGETS)}, got {to!r}")
-    sched = schedule_of(sampler)
+    if grid_only:
+        sched = grid_schedule_of(sampler)
+    else:
+        try:
+            sched = schedule_of(sampler)
+        except ValueError as e:
+            from ..families import get_family
+
+            if getattr(get_family(str(getattr(sampler.spec, "kind", "amed"))), "grid_schedule", None) is None:
+                raise
+            raise ValueError(f"{e}; or export its learned time grid alone with its base solver (an approximation: "
+                             "amed export --grid-only, export_schedule(..., grid_only=True))") from None
     sigmas = [float(v) for v in sched.sigmas]
     teacher = getattr(sampler.spec, "teacher", None) or {}
     doc: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": to, "source": source,
                            "family": sched.family, "method": sched.method or sched.solver, "solver": sched.solver,
                            "nfe": sched.nfe, "afs": sched.afs, "options": dict(sched.options), "sigmas": sigmas,
                            "teacher": teacher.get("name") if isinstance(teacher, Mapping) else None}
+    if sched.family != pure_schedule_family(sampler):
+        doc["approximation"] = True
+        doc["note"] = (f"the {sched.family} sampler's time grid run by {sched.solver} with the options above; the "
+                       f"{sched.family} sampler's other learned parts (model times, coefficients) are not in it")
     if to == "k-diffusion":
         fn, _ = _implied(sched, K_DIFFUSION_SAMPLERS, to)
         doc["k_diffusion"] = {"sampler": f"k_diffusion.sampling.{fn}",
@@ -138,6 +166,12 @@ def export_schedule(sampler, to: str, *, source: str = "", alphas_cumprod=None) 
         if alphas_cumprod is not None:
             doc["diffusers"]["timestep_gap"] = timestep_gap(sigmas, alphas_cumprod)
     return doc
+
+
+def pure_schedule_family(sampler) -> str | None:
+    """The family of the sampler's exact pure schedule, None when it has none."""
+    sched = pure_schedule(sampler)
+    return sched.family if sched is not None else None
 
 
 def export_json(doc: Mapping) -> str:

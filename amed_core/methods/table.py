@@ -2,7 +2,8 @@
 
 A :class:`Method` names its solver function (the shared solver signature, :mod:`amed_core.solvers`), its
 family (``"free"``: training-free solvers; ``"amed"``: AMED-Solver and AMED-Plugins, arXiv 2312.00094;
-``"gits"``: a base solver on a GITS schedule; ``"epd"``: EPD-Solver / EPD-Plugin), the
+``"gits"``: a base solver on a GITS schedule; ``"epd"``: EPD-Solver / EPD-Plugin; ``"gs"``: GS, the generalized
+solver), the
 denoiser evaluations it spends per step, the training-free solver a learned method builds on (``base``: the
 reference's teacher for the plugins and the baseline at equal NFE), whether it carries a multistep history,
 and its default schedule and options (the diff-solvers reference's recommended settings, its launch.sh).
@@ -25,9 +26,15 @@ from ..schedules import ScheduleSpec
 from ..solvers import COMMON_OPTIONS, SolveResult, deis, dpm2, dpmpp, euler, heun, ipndm, ipndm_v, unipc
 from . import amed as _amed
 from . import epd as _epd
+from . import gs as _gs
 
 __all__ = ["Method", "METHODS", "FAMILIES", "SOLVERS", "get_method", "method_names", "evals_per_step", "nfe_for",
            "num_steps_for", "pick_afs", "get_solver", "solver_options", "solve"]
+
+
+def _amed_single_steps(num_steps: int, options: Mapping[str, Any]) -> int:
+    """AMED's single-evaluation steps (``single_steps``) each save one evaluation."""
+    return -_amed.single_step_count(options)
 
 
 def _unipc_final_corrector(num_steps: int, options: Mapping[str, Any]) -> int:
@@ -106,15 +113,25 @@ _GITS_BASES = ("ipndm", "dpmpp", "deis", "unipc", "heun", "euler")
 
 METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     *_FREE.values(),
-    # AMED (arXiv 2312.00094): 2 evaluations per step (AFS saves one); the reference's schedules.
-    Method("amed", "amed", _amed.amed, 2, base="heun", default_schedule=ScheduleSpec("time_uniform", rho=1.0)),
-    Method("amed+euler", "amed", _amed.amed_euler, 2, base="euler", default_schedule=_EDM),
-    Method("amed+dpm", "amed", _amed.amed_dpm, 2, base="dpm2", default_schedule=_EDM),
+    # AMED (arXiv 2312.00094): 2 evaluations per step (AFS saves one; so does each of ``single_steps``, ours);
+    # the reference's schedules. amed+deis / amed+unipc are ours (the reference has no such plugins).
+    Method("amed", "amed", _amed.amed, 2, base="heun", default_schedule=ScheduleSpec("time_uniform", rho=1.0),
+           default_options=_amed.step_defaults("amed"), extra_nfe=_amed_single_steps),
+    Method("amed+euler", "amed", _amed.amed_euler, 2, base="euler", default_schedule=_EDM,
+           default_options=_amed.step_defaults("amed+euler"), extra_nfe=_amed_single_steps),
+    Method("amed+dpm", "amed", _amed.amed_dpm, 2, base="dpm2", default_schedule=_EDM,
+           default_options=_amed.step_defaults("amed+dpm"), extra_nfe=_amed_single_steps),
     Method("amed+ipndm", "amed", _amed.amed_ipndm, 2, base="ipndm", multistep=True, default_schedule=_EDM,
-           default_options=_amed.step_defaults("amed+ipndm")),
+           default_options=_amed.step_defaults("amed+ipndm"), extra_nfe=_amed_single_steps),
     Method("amed+dpmpp", "amed", _amed.amed_dpmpp, 2, base="dpmpp", multistep=True,
            default_schedule=ScheduleSpec("logsnr", rho=1.0),  # rho unused by logsnr; 1.0 as `amed train` writes it
-           default_options=_amed.step_defaults("amed+dpmpp")),
+           default_options=_amed.step_defaults("amed+dpmpp"), extra_nfe=_amed_single_steps),
+    Method("amed+deis", "amed", _amed.amed_deis, 2, base="deis", multistep=True,
+           default_schedule=ScheduleSpec("time_uniform", rho=2.0), default_options=_amed.step_defaults("amed+deis"),
+           extra_nfe=_amed_single_steps),
+    Method("amed+unipc", "amed", _amed.amed_unipc, 2, base="unipc", multistep=True,
+           default_schedule=ScheduleSpec("logsnr", rho=1.0), default_options=_amed.step_defaults("amed+unipc"),
+           extra_nfe=_amed_single_steps),
     # GITS (Chen et al., ICML 2024): a schedule selected from the teacher's fine grid by DP (methods/gits.py), run
     # by the base solver itself; the NFE is the base solver's on the selected points. The schedule shown is the
     # base's (unused: a GITS sampler carries its explicit sigma list).
@@ -127,6 +144,10 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("epd", "epd", _epd.epd, 2, base="heun", default_schedule=_EDM, default_options={"batched": True}),
     Method("epd+ipndm", "epd", _epd.epd_ipndm, 2, base="ipndm", multistep=True, default_schedule=_EDM,
            default_options={"max_order": 4, "batched": True}),
+    # GS (Oganov et al., arXiv 2510.17699): N steps, N denoiser calls on N + 1 learned points; its grid, model times
+    # and coefficients live in the policy (methods.gs.GSParams). At initialisation (theory mode) it is multistep
+    # DPM-Solver++(3M) without a lower-order final step on a grid uniform in VP time: its base and schedule here.
+    Method("gs", "gs", _gs.gs, 1, base="dpmpp", multistep=True, default_schedule=ScheduleSpec("time_uniform", rho=1.0)),
 )})
 
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(m.family for m in METHODS.values()))
@@ -174,9 +195,12 @@ def num_steps_for(solver: str, nfe: int, afs: bool = False, options: Mapping[str
     k = method.evals_per_step
     if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    steps, rem = divmod(int(nfe) + int(bool(afs)), k)
+    saved = _amed.single_step_count(options) if "single_steps" in method.options else 0
+    steps, rem = divmod(int(nfe) + int(bool(afs)) + saved, k)
     if rem or steps < 1:
         hint = "use afs=True for an odd nfe (AFS saves one evaluation)" if not afs else "use afs=False for an even nfe"
+        if "single_steps" in method.options:
+            hint += ", or make one step a single-evaluation step (single_steps)"
         raise ValueError(f"nfe={nfe} is not reachable with {solver!r} (afs={bool(afs)}): it spends {k} evaluations "
                          f"per step{' minus 1 with AFS' if afs else ''}; {hint}")
     for n in range(steps + 1, 1, -1):  # the k (N - 1) - afs grid, else a smaller one (extra evaluations)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._common import (COMMON_OPTIONS, Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option,
                       check_thresholding, direction, dynamic_threshold, finish, multistep_order, prepare,
-                      push)
+                      push, times_shape)
 from .deis import deis
 from .multistep import dpmpp, dpmpp_update, ipndm, ipndm_combination, ipndm_v
 from .single_step import dpm2, euler, heun
@@ -18,4 +18,4 @@ from .unipc import unipc
 
 __all__ = ["COMMON_OPTIONS", "Callback", "Counter", "SolveResult", "StepInfo", "afs_direction", "check_int_option",
            "check_thresholding", "direction", "finish", "multistep_order", "prepare", "push", "deis", "dynamic_threshold", "dpm2",
-           "dpmpp", "dpmpp_update", "euler", "heun", "ipndm", "ipndm_combination", "ipndm_v", "unipc"]
+           "dpmpp", "dpmpp_update", "euler", "heun", "ipndm", "ipndm_combination", "ipndm_v", "times_shape", "unipc"]

@@ -20,7 +20,7 @@ import torch
 from ..schedules import check_grid
 
 __all__ = ["SolveResult", "StepInfo", "Counter", "COMMON_OPTIONS", "afs_direction", "dynamic_threshold", "prepare", "finish",
-           "check_int_option", "check_thresholding", "direction", "multistep_order", "push"]
+           "check_int_option", "check_thresholding", "direction", "multistep_order", "push", "times_shape"]
 
 # Keyword options every solver takes (the rest of a solver's keyword-only parameters are its own options).
 COMMON_OPTIONS = ("class_labels", "afs", "denoise_to_zero", "return_trajectory", "callback")
@@ -136,3 +136,10 @@ def multistep_order(step: int, num_steps: int, max_order: int, lower_order_final
     if lower_order_final:
         return step + 1 if step + 1 < max_order else min(max_order, num_steps - (step + 1))
     return min(max_order, step + 1)
+
+
+def times_shape(ts: list) -> tuple[tuple, torch.device]:
+    """The shape per-sample step weights take: ``(B,)`` when any time is a tensor with B > 1 entries, else ``()``."""
+    n = max(int(t.numel()) for t in ts)
+    device = next((t.device for t in ts if t.numel() == n), ts[0].device)
+    return ((n,) if n > 1 or any(t.ndim for t in ts) else ()), device

@@ -25,10 +25,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ._common import Callback, Counter, SolveResult, StepInfo, check_int_option, direction, finish, prepare, push
+from ._common import Callback, Counter, SolveResult, StepInfo, check_int_option, direction, finish, prepare, push, times_shape
 from .multistep import combine
 
-__all__ = ["deis", "deis_coefficients", "vp_time", "DEIS_MODES"]
+__all__ = ["deis", "deis_coefficients", "deis_step_weights", "vp_time", "DEIS_MODES"]
 
 DEIS_MODES = ("tab", "rhoab")
 
@@ -91,6 +91,48 @@ def deis_coefficients(sigmas, max_order: int, deis_mode: str = "tab") -> list[li
         raise ValueError(f"deis_mode must be one of {DEIS_MODES}, got {deis_mode!r}")
     ts = tuple(float(t) for t in torch.as_tensor(sigmas, dtype=torch.float64).tolist())
     return [list(c) for c in _coefficients_cached(ts, max_order, deis_mode)]
+
+
+def _vp_time_t(sigma: torch.Tensor) -> torch.Tensor:
+    """:func:`vp_time` on tensors (differentiable)."""
+    return (torch.sqrt(_VP_BETA_MIN ** 2 + 2 * _VP_BETA_D * torch.log1p(sigma * sigma)) - _VP_BETA_MIN) / _VP_BETA_D
+
+
+def deis_step_weights(nodes, t_next, mode: str = "tab") -> list:
+    """One DEIS step's weights with per-sample times (what the AMED-Plugin on DEIS needs, whose intermediate times
+    are learned per sample): ``x_next = x_cur + sum_j C_j d_{n-j}`` over the directions at ``nodes`` (newest last,
+    the last one is t_cur), returned newest first. Times: floats, 0-d or ``(B,)`` tensors; the weights are tensors
+    broadcast over them, differentiable, and equal to :func:`deis_coefficients`' (~1e-15) on a shared grid."""
+    if mode not in DEIS_MODES:
+        raise ValueError(f"deis_mode must be one of {DEIS_MODES}, got {mode!r}")
+    ts = [torch.as_tensor(t, dtype=torch.float64) for t in list(nodes) + [t_next]]
+    shape, device = times_shape(ts)
+    ts = [t.to(device).reshape(-1, 1) for t in ts]   # (B or 1, 1): the quadrature points go on the last axis
+    *hist, tn = ts
+    t_cur = hist[-1]
+    if len(hist) == 1:
+        return [(tn - t_cur).expand(*shape[:1] or (1,), 1).reshape(shape)]
+    newest_first = hist[::-1]
+    if mode == "rhoab":
+        gx, gw, space = _GL_X, _GL_W, newest_first
+        half, mid = 0.5 * (tn - t_cur), 0.5 * (tn + t_cur)
+        u = mid + half * torch.as_tensor(gx, dtype=torch.float64, device=device)
+        weight = half * torch.as_tensor(gw, dtype=torch.float64, device=device)
+    else:
+        space = [_vp_time_t(t) for t in newest_first]
+        a, b = torch.log(t_cur), torch.log(tn)
+        half, mid = 0.5 * (b - a), 0.5 * (a + b)
+        s = torch.exp(mid + half * torch.as_tensor(_GL32_X, dtype=torch.float64, device=device))
+        u = _vp_time_t(s)
+        weight = half * torch.as_tensor(_GL32_W, dtype=torch.float64, device=device) * s
+    out = []
+    for j in range(len(space)):
+        basis = torch.ones_like(u)
+        for k in range(len(space)):
+            if k != j:
+                basis = basis * (u - space[k]) / (space[j] - space[k])
+        out.append((weight * basis).sum(dim=-1).expand(*shape[:1] or (1,)).reshape(shape))
+    return out
 
 
 def deis(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=False, return_trajectory=False,

@@ -26,12 +26,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from ._common import (Callback, Counter, SolveResult, StepInfo, afs_direction, check_int_option, check_thresholding, dynamic_threshold,
-                      finish, multistep_order, prepare)
+                      finish, multistep_order, prepare, times_shape)
 from .multistep import combine
 
-__all__ = ["unipc", "unipc_coefficients", "VARIANTS"]
+__all__ = ["unipc", "unipc_coefficients", "unipc_step_weights", "VARIANTS"]
 
 VARIANTS = ("bh1", "bh2")
 
@@ -85,6 +86,60 @@ def unipc_coefficients(t_hist: list[float], t: float, order: int, *, predict_x0:
         corr[0] -= w_t
         corr.append(w_t)
     return a, pred, corr
+
+
+def unipc_step_weights(t_hist, t, order: int, *, predict_x0: bool, variant: str, corrector: bool):
+    """:func:`unipc_coefficients` with per-sample times (floats, 0-d or ``(B,)`` tensors; what the AMED-Plugin on
+    UniPC needs): the same ``(a, pred, corr)`` as tensors broadcast over the times, differentiable; the linear
+    systems are solved per sample (``torch.linalg.solve``)."""
+    ts = [torch.as_tensor(v, dtype=torch.float64) for v in list(t_hist) + [t]]
+    shape, device = times_shape(ts)
+    ts = [v.to(device).reshape(-1) for v in ts]
+    *hist, tt = ts
+    s0 = hist[-1]
+    h = torch.log(s0) - torch.log(tt)
+    hh = -h if predict_x0 else h
+    h_phi_1 = torch.expm1(hh)
+    B_h = hh if variant == "bh1" else torch.expm1(hh)
+    rks = [(torch.log(s0) - torch.log(hist[-1 - k])) / h for k in range(1, order)] + [torch.ones_like(h)]
+    b, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1
+    for i in range(1, order + 1):
+        b.append(h_phi_k * fact / B_h)
+        fact *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / fact
+    n = max(int(v.numel()) for v in ts)
+    R = torch.stack([torch.stack([rk.expand(n) ** (i - 1) for rk in rks], dim=-1) for i in range(1, order + 1)], dim=-2)
+    bv = torch.stack([v.expand(n) for v in b], dim=-1)
+    a = tt / s0 if predict_x0 else torch.ones_like(h)
+    f = -torch.ones_like(h) if predict_x0 else -tt
+    base = [f * h_phi_1] + [torch.zeros_like(h)] * (order - 1)
+
+    def with_d1(rhos) -> list:
+        c = list(base)
+        for k in range(1, order):
+            w = f * B_h * rhos[k - 1] / rks[k - 1]
+            c[k] = c[k] + w
+            c[0] = c[0] - w
+        return c
+
+    if order == 1:
+        pred = list(base)
+    elif order == 2:
+        pred = with_d1([0.5 * torch.ones_like(h)])
+    else:
+        sol = torch.linalg.solve(R[..., :-1, :-1], bv[..., :-1])
+        pred = with_d1([sol[..., k] for k in range(order - 1)])
+    corr = None
+    if corrector:
+        rhos_c = [0.5 * torch.ones_like(h)] if order == 1 else list(torch.linalg.solve(R, bv).unbind(-1))
+        corr = with_d1(rhos_c)
+        w_t = f * B_h * rhos_c[-1]
+        corr[0] = corr[0] - w_t
+        corr.append(w_t)
+    def out(v):
+        return v.expand(n).reshape(shape)
+
+    return out(a), [out(c) for c in pred], None if corr is None else [out(c) for c in corr]
 
 
 def unipc(denoiser, x, sigmas, *, class_labels=None, afs=False, denoise_to_zero=False, return_trajectory=False,

@@ -13,16 +13,17 @@ import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Optional, Sequence
 
-from flows.cluster.jobs import eval_job
+from flows.cluster.jobs import eval_job, rank_job
 from flows.cluster.session import task_options
 from flows.cluster.teacher import TeacherRun, start_teacher
 from flows.storage.runs import RunStore
 
 log = logging.getLogger("amed.ray")
 
-__all__ = ["run_one", "run_jobs", "FlowSlots", "SLOTS", "Prefetched", "PREFETCHED"]
+__all__ = ["run_one", "run_jobs", "FlowSlots", "PrioritySlots", "SLOTS", "Prefetched", "PREFETCHED"]
 
 _REMOTES: dict = {}
 
@@ -99,24 +100,54 @@ def run_jobs(fn: Callable, jobs: Sequence, *, compute, gpu: bool, label: str, st
     return [results[i] for i in range(len(jobs))]
 
 
+class PrioritySlots:
+    """A counting semaphore whose waiters are served by priority, then in arrival order: ``with slots.hold(2): ...``.
+    What lets a sweep's trainings (its critical path) take the next free slot before queued panel scores (issue 21)."""
+
+    def __init__(self, n: int):
+        import itertools
+
+        self._free, self._cond, self._waiting, self._seq = int(n), threading.Condition(), [], itertools.count()
+
+    @contextmanager
+    def hold(self, priority: int = 0):
+        import heapq
+
+        with self._cond:
+            ticket = (-int(priority), next(self._seq))
+            heapq.heappush(self._waiting, ticket)
+            while not (self._free > 0 and self._waiting[0] == ticket):
+                self._cond.wait()
+            heapq.heappop(self._waiting)
+            self._free -= 1
+            self._cond.notify_all()
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._free += 1
+                self._cond.notify_all()
+
+
 class FlowSlots:
     """At most ``compute.max_parallel`` jobs of one flow run in flight: Prefect runs the tasks in threads, each
-    takes a slot of its flow run's semaphore around its Ray job."""
+    takes a slot of its flow run's semaphore around its Ray job; a waiting job of higher ``priority`` (training)
+    gets the next free slot first."""
 
     def __init__(self):
-        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._slots: dict[str, PrioritySlots] = {}
 
-    def slot(self, max_parallel: int) -> threading.BoundedSemaphore:
+    def slot(self, max_parallel: int, priority: int = 0):
         from prefect.context import FlowRunContext
 
         ctx = FlowRunContext.get()
         key = str(ctx.flow_run.id) if ctx and ctx.flow_run else "local"
-        return self._slots.setdefault(key, threading.BoundedSemaphore(max_parallel))
+        return self._slots.setdefault(key, PrioritySlots(max_parallel)).hold(priority)
 
 
 class Prefetched:
-    """Work started on Ray before the Prefect API is up: teacher shards and base-solver scores, which need nothing
-    upstream. ``amed distill`` calls :meth:`start` while Prefect's ephemeral API is still starting; the flow's teacher
+    """Work started on Ray before the Prefect API is up: teacher shards and base-solver scores (or the panel's ranking
+    round), which need nothing upstream. ``amed distill`` calls :meth:`start` while Prefect's ephemeral API is still starting; the flow's teacher
     and evaluate tasks then :meth:`take_teacher` / :meth:`take_eval` these instead of submitting the same work again,
     and the command :meth:`clear` s what is left when the flow ends."""
 
@@ -139,8 +170,10 @@ class Prefetched:
                 self._teachers[t.spec_hash] = start_teacher(t.dataset, t.spec_json, missing, store_url=plan.store_url,
                                                             storage_options=plan.storage_options, compute=compute)
                 n += len(missing)
-        remote = _remote(eval_job, compute, gpu=True)
-        for b in plan.baselines:
+        # With a ranking round (issue 21) the panel starts with it; which entries get full scores comes after.
+        fn, jobs = (rank_job, plan.rank) if plan.rank else (eval_job, [] if plan.pending_init else plan.baselines)
+        remote = _remote(fn, compute, gpu=True)
+        for b in jobs:
             if not RunStore(b.store_url, b.storage_options).exists(b.result_key):
                 self._evals[b.id] = remote.remote(b)
                 n += 1

@@ -3,11 +3,14 @@
     amed train --teacher digits-gmm --solver amed --nfe 5 --seed 0 --out runs/amed-nfe5
     amed train --method gits --solver ipndm --nfe 5 --teacher digits-gmm --out runs/gits-ipndm-nfe5
     amed train --method epd --solver ipndm --nfe 5 --teacher digits-gmm --out runs/epd-ipndm-nfe5
+    amed train --method gs --nfe 4 --teacher digits-gmm --out runs/gs-nfe4 [--gs-init panel]
 
 --method amed (default): an AMED predictor; gits: a GITS schedule for a training-free --solver, selected by DP from a
 fine teacher grid (--gits-grid points, --trajectories warm-up trajectories, default 256); the checkpoint is
 sampler.json only; epd: EPD tables (--solver epd | epd+ipndm, or heun / ipndm for those) trained on a stored teacher
-at the student grid. Every checkpoint loads with ``amed_core.families.load_sampler``.
+at the student grid; gs: GS (the generalized solver: grid, model times and coefficients) trained on the final
+samples of an endpoint-only teacher (--trajectories training pairs, --val held-out pairs). Every checkpoint loads with
+``amed_core.families.load_sampler``.
 
 The math lives in amed_core.amed (train_amed); this command parses options, shows progress (tqdm),
 and writes predictor.safetensors + sampler.json (+ train.json with the config and loss history).
@@ -23,7 +26,7 @@ from amed_core.methods import get_method, method_names
 # The AMED methods (the method table's "amed" family); each one's default schedule is the table's (the reference's:
 # AMED-Solver on time_uniform rho=1, DPM-Solver++ on logSNR, the rest on EDM's polynomial rho=7).
 SOLVER_CHOICES = list(method_names("amed"))
-METHOD_CHOICES = ("amed", "gits", "epd")
+METHOD_CHOICES = ("amed", "gits", "epd", "gs")
 EPD_FOR = {"epd": "epd", "epd+ipndm": "epd+ipndm", "heun": "epd", "ipndm": "epd+ipndm"}
 
 
@@ -32,10 +35,19 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="digits-gmm or gmm:PATH.npz (a mixture file with weights, means, covs, shape)")
     p.add_argument("--method", choices=METHOD_CHOICES, default="amed",
-                   help="family: amed (default), gits (a schedule for a training-free solver), epd")
-    p.add_argument("--solver", required=True,
+                   help="family: amed (default), gits (a schedule for a training-free solver), epd, gs")
+    p.add_argument("--solver", default=None,
                    help=f"amed: {', '.join(SOLVER_CHOICES)}; gits: a training-free solver ({', '.join(method_names('free'))}); "
-                        f"epd: epd, epd+ipndm (or heun, ipndm)")
+                        f"epd: epd, epd+ipndm (or heun, ipndm); gs: none (gs)")
+    p.add_argument("--gs-init", choices=["reference", "panel"], default="reference",
+                   help="gs: start from the reference's time-uniform grid, or from the training-free schedule GS can "
+                        "express (N + 1 points, no AFS) with the lowest loss on the held-out pairs")
+    p.add_argument("--gs-options", default="{}", metavar="JSON",
+                   help='gs: GSConfig fields, e.g. \'{"order": 3, "theory": false, "end": "net", "output": "edm"}\' '
+                        "(defaults: the reference's; amed_core.methods.gs.GSConfig)")
+    p.add_argument("--iterations", type=int, default=None, help="gs: optimiser steps (default 10000, the reference's)")
+    p.add_argument("--val", type=int, default=None, help="gs: held-out teacher pairs (default 1000)")
+    p.add_argument("--loss", default="l2", help="gs: l2 (default) or py:package.module:function returning a distance")
     p.add_argument("--gits-grid", type=int, default=41, help="gits: points of the fine teacher grid (polynomial rho 7)")
     p.add_argument("--gits-metric", choices=["dev", "l1", "l2"], default="dev", help="gits: cost metric")
     p.add_argument("--gits-coeff", type=float, default=1.15, help="gits: DP coefficient")
@@ -97,6 +109,10 @@ def build(args):
 
 
 def run(args) -> int:
+    if args.method == "gs":
+        return run_gs(args)
+    if args.solver is None:
+        raise ValueError(f"--solver is required with --method {args.method}")
     if args.method == "amed" and args.solver not in SOLVER_CHOICES:
         raise ValueError(f"--solver {args.solver!r}: --method amed takes {', '.join(SOLVER_CHOICES)}")
     if args.method == "gits":
@@ -218,3 +234,91 @@ def run_epd(args) -> int:
                                      "epochs": epochs, "train_config": cfg.to_dict(), "updates": res.updates,
                                      "final_losses": res.losses[-1] if res.losses else []})
     return 0
+
+
+def run_gs(args) -> int:
+    """GS: an endpoint-only teacher (--trajectories training pairs + --val held-out pairs; --teacher-m Heun steps
+    between its two stored points, default 64), then train_gs (the reference's recipe: Adam 1e-3, batch 24, 10,000
+    iterations, EMA 0.999, the best EMA checkpoint on the held-out pairs). --gs-init panel starts from the schedule of
+    the training-free sampler GS can express (DPM-Solver++, iPNDM, DEIS, UniPC, Euler over the panel's schedules, no
+    AFS) that lands closest (L2) to the teacher on the held-out pairs; a sweep uses its panel's scores instead."""
+    import time
+
+    import torch
+
+    from amed_core.denoisers import load_teacher
+    from amed_core.families import gs
+    from amed_core.methods.gs import GSTrainConfig
+    from amed_core.schedules import ScheduleSpec
+
+    if args.solver not in (None, "gs"):
+        raise ValueError(f"--solver {args.solver!r}: --method gs takes no solver (or gs)")
+    try:
+        options = json.loads(args.gs_options)
+    except ValueError as e:
+        raise ValueError(f"--gs-options is not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise ValueError("--gs-options must be a JSON object of GSConfig fields")
+    distance = gs.load_distance(args.loss)  # before any work: a bad loss fails here
+    den = load_teacher(args.teacher)
+    config = gs.config_for(den, args.nfe, **options)
+    gs.check_start(config, float(den.sigma_max))
+    n, n_val = args.trajectories or 1400, args.val or 1000
+    t0 = time.perf_counter()
+    schedule = ScheduleSpec("polynomial", rho=7.0, sigma_min=den.sigma_min, sigma_max=den.sigma_max)
+    shard = _teacher_shard(den, schedule, 2, n + n_val, (args.teacher_m or 64) - 1, args.seed)
+    noise, final = shard.noise.to(torch.float64), shard.states[-1].to(torch.float64)
+    labels = shard.one_hot_labels(torch.float64) if shard.label_dim else None
+    tr, va = slice(0, n), slice(n, n + n_val)
+    val = (noise[va], final[va], None if labels is None else labels[va])
+    init, source = "reference", None
+    if args.gs_init == "panel":
+        init, source = _gs_panel(den, config, val)
+        print(f"GS init: {source}")
+    cfg = GSTrainConfig(iterations=args.iterations or 10_000, batch_size=args.batch or 24, lr=args.lr or 1e-3,
+                        seed=args.seed, loss=args.loss)
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.iterations, unit="it", disable=args.no_progress, dynamic_ncols=True)
+
+    def progress(p) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{p.loss:.4g}", **({"val": f"{p.val_loss:.4g}"} if p.val_loss is not None else {}))
+
+    sampler, res = gs.fit(den, noise[tr], final[tr], cfg, nfe=args.nfe, config=config, init=init, init_source=source,
+                          class_labels=None if labels is None else labels[tr], val=val,
+                          distance=distance, callback=progress)
+    bar.close()
+    print(f"GS at NFE {args.nfe} on {args.teacher}: validation loss {res.initial_val:.4g} -> {res.best_val:.4g} "
+          f"(best at iteration {res.best_iteration} of {cfg.iterations})")
+    _write(Path(args.out), sampler, {"method": "gs", "seconds": time.perf_counter() - t0, "trajectories": n,
+                                     "val_pairs": n_val, "train_config": cfg.to_dict(), "updates": res.updates,
+                                     "val_history": res.val_history, "init": sampler.spec.init})
+    return 0
+
+
+def _gs_panel(den, config, val):
+    """(sigmas, source) of the training-free sampler GS can express at its NFE whose samples from the held-out noise
+    are closest (mean L2) to the teacher's end states; ("reference", why) when none can be expressed."""
+    import torch
+
+    from amed_core.families import free, gs
+    from amed_core.methods.gs import l2_distance
+
+    noise, target, labels = val
+    best = None
+    for solver in ("dpmpp", "ipndm", "deis", "unipc", "euler"):
+        for o in free.option_sets(solver, config.steps, afs=(False,)):
+            s = free.make(solver, config.steps, schedule=o["schedule"], afs=False, options=o["options"], denoiser=den)
+            try:
+                gs.init_params(config, s.spec.sigmas)
+            except ValueError:
+                continue
+            with torch.no_grad():
+                loss = float(l2_distance(s(den, noise, class_labels=labels).x, target).mean())
+            if best is None or loss < best[0]:
+                best = (loss, list(s.spec.sigmas), {"solver": solver, "schedule": o["schedule"].schedule_type,
+                                                    "options": o["options"], "val_loss": loss})
+    if best is None:
+        return "reference", {"panel": "no training-free schedule GS can express at this NFE"}
+    return best[1], best[2]

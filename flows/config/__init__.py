@@ -10,12 +10,13 @@ Bad configs fail before any work starts: :func:`load_sweep` raises ``ValueError`
 name a field's path (``evaluation.metric``) and what is allowed there.
 
 The package: ``schema`` (the sweep's sections and ``SweepConfig``), ``families`` (``panel`` and ``families``:
-the training-free panel, GITS and EPD candidates), ``base`` (the strict model base, names, bounds) and ``loading``
+the training-free panel, GITS, EPD and GS candidates), ``base`` (the strict model base, names, bounds) and ``loading``
 (``load_sweep``: a sweep file read safely, YAML without alias bombs, errors one line per field; ``quickstart_path``).
 """
 
 from flows.config.base import MAX_NFE, MAX_OPTION_DEPTH, MAX_SEED, Name, StrictModel
-from flows.config.families import EPDFamilyConfig, FamiliesConfig, GITSFamilyConfig, PanelConfig, PanelEntry
+from flows.config.families import (EPDFamilyConfig, FamiliesConfig, GITSFamilyConfig, GSFamilyConfig, InitConfig,
+                                   PanelConfig, PanelEntry)
 from flows.config.loading import MAX_SWEEP_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, load_sweep, quickstart_path
 from flows.config.schema import (
     AMED_SOLVERS,
@@ -53,4 +54,6 @@ __all__ = [
     "StrictModel",
     "GITSFamilyConfig",
     "EPDFamilyConfig",
+    "GSFamilyConfig",
+    "InitConfig",
 ]

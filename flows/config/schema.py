@@ -11,7 +11,7 @@ from pydantic import Field, StrictInt, field_validator, model_validator
 
 from amed_core.methods import get_method, method_names
 from flows.config.base import MAX_NFE, MAX_OPTION_DEPTH, MAX_SEED, Name, StrictModel, depth
-from flows.config.families import FamiliesConfig, PanelConfig
+from flows.config.families import FamiliesConfig, InitConfig, PanelConfig
 from flows.storage.checksums import json_digest
 from flows.storage.credentials import secret_paths
 
@@ -161,6 +161,34 @@ class TrainingConfig(StrictModel):
     hidden_dim: Optional[int] = Field(default=None, ge=1, description="predictor width (default: amed_core's)")
     loss_weighting: Literal["sum", "relative"] = Field(
         default="sum", description="sum (the paper) or relative (every student step weighs alike; the improved recipe)")
+    # Validation and objectives (issue 21; amed_core.validation): AMED and EPD trainings.
+    val_trajectories: Optional[int] = Field(
+        default=None, ge=0, description="held-out teacher trajectories (the last ones) that pick the checkpoint, stop "
+                                        "training and flag divergence; default min(1024, teacher.num_trajectories // 8); 0 = none")
+    val_every: int = Field(default=4, ge=1, description="validate every this many batches")
+    patience: int = Field(default=0, ge=0, description="validations without improvement that stop training (0: never)")
+    objectives: list[str] = Field(default_factory=lambda: ["mean"], min_length=1, description="AMED: one training per "
+                                  "objective (mean | topk:F | q:F), the best on validation kept")
+    tail_weight: float = Field(default=1.0, ge=0, description="weight of the tail term of topk / q objectives")
+    loss_target: Literal["steps", "final"] = Field(default="steps", description="AMED: a loss per student step (the "
+                                                   "paper) or on the final sample only")
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        from amed_core.validation import check_objective
+
+        for o in v:
+            check_objective(o)
+        if len(set(v)) != len(v):
+            raise ValueError("objectives must not repeat")
+        return v
+
+    def val_count(self, num_trajectories: int) -> int:
+        """Held-out trajectories for a teacher of ``num_trajectories``."""
+        if self.val_trajectories is not None:
+            return int(self.val_trajectories)
+        return min(1024, num_trajectories // 8)
 
 
 class EvalConfig(StrictModel):
@@ -234,6 +262,7 @@ class SweepConfig(StrictModel):
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     panel: PanelConfig = Field(default_factory=PanelConfig)
     families: FamiliesConfig = Field(default_factory=FamiliesConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
 
     @field_validator("solvers")
     @classmethod
@@ -287,6 +316,11 @@ class SweepConfig(StrictModel):
         if any(self.teacher.num_trajectories < self.train_for(s).batch_size for s in self.solvers):
             raise ValueError(f"teacher.num_trajectories ({self.teacher.num_trajectories}) must be at least "
                              f"train.batch_size ({self.train.batch_size})")
+        for s in self.solvers:
+            held = self.train_for(s).val_count(self.teacher.num_trajectories)
+            if held >= self.teacher.num_trajectories:
+                raise ValueError(f"train.val_trajectories ({held}) must leave training trajectories: lower it below "
+                                 f"teacher.num_trajectories ({self.teacher.num_trajectories}) or set 0")
         for s in self.solvers:
             for nfe in self.nfes:
                 _check_nfe(s, nfe, self.sampler_for(s).afs_for(nfe))

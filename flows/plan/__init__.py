@@ -13,17 +13,20 @@ evaluation protocol), so a rerun finds what is already committed. The jobs are w
 parameters and Ray tasks as arguments; workers read their attributes (``job.checkpoint``), never string keys.
 
 The package: ``jobs`` (the typed jobs and ``SweepPlan``), ``sweep`` (``plan_sweep`` and the AMED students: teacher,
-base solvers, candidates), ``families`` (the training-free panel, GITS and EPD candidates), ``common`` (pieces both
+base solvers, candidates), ``families`` (the training-free panel, GITS, EPD and GS candidates), ``common`` (pieces both
 build from: schedules, the evaluate jobs' common fields, the teacher's identity).
 """
 
 from flows.plan.common import eval_common, identity, schedule_for
 from flows.plan.families import (
     epd_spec,
+    gs_base_job,
     panel_job,
     plan_epd_candidate,
     plan_gits_candidate,
     plan_gits_teacher,
+    plan_gs_candidate,
+    plan_gs_teacher,
     plan_panel,
 )
 from flows.plan.jobs import Candidate, EvalJob, PanelSlot, ScoreSettings, SweepPlan, TeacherJob, TrainJob, slug
@@ -32,6 +35,7 @@ from flows.plan.sweep import (get_family_name, plan_baseline, plan_candidate, pl
 
 __all__ = ["TeacherJob", "TrainJob", "EvalJob", "ScoreSettings", "Candidate", "PanelSlot", "SweepPlan", "plan_sweep",
            "plan_dataset", "plan_reference", "plan_baseline", "plan_candidate", "plan_panel", "panel_job", "plan_gits_teacher",
-           "plan_gits_candidate", "plan_epd_candidate", "teacher_id", "slug",
+           "plan_gits_candidate", "plan_epd_candidate", "plan_gs_teacher", "plan_gs_candidate", "gs_base_job", "teacher_id",
+           "slug",
            # also public: the pieces the modules share, EPD's student spec, a method's family
            "eval_common", "identity", "schedule_for", "epd_spec", "get_family_name"]

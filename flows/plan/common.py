@@ -1,16 +1,16 @@
 """Pieces of a plan shared by the AMED students (flows.plan.sweep) and the other families (flows.plan.families):
 the schedule on a teacher's sigma range, the fields every evaluate job shares, the teacher identity a free
-sampler records."""
+sampler records, the students' teacher job at given grids."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flows.config import SweepConfig
+from flows.config import DatasetConfig, SweepConfig
 from flows.plan.jobs import ScoreSettings, TeacherJob
 from flows.results import EvalProtocol
 
-__all__ = ["identity", "schedule_for", "eval_common", "thresholding"]
+__all__ = ["identity", "schedule_for", "eval_common", "thresholding", "students_teacher"]
 
 
 def identity(teacher: TeacherJob) -> dict[str, Any]:
@@ -49,3 +49,16 @@ def eval_common(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol) 
             "torch_threads": cfg.compute.torch_threads, "dataset": teacher.dataset, "protocol": settings,
             "protocol_hash": proto.hash, "grid_samples": ev.grid_samples, "reference_spec": teacher.reference_spec,
             "schedule": sp.schedule.to_dict()}
+
+
+def students_teacher(cfg: SweepConfig, d: DatasetConfig, ds: DatasetConfig, den, grids, store_url: str) -> TeacherJob:
+    """The TeacherJob storing trajectories at the union of ``grids`` (StudentGrids) for dataset ``d``."""
+    from amed_core.teacher import TeacherSpec
+
+    t = cfg.teacher
+    tspec = TeacherSpec.for_denoiser(den, grids, num_trajectories=t.num_trajectories, shard_size=t.shard_size,
+                                     sub_steps=t.M, solver=t.solver, dtype=t.dtype, base_seed=t.seed,
+                                     solver_options=thresholding(t.solver, {}, den))
+    return TeacherJob(name=d.name, dataset=ds, spec_json=tspec.to_json(), spec_hash=tspec.spec_hash,
+                      num_shards=tspec.num_shards, num_trajectories=t.num_trajectories, store_url=store_url,
+                      storage_options=dict(cfg.storage_options))

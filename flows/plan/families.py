@@ -1,6 +1,6 @@
 """Planning the candidates beyond AMED's students: the training-free panel at every (dataset, NFE), GITS (a base
-solver on a schedule chosen from a small teacher on a fine grid) and EPD (parallel directions trained on the
-students' teacher)."""
+solver on a schedule chosen from a small teacher on a fine grid), EPD (parallel directions trained on the
+students' teacher) and GS (the generalized solver, trained on the final samples of an endpoint-only teacher)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from flows.plan.jobs import Candidate, EvalJob, ScoreSettings, TeacherJob, Train
 from flows.results import EvalProtocol
 from flows.storage.checksums import json_digest
 
-__all__ = ["panel_job", "plan_panel", "plan_gits_teacher", "plan_gits_candidate", "epd_spec", "plan_epd_candidate"]
+__all__ = ["panel_job", "plan_panel", "plan_gits_teacher", "plan_gits_candidate", "epd_spec", "plan_epd_candidate",
+           "plan_gs_teacher", "gs_base_job", "plan_gs_candidate"]
 
 
 def panel_job(cfg: SweepConfig, teacher: TeacherJob, den, entry, nfe: int, proto: EvalProtocol,
@@ -68,39 +69,57 @@ def plan_panel(cfg: SweepConfig, teacher: TeacherJob, den, nfe: int, proto: Eval
     return [j for j in jobs if j is not None]
 
 
-def plan_gits_teacher(cfg: SweepConfig, d: DatasetConfig, students: TeacherJob, den, store_url: str) -> TeacherJob:
+def plan_gits_teacher(cfg: SweepConfig, d: DatasetConfig, students: TeacherJob, den, store_url: str,
+                      extra_grids=()) -> TeacherJob:
     """A small teacher on the fine grid GITS selects from: ``families.gits.warmup`` trajectories at
     ``grid_points`` points (the students' teacher keeps only the union of the student grids, too coarse to select
-    from; its spec stays unchanged, so AMED's trajectories do not move)."""
+    from; its spec stays unchanged, so AMED's trajectories do not move). ``extra_grids``: StudentGrids whose points
+    join the fine grid (the panel winners', issue 21)."""
     from amed_core.teacher import StudentGrid, TeacherSpec
 
     g, t = cfg.families.gits, cfg.teacher
     schedule = schedule_for(cfg, den, g.schedule_type, g.schedule_rho)
-    spec = TeacherSpec.for_denoiser(den, [StudentGrid(schedule, g.grid_points)], num_trajectories=g.warmup,
-                                    shard_size=g.warmup, sub_steps=g.sub_steps, solver=t.solver, dtype=t.dtype,
+    n = g.warmup
+    spec = TeacherSpec.for_denoiser(den, [StudentGrid(schedule, g.grid_points), *extra_grids], num_trajectories=n,
+                                    shard_size=n, sub_steps=g.sub_steps, solver=t.solver, dtype=t.dtype,
                                     base_seed=t.seed)
     return TeacherJob(name=d.name, role="gits", dataset=students.dataset, spec_json=spec.to_json(),
-                      spec_hash=spec.spec_hash, num_shards=spec.num_shards, num_trajectories=g.warmup,
+                      spec_hash=spec.spec_hash, num_shards=spec.num_shards, num_trajectories=n,
                       store_url=store_url, storage_options=dict(cfg.storage_options),
                       reference_spec=students.reference_spec)
 
 
 def plan_gits_candidate(cfg: SweepConfig, gt: TeacherJob, den, base: str, nfe: int, proto: EvalProtocol,
-                        reference: str, tid: str):
+                        reference: str, tid: str, *, start: Optional[EvalJob] = None, validation: Optional[dict] = None):
     """(Candidate, its base solver's panel job) of ``gits+<base>`` at ``nfe``, or None where ``base`` cannot spend
-    exactly ``nfe`` without AFS. The fit reads the GITS teacher ``gt``; the checkpoint is a sampler.json."""
+    exactly ``nfe`` without AFS. The fit reads the GITS teacher ``gt``; the checkpoint is a sampler.json.
+
+    ``start`` (issue 21): the panel's winning entry: GITS runs its solver with its options and AFS, keeps its grid
+    unless the DP's is better on held-out trajectories (``validation``: {"teacher": the students' teacher hash,
+    "held_out": its last trajectories}, whose final states are accurate; the GITS teacher's, one sub-step on a
+    coarse grid, are not), and is compared with it."""
     from amed_core.methods import get_method, num_steps_for
 
     g = cfg.families.gits
+    afs, keep = False, None
     opts = thresholding(base, {**dict(get_method(base).default_options), **dict(g.options.get(base, {}))}, den)
+    if start is not None:
+        from amed_core.schedules import ScheduleSpec
+
+        opts = {k: v for k, v in start.solver_options.items() if k != "afs"}  # the DP runs without AFS (its free-step
+        keep = [float(v) for v in ScheduleSpec.from_dict(start.schedule).grid(start.num_steps)]  # search moves the NFE)
     try:
-        num_steps_for(base, nfe, False, opts)
+        num_steps_for(base, nfe, afs, opts)
     except ValueError:
         return None
-    base_job = panel_job(cfg, gt, den, PanelEntry(solver=base, options=dict(g.options.get(base, {}))), nfe, proto,
-                         reference)
+    base_job = start or panel_job(cfg, gt, den, PanelEntry(solver=base, options=dict(g.options.get(base, {}))), nfe,
+                                  proto, reference)
     method, dname = f"gits+{base}", gt.name
-    fit = {"metric": g.metric, "coeff": g.coeff, "warmup": g.warmup, "options": opts, "afs": False}
+    fit = {"metric": g.metric, "coeff": g.coeff, "warmup": g.warmup, "options": opts, "afs": afs}
+    if keep is not None:
+        fit.update(keep=keep, keep_afs=bool(start.solver_options.get("afs", False)))
+    if validation:
+        fit["validation"] = dict(validation)
     cid = json_digest({"teacher": gt.spec_hash, "method": method, "nfe": nfe, "fit": fit})
     name = f"{slug(dname)}-{slug(method)}-nfe{nfe}"
     ckpt = f"checkpoints/{name}-{cid[:12]}"
@@ -109,15 +128,22 @@ def plan_gits_candidate(cfg: SweepConfig, gt: TeacherJob, den, base: str, nfe: i
                    sampler_spec={}, train={"num_trajectories": g.warmup, "batch_size": g.warmup}, epochs=1,
                    teacher_hash=gt.spec_hash, checkpoint=ckpt, family="gits", fit=fit,
                    tags=[f"dataset:{dname}", f"solver:{method}", f"nfe:{nfe}", "family:gits"])
-    eid = json_digest({"checkpoint": cid, "protocol": proto.hash})
-    common = {k: v for k, v in base_job.model_dump().items() if k in (
-        "store_url", "storage_options", "torch_threads", "dataset", "protocol", "protocol_hash", "grid_samples",
-        "reference_spec", "schedule")}
-    ev = EvalJob(**common, id=f"eval-{name}-{eid[:8]}", kind="candidate", checkpoint=ckpt, family="gits",
-                 result_key=f"evals/{eid}.json", grid_key=f"{ckpt}/samples.png", title=f"{dname} {method} NFE {nfe}")
+    ev = candidate_eval(base_job, cid, proto, name, ckpt, "gits", f"{dname} {method} NFE {nfe}")
     cand = Candidate(train=job, eval=ev, base_id=base_job.id, base_solver=base, protocol=proto, family="gits",
                      teacher_id=tid)
     return cand, base_job
+
+
+def candidate_eval(base: EvalJob, cid: str, proto: EvalProtocol, name: str, ckpt: str, family: str,
+                   title: str) -> EvalJob:
+    """The evaluate job of a candidate checkpoint (content id ``cid``) under the protocol and on the schedule of its
+    base solver's job ``base`` (GITS, GS: candidates without a SamplerSpec of their own)."""
+    eid = json_digest({"checkpoint": cid, "protocol": proto.hash})
+    common = {k: v for k, v in base.model_dump().items() if k in (
+        "store_url", "storage_options", "torch_threads", "dataset", "protocol", "protocol_hash", "grid_samples",
+        "reference_spec", "schedule")}
+    return EvalJob(**common, id=f"eval-{name}-{eid[:8]}", kind="candidate", checkpoint=ckpt, family=family,
+                   result_key=f"evals/{eid}.json", grid_key=f"{ckpt}/samples.png", title=title)
 
 
 class _EPDSpec(BaseModel):
@@ -173,4 +199,82 @@ def plan_epd_candidate(cfg: SweepConfig, teacher: TeacherJob, sp: _EPDSpec, prot
                  checkpoint=ckpt, family="epd", result_key=f"evals/{eid}.json", grid_key=f"{ckpt}/samples.png",
                  title=f"{dname} {s} NFE {nfe}")
     return Candidate(train=job, eval=ev, base_id=base.id, base_solver=base.solver, protocol=proto, family="epd",
+                     teacher_id=tid)
+
+
+def plan_gs_teacher(cfg: SweepConfig, d: DatasetConfig, students: TeacherJob, den, store_url: str) -> TeacherJob:
+    """The teacher GS trains on: ``train_size + val_size`` trajectories of the sweep's teacher solver from sigma_max to
+    sigma_min in ``teacher_steps`` steps, only the two end points stored (GS supervises the final sample only: the
+    noise and the teacher's end state; amed_core.families.gs). Its own spec, so AMED's trajectories do not move."""
+    from amed_core.teacher import StudentGrid, TeacherSpec
+
+    g, t = cfg.families.gs, cfg.teacher
+    n = g.train_size + g.val_size
+    spec = TeacherSpec.for_denoiser(den, [StudentGrid(schedule_for(cfg, den, "polynomial", 7.0), 2)], num_trajectories=n,
+                                    shard_size=min(n, t.shard_size), sub_steps=g.teacher_steps - 1, solver=t.solver,
+                                    dtype=t.dtype, base_seed=t.seed)
+    return TeacherJob(name=d.name, role="gs", dataset=students.dataset, spec_json=spec.to_json(),
+                      spec_hash=spec.spec_hash, num_shards=spec.num_shards, num_trajectories=n, store_url=store_url,
+                      storage_options=dict(cfg.storage_options), reference_spec=students.reference_spec)
+
+
+def _gs_config(cfg: SweepConfig, den, nfe: int) -> dict[str, Any]:
+    """The GSConfig (amed_core.methods.gs) of a GS candidate at ``nfe``, checked here so a bad one fails the plan."""
+    from amed_core.methods.gs import GSConfig
+
+    g = cfg.families.gs
+    sch = schedule_for(cfg, den, "time_uniform", 1.0)  # the sweep's sigma range (default: the teacher's)
+    try:
+        gc = GSConfig(steps=nfe, order=min(g.order or nfe, nfe), net_sigma_min=float(sch.sigma_min),
+                      net_sigma_max=float(sch.sigma_max), theory=g.theory, t_eps=g.t_eps, end=g.end,
+                      s4s_rescale=g.s4s_rescale, clip_model_time=g.clip_model_time, output=g.output, start=g.start)
+        from amed_core.families.gs import check_start
+
+        check_start(gc, float(sch.sigma_max))  # the GS teacher starts at the sweep's sigma_max
+    except ValueError as e:
+        raise ValueError(f"families.gs: at NFE {nfe}: {e}") from None
+    return gc.to_dict()
+
+
+def gs_base_job(cfg: SweepConfig, gt: TeacherJob, den, nfe: int, proto: EvalProtocol, reference: str) -> EvalJob:
+    """GS's base solver at ``nfe``: what GS is at its reference initialisation in theory mode, multistep
+    DPM-Solver++(3M) (data prediction, no lower-order final step, no thresholding) on a grid uniform in VP time."""
+    order = min(cfg.families.gs.order or nfe, nfe, 3)
+    entry = PanelEntry(solver="dpmpp", schedule_type="time_uniform", schedule_rho=1.0,
+                       options={"max_order": order, "predict_x0": True, "lower_order_final": False,
+                                "dynamic_thresholding": False})
+    job = panel_job(cfg, gt, den, entry, nfe, proto, reference)
+    if job is None:
+        raise ValueError(f"families.gs: DPM-Solver++ cannot run at NFE {nfe}")
+    return job
+
+
+def plan_gs_candidate(cfg: SweepConfig, gt: TeacherJob, den, nfe: int, init: str, seed: int, proto: EvalProtocol,
+                      base: EvalJob, panel: list[EvalJob], tid: str) -> Candidate:
+    """GS at ``nfe`` from ``init`` (``reference`` or ``panel``) with ``seed`` (the shuffling of the training pairs),
+    trained on the GS teacher ``gt``. With init ``panel`` the training job waits for the panel's evaluations at this
+    NFE (``fit["panel"]``: every entry's id, score key, schedule and options) and starts from the best entry GS can
+    express; its id hashes those entries, whose scores are content-addressed too."""
+    from amed_core.methods.gs import GSTrainConfig
+
+    g, dname = cfg.families.gs, gt.name
+    gc = _gs_config(cfg, den, nfe)
+    tc = GSTrainConfig(iterations=g.iterations, batch_size=g.batch_size, lr=g.lr, grad_clip=g.grad_clip,
+                       ema_decay=g.ema_decay, eval_every=g.eval_every, keep=g.keep, seed=seed,
+                       loss="l2" if g.loss == "l2" else g.loss).to_dict()
+    entries = [{"id": b.id, "result_key": b.result_key, "solver": b.solver, "schedule": b.schedule,
+                "num_steps": b.num_steps, "options": dict(b.solver_options)} for b in panel] if init == "panel" else []
+    fit = {"config": gc, "init": init, "panel": entries, "loss": g.loss, "train_size": g.train_size,
+           "val_size": g.val_size}
+    cid = json_digest({"teacher": gt.spec_hash, "nfe": nfe, "fit": fit, "train": tc})
+    name = f"{slug(dname)}-gs-{init}-nfe{nfe}-seed{seed}"
+    ckpt = f"checkpoints/{name}-{cid[:12]}"
+    job = TrainJob(id=f"{name}-{cid[:8]}", name=name, store_url=gt.store_url, storage_options=gt.storage_options,
+                   torch_threads=cfg.compute.torch_threads, dataset=gt.dataset, solver="gs", nfe=nfe, seed=seed,
+                   sampler_spec={"kind": "gs", "solver": "gs", "nfe": nfe, "num_steps": nfe + 1, "init": init, "gs": gc},
+                   train={**tc, "num_trajectories": g.train_size}, epochs=1, teacher_hash=gt.spec_hash, checkpoint=ckpt,
+                   family="gs", fit=fit,
+                   tags=[f"dataset:{dname}", "solver:gs", f"nfe:{nfe}", f"seed:{seed}", f"init:{init}", "family:gs"])
+    ev = candidate_eval(base, cid, proto, name, ckpt, "gs", f"{dname} gs ({init} init) NFE {nfe}")
+    return Candidate(train=job, eval=ev, base_id=base.id, base_solver=base.solver, protocol=proto, family="gs",
                      teacher_id=tid)

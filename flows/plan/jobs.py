@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from flows.config import DatasetConfig
 from flows.results import EvalProtocol
 
-__all__ = ["TeacherJob", "TrainJob", "EvalJob", "ScoreSettings", "Candidate", "PanelSlot", "SweepPlan", "slug"]
+__all__ = ["TeacherJob", "TrainJob", "EvalJob", "RankJob", "ScoreSettings", "Candidate", "PanelSlot", "SweepPlan", "slug"]
 
 
 def slug(s: str) -> str:
@@ -36,13 +36,14 @@ class TeacherJob(_Job):
     """The shared teacher of one dataset: a TeacherSpec (JSON) whose shards the teacher stage generates.
 
     role "students": the trajectories at the union of the student grids (AMED, EPD); role "gits": a small teacher on
-    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points); role "reference":
-    the near-exact solution of every evaluation seed (metric rmse, ``amed_core.evaluate.reference_spec``), and
-    "reference_check" the same on 2N - 1 points for its convergence. ``reference_spec``: the reference's spec JSON,
-    which the evaluate jobs of this teacher score against (None unless metric rmse)."""
+    the fine grid GITS selects from (``families.gits``: warmup trajectories, grid_points points); role "gs": the end
+    points only (``families.gs``: train_size + val_size trajectories); role "reference": the near-exact solution of
+    every evaluation seed (metric rmse, ``amed_core.evaluate.reference_spec``), and "reference_check" the same on
+    2N - 1 points for its convergence. ``reference_spec``: the reference's spec JSON, which the evaluate jobs of this
+    teacher score against (None unless metric rmse)."""
 
     name: str                  # the dataset's name
-    role: Literal["students", "gits", "reference", "reference_check"] = "students"
+    role: Literal["students", "gits", "gs", "reference", "reference_check"] = "students"
     dataset: DatasetConfig
     spec_json: str
     spec_hash: str
@@ -105,8 +106,28 @@ class TrainJob(_StoreJob):
     teacher_hash: str
     checkpoint: str                            # key of the checkpoint folder in the run store
     tags: list[str] = []
-    family: str = "amed"                       # amed | gits | epd (what train_job fits)
-    fit: dict[str, Any] = {}                   # gits: metric, coeff, warmup, options, afs; epd: EPDTrainConfig fields
+    family: str = "amed"                       # amed | gits | epd | gs (what train_job fits)
+    fit: dict[str, Any] = {}                   # gits: metric, coeff, warmup, options, afs; epd: EPDTrainConfig fields;
+                                               # gs: config, init, panel, loss
+    init: dict[str, Any] = {}                  # a panel start (issue 21): winner, r (per step), exact
+    val_trajectories: int = 0                  # the teacher's last trajectories held out for validation
+    objectives: list[str] = []                 # amed: one training per objective, the best on validation kept
+
+
+class RankJob(_StoreJob):
+    """The panel's ranking round at one (dataset, NFE): every entry on the first ``num_samples`` evaluation seeds in
+    one task (one noise draw, one reference; amed_core.evaluate.rank_samplers). ``entries``: ids of the full-count
+    jobs (in ``SweepPlan.baselines``), whose solver, schedule and options it ranks."""
+
+    nfe: int
+    num_samples: int
+    seed: int
+    metric: str
+    batch_size: int
+    reference_steps: int
+    protocol_hash: str
+    entries: list[EvalJob]
+    result_key: str
 
 
 class Candidate(_Job):
@@ -147,6 +168,8 @@ class SweepPlan(_Job):
     candidates: list[Candidate]
     baselines: list[EvalJob]
     panels: list[PanelSlot] = []
+    rank: list[RankJob] = []                   # the panel's ranking round (successive halving), one job per slot
+    pending_init: bool = False                 # init panel: candidates and teachers come after the ranking round
 
     def panel_for(self, dataset: str, nfe: int) -> Optional[PanelSlot]:
         return next((p for p in self.panels if p.dataset == dataset and p.nfe == nfe), None)

@@ -1,6 +1,6 @@
 """``plan_sweep``: per dataset the teacher (:func:`plan_dataset`), per (solver, NFE) the base solver
-(:func:`plan_baseline`), per (solver, NFE, seed) an AMED candidate (:func:`plan_candidate`); the panel, GITS and EPD
-candidates come from flows.plan.families. The plan's overview is the package docstring (flows.plan)."""
+(:func:`plan_baseline`), per (solver, NFE, seed) an AMED candidate (:func:`plan_candidate`); the panel, GITS, EPD and
+GS candidates come from flows.plan.families. The plan's overview is the package docstring (flows.plan)."""
 
 from __future__ import annotations
 
@@ -9,30 +9,46 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from flows.config import DatasetConfig, EvalConfig, SamplerConfig, SweepConfig
-from flows.plan.common import eval_common, identity, thresholding
-from flows.plan.families import epd_spec, plan_epd_candidate, plan_gits_candidate, plan_gits_teacher, plan_panel
+from flows.plan.common import eval_common, identity, students_teacher
+from flows.plan.families import (epd_spec, gs_base_job, plan_epd_candidate, plan_gits_candidate, plan_gits_teacher,
+                                 plan_gs_candidate, plan_gs_teacher, plan_panel)
 from flows.plan.jobs import Candidate, EvalJob, PanelSlot, SweepPlan, TeacherJob, TrainJob, slug
 from flows.results import EvalProtocol
 from flows.storage.checksums import json_digest
 
 __all__ = ["plan_sweep", "plan_dataset", "plan_reference", "plan_baseline", "plan_candidate", "teacher_id",
-           "get_family_name"]
+           "get_family_name", "probe_dataset", "recipe_specs"]
 
 
-def plan_sweep(cfg: SweepConfig) -> SweepPlan:
+def plan_sweep(cfg: SweepConfig, winners: dict | None = None) -> SweepPlan:
     """Teachers, training jobs and evaluation jobs of a sweep, with content-addressed store keys.
+
+    With ``init.mode: panel`` (or ``both``) the learned candidates start from the panel's winners (issue 21): without
+    ``winners`` the plan holds the panel and its ranking round only (``pending_init``); ``winners`` ({(dataset, NFE):
+    the winning entry's EvalJob}, :func:`flows.plan.init.choose`) completes it with the teachers and candidates
+    (``both``: plus the recipe's AMED students of ``solvers``, on the same teacher).
 
     Raises ValueError (naming the dataset/solver/NFE) when a teacher cannot be loaded or a combination
     cannot be built.
     """
+    from flows.plan.init import plan_panel_starts, plan_rank
+
     store_url = cfg.resolved_store_url()
-    teachers, candidates, baselines, panels = [], [], {}, []
+    teachers, candidates, baselines, panels, ranks = [], [], {}, [], []
+    panel_start = cfg.init.mode in ("panel", "both")
     for d in cfg.datasets:
-        teacher, den, specs = plan_dataset(cfg, d, store_url)
-        refs = plan_reference(cfg, teacher, den, store_url)  # metric rmse: the stored near-exact reference + check
+        if panel_start:
+            den, ds = probe_dataset(d)
+            teacher, specs = None, {}
+            owner = _panel_owner(cfg, d, ds, store_url)
+        else:
+            teacher, den, specs = plan_dataset(cfg, d, store_url)
+            owner = teacher
+        refs = plan_reference(cfg, owner, den, store_url)  # metric rmse: the stored near-exact reference + check
         if refs:
-            teacher = teacher.model_copy(update={"reference_spec": refs[0].spec_json})
-        teachers += [teacher, *refs]
+            owner = owner.model_copy(update={"reference_spec": refs[0].spec_json})
+            teacher = owner if teacher is not None else None
+        teachers += [t for t in (teacher, *refs) if t is not None]
         reference = den.identity().get("content_sha256") or json_digest(den.identity())
         tid = teacher_id(d, den)
         proto = EvalProtocol(metric=cfg.evaluation.metric, num_samples=cfg.evaluation.num_samples,
@@ -58,9 +74,25 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
                     candidates.append(plan_candidate(cfg, teacher, sp, proto, base, seed).model_copy(
                         update={"teacher_id": tid}))
         for nfe in cfg.nfes:
-            for entry in plan_panel(cfg, teacher, den, nfe, proto, reference):
+            for entry in plan_panel(cfg, owner, den, nfe, proto, reference):
                 add(entry, nfe)
-        if cfg.families.gits.solvers:
+        ranks += [r for nfe in cfg.nfes if (r := plan_rank(cfg, d, nfe, list(slots[nfe].values()), proto)) is not None]
+        if panel_start:
+            if winners is not None:  # mode both: the recipe's AMED students too, on the same teacher
+                from amed_core.teacher import StudentGrid
+
+                recipe = recipe_specs(cfg, d, den, epd=False) if cfg.init.mode == "both" else {}
+                started = plan_panel_starts(cfg, d, ds, den, winners, proto, tid, store_url,
+                                            extra_grids=[StudentGrid(sp.schedule, sp.num_steps) for sp in recipe.values()],
+                                            reference_spec=owner.reference_spec)
+                teachers += started.teachers
+                candidates += started.candidates
+                for (s, nfe), sp in recipe.items():  # their base solvers are scored in full, not ranked
+                    base = plan_baseline(cfg, started.teachers[0], sp, proto, reference)
+                    base = baselines.setdefault(base.id, base)
+                    candidates += [plan_candidate(cfg, started.teachers[0], sp, proto, base, seed).model_copy(
+                        update={"teacher_id": tid}) for seed in cfg.seeds]
+        elif cfg.families.gits.solvers:
             gt = plan_gits_teacher(cfg, d, teacher, den, store_url)
             teachers.append(gt)
             for b in cfg.families.gits.solvers:
@@ -69,10 +101,25 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
                     if planned is not None:
                         candidates.append(planned[0])
                         add(planned[1], nfe)
+        if cfg.families.gs.inits:  # last: a panel-initialised GS reads the whole panel of its NFE
+            gst = plan_gs_teacher(cfg, d, owner, den, store_url)
+            teachers.append(gst)
+            for nfe in cfg.nfes:
+                base = add(gs_base_job(cfg, gst, den, nfe, proto, reference), nfe)
+                candidates += [plan_gs_candidate(cfg, gst, den, nfe, init, seed, proto, base, list(slots[nfe].values()),
+                                                 tid) for init in cfg.families.gs.inits for seed in cfg.seeds]
         panels += [PanelSlot(dataset=d.name, nfe=nfe, teacher_id=tid, protocol=proto, entries=list(jobs))
                    for nfe, jobs in slots.items()]
     return SweepPlan(sweep=cfg.name, store_url=store_url, storage_options=dict(cfg.storage_options),
-                     teachers=teachers, candidates=candidates, baselines=list(baselines.values()), panels=panels)
+                     teachers=teachers, candidates=candidates, baselines=list(baselines.values()), panels=panels,
+                     rank=ranks, pending_init=panel_start and winners is None)
+
+
+def _panel_owner(cfg: SweepConfig, d: DatasetConfig, ds: DatasetConfig, store_url: str) -> TeacherJob:
+    """What panel_job reads of a teacher job when the students' teacher is not planned yet: the dataset, store and
+    name (its spec is the panel's: no student grids)."""
+    return TeacherJob(name=d.name, dataset=ds, spec_json="{}", spec_hash="", num_shards=0, num_trajectories=0,
+                      store_url=store_url, storage_options=dict(cfg.storage_options))
 
 
 def get_family_name(method: str) -> str:
@@ -90,19 +137,34 @@ def teacher_id(d: DatasetConfig, den) -> str:
     return f"{d.name}-{digest[:8]}"
 
 
-def plan_dataset(cfg: SweepConfig, d: DatasetConfig, store_url: str):
-    """(TeacherJob, the loaded teacher, {(solver, nfe): SamplerSpec}) of one dataset."""
+def probe_dataset(d: DatasetConfig):
+    """(the probed teacher, the dataset with its paths expanded): identity, sigma range, VP table, shape from a probe
+    (Ray task / child process), no weights in this process."""
     from amed_core.adapters import expand_paths
-    from amed_core.teacher import StudentGrid, TeacherSpec
     from flows.cluster.probe import probe_teacher
 
-    try:  # identity, sigma range, VP table, shape: from a probe (Ray task / child process), no weights in this process
+    try:
         den = probe_teacher(d)
     except (ValueError, OSError) as e:
         raise ValueError(f"datasets[{d.name}].teacher: {e}") from None
     teacher, options = expand_paths(d.teacher, dict(d.options or {}))
     weights = os.path.expandvars(os.path.expanduser(d.weights_url)) if d.weights_url else d.weights_url
-    ds = d.model_copy(update={"teacher": teacher, "options": options, "weights_url": weights})
+    return den, d.model_copy(update={"teacher": teacher, "options": options, "weights_url": weights})
+
+
+def plan_dataset(cfg: SweepConfig, d: DatasetConfig, store_url: str):
+    """(TeacherJob, the loaded teacher, {(solver, nfe): SamplerSpec}) of one dataset."""
+    from amed_core.teacher import StudentGrid
+
+    den, ds = probe_dataset(d)
+    specs = recipe_specs(cfg, d, den)
+    grids = sorted({StudentGrid(sp.schedule, sp.num_steps) for sp in specs.values()}, key=lambda g: g.num_steps)
+    return students_teacher(cfg, d, ds, den, grids, store_url), den, specs
+
+
+def recipe_specs(cfg: SweepConfig, d: DatasetConfig, den, *, epd: bool = True) -> dict:
+    """{(solver, nfe): spec} of the recipe's students: every AMED solver of ``solvers`` (a SamplerSpec) and, with
+    ``epd``, every EPD solver of ``families.epd`` (its student spec)."""
     specs = {}
     for s in cfg.solvers:
         sc = cfg.sampler_for(s)
@@ -113,21 +175,13 @@ def plan_dataset(cfg: SweepConfig, d: DatasetConfig, store_url: str):
                 specs[(s, nfe)] = _sampler_spec(s, nfe, sc, schedule, pc, den)
             except ValueError as e:
                 raise ValueError(f"solvers/nfes: {s} at NFE {nfe} on dataset {d.name}: {e}") from None
-    for s in cfg.families.epd.solvers:
+    for s in cfg.families.epd.solvers if epd else ():
         for nfe in cfg.nfes:
             try:
                 specs[(s, nfe)] = epd_spec(cfg, s, nfe, den, d)
             except ValueError as e:
                 raise ValueError(f"families.epd: {s} at NFE {nfe} on dataset {d.name}: {e}") from None
-    grids = sorted({StudentGrid(sp.schedule, sp.num_steps) for sp in specs.values()}, key=lambda g: g.num_steps)
-    t = cfg.teacher
-    tspec = TeacherSpec.for_denoiser(den, grids, num_trajectories=t.num_trajectories, shard_size=t.shard_size,
-                                     sub_steps=t.M, solver=t.solver, dtype=t.dtype, base_seed=t.seed,
-                                     solver_options=thresholding(t.solver, {}, den))
-    job = TeacherJob(name=d.name, dataset=ds, spec_json=tspec.to_json(), spec_hash=tspec.spec_hash,
-                     num_shards=tspec.num_shards, num_trajectories=t.num_trajectories, store_url=store_url,
-                     storage_options=dict(cfg.storage_options))
-    return job, den, specs
+    return specs
 
 
 def plan_reference(cfg: SweepConfig, teacher: TeacherJob, den, store_url: str) -> list[TeacherJob]:

@@ -244,6 +244,8 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, chec
                                    list(range(cand.protocol.seed, cand.protocol.seed + 8)),
                                    f"{cand.dataset} {cand.solver} NFE {cand.nfe} (seed {cand.seed})",
                                    **_side_by_side_args(cand))
+            if ref.get("png") is None and cand.family == "gs":  # GS's learned grid and model times next to the panel's
+                ref["png"] = _gs_schedule_png(sampler, cand)
             Path(tmp, "plots").mkdir(exist_ok=True)
             for key, fname in (("png", "schedule.png"), ("side_by_side", "side_by_side.png")):
                 if ref.get(key) is not None:  # the learned schedule (samplers without a predictor: sigmas in params);
@@ -258,10 +260,11 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, chec
                                    "not registering it")
         with _local_lock(cand.registered_name):
             version, moved = register_candidate(mlflow, client, cand, info, digest, rid,  # under the model's lock
-                                                storage_options=config.storage_options)
+                                                storage_options=config.storage_options,
+                                                aliases=[] if cand.diverged else None)  # a diverged run is never champion
         log_metrics(client, rid, {"log_register_seconds": time.perf_counter() - t0})
         mlflow.set_tag("amed.model_version", f"{cand.registered_name}/{version}")
-        return _Logged(rid, cand.registered_name, version, moved[CHAMPION])
+        return _Logged(rid, cand.registered_name, version, moved.get(CHAMPION, False))
 
 
 def _side_by_side_args(cand: CandidateResult) -> dict:
@@ -275,6 +278,21 @@ def _side_by_side_args(cand: CandidateResult) -> dict:
     value = best.get("value")
     return {"baseline_url": url, "titles": [f"{cand.solver} NFE {cand.nfe}: {cand.value:.4g}",
                                             f"{label}: {value:.4g}" if value is not None else label]}
+
+
+def _gs_schedule_png(sampler, cand: CandidateResult) -> Optional[bytes]:
+    """GS's schedule plot (amed_core.families.gs.schedule_plot_png) with the panel's best grid at its NFE; no teacher
+    is needed, so it is drawn here. None (and a warning) if it cannot be drawn: a plot never loses a candidate."""
+    from amed_core.families.gs import schedule_plot_png
+
+    best = cand.panel_best or {}
+    try:
+        return schedule_plot_png(sampler, panel_sigmas=best.get("sigmas"),
+                                 panel_label=f"panel best: {cand.panel_name}",
+                                 title=f"{cand.dataset} GS NFE {cand.nfe} (seed {cand.seed})")
+    except Exception as e:  # noqa: BLE001 - a plot must never lose a candidate
+        log.warning("GS schedule plot for %s not made: %s", cand.solver, e)
+        return None
 
 
 def _log_candidate_values(client, rid: str, cfg_dict: dict, cand: CandidateResult, sampler, describe_sampler,

@@ -12,7 +12,7 @@ from amed_core.shards import TeacherShard
 from amed_core.teacher import TeacherBatch, batch_dtype, student_indices
 from flows.storage.errors import ShardVerificationError
 
-__all__ = ["BatchStream"]
+__all__ = ["BatchStream", "held_out"]
 
 
 class BatchStream:
@@ -149,3 +149,25 @@ def _slice_shard(shard: TeacherShard, idx: torch.Tensor, n: int, dtype: torch.dt
     states[0] = noise * shard.sigmas[0].to(out)
     labels = shard.one_hot_labels(out)
     return TeacherBatch(noise=noise, class_labels=None if labels is None else labels[:n], states=states)
+
+
+def held_out(store, spec_hash: str, student_sigmas: torch.Tensor, count: int, *,
+             dtype: torch.dtype | None = None) -> list[TeacherBatch]:
+    """The teacher's last ``count`` trajectories at a student's grid (the validation split, issue 21: training reads
+    the first ``num_trajectories - count`` through :class:`BatchStream`'s ``num_trajectories``), in stored order."""
+    from amed_core.teacher import shard_to_batches
+
+    spec = store.get_spec(spec_hash)
+    total = spec.num_trajectories
+    if not 0 < count < total:
+        raise ValueError(f"validation split: {count} held-out trajectories of a teacher of {total} (must leave some)")
+    out = []
+    for i in range(spec.num_shards):
+        lo, hi = spec.shard_range(i)
+        if hi <= total - count:
+            continue
+        b = next(iter(shard_to_batches(store.read_shard(spec_hash, i), student_sigmas, dtype=dtype)))
+        skip = max(0, total - count - lo)
+        out.append(TeacherBatch(noise=b.noise[skip:], states=b.states[:, skip:],
+                                class_labels=None if b.class_labels is None else b.class_labels[skip:]))
+    return out

@@ -15,12 +15,13 @@ from typing import Callable, Optional
 
 import torch
 
-from ...optim import Adam
+from ...optim import Adam, descend
 from ...schedules import check_grid
+from ...validation import ValidationSet, Validator, loss_diverged
 from .sampler import EPD_SOLVERS, EPDEvaluator, EPDParams, epd_step
 
 __all__ = ["EPDTrainConfig", "EPDTrainProgress", "EPDTrainResult", "train_epd", "epd_files", "epd_from_files",
-           "save_epd", "load_epd", "PARAMS_FILE", "CONFIG_FILE"]
+           "save_epd", "load_epd", "params_from_values", "PARAMS_FILE", "CONFIG_FILE"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class EPDTrainConfig:
     dtype: "float32" / "float64" / None (= the teacher batch's dtype).
     loss_weighting: "sum" (sum_b ||x_{n+1} - x^T_{n+1}||^2 / B) or "relative" (divided by the teacher's
       sum_b ||x^T_{n+1} - x^T_n||^2 / B), as in train_amed.
+    val_every / patience / select / diverge_factor (ours): with a validation set, as
+      :class:`amed_core.amed.train.TrainConfig`'s (left out of to_dict at their defaults).
     """
 
     solver: str = "epd"
@@ -57,8 +60,19 @@ class EPDTrainConfig:
     num_trajectories: Optional[int] = None
     dtype: Optional[str] = None
     loss_weighting: str = "sum"
+    val_every: int = 4
+    patience: int = 0
+    select: str = "best"
+    diverge_factor: float = 10.0
 
     def __post_init__(self):
+        if self.select not in ("best", "last"):
+            raise ValueError(f"select must be 'best' or 'last', got {self.select!r}")
+        for name in ("val_every", "patience"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not float(self.diverge_factor) > 1:
+            raise ValueError(f"diverge_factor must be a number > 1, got {self.diverge_factor!r}")
         if self.solver not in EPD_SOLVERS:
             raise ValueError(f"solver must be one of {sorted(EPD_SOLVERS)}, got {self.solver!r}")
         if self.restart not in ("own", "teacher"):
@@ -77,7 +91,11 @@ class EPDTrainConfig:
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
-        return asdict(self)
+        d = asdict(self)
+        for k, v in (("val_every", 4), ("patience", 0), ("select", "best"), ("diverge_factor", 10.0)):
+            if d[k] == v:  # added later: left out at the default, so earlier configs keep their ids
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "EPDTrainConfig":
@@ -119,13 +137,17 @@ class EPDTrainResult:
     updates: int = 0
     trajectories: int = 0
     seconds: float = 0.0
+    validation: dict = None  # Tracker.summary() when a validation set was given ({} without)
+    stopped_early: bool = False
+    diverged: bool = False
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def train_epd(denoiser, sigmas, batches, cfg: EPDTrainConfig | None = None, *, params: EPDParams | None = None,
-              callback: Callable[[EPDTrainProgress], None] | None = None) -> EPDTrainResult:
+              callback: Callable[[EPDTrainProgress], None] | None = None,
+              validation: ValidationSet | None = None) -> EPDTrainResult:
     """Fit EPD's tables to teacher trajectories (``batches``: an iterable of ``amed_core.teacher.TeacherBatch``
     whose ``states`` are at the N points of ``sigmas``), one interval per Adam step, as ``train_amed`` does:
 
@@ -155,6 +177,12 @@ def train_epd(denoiser, sigmas, batches, cfg: EPDTrainConfig | None = None, *, p
     max_order = cfg.max_order if cfg.solver == "epd+ipndm" else None
     result = EPDTrainResult(params=params, config=cfg, losses=[])
     t0 = time.perf_counter()
+    validator = None
+    if validation is not None:
+        opts = cfg.sampler_options()
+        validator = Validator(validation, params, lambda n, lab: EPD_SOLVERS[cfg.solver](
+            denoiser, n * t_grid[0].to(n.dtype), t_grid.to(n.dtype), policy=params, class_labels=lab, **opts).x, cfg)
+        validator.check(0, 0)
     for k, batch in enumerate(batches):
         if cfg.num_trajectories is not None and result.trajectories >= cfg.num_trajectories:
             break
@@ -174,11 +202,7 @@ def train_epd(denoiser, sigmas, batches, cfg: EPDTrainConfig | None = None, *, p
             loss = ((out.x - states[n + 1]) ** 2).sum() / B
             if cfg.loss_weighting == "relative":
                 loss = loss / (((states[n + 1] - states[n]) ** 2).sum() / B)
-            loss.backward()
-            for p in params.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-            opt.step()
+            descend(loss, opt, params.parameters())
             result.updates += 1
             value = float(loss.detach())
             losses.append(value)
@@ -192,9 +216,25 @@ def train_epd(denoiser, sigmas, batches, cfg: EPDTrainConfig | None = None, *, p
                                           scale_time_mean=float(c.scale_time.detach().mean()),
                                           trajectories=result.trajectories, seconds=time.perf_counter() - t0))
         result.losses.append(losses)
+        if validator is not None and validator.after_batch(k, result.updates, result.trajectories):
+            result.stopped_early = True
+            break
+    result.validation, result.diverged = (validator.finish(result.updates, result.trajectories) if validator is not None
+                                          else ({}, loss_diverged(result.losses, cfg.diverge_factor)))
     params.eval().requires_grad_(False)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def params_from_values(r, *, scale_dir: float = 0.0, scale_time: float = 0.0, fcn: bool = False,
+                       dtype: torch.dtype = torch.float64) -> EPDParams:
+    """EPD tables that start at given intermediate points ``r`` ((N - 1, K) values in (0, 1)) with equal weights and
+    unit scales (raw weights and scale tables 0): a deterministic start instead of the reference's random draws."""
+    import math
+
+    rows = [[math.log(v / (1 - v)) for v in row] for row in r]
+    zeros = [[0.0] * len(row) for row in rows]
+    return EPDParams.from_raw(rows, zeros, zeros, zeros, scale_dir=scale_dir, scale_time=scale_time, fcn=fcn, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
