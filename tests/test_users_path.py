@@ -23,7 +23,8 @@ from flows.results import CandidateResult, EvalProtocol, champion_rows, results_
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = EvalProtocol(metric="fd_exact", num_samples=64, seed=1000, reference="digits-gmm")
 SMALL = {"name": "small", "datasets": [{"name": "digits", "teacher": "digits-gmm", "model_id": "digits"}],
-         "solvers": ["amed+ipndm"], "nfes": [3], "teacher": {"num_trajectories": 256, "shard_size": 256}}
+         "solvers": ["amed+ipndm"], "nfes": [3], "teacher": {"num_trajectories": 256, "shard_size": 256},
+         "init": {"mode": "recipe"}}  # the candidates this file names (21b's default, panel, starts from the panel)
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +170,12 @@ def test_panel_without_base_solvers_evaluates_no_base_solver():
     """`panel.include_base_solvers: false` still evaluated each candidate's base solver (iPNDM with AFS here)."""
     from flows.plan import plan_sweep
 
-    cfg = load_sweep({**SMALL, "panel": {"entries": [{"solver": "deis"}], "include_base_solvers": False}})
+    cfg = load_sweep({**SMALL, "panel": {"entries": [{"solver": "deis"}], "expand": [],
+                                            "include_base_solvers": False}})
     plan = plan_sweep(cfg)
     assert [b.solver for b in plan.baselines] == ["deis"]
     assert all(c.base_id == "" and c.base_solver == "ipndm" for c in plan.candidates if c.family == "amed")
-    with_base = plan_sweep(load_sweep({**SMALL, "panel": {"entries": [{"solver": "deis"}]}}))
+    with_base = plan_sweep(load_sweep({**SMALL, "panel": {"entries": [{"solver": "deis"}], "expand": []}}))
     assert sorted(b.solver for b in with_base.baselines) == ["deis", "ipndm"]
 
 
