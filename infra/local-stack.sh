@@ -681,9 +681,9 @@ cmd_up() {
   local mode_p=none mode_m=none
   [ "$AUTH" = 1 ] && mode_p=prefect && mode_m=mlflow
   wait_http prefect "$(prefect_url)/api/health" none "$TIMEOUT"
-  wait_http prefect "$(prefect_url)/api/admin/version" "$mode_p" 30 say
+  wait_http prefect "$(prefect_url)/api/admin/version" "$mode_p" "$TIMEOUT" say
   wait_http mlflow "$(mlflow_url)/health" none "$TIMEOUT"
-  wait_http mlflow "$(mlflow_url)/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default" "$mode_m" 30 say
+  wait_http mlflow "$(mlflow_url)/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default" "$mode_m" "$TIMEOUT" say
   ensure_pool
   if [ "$with_worker" = 1 ]; then start_worker; wait_worker; fi
   save_state
