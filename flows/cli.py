@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # bad user input: one clear line, no traceback
-        print(f"amed {args.command}: error: {e}", file=sys.stderr)
+        print(f"amed {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder the command cannot use (read-only, full, missing): one line naming it
         if e.filename is None and e.errno not in _DISK_ERRNOS:
@@ -57,6 +57,15 @@ def os_error_line(e: OSError) -> str:
            errno.EACCES: "choose a folder you may write", errno.EPERM: "choose a folder you may write"}.get(e.errno)
     where = f"{e.filename}: " if e.filename is not None else ""
     return f"{where}{e.strerror or type(e).__name__}" + (f" ({fix})" if fix else "")
+
+
+def error_line(e: BaseException) -> str:
+    """The error as one line. A Ray task's error (``RayTaskError(ValueError)``, a subclass of its cause's type) carries
+    the remote traceback in its text, which the flow's log has already shown: only its cause is repeated."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and type(e).__name__.startswith("RayTaskError"):
+        return f"{type(cause).__name__}: {cause} (in a Ray task; its traceback is in the log above)"
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -239,9 +239,16 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
     store = RunStore(plan.store_url, cfg.storage_options)
     panels = panel_summaries(plan, scores, ranked)
     interval = MarginIntervals(store)  # margin intervals over noise seeds (paired bootstrap over samples)
+    jobs = {b.id: b for b in plan.baselines}
+
+    def options_of(job: EvalJob) -> dict:  # what names a training-free sampler (flows.results.entry_name)
+        return {"schedule": job.schedule.get("schedule_type"), "rho": job.schedule.get("rho"),
+                "options": dict(job.solver_options)}
+
     results: list[CandidateResult] = []
     for c in plan.candidates:
-        tr, sc, base = trained[c.id], scores[c.eval.id], scores[c.base_id]
+        tr, sc = trained[c.id], scores[c.eval.id]
+        base = scores[c.base_id] if c.base_id else {}  # none: panel.include_base_solvers false
         teacher = teachers[c.train.dataset.name]
         if c.family in ("gits", "gs"):  # their own teachers (roles gits / gs)
             teacher = teachers.get(f"{c.train.dataset.name}:{c.family}", teacher)
@@ -253,8 +260,9 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
         best = _panel_best(panels.get((c.train.dataset.name, c.train.nfe), {}).get("best") or {}, plan, store)
         results.append(CandidateResult(
             dataset=c.train.dataset.name, solver=c.train.solver, base_solver=c.base_solver, nfe=c.train.nfe,
+            base_options=options_of(jobs[c.base_id]) if c.base_id else {},
             seed=c.train.seed, checkpoint_url=store.url_of(c.train.checkpoint), protocol=c.protocol,
-            value=sc["value"], base_value=base["value"], rmse=sc.get("rmse"), train_seconds=tr.get("train_seconds", 0.0),
+            value=sc["value"], base_value=base.get("value"), rmse=sc.get("rmse"), train_seconds=tr.get("train_seconds", 0.0),
             teacher_nfe=int(teacher.get("nfe_total", 0)), loss_history=tr.get("loss_history", []),
             artifacts=artifacts, sampler_spec=c.train.sampler_spec, family=c.family,
             denoiser_calls=int(sc.get("nfe", c.train.nfe)), teacher_id=c.teacher_id,
@@ -267,11 +275,11 @@ def register_stage(cfg_json: dict, plan: SweepPlan, trained: dict, scores: dict,
         best = p["best"]
         if not best:
             continue
-        job = next(b for b in plan.baselines if b.id == best["id"])
+        job = jobs[best["id"]]
         sc = scores[job.id]
         artifacts = {"samples.png": sc["grid_url"]} if sc.get("grid_url") else {}
         results.append(CandidateResult(
-            dataset=dname, solver=job.solver, base_solver=job.solver, nfe=nfe, seed=0,
+            dataset=dname, solver=job.solver, base_solver=job.solver, base_options=options_of(job), nfe=nfe, seed=0,
             checkpoint_url=store.url_of(job.checkpoint), protocol=p["protocol"], value=sc["value"],
             base_value=sc["value"], rmse=sc.get("rmse"), artifacts=artifacts, family="free",
             denoiser_calls=int(sc.get("nfe", nfe)), teacher_id=p["teacher_id"], panel_best=best,

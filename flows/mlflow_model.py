@@ -5,7 +5,12 @@ MLflow stores this file itself as the model's code, next to the artifact ``check
 ``amed_core.amed.load_sampler`` (safetensors + JSON). ``predict`` takes seeds and returns samples:
 
     model = mlflow.pyfunc.load_model("models:/amed-digits-nfe5@champion")
-    x = model.predict(pd.DataFrame({"seed": [0, 1, 2]}))     # (3, C*H*W) float64, x0 of each seed's noise
+    x = model.predict(pd.DataFrame({"seed": [0, 1, 2]}))     # (3, C, H, W) float64, x0 of each seed's noise
+
+The output is a numpy array of shape (number of seeds, C, H, W) (the teacher's ``shape``; digits: (n, 1, 8, 8)),
+in the model's data space (pixels in about [-1, 1] for image models; latents for latent models, undecoded), recorded
+in the logged signature as a tensor of that shape. (Versions registered before issue 19 returned (n, C*H*W): their
+own code is stored with them and keeps doing so.)
 
 Sample j is drawn from ``amed_core.teacher.trajectory_inputs([seed_j], shape)`` - the per-sample noise
 (and class label, for conditional teachers) the evaluate stage uses - so a registered sampler reproduces
@@ -69,7 +74,7 @@ class _AMEDSamplerModel:
                                           label_dim=label_dim)
         onehot = torch.nn.functional.one_hot(labels, label_dim).to(dtype) if labels is not None else None
         x = self.sampler(den, noise.to(dtype), class_labels=onehot).x
-        return x.reshape(len(seeds), -1).detach().cpu().numpy()
+        return x.detach().cpu().numpy()  # (len(seeds), C, H, W): see the module docstring
 
 
 # MLflow inspects predict() when a PythonModel subclass is created and advises type hints; the signature

@@ -83,9 +83,11 @@ def publish_artifacts(cfg, results, scores, plan, results_url, champions) -> Non
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     key = slug(cfg.name).lower().replace("_", "-").replace(".", "-")
+    # the champions in the description too: the flow run's Artifacts tab shows descriptions, not contents
+    champs = "; champions: " + ", ".join(champions.values()) if champions else ""
     create_table_artifact(table=results_table(results), key=f"{key}-results",
                           description=f"every candidate (families free/gits/amed/epd/gs), the best training-free sampler of its (teacher, NFE) and the margin value/panel ({results[0].protocol.metric if results else ''}, "
-                                      f"lower is better); {results_url}; store {plan.store_url}; registry "
+                                      f"lower is better){champs}; {results_url}; store {plan.store_url}; registry "
                                       f"{shown_uri(cfg.mlflow_tracking_uri) if cfg.register_models else 'none'}")
     store = RunStore(plan.store_url, cfg.storage_options)
     lines = [f"# Sweep `{cfg.name}`", "", f"Results: `{results_url}`", "", f"Store: `{plan.store_url}`", "",
@@ -102,16 +104,26 @@ def publish_artifacts(cfg, results, scores, plan, results_url, champions) -> Non
         lines += ["## Quality vs NFE", "", _img(png, "quality vs NFE per family"), ""]
     lines += ["## Samples", ""]
     grids = [(f"{c.eval.title} (seed {c.train.seed})", c.eval.id, c.eval.grid_key) for c in plan.candidates]
-    grids += [(f"{b.title} (base solver)", b.id, b.grid_key) for b in plan.baselines]
+    grids += [(f"{b.dataset.name} {_named(b)} NFE {b.nfe} (training-free)", b.id, b.grid_key) for b in plan.baselines]
     grids = [g for g in grids if scores.get(g[1], {}).get("grid_url") and store.exists(g[2])]
     for title, _, key_ in grids[:MAX_INLINE_GRIDS]:  # inline PNGs keep the artifact self-contained
         lines += [f"### {title}", "", _img(store.get(key_), title), ""]
     for title, _, key_ in grids[MAX_INLINE_GRIDS:]:
         lines += [f"- {title}: `{store.url_of(key_)}`"]
-    create_markdown_artifact(markdown="\n".join(lines), key=f"{key}-samples", description="sample grids")
+    create_markdown_artifact(markdown="\n".join(lines), key=f"{key}-samples",
+                             description="champions, best per (teacher, NFE), quality vs NFE and the sample grids"
+                                         + (f" ({', '.join(champions.values())})" if champions else ""))
 
 
 MAX_INLINE_GRIDS = 24
+
+
+def _named(job) -> str:
+    """A training-free job by its one name with options (two iPNDM entries differ by AFS: both were "ipndm")."""
+    from flows.results import entry_name
+
+    return entry_name({"solver": job.solver, "schedule": job.schedule.get("schedule_type"),
+                       "rho": job.schedule.get("rho"), "options": dict(job.solver_options)})
 
 
 def _img(png: bytes, alt: str) -> str:

@@ -35,12 +35,13 @@ class CandidateResult(BaseModel):
     dataset: str
     solver: str                       # e.g. "amed", "amed+ipndm"
     base_solver: str                  # the training-free solver it is compared with at the same NFE
+    base_options: dict = Field(default_factory=dict)  # its schedule, rho and options (afs, ...): see base_name
     nfe: int
     seed: int
     checkpoint_url: str               # folder holding predictor.safetensors + sampler.json
     protocol: EvalProtocol
     value: float                      # the protocol's metric (lower is better)
-    base_value: float                 # the base solver's metric under the same protocol
+    base_value: Optional[float] = None  # the base solver's metric under the same protocol (None: not evaluated)
     rmse: Optional[float] = None
     train_seconds: float = 0.0
     teacher_nfe: int = 0              # denoiser calls spent by the (shared) teacher, attributed to this sweep
@@ -83,6 +84,16 @@ class CandidateResult(BaseModel):
         return self.value / self.panel_value
 
     @property
+    def base_name(self) -> str:
+        """The base solver with its options (``amed_core.evaluate.baseline_name``), e.g. ``ipndm[poly7,afs=True,...]``."""
+        return entry_name({"solver": self.base_solver, **self.base_options}) if self.base_options else self.base_solver
+
+    @property
+    def panel_name(self) -> str:
+        """The panel's best entry with its options, or ``-``."""
+        return entry_name(self.panel_best) if self.panel_best else "-"
+
+    @property
     def verdict(self) -> Optional[str]:
         """better / tie / worse than the best training-free sampler, from the margin's interval (None without one)."""
         if not self.margin_ci:
@@ -102,12 +113,12 @@ class CandidateResult(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # Readable views of a sweep's results (the flow's table, the Prefect artifacts and the MLflow parent run).
 
-def options_text(entry: dict) -> str:
-    """``poly7,afs=False,max_order=4`` for a panel entry (schedule first)."""
-    sched = entry.get("schedule") or ""
-    if sched == "polynomial" and entry.get("rho") is not None:
-        sched = f"poly{entry['rho']:g}"
-    return ",".join([sched] + [f"{k}={v}" for k, v in sorted((entry.get("options") or {}).items())])
+def entry_name(entry: dict) -> str:
+    """A panel entry or base solver ({solver, schedule, rho, options}) by its one name with its options
+    (``amed_core.evaluate.baseline_name``: ``ipndm[poly7,afs=False,max_order=4]``)."""
+    from amed_core.evaluate import baseline_name
+
+    return baseline_name(str(entry.get("solver")), entry.get("options") or {}, entry.get("schedule"), entry.get("rho"))
 
 
 def flag_diverged(results: list[CandidateResult], factor: float = 10.0) -> list[CandidateResult]:
@@ -136,19 +147,21 @@ def results_table(results: list[CandidateResult]) -> list[dict]:
     the same NFE, denoiser calls and per-sample error percentiles where the protocol has a reference solution."""
     rows = []
     for r in results:
-        gain = (r.base_value - r.value) / r.base_value * 100 if r.base_value else float("nan")
+        gain = (r.base_value - r.value) / r.base_value * 100 if r.base_value else None
         best = r.panel_best or {}
         ps = r.per_sample or {}
         solver = f"{r.solver} ({r.sampler_spec['init']} init)" if r.family == "gs" and r.sampler_spec.get("init") else r.solver
         rows.append({"dataset": r.dataset, "family": r.family, "solver": solver, "nfe": r.nfe,
                      "calls": r.denoiser_calls if r.denoiser_calls is not None else r.nfe, "seed": r.seed,
                      "metric": r.protocol.metric, "value": round(r.value, 6),
-                     "panel_best": f"{best.get('solver')}[{options_text(best)}]" if best else "-",
+                     "panel_best": entry_name(best) if best else "-",
                      "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
                      "margin": round(r.margin, 3) if r.margin is not None else "-",
                      **({"margin_ci95": f"[{r.margin_ci[0]:.3f}, {r.margin_ci[1]:.3f}]", "verdict": r.verdict}
                         if r.margin_ci else {}),
-                     "base_solver": r.base_solver, "base": round(r.base_value, 6), "improvement_%": round(gain, 1),
+                     "base_solver": r.base_name if r.base_value is not None else f"{r.base_solver} (not evaluated)",
+                     "base": round(r.base_value, 6) if r.base_value is not None else "-",
+                     "improvement_%": round(gain, 1) if gain is not None else "-",
                      **({"p50": round(ps["median"], 5), "p90": round(ps["p90"], 5), "p99": round(ps["p99"], 5)}
                         if ps else {}),
                      "train_s": round(r.train_seconds, 1), **_training_cells(r)})
@@ -180,7 +193,7 @@ def champion_rows(results: list[CandidateResult]) -> list[dict]:
         if k not in best or r.value < best[k].value:
             best[k] = r
     rows = [{"teacher": k[0], "nfe": k[1], "best": f"{r.family}:{r.solver}", "value": round(r.value, 6),
-             "panel_best": (r.panel_best or {}).get("solver", "-"),
+              "panel_best": r.panel_name,
              "panel": round(r.panel_value, 6) if r.panel_value is not None else "-",
              "margin": round(r.margin, 3) if r.margin is not None else "-",
              **({"margin_ci95": f"[{r.margin_ci[0]:.3f}, {r.margin_ci[1]:.3f}]", "verdict": r.verdict}

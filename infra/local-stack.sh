@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The local multi-user stack, in the background, in one folder:
 #   PostgreSQL (databases prefect, mlflow, mlflow_auth; 127.0.0.1 only, password auth)
-#   S3-protocol server (moto on 127.0.0.1) unless AMED_S3_ENDPOINT names an S3 of yours
-#   Prefect server on PostgreSQL, MLflow tracking server + registry on PostgreSQL with S3 artifacts
+#   Prefect server on PostgreSQL, MLflow tracking server + registry on PostgreSQL
 #   the Prefect process work pool `amed-local` (and, with --worker, a worker for it)
+#   storage on disk under the stack folder: the store (teacher shards, checkpoints, results) in store/, MLflow's
+#   artifacts in mlflow/artifacts/ (served by the MLflow server), so `down` and `up` lose nothing; or S3 (below)
 #
 #   infra/local-stack.sh up [--worker]    start what is not running, wait until each answers, print the URLs
 #   infra/local-stack.sh status           each service up/down (exit 0 when all that were started answer)
 #   infra/local-stack.sh env              export lines for a client shell:  eval "$(infra/local-stack.sh env)"
+#                                         (exit 1 and no exports while Prefect or MLflow is not running)
 #   infra/local-stack.sh down             stop everything `up` started (idempotent); data stays in the folder
 #
+# A failed `up` stops what it started itself, prints one line naming the log, and exits non-zero.
 # Settings (environment; `up` records what it used in $AMED_STACK_DIR/stack.env, and status/env/down, and an
 # `up` while any service still runs, read that record rather than the environment):
 #   AMED_STACK_DIR      folder for data, logs, PIDs, generated secrets   (default: <repo>/amed-runs/stack)
@@ -18,12 +21,17 @@
 #   AMED_STACK_AUTH     1: Prefect API auth string + MLflow basic-auth   (default: 1 when AMED_STACK_HOST is not
 #                       loopback, else 0; it cannot be turned off for a non-loopback host)
 #   AMED_PREFECT_PORT=4300  AMED_MLFLOW_PORT=5300  AMED_PG_PORT=5433  AMED_S3_PORT=5400
+#   AMED_PREFECT_UI_API_URL  the API URL the Prefect UI's pages call (default: the stack's own, http://HOST:PORT/api;
+#                       set it when browsers reach the server by another address, e.g. through an ingress)
 #   AMED_WORK_POOL      Prefect work pool (default: amed-local, as in infra/prefect.yaml)
-#   AMED_S3_BUCKET      bucket for MLflow artifacts and the teacher store (default: amed-distill)
-#   AMED_S3_ENDPOINT    an S3 of yours (credentials from the usual AWS_* variables): no moto server then
-#   AMED_STORE_URL      store URL handed to clients (default: s3://$AMED_S3_BUCKET/store)
-#   AMED_MLFLOW_ARTIFACTS  MLflow's --artifacts-destination (default: s3://$AMED_S3_BUCKET/mlflow; e.g. a folder
-#                       under the stack for artifacts that outlive a moto server)
+#   AMED_STACK_S3       none (default): no S3; moto: an S3-protocol server (moto, in memory: its objects are lost
+#                       at `down`; needs pip install -e '.[local-s3]') for the store
+#   AMED_S3_ENDPOINT    an S3 of yours for the store (credentials from the usual AWS_* variables); no moto then
+#   AMED_S3_BUCKET      the bucket of the store on S3 (default: amed-distill)
+#   AMED_STORE_URL      store URL handed to clients (default: $AMED_STACK_DIR/store, or s3://$AMED_S3_BUCKET/store
+#                       with S3)
+#   AMED_MLFLOW_ARTIFACTS  MLflow's --artifacts-destination (default: $AMED_STACK_DIR/mlflow/artifacts, served to
+#                       clients by the MLflow server; e.g. s3://BUCKET/mlflow with AMED_S3_ENDPOINT)
 #   AMED_MLFLOW_WORKERS MLflow server worker processes (default: 2)
 #   AMED_MLFLOW_ALLOWED_HOSTS  passed to `mlflow server --allowed-hosts` when set (exposed servers)
 #   AMED_STACK_TIMEOUT  seconds to wait for each service (default: 180)
@@ -36,17 +44,17 @@
 #                               MLFLOW_TRACKING_PASSWORD); change it later through MLflow's API
 #   AMED_MLFLOW_SECRET_KEY      MLflow's Flask secret key (CSRF)
 # Needs: PostgreSQL server binaries (Debian `postgresql`, installed here by apt-get when missing and run as
-# root), and in the Python environment prefect (asyncpg), mlflow, psycopg2-binary, Flask-WTF (auth), moto[server],
-# boto3. Tools are taken from <repo>/.venv/bin when it exists, else from PATH (AMED_BIN overrides).
-# Note: moto keeps objects in memory: MLflow artifacts and store objects on it are lost at `down` (the registry
-# in PostgreSQL stays); use AMED_S3_ENDPOINT (or AMED_MLFLOW_ARTIFACTS) for artifacts that must last.
+# root), and in the Python environment what `pip install -e .` installs (prefect with asyncpg, mlflow,
+# psycopg2-binary, Flask-WTF for auth); moto[server] only with AMED_STACK_S3=moto. Tools are taken from
+# <repo>/.venv/bin when it exists, else from PATH (AMED_BIN overrides).
 set -euo pipefail
 umask 022
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PROG="infra/local-stack.sh"
 
-die() { echo "$PROG: error: $*" >&2; exit 1; }
+# one line on stderr and exit 1; during `up`, the EXIT trap (on_up_exit) then stops what this `up` started
+die() { echo "$PROG: error: $*$(up_cleanup_note)" >&2; exit 1; }
 note() { echo "$PROG: $*" >&2; }
 
 STACK="${AMED_STACK_DIR:-$ROOT/amed-runs/stack}"
@@ -123,9 +131,21 @@ fresh_settings() {
   POOL="${AMED_WORK_POOL:-amed-local}"
   BUCKET="${AMED_S3_BUCKET:-amed-distill}"
   S3_EXTERNAL="${AMED_S3_ENDPOINT:-}"
-  if [ -n "$S3_EXTERNAL" ]; then S3_ENDPOINT="$S3_EXTERNAL"; else S3_ENDPOINT="http://127.0.0.1:$S3_PORT"; fi
-  STORE_URL="${AMED_STORE_URL:-s3://$BUCKET/store}"
-  MLFLOW_ARTIFACTS="${AMED_MLFLOW_ARTIFACTS:-s3://$BUCKET/mlflow}"
+  S3_MODE="${AMED_STACK_S3:-none}"
+  [ -n "$S3_EXTERNAL" ] && S3_MODE=external
+  case "$S3_MODE" in
+    none) S3_ENDPOINT="" ;;
+    moto) S3_ENDPOINT="http://127.0.0.1:$S3_PORT" ;;
+    external) S3_ENDPOINT="$S3_EXTERNAL" ;;
+    *) die "AMED_STACK_S3 must be none (the default: the store on disk) or moto, not '$S3_MODE'" ;;
+  esac
+  # on disk under the stack folder by default: `down` and `up` keep the store and MLflow's artifacts
+  if [ "$S3_MODE" = none ]; then STORE_URL="${AMED_STORE_URL:-$STACK/store}"; else STORE_URL="${AMED_STORE_URL:-s3://$BUCKET/store}"; fi
+  MLFLOW_ARTIFACTS="${AMED_MLFLOW_ARTIFACTS:-$STACK/mlflow/artifacts}"
+  if [ "$S3_MODE" = none ] && [[ "$STORE_URL$MLFLOW_ARTIFACTS" == *s3://* ]]; then
+    die "AMED_STORE_URL / AMED_MLFLOW_ARTIFACTS name s3:// but the stack has no S3: set AMED_S3_ENDPOINT (yours) or AMED_STACK_S3=moto"
+  fi
+  PREFECT_UI_API="${AMED_PREFECT_UI_API_URL:-}"
   MLFLOW_WORKERS="${AMED_MLFLOW_WORKERS:-2}"
   MLFLOW_ALLOWED_HOSTS="${AMED_MLFLOW_ALLOWED_HOSTS:-}"
   MLFLOW_ADMIN_USER="${AMED_MLFLOW_ADMIN_USER:-admin}"
@@ -139,9 +159,9 @@ fresh_settings() {
   done
 }
 
-STATE_KEYS=(HOST AUTH PREFECT_PORT MLFLOW_PORT PG_PORT S3_PORT POOL BUCKET S3_EXTERNAL S3_ENDPOINT STORE_URL MLFLOW_ARTIFACTS
-            MLFLOW_WORKERS MLFLOW_ALLOWED_HOSTS MLFLOW_ADMIN_USER SRC_PG SRC_PREFECT SRC_MLFLOW SRC_FLASK PG_SOCK
-            WITH_WORKER)
+STATE_KEYS=(HOST AUTH PREFECT_PORT MLFLOW_PORT PG_PORT S3_PORT POOL BUCKET S3_EXTERNAL S3_MODE S3_ENDPOINT STORE_URL
+            MLFLOW_ARTIFACTS MLFLOW_WORKERS MLFLOW_ALLOWED_HOSTS MLFLOW_ADMIN_USER SRC_PG SRC_PREFECT SRC_MLFLOW SRC_FLASK
+            PG_SOCK WITH_WORKER PREFECT_UI_API)
 
 save_state() {
   local tmp="$STATE.tmp" k
@@ -162,6 +182,8 @@ load_state() {
     eval "v=$v"          # values were written with printf %q by save_state
     printf -v "$k" '%s' "$v"
   done <"$STATE"
+  # a record written before S3 became optional: S3 was moto, or the endpoint given
+  if [ -z "${S3_MODE:-}" ]; then if [ -n "${S3_EXTERNAL:-}" ]; then S3_MODE=external; else S3_MODE=moto; fi; fi
 }
 
 client_host() { case "$HOST" in 0.0.0.0|::|"") echo 127.0.0.1 ;; *) echo "$HOST" ;; esac; }
@@ -276,14 +298,36 @@ spawn() {
 signal.signal(signal.SIGINT, signal.SIG_DFL); signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 os.execv(sys.argv[1], sys.argv[1:])' "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
   echo $! >"$(pidfile "$name")"
+  up_started "$name"
 }
 
-fail_log() {  # fail_log NAME MESSAGE
-  local log="$LOGS/$1.log"
-  echo "$PROG: error: $2" >&2
-  echo "  log: $log (last lines below)" >&2
-  tail -n 15 "$log" 2>/dev/null | sed 's/^/  | /' >&2 || true
-  echo "  the services already started keep running: '$PROG down' stops them" >&2
+# ---------------------------------------------------------------- a failed `up` stops what it started
+# The services this `up` started are listed in run/up.started (a file: spawn runs in subshells); the EXIT trap
+# of cmd_up stops them when `up` fails, so a failed `up` leaves nothing running that it started.
+up_started() { [ -n "${UP_STARTED_FILE:-}" ] && echo "$1" >>"$UP_STARTED_FILE"; return 0; }
+
+up_cleanup_note() {  # what a failing `up` is about to stop (for its one error line)
+  [ -n "${UP_STARTED_FILE:-}" ] && [ -s "$UP_STARTED_FILE" ] || return 0
+  printf '; stopping what this up started (%s)' "$(tr '\n' ' ' <"$UP_STARTED_FILE" | sed 's/ $//')"
+}
+
+on_up_exit() {
+  local rc=$? names
+  trap - EXIT
+  if [ "$rc" != 0 ] && [ -s "${UP_STARTED_FILE:-/nonexistent}" ]; then
+    names="$(tac "$UP_STARTED_FILE" | tr '\n' ' ')"
+    { echo "=== $(date -u +%FT%TZ) $PROG up failed (exit $rc): stopping $names"; stop_services $names; } \
+      >>"$LOGS/up-failed.log" 2>&1 || true
+  fi
+  rm -f "${UP_STARTED_FILE:-}"
+  exit "$rc"
+}
+
+fail_log() {  # fail_log NAME MESSAGE...: one line naming the log and its last line; then exit 1 (see die)
+  local log="$LOGS/$1.log" last
+  shift
+  last="$(grep -v '^[[:space:]]*$' "$log" 2>/dev/null | tail -n 1 | tr -s '[:space:]' ' ' | cut -c1-200 || true)"
+  echo "$PROG: error: $* (log: $log${last:+; its last line: $last})$(up_cleanup_note)" >&2
   exit 1
 }
 
@@ -391,6 +435,7 @@ EOF
   grep -q "^include_if_exists = 'amed-stack.conf'" "$data/postgresql.conf" \
     || echo "include_if_exists = 'amed-stack.conf'" >>"$data/postgresql.conf"
   [ "$(id -u)" = 0 ] && chown "$PG_OSUSER": "$data/amed-stack.conf"
+  up_started postgres
   as_pg pg_ctl -D "$data" -l "$LOGS/postgres.log" -w -t "$TIMEOUT" start >/dev/null 2>>"$LOGS/postgres.log" \
     || fail_log postgres "PostgreSQL did not start"
   head -n 1 "$data/postmaster.pid" >"$(pidfile postgres)"
@@ -429,16 +474,20 @@ EOF
 
 start_s3() {
   local pid
-  if [ -n "$S3_EXTERNAL" ]; then echo "  s3: using $S3_EXTERNAL (AMED_S3_ENDPOINT)"; return; fi
+  if [ "$S3_MODE" = external ]; then echo "  s3: using $S3_EXTERNAL (AMED_S3_ENDPOINT)"; return; fi
   if pid="$(svc_pid s3)"; then echo "  s3 (moto) already running (pid $pid)"; return; fi
-  [ -x "$BIN/moto_server" ] || die "moto_server not found in $BIN: pip install 'moto[server]'"
+  # as the extra local-s3 (pyproject.toml): resolved with s3fs's aiobotocore, botocore stays in its window
+  [ -x "$BIN/moto_server" ] || die "AMED_STACK_S3=moto needs moto's server in $BIN: pip install -e '.[local-s3]'" \
+    "(or leave AMED_STACK_S3 unset: the store on disk)"
   need_port s3 127.0.0.1 "$S3_PORT" AMED_S3_PORT
   spawn s3 "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT"
   echo "  s3 (moto) starting (pid $(cat "$(pidfile s3)")), $S3_ENDPOINT"
 }
 
-s3_env() {  # run "$@" with the S3 endpoint (and moto's dummy keys when it is moto)
-  if [ -n "$S3_EXTERNAL" ]; then
+s3_env() {  # run "$@" with the S3 endpoint (and moto's dummy keys when it is moto); as is without S3
+  if [ "$S3_MODE" = none ]; then
+    "$@"
+  elif [ "$S3_MODE" = external ]; then
     AWS_ENDPOINT_URL="$S3_ENDPOINT" MLFLOW_S3_ENDPOINT_URL="$S3_ENDPOINT" "$@"
   else
     AWS_ENDPOINT_URL="$S3_ENDPOINT" MLFLOW_S3_ENDPOINT_URL="$S3_ENDPOINT" AWS_ACCESS_KEY_ID=testing \
@@ -473,6 +522,7 @@ start_prefect() {
     PGPASSWORD="$PG_PASSWORD" PREFECT_HOME="$STACK/prefect-home" PREFECT_SERVER_ANALYTICS_ENABLED=false \
     DO_NOT_TRACK=1 PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://amed@127.0.0.1:$PG_PORT/prefect" \
     PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=true PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED=true \
+    PREFECT_UI_API_URL="${PREFECT_UI_API:-$(prefect_url)/api}" \
       spawn prefect "$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT"
   )
   echo "  prefect starting (pid $(cat "$(pidfile prefect)")), $(prefect_url)"
@@ -484,6 +534,7 @@ start_mlflow() {
   "$PY" -c 'import psycopg2' 2>/dev/null || die "psycopg2 missing in $BIN: pip install psycopg2-binary (MLflow's PostgreSQL driver)"
   need_port mlflow "$HOST" "$MLFLOW_PORT" AMED_MLFLOW_PORT
   mkdir -p "$STACK/mlflow"
+  case "$MLFLOW_ARTIFACTS" in *://*) ;; *) mkdir -p "$MLFLOW_ARTIFACTS" ;; esac
   args=(server --backend-store-uri "postgresql+psycopg2://amed@127.0.0.1:$PG_PORT/mlflow"
         --artifacts-destination "$MLFLOW_ARTIFACTS" --host "$HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS")
   [ -n "$MLFLOW_ALLOWED_HOSTS" ] && args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
@@ -575,8 +626,11 @@ print_urls() {
   echo "Prefect UI + API  $(prefect_url)        (PREFECT_API_URL=$(prefect_url)/api; pool $POOL)"
   echo "MLflow            $(mlflow_url)         (artifacts $MLFLOW_ARTIFACTS)"
   echo "PostgreSQL        127.0.0.1:$PG_PORT    (role amed; databases prefect, mlflow, mlflow_auth)"
-  if [ -n "$S3_EXTERNAL" ]; then echo "S3                $S3_ENDPOINT     (yours; store $STORE_URL)"
-  else echo "S3 (moto)         $S3_ENDPOINT     (in memory: lost at down; store $STORE_URL)"; fi
+  case "$S3_MODE" in
+    none) echo "Store             $STORE_URL  (on disk: kept by down and up)" ;;
+    external) echo "S3                $S3_ENDPOINT     (yours; store $STORE_URL)" ;;
+    moto) echo "S3 (moto)         $S3_ENDPOINT     (in memory: lost at down; store $STORE_URL)" ;;
+  esac
   if [ "$AUTH" = 1 ]; then
     echo "Auth              on: Prefect API auth string, MLflow basic-auth (user $MLFLOW_ADMIN_USER); secrets in the" \
          "environment or under $SECRETS (0600)"
@@ -592,6 +646,11 @@ cmd_up() {
     case "$a" in --worker) with_worker=1 ;; *) die "up: unknown option '$a' (use --worker)" ;; esac
   done
   mkdir -p "$STACK" "$LOGS" "$RUN"
+  UP_STARTED_FILE="$RUN/up.started"
+  : >"$UP_STARTED_FILE"
+  trap on_up_exit EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
   find_bin
   # a stack that still runs keeps the settings it was started with
   if load_state; then
@@ -612,35 +671,29 @@ cmd_up() {
   start_postgres
   save_state
   setup_databases
-  start_s3
-  [ -n "$S3_EXTERNAL" ] || wait_http s3 "$S3_ENDPOINT/" none 60 say
-  ensure_bucket
+  if [ "$S3_MODE" != none ]; then
+    start_s3
+    [ "$S3_MODE" != moto ] || wait_http s3 "$S3_ENDPOINT/" none 60 say
+    ensure_bucket
+  fi
   start_prefect
   start_mlflow
   local mode_p=none mode_m=none
   [ "$AUTH" = 1 ] && mode_p=prefect && mode_m=mlflow
   wait_http prefect "$(prefect_url)/api/health" none "$TIMEOUT"
-  wait_http prefect "$(prefect_url)/api/admin/version" "$mode_p" 30 say
+  wait_http prefect "$(prefect_url)/api/admin/version" "$mode_p" "$TIMEOUT" say
   wait_http mlflow "$(mlflow_url)/health" none "$TIMEOUT"
-  wait_http mlflow "$(mlflow_url)/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default" "$mode_m" 30 say
+  wait_http mlflow "$(mlflow_url)/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default" "$mode_m" "$TIMEOUT" say
   ensure_pool
   if [ "$with_worker" = 1 ]; then start_worker; wait_worker; fi
   save_state
+  rm -f "$UP_STARTED_FILE"
+  UP_STARTED_FILE=""
   echo "Stack up in $((SECONDS - T0)) s:"
   print_urls
 }
 
-cmd_down() {
-  if ! load_state; then
-    # no record: stop whatever PID files say (nothing when there are none)
-    PG_SOCK=""
-  fi
-  [ -d "$RUN" ] || { echo "nothing to stop in $STACK"; return 0; }
-  echo "Stopping the local stack in $STACK"
-  stop_tree worker INT 20        # a Prefect worker stops on SIGINT (it ignores SIGTERM for a while)
-  stop_tree mlflow TERM 15
-  stop_tree prefect TERM 15
-  stop_tree s3 TERM 5
+stop_postgres() {
   if svc_pid postgres >/dev/null; then
     find_pg || true
     if [ -n "${PG_BIN:-}" ] && as_pg pg_ctl -D "$STACK/pg/data" -m fast -w -t 30 stop >/dev/null 2>>"$LOGS/postgres.log"; then
@@ -651,6 +704,29 @@ cmd_down() {
   else
     rm -f "$(pidfile postgres)"
   fi
+}
+
+stop_services() {  # stop_services NAME...: each one that runs, in the order given
+  local s
+  for s in "$@"; do
+    case "$s" in
+      worker) stop_tree worker INT 20 ;;       # a Prefect worker stops on SIGINT (it ignores SIGTERM for a while)
+      mlflow) stop_tree mlflow TERM 15 ;;
+      prefect) stop_tree prefect TERM 15 ;;
+      s3) stop_tree s3 TERM 5 ;;
+      postgres) stop_postgres ;;
+    esac
+  done
+}
+
+cmd_down() {
+  if ! load_state; then
+    # no record: stop whatever PID files say (nothing when there are none)
+    PG_SOCK=""
+  fi
+  [ -d "$RUN" ] || { echo "nothing to stop in $STACK"; return 0; }
+  echo "Stopping the local stack in $STACK"
+  stop_services worker mlflow prefect s3 postgres
   case "${PG_SOCK:-}" in /tmp/amed-pg.*) rmdir "$PG_SOCK" 2>/dev/null || true ;; esac
   echo "Stack down (data kept in $STACK)"
 }
@@ -667,7 +743,9 @@ cmd_status() {
     detail=""
     case "$s" in
       postgres) detail="127.0.0.1:$PG_PORT" ;;
-      s3) detail="$S3_ENDPOINT"; if [ -n "$S3_EXTERNAL" ]; then
+      s3) detail="$S3_ENDPOINT"
+          if [ "$S3_MODE" = none ]; then printf '%-9s %-5s %s\n' s3 off "(none: the store is $STORE_URL)"; continue; fi
+          if [ "$S3_MODE" = external ]; then
             printf '%-9s %-5s %s\n' s3 "$([ "$(http_status "$S3_ENDPOINT/")" != 000 ] && echo up || echo down)" "$detail (external)"
             continue; fi ;;
       prefect) detail="$(prefect_url)" ;;
@@ -700,12 +778,19 @@ secret_ref() {  # secret_ref NAME SRC ENVVAR
 }
 
 cmd_env() {
+  local s
   load_state || die "no stack recorded in $STACK: run '$PROG up' first (or set AMED_STACK_DIR)"
+  # exports of services that do not run would send the next commands to nothing (or to another server)
+  for s in prefect mlflow; do
+    svc_pid "$s" >/dev/null || die "the stack in $STACK is not up ($s is not running): run '$PROG up' first"
+  done
   echo "export PREFECT_API_URL=$(prefect_url)/api"
   echo "export MLFLOW_TRACKING_URI=$(mlflow_url)"
-  echo "export AWS_ENDPOINT_URL=$S3_ENDPOINT"
-  echo "export MLFLOW_S3_ENDPOINT_URL=$S3_ENDPOINT"
-  if [ -z "$S3_EXTERNAL" ]; then
+  if [ "$S3_MODE" != none ]; then
+    echo "export AWS_ENDPOINT_URL=$S3_ENDPOINT"
+    echo "export MLFLOW_S3_ENDPOINT_URL=$S3_ENDPOINT"
+  fi
+  if [ "$S3_MODE" = moto ]; then
     echo "export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=\${AWS_REGION:-us-east-1}  # moto's dummy keys"
   fi
   printf 'export AMED_STORE_URL=%q\n' "$STORE_URL"
@@ -721,5 +806,5 @@ case "${1:-}" in
   down) shift; cmd_down ;;
   status) shift; cmd_status ;;
   env) shift; cmd_env ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] && exit 2; exit 0 ;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] && exit 2; exit 0 ;;
 esac

@@ -123,21 +123,10 @@ def start_worker(env: dict, log: Path) -> subprocess.Popen:
 
 
 def process_tree(*roots: int) -> list[int]:
-    """``roots`` and all their descendants (read from /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, seen, todo = [], set(), list(roots)
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        out.append(p)
-        todo += children.get(p, [])
+    """``roots`` and all their descendants (read from /proc: flows.interrupt.process_tree), parents first."""
+    from flows.interrupt import process_tree as descendants
+
+    out: list[int] = []
+    for root in roots:
+        out += [p for p in [root, *descendants(root)] if p not in out]
     return out

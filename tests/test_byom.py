@@ -1,6 +1,7 @@
 """Bring your own model (README "Bring your own model"): wrap_model's conversions against the exact mixture, the
-public helpers and their errors, and the README's score-parameterized VP-time network (taken from README.md),
-trained briefly and distilled through `amed distill` as a `py:` teacher; the champion is fetched and samples."""
+public helpers and their errors, the README's score-parameterized VP-time network (taken from README.md) trained
+with its own train(); models of any channel count; a missing weights file failing before any work. The README's
+steps themselves (distill, fetch, sample, refuse another model) run in tests/test_readme.py (check "byom")."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,88 +120,105 @@ def readme_module() -> str:
     return m.group(1)
 
 
-def _train(module, gmm, steps=300, batch=256, seed=0) -> torch.nn.Module:
-    """Denoising score matching on exact mixture samples (a few seconds on 2 cores)."""
-    torch.manual_seed(seed)
-    net = module.ScoreMixer()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    data = gmm.sample(8192, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    for i in range(steps):
-        x0 = data[torch.randint(0, len(data), (batch,))]
-        t = 1e-3 + (1 - 1e-3) * torch.rand(batch)
-        std = net.std(t).reshape(-1, 1, 1, 1)
-        a = torch.sqrt(1 - std ** 2)
-        eps = torch.randn_like(x0)
-        score = net(a * x0 + std * eps, t)
-        loss = ((std * score + eps) ** 2).mean()  # = || eps_hat - eps ||^2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
-
-
-@pytest.mark.slow
-def test_readme_model_distilled_through_amed_distill(tmp_path, gmm):
+def test_readme_module_trains_a_denoiser(tmp_path, gmm):
+    """The README's mymodels.py: its train() writes safetensors weights, build(weights) wraps them, and the trained
+    score model denoises close to the exact mixture at a moderate noise level. (tests/test_readme.py runs the README's
+    own steps: these weights distilled through `amed distill`, the plugin fetched, sampling, another model refused.)"""
     import importlib.util
-
-    from safetensors.torch import save_file
 
     (tmp_path / "mymodels.py").write_text(readme_module())
     spec = importlib.util.spec_from_file_location("mymodels", tmp_path / "mymodels.py")
     mymodels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mymodels)
-    net = _train(mymodels, gmm)
-    weights = tmp_path / "score-mixer.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
-
+    weights = tmp_path / "models" / "score-mixer.safetensors"
+    mymodels.train(str(weights))
     teacher = mymodels.build(str(weights))
     assert (teacher.sigma_min, teacher.sigma_max, teacher.feature_source) == (0.02, 80.0, "custom:blocks.1")
-    # the trained score model denoises: at a moderate noise level it is close to the exact mixture's denoiser
     x, sigma = _vp_inputs(gmm)
     with torch.no_grad():
         err = (teacher(x, sigma) - gmm(x, sigma)).pow(2).mean(dim=(1, 2, 3)).sqrt()
     assert float(err[2]) < 0.5, err
 
-    sweep = tmp_path / "my-sweep.yaml"
-    sweep.write_text(json.dumps({
-        "name": "byom", "datasets": [{"name": "mine", "teacher": "py:mymodels:build",
-                                      "options": {"weights": str(weights)}}],
-        "solvers": ["amed", "amed+ipndm"], "nfes": [3], "seeds": [0], "init": {"mode": "recipe"},
-        "panel": {"expand": [], "rank_samples": 0},
-        "teacher": {"M": 2, "num_trajectories": 512, "shard_size": 256},
-        "train": {"batch_size": 64, "epochs": 2},
-        "evaluation": {"metric": "rmse", "num_samples": 256, "batch_size": 256, "grid_samples": 16, "reference_steps": 65},
-        "compute": {"num_cpus": 2, "object_store_memory": 200_000_000, "max_parallel": 2, "teacher_actors": 1,
-                    "torch_threads": 1}}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AMED_STORE", "PREFECT_API"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "distill", str(sweep), "--out", str(out)], env=env,
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
-    m = re.search(r"models:/(amed-mine[-\w]*-nfe3)@champion", r.stdout)  # amed-<model id>-nfe3
-    assert m, r.stdout[-3000:]
-    best_plugin = f"models:/{m.group(1)}@best-amed-ipndm"  # an AMED sampler (the champion may be a free solver)
-    results = json.loads((out / "store" / "runs" / "byom" / "results.json").read_text())["results"]
-    assert {"amed", "amed+ipndm"} <= {x["solver"] for x in results}
-    assert all(x["protocol"]["metric"] == "rmse" and x["value"] == x["value"] for x in results)
 
-    # fetch the AMED-Plugin from the run's registry and sample with the user's model
-    fetched = tmp_path / "champion"
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "fetch", best_plugin, "--out",
-                        str(fetched), "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19, item 3: a model of any channel count gets its pictures; a missing weights file fails before any work;
+# a Ray task's error is reported once.
+
+TWO_CHANNELS = '''
+import torch
+from amed_core.adapters import wrap_model
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.SiLU(),
+                                        torch.nn.Conv2d(8, 2, 3, padding=1))
+
+    def forward(self, x, sigma):
+        return torch.tanh(self.body(x))
+
+
+def build(weights=None):
+    torch.manual_seed(0)
+    return wrap_model(Net(), parameterization="x0", sigma_min=0.02, sigma_max=80.0, shape=(2, 8, 8),
+                      feature_module="body.0", identity="two-channel@v1")
+'''
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 6])
+def test_sample_grids_of_any_channel_count(tmp_path, channels):
+    """The evaluate stage's grid (flows.cluster.jobs._grid_png) failed for a 2-channel model after its training:
+    `samples must be (B, 1 or 3, H, W)`. C = 1 gray, 3 RGB; 2: the first channel; more: the first three (RGB)."""
+    from PIL import Image
+
+    from amed_core.evaluate import save_grid_png, shown_channels
+    from flows.cluster.jobs import _grid_png
+
+    x = torch.rand(6, channels, 8, 8) * 2 - 1
+    png = Image.open(save_grid_png(x, tmp_path / "g.png", nrow=3, scale=1))
+    assert png.mode == ("L" if channels in (1, 2) else "RGB") and png.size == (3 * 9 + 1, 2 * 9 + 1)
+    assert tuple(shown_channels(x).shape[1:]) == ((1 if channels in (1, 2) else 3), 8, 8)
+    assert _grid_png(x)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_amed_sample_draws_a_two_channel_model(tmp_path):
+    (tmp_path / "twoch.py").write_text(TWO_CHANNELS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "sample", "--teacher", "py:twoch:build", "--solvers", "euler",
+                        "--nfe", "3", "--n", "32", "--rmse-samples", "8", "--reference-steps", "20", "--out-dir",
+                        str(tmp_path / "out")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "teacher  score-mixer@v1 (adapter custom, sha256 " in r.stdout, r.stdout
-    from amed_core.amed import load_sampler
+    assert (tmp_path / "out" / "samples.png").read_bytes()[:4] == b"\x89PNG"
 
-    sampler = load_sampler(fetched)
-    assert sampler.spec.teacher["name"] == "score-mixer@v1"
-    assert (sampler.spec.schedule.sigma_min, sampler.spec.schedule.sigma_max) == (0.02, 80.0)
-    with torch.no_grad():
-        xs = sampler(teacher, torch.randn(16, 1, 8, 8, dtype=torch.float64)).x
-    assert xs.shape == (16, 1, 8, 8) and torch.isfinite(xs).all()
-    # another model's weights are refused
-    other = mymodels.build()
-    with pytest.raises(ValueError, match="trained for teacher 'score-mixer@v1'"):
-        sampler(other, torch.randn(2, 1, 8, 8, dtype=torch.float64))
+
+def test_missing_weights_of_a_py_teacher_fail_before_any_work(tmp_path):
+    """The README's own sweep names /models/score-mixer.safetensors; missing, it was reported after 118 s, once Ray
+    and Prefect had started (the README says bad configs fail before any work)."""
+    (tmp_path / "twoch.py").write_text(TWO_CHANNELS)
+    missing = tmp_path / "models" / "score-mixer.safetensors"
+    sweep = tmp_path / "my-sweep.yaml"
+    sweep.write_text(json.dumps({"name": "my-model", "solvers": ["amed"], "nfes": [3], "evaluation": {"metric": "rmse"}, "datasets": [
+        {"name": "mine", "teacher": "py:twoch:build", "options": {"weights": str(missing)}}]}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "distill", str(sweep), "--out", str(tmp_path / "run")],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    took = time.time() - t0
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"options.weights: '{missing}' does not exist (teacher 'py:twoch:build' gets it as its 'weights')" \
+        in r.stderr, r.stderr
+    assert "Ray" not in r.stdout + r.stderr and not (tmp_path / "run").exists()  # nothing started, nothing written
+    assert took < 60, took  # imports only (a few seconds on an idle machine)
+
+
+def test_a_ray_task_error_is_reported_once(capsys):
+    """`amed distill: error:` repeated the Ray task's whole traceback that the flow's log had just printed."""
+    from ray.exceptions import RayTaskError
+
+    from flows.cli import error_line
+
+    err = RayTaskError("eval_job", "Traceback (most recent call last):\n  ...\nValueError: bad grid", ValueError("bad grid"))
+    line = error_line(err.as_instanceof_cause())
+    assert line == "ValueError: bad grid (in a Ray task; its traceback is in the log above)"
+    assert error_line(ValueError("plain")) == "plain"

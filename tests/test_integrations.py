@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -407,16 +406,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
 def test_model_page_in_headless_chromium(registry, tmp_path):
     """MLflow's own UI (``mlflow server`` on the registry's database, 127.0.0.1) shows the champion's story on the
     registered model's page: Debian's chromium, headless, renders the page; its DOM holds the sentence and the
     side-by-side picture, whose address serves the very PNG logged with the champion's run."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
+    from browser import chromium, dump_dom, screenshot, visible_text
+
+    if chromium() is None:
         pytest.skip("chromium is not installed (apt-get update && apt-get install -y chromium)")
     from mlflow import MlflowClient
 
@@ -438,13 +434,11 @@ def test_model_page_in_headless_chromium(registry, tmp_path):
                     pytest.fail(f"mlflow server did not start: {(tmp_path / 'mlflow.log').read_text()[-2000:]}")
                 time.sleep(0.5)
         page = f"{base}/#/models/{registry['name']}"
-        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
         shot = os.environ.get("AMED_SCREENSHOT_DIR")  # for people: a PNG of the page (--screenshot, a second run)
         if shot:
-            subprocess.run([*cmd, "--window-size=1400,1200", f"--screenshot={Path(shot) / 'model-page.png'}", page],
-                           capture_output=True, timeout=240)
-        dom = subprocess.run([*cmd, "--dump-dom", page], capture_output=True, text=True, timeout=240).stdout
-        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom).replace("&amp;", "&"))
+            screenshot(page, Path(shot) / "model-page.png", budget_ms=20000)
+        dom = dump_dom(page, budget_ms=20000, timeout=240)
+        text = visible_text(dom)
         assert re.search(SENTENCE, text), text[:3000]
         srcs = re.findall(r'<img[^>]+src="([^"]*side_by_side[^"]*)"', dom)
         assert srcs, dom[:3000]
@@ -458,35 +452,6 @@ def test_model_page_in_headless_chromium(registry, tmp_path):
     champ = client.get_model_version_by_alias(registry["name"], "champion")
     logged = Path(client.download_artifacts(champ.run_id, "plots/side_by_side.png", str(tmp_path)))
     assert served == logged.read_bytes() and served[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def _readme_blocks(section: str) -> list[tuple[str, str]]:
-    """(language, code) of every fenced block of the README section under ``## <section>``."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"\n## {section}\n")
-    end = text.find("\n## ", start + 1)
-    body = text[start: end if end != -1 else len(text)]
-    return re.findall(r"```(bash|python)\n(.*?)```", body, re.S)
-
-
-def test_readme_integrations_section_runs_as_written(registry):
-    """Every block of the README's "Use a champion in diffusers / ComfyUI-style samplers" section, verbatim, in the
-    folder where the quickstart ran (here: the registry fixture laid out as the quickstart leaves it, with the venv
-    at .venv as the README's install makes it)."""
-    blocks = _readme_blocks("Use a champion in diffusers / ComfyUI-style samplers")
-    assert [lang for lang, _ in blocks] == ["bash", "python", "python"]
-    cwd = registry["root"]
-    venv = cwd / ".venv"
-    if not venv.exists():
-        venv.symlink_to(Path(sys.prefix))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
-    for lang, code in blocks:
-        cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [str(venv / "bin" / "python"), "-c", code]
-        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"{lang} block failed:\n{code}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    doc = json.loads((cwd / "gits-nfe5.json").read_text())
-    assert doc["family"] == "gits" and doc["solver"] == "ipndm" and len(doc["sigmas"]) == 6
 
 
 def test_champion_sentence_cases_and_the_flows_panel_checkpoint(tmp_path):

@@ -1,7 +1,9 @@
-"""infra/local-stack.sh end to end on 127.0.0.1: PostgreSQL, moto S3, Prefect server and MLflow server on
-PostgreSQL, the work pool and a worker; a flow and an MLflow run + model version through the `env` exports;
-then the same stack again with auth on (refused without credentials, served with them); `down` leaves no
-process behind and no secret is printed or logged."""
+"""infra/local-stack.sh end to end on 127.0.0.1: PostgreSQL, Prefect server and MLflow server on PostgreSQL, the
+store and MLflow's artifacts on disk, the work pool and a worker; a flow, a store object and an MLflow run + model
+version through the `env` exports; then the same stack again with auth on and S3 (moto) for the store (refused
+without credentials, served with them), where the first run's artifacts are still served: `down` and `up` lose
+nothing; the Prefect UI's pages call the server's own API; `down` leaves no process behind, no secret is printed or
+logged; a failed `up` stops what it started, says so in one line, and `env` then refuses."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_prefect import process_tree
+from fixtures_readme import processes_naming as _processes_naming, running as _running
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "infra" / "local-stack.sh"
@@ -30,7 +33,7 @@ PY = sys.executable
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 CLIENT = r"""
-import json, boto3
+import json, os, fsspec
 from prefect import flow
 from mlflow import MlflowClient
 import mlflow
@@ -50,9 +53,12 @@ client = MlflowClient()
 client.create_registered_model("stack-probe-model")
 mv = client.create_model_version("stack-probe-model", source=f"{run.info.artifact_uri}/predictor", run_id=run.info.run_id)
 client.set_registered_model_alias("stack-probe-model", "champion", mv.version)
-keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="amed-distill", Prefix="mlflow/").get("Contents", [])]
-out.update(run_id=run.info.run_id, version=mv.version, s3_keys=keys, tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri(),
-           champion=client.get_model_version_by_alias("stack-probe-model", "champion").version)
+store = os.environ["AMED_STORE_URL"]
+with fsspec.open(f"{store}/probe/notes.txt", "w") as f:
+    f.write("kept by down and up")
+out.update(run_id=run.info.run_id, version=mv.version, store=store, tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri(),
+           champion=client.get_model_version_by_alias("stack-probe-model", "champion").version,
+           aws=sorted(k for k in os.environ if k.startswith("AWS_")))
 print("RESULT " + json.dumps(out))
 """
 
@@ -133,27 +139,6 @@ def _stack_pids(stack_dir: Path) -> set[int]:
     return set(process_tree(*(int(p.read_text().split()[0]) for p in (stack_dir / "run").glob("*.pid"))))
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _processes_naming(text: str) -> list[str]:
-    hits = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmd and _running(int(d.name)):
-                hits.append(f"{d.name}: {cmd}")
-    return hits
-
-
 def _down_and_check(env) -> str:
     stack_dir = Path(env["AMED_STACK_DIR"])
     pids = _stack_pids(stack_dir)
@@ -197,9 +182,13 @@ def test_stack_up_use_auth_down(stack):
     assert _http(f"{prefect}/api/health") == (200, b"true")
     assert _http(f"{mlflow}/health")[0] == 200
 
-    # every listener of the stack is on 127.0.0.1 only (0100007F in /proc/net/tcp)
-    for key in ("AMED_PG_PORT", "AMED_PREFECT_PORT", "AMED_MLFLOW_PORT", "AMED_S3_PORT"):
+    # the UI's pages call this server's API, not Prefect's default 127.0.0.1:4200 (issue 19: a blank UI)
+    code, body = _http(f"{prefect}/ui-settings")
+    assert code == 200 and json.loads(body)["api_url"] == f"{prefect}/api", body[:300]
+    # every listener of the stack is on 127.0.0.1 only (0100007F in /proc/net/tcp); no S3 server by default
+    for key in ("AMED_PG_PORT", "AMED_PREFECT_PORT", "AMED_MLFLOW_PORT"):
         assert _listeners(int(env[key])) == {"0100007F"}, (key, _listeners(int(env[key])))
+    assert not _listeners(int(env["AMED_S3_PORT"]))
 
     # PostgreSQL: password auth for the role amed, over TCP
     import psycopg2
@@ -228,7 +217,10 @@ def test_stack_up_use_auth_down(stack):
     out = json.loads(lines[-1].removeprefix("RESULT "))
     assert out["tracking_uri"] == mlflow and out["registry_uri"] == mlflow, out  # the stack's server, not ./mlflow.db
     assert out["flow_result"] == 42 and str(out["version"]) == "1" and str(out["champion"]) == "1", out
-    assert f"mlflow/1/{out['run_id']}/artifacts/predictor/notes.txt" in out["s3_keys"]   # in the moto bucket
+    # on disk under the stack folder: MLflow's artifacts (served by its server) and the store; no S3 settings
+    assert out["store"] == str(stack_dir / "store") and out["aws"] == [], out
+    assert (stack_dir / "store" / "probe" / "notes.txt").read_text() == "kept by down and up"
+    assert [p.read_text() for p in (stack_dir / "mlflow" / "artifacts").rglob("notes.txt")] == ["predictor placeholder"]
     code, body = _http(f"{prefect}/api/flow_runs/{out['flow_run_id']}")
     assert code == 200 and json.loads(body)["state_type"] == "COMPLETED"           # recorded by the server
     code, body = _http(f"{prefect}/api/work_pools/amed-local")
@@ -236,8 +228,8 @@ def test_stack_up_use_auth_down(stack):
 
     printed.append(_down_and_check(env))
 
-    # ---- 2. the same stack with auth on (and a worker); data kept in PostgreSQL ------------------------------
-    env_auth = env | {"AMED_STACK_AUTH": "1"}
+    # ---- 2. the same stack with auth on, a worker and S3 (moto) for the store; registry and artifacts kept ----
+    env_auth = env | {"AMED_STACK_AUTH": "1", "AMED_STACK_S3": "moto"}
     r = _sh(env_auth, "up", "--worker")
     printed.append(r.stdout + r.stderr)
     secrets_dir = stack_dir / "secrets"
@@ -260,6 +252,7 @@ def test_stack_up_use_auth_down(stack):
     code, body = _http(f"{prefect}/api/work_pools/amed-local/workers/filter", auth=prefect_auth, data=b"{}")
     assert code == 200 and any(w["status"] == "ONLINE" for w in json.loads(body))
 
+    assert _listeners(int(env["AMED_S3_PORT"])) == {"0100007F"}
     status = _sh(env_auth, "status")
     printed.append(status.stdout)
     assert all(f"{s:<9} up" in status.stdout for s in ("postgres", "s3", "prefect", "mlflow", "worker")), status.stdout
@@ -267,14 +260,23 @@ def test_stack_up_use_auth_down(stack):
     printed.append(r.stdout)
     assert "export PREFECT_API_AUTH_STRING=" in r.stdout and "export MLFLOW_TRACKING_PASSWORD=" in r.stdout
     # the exports work in a client shell: the MLflow and Prefect clients are served
-    probe = ("from mlflow import MlflowClient; from prefect.client.orchestration import get_client\n"
+    probe = ("import os, boto3, fsspec, mlflow; from mlflow import MlflowClient\n"
+             "from prefect.client.orchestration import get_client\n"
              "print('MODELS', [m.name for m in MlflowClient().search_registered_models()])\n"
-             "with get_client(sync_client=True) as c: print('POOL', c.read_work_pool('amed-local').name)\n")
+             "with get_client(sync_client=True) as c: print('POOL', c.read_work_pool('amed-local').name)\n"
+             "got = mlflow.artifacts.download_artifacts('models:/stack-probe-model@champion')\n"
+             "print('KEPT', open(os.path.join(got, 'notes.txt')).read())\n"
+             "store = os.environ['AMED_STORE_URL']\n"
+             "with fsspec.open(store + '/probe/s3.txt', 'w') as f: f.write('on moto')\n"
+             "print('S3', store, [o['Key'] for o in boto3.client('s3').list_objects_v2(Bucket='amed-distill')['Contents']])\n")
     client = subprocess.run(["bash", "-c", f'exports="$(bash {SCRIPT} env)" || exit 9; eval "$exports" && exec {PY} -c "$PROBE"'],
                             env=env_auth | {"PROBE": probe, "MLFLOW_DISABLE_TELEMETRY": "true"}, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert "MODELS ['stack-probe-model']" in client.stdout and "POOL amed-local" in client.stdout, \
         client.stdout[-2000:] + client.stderr[-3000:]
+    # the first stack's artifact, after down and up (moto kept them in memory before: `amed fetch` found nothing)
+    assert "KEPT predictor placeholder" in client.stdout, client.stdout[-2000:] + client.stderr[-3000:]
+    assert "S3 s3://amed-distill/store ['store/probe/s3.txt']" in client.stdout, client.stdout[-2000:]
 
     printed.append(_down_and_check(env_auth))
 
@@ -286,3 +288,38 @@ def test_stack_up_use_auth_down(stack):
         assert len(bare) >= 16
         assert bare not in "".join(printed), f"{name} printed"
         assert bare not in recorded, f"{name} in a log or record"
+
+
+def test_failed_up_stops_what_it_started_and_env_refuses():
+    """A failed `up` left PostgreSQL running and `env` still exported the URLs of services that were not running,
+    so the README block's next lines ran against nothing (~60-line tracebacks). Now: one line on stderr, what this
+    `up` started is stopped, exit 1; `env` refuses (no exports) while Prefect or MLflow is not running."""
+    if not _pg_installable():
+        pytest.skip("PostgreSQL server binaries are missing and cannot be installed here")
+    folder = Path(tempfile.mkdtemp(prefix="amed-stack-fail-"))
+    folder.chmod(0o711)
+    stack_dir = folder / "stack"
+    env = _clean_env()
+    env.update(AMED_STACK_DIR=str(stack_dir), AMED_PREFECT_PORT=str(_free_port()), AMED_MLFLOW_PORT=str(_free_port()),
+               AMED_PG_PORT=str(_free_port()), AMED_S3_PORT=str(_free_port()), AMED_STACK_TIMEOUT="150")
+    try:
+        with socket.socket() as taken:  # someone else's server on the Prefect port: `up` fails after PostgreSQL
+            taken.bind(("127.0.0.1", int(env["AMED_PREFECT_PORT"])))
+            taken.listen()
+            r = _sh(env, "up", check=False)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "postgres started" in r.stdout, r.stdout
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert f"prefect: port {env['AMED_PREFECT_PORT']} on 127.0.0.1 is taken" in lines[0], lines
+        assert lines[0].endswith("; stopping what this up started (postgres)"), lines
+        assert not _processes_naming(str(stack_dir)), _processes_naming(str(stack_dir))
+        assert not _listeners(int(env["AMED_PG_PORT"]))
+        assert not list((stack_dir / "run").glob("*.pid"))
+        e = _sh(env, "env", check=False)
+        assert e.returncode == 1 and e.stdout == "", e.stdout
+        assert e.stderr.strip() == (f"infra/local-stack.sh: error: the stack in {stack_dir} is not up (prefect is not "
+                                    "running): run 'infra/local-stack.sh up' first"), e.stderr
+    finally:
+        _sh(env, "down", check=False)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -169,7 +169,8 @@ def test_sweep_tracking_registry_champion_and_fetch(tmp_path, teacher, capsys):
     with _tracking_env(uri):
         model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
         got = model.predict(pd.DataFrame({"seed": [1000, 1001, 1002]}))
-    np.testing.assert_array_equal(got, want.reshape(3, -1).numpy())
+    assert got.shape == (3, *teacher.shape)  # (seeds, C, H, W), as documented (flows/mlflow_model.py; README)
+    np.testing.assert_array_equal(got, want.numpy())
 
     # bad addresses are ValueErrors that say what is wrong
     with pytest.raises(ValueError, match="cannot resolve"):

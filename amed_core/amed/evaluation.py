@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..evaluate import (batch_ranges, denoiser_range, exact_samples, has_exact_samples, reference_solution, sample_solver,
-                        save_figure_png, schedule_for, seeded_noise)
+from ..evaluate import (base_options, baseline_name, batch_ranges, denoiser_range, exact_samples, has_exact_samples,
+                        reference_solution, sample_solver, save_figure_png, seeded_noise)
 from ..metrics import fd_to_samples, rmse
 from .checkpoint import Sampler
 
@@ -96,7 +96,11 @@ def compare_with_base(sampler: Sampler, denoiser, n: int, seed: int, *, base_sol
     """FD (n samples vs n exact mixture samples) and RMSE (first ``rmse_samples`` vs the near-exact ODE solution)
     of the sampler and of ``base_solver`` (default: the plugin's base, heun for the AMED-Solver) at the same NFE.
     Without exact samples (``exact`` not given and the teacher has no ``.sample``) FD is None: RMSE only.
-    The base solver runs its default schedule over the sampler's sigma range, which must be the denoiser's."""
+
+    The base solver is the one a sweep scores the sampler next to: the sampler's own schedule (over its sigma range,
+    which must be the denoiser's) and :func:`amed_core.evaluate.base_options` (its AFS, unless ``base_afs``, and
+    order); its row is named by :func:`amed_core.evaluate.baseline_name` with those options. (Before issue 19 the
+    base ran its own default schedule and options here, another sampler than the sweep's base of the same name.)"""
     spec = sampler.spec
     lo, hi = denoiser_range(denoiser)
     if not (np.isclose(spec.schedule.sigma_min, lo) and np.isclose(spec.schedule.sigma_max, hi)):
@@ -115,10 +119,14 @@ def compare_with_base(sampler: Sampler, denoiser, n: int, seed: int, *, base_sol
     run = sample_amed(sampler, denoiser, n, seed, noise=noise, batch_size=batch_size)
     rows = [scores(spec.solver, run.x, run.nfe, run.seconds)]
     base = base_solver or spec.base_solver
+    opts = base_options(base, afs=spec.afs if base_afs is None else base_afs, max_order=spec.max_order,
+                        predict_x0=spec.predict_x0, lower_order_final=spec.lower_order_final,
+                        dynamic_thresholding=spec.dynamic_thresholding)
     try:
-        sched = replace(schedule_for(denoiser, base), sigma_min=spec.schedule.sigma_min, sigma_max=spec.schedule.sigma_max)
-        b = sample_solver(denoiser, base, spec.nfe, n, seed, sched, noise=noise, afs=base_afs, batch_size=batch_size)
-        rows.append(scores(f"{base}{' (afs)' if b.afs else ''}", b.x, b.nfe, b.seconds))
+        afs = opts.pop("afs")
+        b = sample_solver(denoiser, base, spec.nfe, n, seed, spec.schedule, opts, noise=noise, afs=afs,
+                          batch_size=batch_size)
+        rows.append(scores(baseline_name(base, {"afs": b.afs, **opts}, spec.schedule), b.x, b.nfe, b.seconds))
     except ValueError:
         pass  # the base solver cannot spend exactly this NFE (e.g. heun at an odd NFE without AFS)
     return rows, run

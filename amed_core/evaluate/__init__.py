@@ -13,17 +13,22 @@
   gets RMSE only: its FD fields are None.
 - ``score_run(run, denoiser, ...)``: one sampler's score under a sweep's evaluation protocol (fd_exact,
   rmse or fid) on per-seed noise, resumable for FID (partial :class:`~amed_core.fid.FIDStats`).
+- ``baseline_name(solver, options, schedule)``: the one name a training-free baseline is shown by, with its options
+  (``ipndm[poly7,afs=True,max_order=4]``); ``base_options(base, afs=, ...)``: the base solver's options for a student.
 - ``rank_samplers(...)``: many samplers on one shared noise draw (and one reference), the panel's ranking round.
 - ``save_grid_png`` / ``save_side_by_side_png`` / ``save_quality_plot``: the pictures (PIL / matplotlib Agg), written atomically.
 
 Modules: :mod:`.sampling` (noise, grids, sampling, the reference solution), :mod:`.tables` (the quality table),
+:mod:`.baselines` (a baseline's options and name),
 :mod:`.pictures` (PNG files), :mod:`.score` (the sweep's evaluate stage); this package re-exports their names.
 """
 
 from ..io import atomic_write
 from ..methods import evals_per_step, num_steps_for, pick_afs
 from ..metrics import rmse
-from .pictures import figure_png, save_figure_png, save_grid_png, save_quality_plot, save_side_by_side_png
+from .baselines import base_options, baseline_name, schedule_label
+from .pictures import (figure_png, save_figure_png, save_grid_png, save_quality_plot, save_side_by_side_png,
+                       shown_channels)
 from .sampling import (BASE_SOLVERS, DEFAULT_OPTIONS, DEFAULT_SCHEDULES, REFERENCE_OPTIONS, REFERENCE_SOLVER, SampleRun,
                        batch_ranges, default_schedule, denoiser_range, reference_solution, sample_solver, schedule_for,
                        seeded_noise, solve_batches)
@@ -36,6 +41,9 @@ from .tables import QualityRow, QualityTable, exact_samples, fmt_score, format_t
 
 __all__ = [
     "BASE_SOLVERS",
+    "base_options",
+    "baseline_name",
+    "schedule_label",
     "atomic_write",
     "DEFAULT_OPTIONS",
     "DEFAULT_SCHEDULES",
@@ -62,6 +70,7 @@ __all__ = [
     "figure_png",
     "save_figure_png",
     "save_grid_png",
+    "shown_channels",
     "to_images",
     "save_quality_plot",
     "save_side_by_side_png",

@@ -13,12 +13,24 @@ import torch
 from ..io import atomic_write
 from .tables import QualityTable
 
-__all__ = ["figure_png", "save_figure_png", "save_grid_png", "save_quality_plot", "save_side_by_side_png"]
+__all__ = ["figure_png", "save_figure_png", "save_grid_png", "save_quality_plot", "save_side_by_side_png",
+           "shown_channels"]
+
+def shown_channels(samples: torch.Tensor) -> torch.Tensor:
+    """The channels a grid shows of (B, C, H, W) samples: C = 1 (gray) and C = 3 (RGB) as they are; C = 2 its first
+    channel (gray); C > 3 its first three (RGB). A model of any channel count gets a picture (issue 19: a
+    2-channel model trained, then the sweep failed drawing its grid); which channels are shown is this rule."""
+    C = samples.shape[1]
+    if C in (1, 3):
+        return samples
+    return samples[:, :1] if C == 2 else samples[:, :3]
+
 
 def _grid_array(samples, nrow: int | None, pad: int, value_range) -> np.ndarray:
     x = torch.as_tensor(samples).detach().to("cpu", torch.float64)
-    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
-        raise ValueError(f"samples must be (B, 1 or 3, H, W) with B >= 1, got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] < 1 or x.shape[0] < 1:
+        raise ValueError(f"samples must be (B, C, H, W) with B >= 1 and C >= 1, got {tuple(x.shape)}")
+    x = shown_channels(x)
     B, C, H, W = x.shape
     if value_range is None:  # stretch the grid's own range
         lo, hi = float(x.min()), float(x.max())
@@ -41,8 +53,9 @@ def _default_scale(H: int, W: int) -> int:
 
 def save_grid_png(samples: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None, scale: int | None = None,
                   pad: int = 1, value_range: tuple[float, float] | None = (-1.0, 1.0)) -> Path:
-    """A PNG grid of images (B, C, H, W) with C = 1 or 3, values in ``value_range`` (default [-1, 1]; None: the
-    grid's own min..max); small images are enlarged (nearest) to about 128 px each unless ``scale`` is given."""
+    """A PNG grid of images (B, C, H, W), values in ``value_range`` (default [-1, 1]; None: the grid's own min..max);
+    C = 1 gray, C = 3 RGB, other C: the first channel (C = 2) or the first three as RGB (:func:`shown_channels`);
+    small images are enlarged (nearest) to about 128 px each unless ``scale`` is given."""
     from PIL import Image
 
     grid = _grid_array(samples, nrow, pad, value_range)

@@ -46,7 +46,80 @@ def free_port(start: int, tries: int = 50) -> int:
     return start
 
 
+def tool(name: str) -> str:
+    """How to call the console script ``name`` installed next to this Python (``.venv/bin/prefect``): the bare name
+    when that is the one the shell finds, else its path (relative to the current folder when inside it), so a printed
+    command runs as written in the terminal the user typed ``.venv/bin/amed`` in."""
+    import shutil
+
+    mine = Path(sys.executable).parent / name
+    if not mine.exists():
+        return name
+    found = shutil.which(name)
+    if found and Path(found).resolve() == mine.resolve():
+        return name
+    try:
+        rel = mine.absolute().relative_to(Path.cwd())
+        return str(rel) if rel.parts[0] != ".." else str(mine.absolute())
+    except ValueError:
+        return str(mine.absolute())
+
+
+def prefect_ui_command(prefect_home: str, port: int) -> str:
+    """The command that serves the Prefect UI on this run's database (``<out>/prefect``) at 127.0.0.1:``port``.
+
+    ``PREFECT_UI_API_URL`` names the server's own API: without it the UI's pages call Prefect's default API
+    (127.0.0.1:4200, or whatever ``PREFECT_API_URL`` says), so they showed "Can't connect to Server API" or, where a
+    user's own Prefect listens on 4200, that server's runs (issue 19)."""
+    import shlex
+
+    return (f"PREFECT_HOME={shlex.quote(str(prefect_home))} PREFECT_UI_API_URL=http://127.0.0.1:{port}/api "
+            f"{tool('prefect')} server start --host 127.0.0.1 --port {port}")
+
+
+def mlflow_ui_command(tracking_uri: str, port: int) -> str:
+    """The command that serves the MLflow UI on this run's SQLite registry at 127.0.0.1:``port``."""
+    import shlex
+
+    return f"{tool('mlflow')} ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port {port}"
+
+
 def run(args) -> int:
+    """Ctrl-C (SIGINT) or SIGTERM stops the command within seconds with everything it started, and says what was kept
+    (``flows.interrupt.StopOnSignal``); the flow runs in a thread so that the main thread is free to take the signal."""
+    from flows.interrupt import StopOnSignal, kept_in_store
+
+    where: dict = {}
+
+    def kept() -> str:
+        if "store" not in where:
+            return "nothing yet (it stopped before its store was chosen)"
+        return kept_in_store(where["store"], where.get("options"))
+
+    with StopOnSignal("amed distill", kept) as stop:
+        return _run(args, stop, where)
+
+
+def _in_thread(fn, name: str):
+    """``fn()`` in a thread while this (main) thread waits in short joins, so a signal handler runs at once."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.25)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _run(args, stop, where: dict) -> int:
     from flows.config import load_sweep, quickstart_path
     from flows.env import apply_safe_defaults
 
@@ -78,6 +151,7 @@ def run(args) -> int:
     from flows.storage.preflight import check_store
 
     check_store(cfg.store_url, cfg.storage_options)  # reachable and writable, before any compute
+    where.update(store=cfg.store_url, options=cfg.storage_options)
     # Prefect and MLflow keep their state under the output folder (set before prefect is imported).
     os.environ.setdefault("PREFECT_HOME", str(out / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -110,6 +184,7 @@ def run(args) -> int:
     from flows.cluster.session import ray_session
 
     with ray_session(cfg.compute) as ray_info:
+        stop.reinstall()  # ray.init put a SIGTERM handler of its own (sys.exit) in place of ours
         marks["ray_ready"] = time.time()
         if not server:  # the API is still starting: begin the work that needs nothing upstream
             from flows.plan import plan_sweep
@@ -124,8 +199,12 @@ def run(args) -> int:
         from flows.report import text_table
 
         marks["flow_start"] = time.time()
-        try:
-            summary = distill(cfg)
+
+        def running(flow, flow_run, state) -> None:  # the run a signal marks cancelled
+            stop.flow_run_id = str(flow_run.id)
+
+        try:  # in a thread: Prefect's SIGTERM bridge (main thread only) stays out, our handlers take the signals
+            summary = _in_thread(lambda: distill.with_options(on_running=[running])(cfg), "distill-flow")
         finally:
             PREFETCHED.clear()
         marks["flow_end"] = time.time()
@@ -162,13 +241,11 @@ def run(args) -> int:
         print(f"  Prefect: {server.rsplit('/api', 1)[0]}")
     else:
         port = free_port(4210)
-        print(f"  Prefect: PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start --host 127.0.0.1 --port {port}"
-              f"   -> http://127.0.0.1:{port}")
+        print(f"  Prefect: {prefect_ui_command(os.environ['PREFECT_HOME'], port)}   -> http://127.0.0.1:{port}")
     if cfg.mlflow_tracking_uri.startswith(("http://", "https://")):
         print(f"  MLflow:  {redact_uri(cfg.mlflow_tracking_uri)}")
     else:
         port = free_port(5010)
-        print(f"  MLflow:  mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri} --host 127.0.0.1 --port {port}"
-              f"   -> http://127.0.0.1:{port}")
+        print(f"  MLflow:  {mlflow_ui_command(cfg.mlflow_tracking_uri, port)}   -> http://127.0.0.1:{port}")
     sys.stdout.flush()
     return 0

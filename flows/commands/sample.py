@@ -25,10 +25,13 @@ SCHEDULE_CHOICES = ("auto", "polynomial", "logsnr", "time_uniform")
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "sample", help="sample with training-free solvers and print quality vs NFE",
+        "sample", help="score samplers on a teacher: training-free solvers vs NFE, a trained sampler (--predictor) or the "
+                       "training-free panel (--panel)",
         description="Sample a teacher with training-free ODE solvers at several NFEs; print FD to exact "
-                    "samples and RMSE to a near-exact ODE solution; write PNGs and a JSON table. A teacher "
-                    "without exact samples (a network) gets RMSE only (FD n/a).",
+                    "samples and RMSE to a near-exact ODE solution; write PNGs and a JSON table. With --predictor: a "
+                    "trained sampler (a folder, a URL or models:/NAME@ALIAS) next to its base solver at the same NFE. "
+                    "With --panel: every option set of --solvers, ranked per NFE. A teacher without exact samples "
+                    "(a network) gets RMSE only (FD n/a).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default=None,
                    help="digits-gmm, gmm:PATH.npz (mixtures: FD and RMSE), digits-tiny-unet, tiny-unet:DIR, "
@@ -58,6 +61,9 @@ def register(subparsers) -> None:
                    help="a trained AMED checkpoint (amed train --out DIR): score it next to its base solver at the "
                         "same NFE, write predictor-samples.png and policy.png (learned r/scales per step)")
     p.add_argument("--out", default=None, metavar="FILE.npz", help="with --predictor: save the samples as 'samples' (n, C, H, W)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="with --predictor models:/...: the MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the "
+                        "quickstart's sqlite:///amed-runs/quickstart/mlflow.db when it exists in this folder)")
     p.add_argument("--panel", action="store_true",
                    help="the training-free panel: each of --solvers with every option set that reaches the NFE (AFS "
                         "on/off, schedules polynomial rho 7 / logsnr / time_uniform, dynamic thresholding on/off for "
@@ -77,6 +83,8 @@ def run(args) -> int:
         return run_predictor(args)
     if getattr(args, "out", None):
         raise ValueError("--out saves a learned sampler's samples: use it with --predictor DIR")
+    if getattr(args, "tracking_uri", None):
+        raise ValueError("--tracking-uri names the registry of --predictor models:/NAME@ALIAS: use it with --predictor")
     if getattr(args, "teacher", None) is None:
         args.teacher = "digits-gmm"
     if getattr(args, "panel", False):
@@ -305,7 +313,7 @@ def run_predictor(args) -> int:
     from amed_core.amed.evaluation import compare_with_base, policy_trace, save_policy_plot
     from flows.registry.loading import load_sampler  # a folder, an fsspec URL or models:/NAME@ALIAS
 
-    sampler = load_sampler(args.predictor)
+    sampler = load_sampler(args.predictor, tracking_uri=getattr(args, "tracking_uri", None))
     if not hasattr(sampler, "predictor"):  # free / gits / epd: no learned per-step policy to trace
         return run_family_sampler(args, sampler)
     spec = sampler.spec

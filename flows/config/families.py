@@ -52,7 +52,8 @@ class PanelConfig(StrictModel):
     start, and their trainings are submitted before the finalists' full-count scores."""
 
     entries: list[PanelEntry] = Field(default_factory=_default_panel)
-    include_base_solvers: bool = Field(default=True, description="each candidate's base solver joins the panel")
+    include_base_solvers: bool = Field(default=True, description="each candidate's base solver is evaluated and joins "
+                                       "the panel (false: neither; every candidate is compared with the panel alone)")
     expand: list[str] = Field(default_factory=lambda: list(DEFAULT_EXPAND),
                               description="solvers whose every option set joins the panel: AFS on/off, polynomial 7 / "
                               "logsnr / time_uniform, dynamic thresholding on/off (dpmpp, unipc); [] = the entries only")

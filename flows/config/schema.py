@@ -56,6 +56,8 @@ class DatasetConfig(StrictModel):
             raise ValueError(f"options: teacher {self.teacher!r} takes no option(s) {unknown}; allowed: {allowed}")
         if depth(self.options) > MAX_OPTION_DEPTH:
             raise ValueError(f"options: nested more than {MAX_OPTION_DEPTH} levels deep")
+        if self.teacher.startswith("py:"):
+            _check_py_teacher_paths(self.teacher, self.options)
         return self
 
     @property
@@ -68,6 +70,26 @@ class DatasetConfig(StrictModel):
         if self.weights_url is not None:
             kw["weights_url"] = self.weights_url
         return kw
+
+
+# A py: teacher's options are its builder's keyword arguments, which cannot be known without importing the user's code;
+# a string that is plainly a local file path (an absolute, ~ or ./ path, or a weights file's suffix) must exist.
+_WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".npz", ".npy", ".pkl", ".onnx", ".h5")
+
+
+def _check_py_teacher_paths(teacher: str, options: dict) -> None:
+    """Fail at load, before any service starts, for a missing file named by a ``py:`` teacher's options (issue 19: a
+    missing weights file was reported after 118 s, once Ray and Prefect had started and the teacher was probed)."""
+    import os
+
+    for key, value in options.items():
+        if not isinstance(value, str) or "://" in value:
+            continue
+        path = os.path.expandvars(os.path.expanduser(value))
+        looks_like_path = value.startswith(("/", "~", "./", "../", "$")) or value.lower().endswith(_WEIGHTS_SUFFIXES)
+        if looks_like_path and not Path(path).exists():
+            raise ValueError(f"options.{key}: {value!r} does not exist (teacher {teacher!r} gets it as its {key!r}); "
+                             "create the file first or fix the path")
 
 
 def _unknown_teacher_options(teacher: str, options: dict) -> tuple[list[str], list[str]]:

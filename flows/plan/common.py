@@ -14,9 +14,12 @@ __all__ = ["identity", "schedule_for", "eval_common", "thresholding", "students_
 
 
 def identity(teacher: TeacherJob) -> dict[str, Any]:
+    """The model's ``identity()`` as the teacher's spec records it (``TeacherSpec.model``): what a training-free
+    checkpoint of this teacher names as its model. (It read a ``teacher`` key the spec does not have, so every
+    training-free checkpoint recorded ``{}`` and ``amed fetch`` printed "teacher unknown", issue 19.)"""
     import json
 
-    return dict(json.loads(teacher.spec_json).get("teacher") or {})
+    return dict(json.loads(teacher.spec_json).get("model") or {})
 
 
 def schedule_for(cfg: SweepConfig, den, schedule_type: str, rho: float):

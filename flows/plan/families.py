@@ -53,7 +53,7 @@ def panel_job(cfg: SweepConfig, teacher: TeacherJob, den, entry, nfe: int, proto
                    title=f"{name} {solver} NFE {nfe}", solver=solver, nfe=nfe, num_steps=steps, solver_options=opts,
                    tags=[f"dataset:{name}", f"solver:{solver}", f"nfe:{nfe}", "baseline", "panel"], family="free",
                    checkpoint=f"checkpoints/free-{slug(name)}-{solver}-nfe{nfe}-{bid[:12]}",
-                   teacher_identity=identity(teacher))
+                   teacher_identity=identity(teacher) or dict(den.identity()))  # a panel start: no spec yet
 
 
 def plan_panel(cfg: SweepConfig, teacher: TeacherJob, den, nfe: int, proto: EvalProtocol, reference: str) -> list[EvalJob]:

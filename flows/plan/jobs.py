@@ -135,7 +135,7 @@ class Candidate(_Job):
 
     train: TrainJob
     eval: EvalJob
-    base_id: str
+    base_id: str                               # "" when the base solver is not evaluated (panel.include_base_solvers)
     base_solver: str
     protocol: EvalProtocol
     family: str = "amed"

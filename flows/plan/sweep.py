@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import Any
+from typing import Any, Optional
 
 from flows.config import DatasetConfig, EvalConfig, SamplerConfig, SweepConfig
 from flows.plan.common import eval_common, identity, students_teacher
@@ -65,8 +65,8 @@ def plan_sweep(cfg: SweepConfig, winners: dict | None = None) -> SweepPlan:
             base = plan_baseline(cfg, teacher, sp, proto, reference)
             if cfg.panel.include_base_solvers or get_family_name(s) != "amed":
                 base = add(base, nfe)
-            else:
-                base = baselines.setdefault(base.id, base)
+            else:  # panel.include_base_solvers false: the base solver is not evaluated; the panel is the baseline
+                base = None
             for seed in cfg.seeds:
                 if get_family_name(s) == "epd":
                     candidates.append(plan_epd_candidate(cfg, teacher, sp, proto, base, seed, tid))
@@ -231,8 +231,10 @@ def plan_baseline(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol
                    teacher_identity=identity(teacher))
 
 
-def plan_candidate(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol, base: EvalJob, seed: int) -> Candidate:
-    """Training of ``sp`` with ``seed`` against the dataset's teacher, and the evaluation of its checkpoint."""
+def plan_candidate(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtocol, base: Optional[EvalJob],
+                   seed: int) -> Candidate:
+    """Training of ``sp`` with ``seed`` against the dataset's teacher, and the evaluation of its checkpoint; ``base``
+    None (``panel.include_base_solvers: false``): no base solver score, the candidate faces the panel only."""
     from amed_core.amed.train import TrainConfig
 
     s, nfe, dname = sp.solver, sp.nfe, teacher.name
@@ -250,7 +252,8 @@ def plan_candidate(cfg: SweepConfig, teacher: TeacherJob, sp, proto: EvalProtoco
     ev = EvalJob(**eval_common(cfg, teacher, sp, proto), id=f"eval-{name}-{eid[:8]}", kind="candidate",
                  checkpoint=ckpt, result_key=f"evals/{eid}.json", grid_key=f"{ckpt}/samples.png",
                  title=f"{dname} {s} NFE {nfe}")
-    return Candidate(train=job, eval=ev, base_id=base.id, base_solver=base.solver, protocol=proto)
+    return Candidate(train=job, eval=ev, base_id=base.id if base is not None else "",
+                     base_solver=base.solver if base is not None else sp.base_solver, protocol=proto)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,20 +294,13 @@ def _sampler_spec(s: str, nfe: int, sc: SamplerConfig, schedule, pc, den):
 
 
 def _base_options(base: str, sp) -> dict[str, Any]:
-    """The base solver's options matching the student's (AFS, order, DPM-Solver++ flags), as far as the base accepts
-    them (the method table's ``options``); the order is capped at the base's default, its highest (dpmpp: 3)."""
-    from amed_core.methods import get_method
+    """The base solver's options matching the student's (``amed_core.evaluate.base_options``: AFS, order capped at the
+    base's default, DPM-Solver++ flags), the same ``amed sample --predictor`` scores."""
+    from amed_core.evaluate import base_options
 
-    m = get_method(base)
-    bopts: dict[str, Any] = {"afs": sp.afs}
-    if "max_order" in m.options and sp.max_order is not None:
-        bopts["max_order"] = min(sp.max_order, m.default_options["max_order"])
-    for k in ("predict_x0", "lower_order_final"):
-        if k in m.options:
-            bopts[k] = getattr(sp, k)
-    if "dynamic_thresholding" in m.options and getattr(sp, "dynamic_thresholding", None) is not None:
-        bopts["dynamic_thresholding"] = sp.dynamic_thresholding  # the student's (chosen from the data range)
-    return bopts
+    return base_options(base, afs=sp.afs, max_order=sp.max_order, predict_x0=getattr(sp, "predict_x0", None),
+                        lower_order_final=getattr(sp, "lower_order_final", None),
+                        dynamic_thresholding=getattr(sp, "dynamic_thresholding", None))  # the student's (data range)
 
 
 def _reference(ev: EvalConfig, reference: str, reference_hash: str) -> str:

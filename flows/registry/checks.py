@@ -56,7 +56,7 @@ def reference_samples(config_json: dict, dataset: str, checkpoint_url: str, seed
         return noise.double(), onehot
 
     noise, onehot = inputs(seeds)
-    expected = sampler(denoiser, noise, class_labels=onehot).x.reshape(len(seeds), -1).numpy()
+    expected = sampler(denoiser, noise, class_labels=onehot).x.detach().cpu().numpy()  # (seeds, C, H, W): the pyfunc's
     png = None
     if plot_seeds and hasattr(sampler, "predictor"):  # free, gits, epd samplers: their sigmas are in the params
         from amed_core.amed.evaluation import policy_plot_png

@@ -209,7 +209,17 @@ def describe(uri: str, files: dict[str, bytes], *, tracking_uri: Optional[str] =
     out.update(model=name, version=str(mv.version), alias=alias or None, aliases=aliases, metric=tags.get("metric"),
                value=float(value) if value not in (None, "") else None,
                base_value=float(tags["base_value"]) if tags.get("base_value") else None,
-               base_solver=tags.get("base_solver"), seed=tags.get("seed"))
+               base_solver=tags.get("base_solver"), seed=tags.get("seed"), family=tags.get("family"))
+    # the baselines by their one name with options (amed_core.evaluate.baseline_name): the base solver at the same
+    # NFE and the panel's best training-free sampler (what the champion had to beat: the margin is value / panel)
+    from flows.registry.story import baseline_label
+
+    if tags.get("base_solver"):
+        out["base_name"] = baseline_label(tags["base_solver"], tags.get("base_options"))
+    if tags.get("baseline_solver"):
+        out.update(panel_name=baseline_label(tags["baseline_solver"], tags.get("baseline_options")),
+                   panel_value=float(tags["baseline_value"]) if tags.get("baseline_value") else None,
+                   margin=float(tags["margin"]) if tags.get("margin") else None)
     if alias == "champion" or "champion" in aliases:  # why it won (flows/registry/story.py), as on the model page
         from flows.registry.story import champion_sentence
 
@@ -228,8 +238,13 @@ def summary_lines(info: dict, out_dir) -> list[str]:
         lines.append(f"source   {info['source']}")
     lines.append(f"method   {info.get('method')}  NFE {info.get('nfe')}  ({info.get('num_steps')} time points)")
     if info.get("value") is not None:
-        base = (f"; base {info.get('base_solver')} {info['base_value']:.4g}" if info.get("base_value") is not None else "")
-        lines.append(f"metric   {info.get('metric')} {info['value']:.4g}{base} (lower is better)")
+        lines.append(f"metric   {info.get('metric')} {info['value']:.4g} (lower is better)")
+        if info.get("panel_value") is not None:  # why it won: the best training-free sampler it was compared with
+            margin = f"; margin {info['margin']:.3g} = value / panel" if info.get("margin") is not None else ""
+            lines.append(f"panel    best training-free {info.get('panel_name')} {info['panel_value']:.4g}{margin}")
+        if info.get("base_value") is not None:
+            lines.append(f"base     {info.get('base_name') or info.get('base_solver')} {info['base_value']:.4g} "
+                         "(the base solver at the same NFE)")
     if info.get("story"):
         lines.append(f"why      {info['story']}")
     teacher = info.get("teacher")

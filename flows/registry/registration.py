@@ -213,8 +213,10 @@ def register_version(mlflow, client, cand: CandidateResult, info, digest: str, r
     tags = {"solver": cand.solver, "base_solver": cand.base_solver, "seed": str(cand.seed), "nfe": str(cand.nfe),
             "dataset": cand.dataset, "metric": cand.protocol.metric, "protocol_hash": cand.protocol.hash,
             "protocol": json.dumps(cand.protocol.model_dump(mode="json"), sort_keys=True),
-            "value": repr(float(cand.value)), "base_value": repr(float(cand.base_value)),
-            "checkpoint_sha256": digest, "checkpoint_url": cand.checkpoint_url, **family_tags(cand)}
+            "value": repr(float(cand.value)), "checkpoint_sha256": digest, "checkpoint_url": cand.checkpoint_url,
+            **family_tags(cand)}
+    if cand.base_value is not None:  # the base solver with its options (not evaluated: panel.include_base_solvers)
+        tags.update(base_value=repr(float(cand.base_value)), base_options=json.dumps(cand.base_options, sort_keys=True))
     mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     index.write({"version": str(mv.version)})
     return str(mv.version)

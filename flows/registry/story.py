@@ -20,17 +20,18 @@ def _float(tags: Mapping[str, str], key: str) -> Optional[float]:
 
 
 def baseline_label(solver: str, options_json: str | Mapping | None) -> str:
-    """``ipndm[poly7,afs=False,max_order=4]`` from a version's baseline_solver / baseline_options tags (the results
-    table's notation, :func:`flows.results.options_text`)."""
-    from flows.results import options_text
+    """A baseline by its one name with options (``amed_core.evaluate.baseline_name``: ``ipndm[poly7,afs=False,
+    max_order=4]``, as in the results table and `amed fetch`) from its version tags: ``baseline_options`` {schedule,
+    rho, **options} or ``base_options`` {schedule, rho, options} (flows.registry.registration)."""
+    from amed_core.evaluate import baseline_name
 
     try:
         opts = dict(json.loads(options_json) if isinstance(options_json, str) else (options_json or {}))
-    except ValueError:
+    except (TypeError, ValueError):
         opts = {}
-    entry = {"schedule": opts.pop("schedule", None), "rho": opts.pop("rho", None), "options": opts}
-    text = options_text(entry).strip(",")
-    return f"{solver}[{text}]" if text else solver
+    schedule, rho = opts.pop("schedule", None), opts.pop("rho", None)
+    options = opts.pop("options", None) or {}
+    return baseline_name(solver, {**opts, **options}, schedule, rho)
 
 
 def protocol_label(tags: Mapping[str, str]) -> str:

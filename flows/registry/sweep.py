@@ -18,7 +18,7 @@ from flows.registry.checks import Checks, LocalChecks
 from flows.registry.loading import read_checkpoint, write_files
 from flows.registry.registration import CHAMPION, champion_uri, log_model, register_candidate
 from flows.registry.tracking import experiment, flatten, log_metrics, log_params, resolve_tracking_uri, tracking
-from flows.results import CandidateResult, options_text
+from flows.results import CandidateResult
 from flows.storage.checksums import files_sha256
 from flows.storage.credentials import redact
 from flows.storage.locks import pid_alive
@@ -131,8 +131,9 @@ def log_sweep(config, candidates: Iterable[CandidateResult], *, tracking_uri: Op
                 out = _log_candidate(mlflow, client, config, cfg_dict, cand, checks, register, previous,
                                      parent.info.run_id, exp_id, uri)
                 out.seconds = time.perf_counter() - t0
-                log.info("candidate %s %s nfe=%d seed=%d: %s=%.5g (base %s %.5g)%s in %.1fs", cand.dataset, cand.solver,
-                         cand.nfe, cand.seed, cand.protocol.metric, cand.value, cand.base_solver, cand.base_value,
+                log.info("candidate %s %s nfe=%d seed=%d: %s=%.5g (base %s %s)%s in %.1fs", cand.dataset, cand.solver,
+                         cand.nfe, cand.seed, cand.protocol.metric, cand.value, cand.base_name,
+                         "not evaluated" if cand.base_value is None else f"{cand.base_value:.5g}",
                          f" -> {cand.registered_name} v{out.version}" if out.version else "", out.seconds)
                 return out
 
@@ -269,14 +270,11 @@ def _log_candidate(mlflow, client, config, cfg_dict, cand: CandidateResult, chec
 def _side_by_side_args(cand: CandidateResult) -> dict:
     """reference_samples' baseline arguments: the panel best's checkpoint and both titles (none for the panel's own
     winner, or a panel without a checkpoint)."""
-    from flows.registry.story import baseline_label
-
     best = cand.panel_best or {}
     url = best.get("checkpoint_url")
     if not url or url == cand.checkpoint_url:
         return {}
-    label = baseline_label(str(best.get("solver")), {"schedule": best.get("schedule"), "rho": best.get("rho"),
-                                                     **(best.get("options") or {})})
+    label = cand.panel_name  # its one name with options (amed_core.evaluate.baseline_name)
     value = best.get("value")
     return {"baseline_url": url, "titles": [f"{cand.solver} NFE {cand.nfe}: {cand.value:.4g}",
                                             f"{label}: {value:.4g}" if value is not None else label]}
@@ -290,7 +288,7 @@ def _gs_schedule_png(sampler, cand: CandidateResult) -> Optional[bytes]:
     best = cand.panel_best or {}
     try:
         return schedule_plot_png(sampler, panel_sigmas=best.get("sigmas"),
-                                 panel_label=f"panel best: {best.get('solver')} [{options_text(best)}]",
+                                 panel_label=f"panel best: {cand.panel_name}",
                                  title=f"{cand.dataset} GS NFE {cand.nfe} (seed {cand.seed})")
     except Exception as e:  # noqa: BLE001 - a plot must never lose a candidate
         log.warning("GS schedule plot for %s not made: %s", cand.solver, e)
@@ -307,10 +305,10 @@ def _log_candidate_values(client, rid: str, cfg_dict: dict, cand: CandidateResul
     params.update(flatten({"spec": sampler.spec.to_dict() if hasattr(sampler.spec, "to_dict") else
                            {k: v for k, v in describe_sampler(sampler).items() if k != "sigmas"}}))
     log_params(client, rid, params)
-    improvement = cand.base_value - cand.value
+    improvement = cand.base_value - cand.value if cand.base_value is not None else None
     log_metrics(client, rid, {
         metric: cand.value, f"base_{metric}": cand.base_value, "improvement": improvement,
-        "improvement_pct": 100 * improvement / cand.base_value if cand.base_value else None,
+        "improvement_pct": 100 * improvement / cand.base_value if cand.base_value and improvement is not None else None,
         "rmse": cand.rmse, "train_seconds": cand.train_seconds, "teacher_nfe": cand.teacher_nfe,
         "nfe": cand.nfe, "denoiser_calls": cand.denoiser_calls, "panel_value": cand.panel_value,
         "margin": cand.margin, **{f"per_sample_{k}": v for k, v in (cand.per_sample or {}).items()}},

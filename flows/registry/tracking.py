@@ -305,11 +305,17 @@ def _create_atomically(path: Path) -> None:
 
 @contextlib.contextmanager
 def tracking(uri: str):
-    """Point mlflow's fluent API (tracking + registry) at ``uri`` for the block, then restore. A local SQLite registry
-    is created (or rebuilt from a killed creation) first, atomically: :func:`ensure_local_registry`."""
+    """Point mlflow's fluent API (tracking + registry) at ``uri`` for the block, then restore, environment included.
+
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also write ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``
+    into ``os.environ``; restoring with them alone left MLflow's default (``sqlite:///<cwd>/mlflow.db``) in the
+    environment, so the next lookup of this process (``amed fetch``'s summary) read that empty database, created it in
+    the user's folder and printed "version None" (issue 19). The variables are put back as they were. A local SQLite
+    registry is created (or rebuilt from a killed creation) first, atomically: :func:`ensure_local_registry`."""
     import mlflow
 
     ensure_local_registry(uri)
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     prev_t, prev_r = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -318,6 +324,11 @@ def tracking(uri: str):
     finally:
         mlflow.set_tracking_uri(prev_t)
         mlflow.set_registry_uri(prev_r)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 
