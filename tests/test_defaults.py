@@ -120,9 +120,10 @@ def test_sweep_thresholds_only_data_inside_unit_range(tmp_path):
                 {"name": "declared", "teacher": f"gmm:{wide}", "options": {"data_range": [-3, 3]}}]
     cfg = load_sweep({"name": "thr", "datasets": datasets, "solvers": ["amed+dpmpp"], "nfes": [5],
                       "store_url": str(tmp_path / "store"), "register_models": False,
-                      "teacher": {"solver": "dpmpp", "num_trajectories": 128},
+                      "teacher": {"solver": "dpmpp", "num_trajectories": 128}, "init": {"mode": "recipe"},
                       "panel": {"entries": [{"solver": "dpmpp"}, {"solver": "unipc"},
-                                            {"solver": "dpmpp", "options": {"dynamic_thresholding": True}}]}})
+                                            {"solver": "dpmpp", "options": {"dynamic_thresholding": True}}],
+                                "expand": []}})
     plan = plan_sweep(cfg)
     jobs = {b.id: b for b in plan.baselines}
     for name, want in (("unit", True), ("measured", False), ("declared", False)):

@@ -146,7 +146,8 @@ def test_amed_fetch_reads_its_summary_from_the_registry_it_fetched_from(tmp_path
 def test_tracking_block_restores_the_environment(tmp_path):
     from flows.registry.tracking import tracking
 
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # earlier tests of this process may have set them
+        os.environ.pop(k, None)
     with tracking(f"sqlite:///{tmp_path / 'a.db'}"):
         pass
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
