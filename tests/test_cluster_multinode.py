@@ -48,8 +48,12 @@ def _sweep(store_url: str, address: str):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head + 3 worker nodes (1 CPU each, a custom resource per node), all on 127.0.0.1; every node stopped after.
-    (Ray's Cluster adds nodes from the main thread only, so the spare node for the loss test is there from the start.)"""
+    """Head + 3 worker nodes (1 CPU per worker, a custom resource per node), all on 127.0.0.1; every node stopped after.
+    (Ray's Cluster adds nodes from the main thread only, so the spare node for the loss test is there from the start.)
+    The head has no CPU, as on a real cluster whose head only coordinates: every task runs on a worker node, so the
+    loss test's barriers (which hold work on worker nodes, the only ones it can kill) always catch a shard and a
+    training. With a 1-CPU head, a fresh-clone CI run once placed every shard after the first kill and both trainings
+    on the head, and the training kill never came."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -59,7 +63,8 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     args = {"num_cpus": 1, "object_store_memory": 80_000_000, "include_dashboard": False}
-    c = Cluster(initialize_head=True, connect=False, head_node_args={**args, "resources": {"node-head": 1}})
+    head = {**args, "num_cpus": 0, "resources": {"node-head": 1}}
+    c = Cluster(initialize_head=True, connect=False, head_node_args=head)
     for i in range(3):
         c.add_node(**args, resources={f"node-w{i}": 1})
     c.wait_for_nodes()
