@@ -66,6 +66,8 @@ def _store(job: Union[TrainJob, EvalJob]) -> RunStore:
 
 def _teacher_key(context, parameters) -> Optional[str]:
     t: TeacherJob = parameters["teacher"]
+    if PREFETCHED.has_teacher(t.spec_hash):  # this run's own work, started before the flow: take it, never a record
+        return None  # (an earlier run's record for the same shard hashes, in another store, would claim it)
     try:
         store = TeacherStore(t.store_url, storage_options=t.storage_options)
         entries = store.manifest(t.spec_hash)
@@ -83,11 +85,15 @@ def _train_key(context, parameters) -> Optional[str]:
 
 def _eval_key(context, parameters) -> Optional[str]:
     job: EvalJob = parameters["job"]
+    if PREFETCHED.has_eval(job.id):  # started by `amed distill` before the flow: this run's work (see _teacher_key)
+        return None
     return _done_key("eval", job.id, job, job.result_key)
 
 
 def _rank_key(context, parameters) -> Optional[str]:
     job: RankJob = parameters["job"]
+    if PREFETCHED.has_eval(job.id):
+        return None
     return _done_key("rank", job.id, job, job.result_key)
 
 

@@ -158,6 +158,37 @@ def test_killed_training_worker_is_retried_with_identical_results(first_run, tmp
     assert [r["value"] for r in out["results"]] == [r["value"] for r in out0["results"]]
 
 
+def test_prefetched_teacher_is_this_runs_work_even_when_a_cache_record_matches(tmp_path, prefect_harness, ray_local):  # noqa: F811
+    """`amed distill` starts the teacher on Ray before the flow; when those shards are all committed by the time the
+    flow's teacher task starts, Prefect used to find an earlier run's cache record for the same spec and shard hashes
+    (another store, same content) and serve it: the task came back Cached, the summary said 0 shards written and the
+    prefetched work was never taken (fresh-clone CI failed on this race once). Deterministic here: the prefetch is
+    waited for before each flow starts, and the second store repeats the first one's spec."""
+    from amed_core.teacher import TeacherSpec
+    from flows.distill import distill
+    from flows.plan import plan_sweep
+    from flows.storage.teachers import TeacherStore
+
+    small = {"teacher": {"num_trajectories": 384, "shard_size": 128},  # a spec no other test uses
+             "evaluation": {"num_samples": 128, "batch_size": 128, "grid_samples": 0}, "solvers": ["amed"],
+             "compute": {**TINY["compute"], "teacher_actors": 3}}  # all 3 shards start at once (no queue)
+    for name in ("a", "b"):
+        cfg = _sweep(tmp_path / name, **small)
+        plan = plan_sweep(cfg)
+        try:
+            assert PREFETCHED.start(plan, cfg.compute) > 0
+            (t,) = plan.teachers
+            store, spec = TeacherStore(cfg.store_url), TeacherSpec.from_json(t.spec_json)
+            deadline = time.time() + 120
+            while store.missing_shards(spec):
+                assert time.time() < deadline, "the prefetched teacher did not finish"
+                time.sleep(0.2)
+            out = distill(cfg)
+        finally:
+            PREFETCHED.clear()
+        assert out["work"]["teacher_shards_written"] == 3, name
+
+
 def test_amed_distill_cli_prints_results_and_where_things_are(first_run, tmp_path, capsys, monkeypatch):
     """`amed distill SWEEP --out DIR` in-process (reusing this module's Ray and Prefect API). The command
     starts the teacher and base-solver work on Ray before the flow runs (prefetch); the flow must adopt

@@ -182,6 +182,9 @@ class Prefetched:
     def take_teacher(self, spec_hash: str) -> Optional[TeacherRun]:
         return self._teachers.pop(spec_hash, None)
 
+    def has_teacher(self, spec_hash: str) -> bool:
+        return spec_hash in self._teachers
+
     def has_eval(self, job_id: str) -> bool:
         return job_id in self._evals
 
