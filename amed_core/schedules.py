@@ -27,6 +27,7 @@ __all__ = [
     "refine",
     "union",
     "check_grid",
+    "schedule_to_sigmas",
 ]
 
 SCHEDULE_TYPES = ("polynomial", "logsnr", "time_uniform", "discrete")
@@ -262,3 +263,19 @@ def grid_indices(fine: torch.Tensor, coarse: torch.Tensor, rtol: float = 1e-12) 
             raise ValueError(f"sigma {float(c):.6g} is not a point of the teacher grid (nearest {float(fine[j]):.6g})")
         out.append(j)
     return torch.tensor(out, dtype=torch.long)
+
+
+def schedule_to_sigmas(t_steps, append_zero: bool = True) -> list[float]:
+    """The selected schedule as a plain list of Python floats, decreasing, optionally ending with 0.0.
+
+    This is what diffusers schedulers that take ``sigmas=`` (e.g. ``EulerDiscreteScheduler.set_timesteps(sigmas=...)``,
+    which append the final zero themselves: use ``append_zero=False`` there) and k-diffusion samplers
+    (``sample_euler(model, x, sigmas)``, which expect the trailing 0) consume.
+    """
+    t = torch.as_tensor(t_steps, dtype=torch.float64).reshape(-1)
+    if t.numel() < 1:
+        raise ValueError("t_steps is empty")
+    vals = [float(v) for v in t.tolist()]
+    if any(not math.isfinite(v) or v <= 0 for v in vals) or any(b >= a for a, b in zip(vals, vals[1:])):
+        raise ValueError("t_steps must be positive, finite and strictly decreasing")
+    return vals + [0.0] if append_zero else vals

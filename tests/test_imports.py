@@ -23,9 +23,11 @@ def _modules(package: str) -> dict[str, Path]:
     return out
 
 
-def _imports(name: str, path: Path) -> set[str]:
+def _imports(name: str, path: Path, attrs_from: set[str] | None = None) -> set[str]:
     """Absolute names of every module ``name`` imports anywhere in its file (functions included, TYPE_CHECKING
-    blocks not): for ``from X import y``, X and X.y when y is a module."""
+    blocks not): for ``from X import y``, X and X.y when y is a module. With ``attrs_from`` (a set), the X of every
+    ``from X import y`` whose y is not among our modules is also added to it: that import needs X's ``__init__`` to
+    have run to its end, even when X is the importer's own package."""
     tree = ast.parse(path.read_text(), filename=str(path))
     skip = set()
     for node in ast.walk(tree):
@@ -47,24 +49,31 @@ def _imports(name: str, path: Path) -> set[str]:
                 mod = node.module
             out.add(mod)
             out.update(f"{mod}.{a.name}" for a in node.names)
+            if attrs_from is not None and any(not (ROOT / (f"{mod}.{a.name}".replace(".", "/"))).with_suffix(".py").is_file()
+                                              and not (ROOT / f"{mod}.{a.name}".replace(".", "/")).is_dir()
+                                              for a in node.names):
+                attrs_from.add(mod)
     return out
 
 
 def _graph() -> dict[str, set[str]]:
     """Edges between our modules; importing a.b.c also runs the packages a.b and a (unless the importer is inside
-    them, in which case they are already being imported)."""
+    them, in which case they are already being imported). A name taken from one's own package (``from
+    amed_core.methods import solve`` inside amed_core.methods.gits) is an edge too: it needs the package's
+    ``__init__`` finished, which is how a function-level import cycle through amed_core.methods went unseen."""
     mods = {}
     for p in PACKAGES:
         mods.update(_modules(p))
     graph = {}
     for name, path in mods.items():
-        deps = set()
-        for imp in _imports(name, path):
+        deps, attrs_from = set(), set()
+        for imp in _imports(name, path, attrs_from):
             parts = imp.split(".")
             for k in range(1, len(parts) + 1):
                 target = ".".join(parts[:k])
                 if target in mods and target != name and not (name + ".").startswith(target + "."):
                     deps.add(target)
+        deps.update(m for m in attrs_from if m in mods and m != name)
         graph[name] = deps
     return graph
 

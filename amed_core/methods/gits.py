@@ -69,7 +69,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from amed_core.solvers import StepInfo
+from ..schedules import schedule_to_sigmas  # noqa: F401  (public here too: GITS users export their schedule)
+from ..solvers import StepInfo
+from .table import solve as _solve
+from .table import solver_options as _solver_options
 
 __all__ = [
     "CostMatrix", "GITSResult", "TeacherTrajectories", "METRICS", "cost_matrix", "dp_objective", "first_stage_slopes",
@@ -90,29 +93,15 @@ def _solver_name(name: str) -> str:
     return _ALIASES.get(name, name)
 
 
-def _registry():
-    """(solve, solver_options) of the name -> solver registry, imported when first needed.
-
-    The registry lives in :mod:`amed_core.methods` (the method table); older trees had it in :mod:`amed_core.solvers`.
-    Imported lazily so that this module never takes part in an import cycle with the table.
-    """
-    try:
-        from amed_core.methods import solve, solver_options
-    except ImportError as first:
-        try:
-            from amed_core.solvers import solve, solver_options
-        except ImportError:
-            raise first from None
-    return solve, solver_options
 
 
 def solve(name: str, denoiser, x, sigmas, **options):
     """Run a registered solver by name (the reference's ``dpm`` is accepted for ``dpm2``)."""
-    return _registry()[0](_solver_name(name), denoiser, x, sigmas, **options)
+    return _solve(_solver_name(name), denoiser, x, sigmas, **options)
 
 
 def solver_options(name: str) -> list[str]:
-    return list(_registry()[1](_solver_name(name)))
+    return list(_solver_options(_solver_name(name)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,20 +149,6 @@ def reported_nfe(solver: str, num_steps: int, *, afs: bool = False, dp: bool = T
     return nfe
 
 
-def schedule_to_sigmas(t_steps, append_zero: bool = True) -> list[float]:
-    """The selected schedule as a plain list of Python floats, decreasing, optionally ending with 0.0.
-
-    This is what diffusers schedulers that take ``sigmas=`` (e.g. ``EulerDiscreteScheduler.set_timesteps(sigmas=...)``,
-    which append the final zero themselves: use ``append_zero=False`` there) and k-diffusion samplers
-    (``sample_euler(model, x, sigmas)``, which expect the trailing 0) consume.
-    """
-    t = torch.as_tensor(t_steps, dtype=torch.float64).reshape(-1)
-    if t.numel() < 1:
-        raise ValueError("t_steps is empty")
-    vals = [float(v) for v in t.tolist()]
-    if any(not math.isfinite(v) or v <= 0 for v in vals) or any(b >= a for a, b in zip(vals, vals[1:])):
-        raise ValueError("t_steps must be positive, finite and strictly decreasing")
-    return vals + [0.0] if append_zero else vals
 
 
 def run_student(denoiser, noise, t_steps, solver: str, *, afs: bool = False, denoise_to_zero: bool = False,

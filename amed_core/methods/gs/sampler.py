@@ -68,6 +68,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from ..._fields import check_fields
+from ...schedules import schedule_to_sigmas
 from ...solvers import SolveResult, StepInfo
 
 __all__ = ["GSConfig", "GSParams", "GSResult", "GSStepValues", "VPRemap", "END_RULES", "gs", "gs_sample",
@@ -435,12 +436,10 @@ class GSParams(torch.nn.Module):
             return self.remap.sigma(self.model_times().double())
 
     def export_sigmas(self, append_zero: bool = True) -> list[float]:
-        """The learned grid for diffusers / k-diffusion (:func:`amed_core.methods.gits.schedule_to_sigmas`: a
+        """The learned grid for diffusers / k-diffusion (:func:`amed_core.schedules.schedule_to_sigmas`: a
         decreasing list of floats, with the trailing 0.0 k-diffusion expects unless ``append_zero=False``, which
         diffusers' ``set_timesteps(sigmas=...)`` wants). Only the grid travels: the decoupled model times and the
         coefficient corrections have no place in those libraries, so a sampler there runs its own solver on it."""
-        from ..gits import schedule_to_sigmas
-
         return schedule_to_sigmas(self.sigmas(), append_zero=append_zero)
 
     def start_state(self, noise: torch.Tensor) -> torch.Tensor:
