@@ -10,6 +10,10 @@ a ``(B, 8, 8)`` tensor after the next call (the channel mean of the chosen featu
 to 8x8). Neural adapters fill it from a forward hook on their bottleneck block; the mixture fills
 it with a documented stand-in (the channel mean of the denoised estimate, pooled to 8x8).
 
+Taps belong to the thread that opened them: an evaluation fills only the taps its own thread holds, so threads that
+share one denoiser (the registry logs candidates so) never read each other's features. The reference samples on one
+thread and has no such notion.
+
 The denoisers themselves live in :mod:`amed_core.adapters` (the exact mixture in ``adapters/gmm.py``), with
 ``load_teacher``; :mod:`amed_core.denoisers` gathers the whole API in one import.
 """
@@ -17,6 +21,7 @@ The denoisers themselves live in :mod:`amed_core.adapters` (the exact mixture in
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -33,6 +38,7 @@ __all__ = [
 ]
 
 FEATURE_SIZE = 8  # AMED features are (B, 8, 8) maps
+_TAP_LOCK = threading.Lock()  # one for all denoisers: a lock attribute would make them unpicklable (Ray ships them)
 
 
 def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +101,8 @@ class BaseDenoiser(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._taps: list[FeatureTap] = []
+        self._taps: dict[int, list[FeatureTap]] = {}  # thread id -> the open capture blocks of that thread
+        self._tap_hook = None  # the forward hook on _feature_module(), while any thread captures
 
     # -- protocol -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,24 +123,37 @@ class BaseDenoiser(torch.nn.Module):
         """The module whose output feeds AMED (None: the subclass emits features itself)."""
         return None
 
+    def _capturing(self) -> list[FeatureTap]:
+        """The calling thread's open taps (empty: nobody on this thread wants features; skip the pooling)."""
+        return self._taps.get(threading.get_ident(), [])
+
+    def _deliver(self, value: torch.Tensor) -> None:
+        """Hand pooled features to the calling thread's taps (another thread's evaluation never reaches them)."""
+        for tap in self._capturing():
+            tap.value = value
+
     def _emit_features(self, feature_map: torch.Tensor) -> None:
-        if self._taps:
-            value = pool_features(feature_map.detach())
-            for tap in self._taps:
-                tap.value = value
+        if self._capturing():
+            self._deliver(pool_features(feature_map.detach()))
 
     @contextlib.contextmanager
     def capture_features(self) -> Iterator[FeatureTap]:
-        """Record AMED features of the evaluations made inside the block; hooks are always removed."""
-        tap = FeatureTap()
-        module = self._feature_module()
-        handle = None
-        if module is not None:
-            handle = module.register_forward_hook(lambda _m, _i, out: self._emit_features(out))
-        self._taps.append(tap)
+        """Record AMED features of the evaluations this thread makes inside the block; the hook is removed when the
+        last block (of any thread) ends."""
+        tap, me = FeatureTap(), threading.get_ident()
+        with _TAP_LOCK:
+            module = self._feature_module()
+            if module is not None and self._tap_hook is None:  # one hook, whatever the number of open blocks
+                self._tap_hook = module.register_forward_hook(lambda _m, _i, out: self._emit_features(out))
+            self._taps.setdefault(me, []).append(tap)
         try:
             yield tap
         finally:
-            self._taps.remove(tap)
-            if handle is not None:
-                handle.remove()
+            with _TAP_LOCK:
+                mine = self._taps[me]
+                mine.remove(tap)
+                if not mine:
+                    del self._taps[me]
+                if not self._taps and self._tap_hook is not None:
+                    self._tap_hook.remove()
+                    self._tap_hook = None

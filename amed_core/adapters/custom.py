@@ -291,7 +291,7 @@ class CustomDenoiser(BaseDenoiser):
             x0 = x + s * std * out
         else:  # v on VP inputs: x0 = a x_in - std v
             x0 = a * x_in - std * out
-        if self._feature is None and self._taps:
+        if self._feature is None and self._capturing():
             self._emit_features(x0)
         return x0
 
@@ -300,10 +300,9 @@ class CustomDenoiser(BaseDenoiser):
         return self._feature
 
     def _emit_features(self, feature_map) -> None:
-        if self._taps:
+        if self._capturing():
             value = pool_feature_map(feature_map, f"feature_module {self._feature_name!r}", self.feature_layout)
-            for tap in self._taps:
-                tap.value = value
+            self._deliver(value)
 
     # -- identity --------------------------------------------------------------------------------
     def identity(self) -> dict:

@@ -30,6 +30,7 @@ diffusers (and transformers, for text prompts) are imported only here, inside th
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,7 +151,7 @@ class DiffusersDenoiser(BaseDenoiser):
         self._vae_loader = vae_loader
         self.vae_scaling_factor = vae_scaling_factor
         self.is_latent = vae is not None or vae_loader is not None
-        self._cfg_batched = False
+        self._cfg_batched: set[int] = set()  # threads inside a batched [uncond; cond] call (features: cond half)
 
     # -- sigma <-> VP time ----------------------------------------------------------------------------
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -203,12 +204,12 @@ class DiffusersDenoiser(BaseDenoiser):
         if self.guidance_scale == 1.0:
             return self.unet(x_in, timestep, encoder_hidden_states=cond).sample
         uncond = self._unconditioning(cond, class_labels, B).to(x_in.dtype)
-        self._cfg_batched = True
+        self._cfg_batched.add(threading.get_ident())
         try:
             out = self.unet(torch.cat([x_in, x_in]), torch.cat([timestep, timestep]),
                             encoder_hidden_states=torch.cat([uncond, cond])).sample
         finally:
-            self._cfg_batched = False
+            self._cfg_batched.discard(threading.get_ident())
         out_u, out_c = out.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
@@ -234,13 +235,12 @@ class DiffusersDenoiser(BaseDenoiser):
                              "(try 'mid_block' or e.g. 'down_blocks.1')") from None
 
     def _emit_features(self, feature_map) -> None:  # type: ignore[override]
-        if self._taps:
+        if self._capturing():
             fm = first_tensor(feature_map)
-            if self._cfg_batched:  # [uncond; cond]: AMED reads the conditional half
+            if threading.get_ident() in self._cfg_batched:  # [uncond; cond]: AMED reads the conditional half
                 fm = fm[fm.shape[0] // 2:]
             value = pool_features(fm.detach().float())
-            for tap in self._taps:
-                tap.value = value
+            self._deliver(value)
 
     def identity(self) -> dict:
         ident = {

@@ -230,10 +230,9 @@ class FeatureHookMixin:
     """Unwraps tuple outputs of the hooked block before pooling."""
 
     def _emit_features(self, feature_map) -> None:  # type: ignore[override]
-        if self._taps:
+        if self._capturing():
             value = pool_features(first_tensor(feature_map).detach().float())
-            for tap in self._taps:
-                tap.value = value
+            self._deliver(value)
 
 
 class PreconditionedDenoiser(FeatureHookMixin, BaseDenoiser):

@@ -32,6 +32,7 @@ Where it departs from k-diffusion's own samplers, on purpose:
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Mapping
 
 import torch
@@ -75,37 +76,36 @@ class KDiffusionModel(BaseDenoiser):
         self._module = feature_module
         self.feature_source = f"k-diffusion:{feature_name}"
         self._feature_name, self._layout, self._cfg = feature_name, feature_layout, cfg_features
-        self._batch = 0
+        self._batch: dict[int, int] = {}  # thread id -> its current batch size (threads may share this wrapper)
         self._own_taps = feature_module is None and isinstance(model, BaseDenoiser)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        self._batch = x.shape[0]
+        self._batch[threading.get_ident()] = x.shape[0]
         out = self.model(x, sigma.to(x.dtype), **self.extra_args)
         if not torch.is_tensor(out) or out.shape != x.shape:
             got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise ValueError(f"model returned {got} for x of shape {tuple(x.shape)}: a k-diffusion-style wrapper "
                              "returns the denoised sample, shaped like x")
-        if self._module is None and not self._own_taps and self._taps:
+        if self._module is None and not self._own_taps and self._capturing():
             value = pool_features(out.detach())
-            for tap in self._taps:
-                tap.value = value
+            self._deliver(value)
         return out
 
     def _feature_module(self):
         return self._module
 
     def _emit_features(self, feature_map) -> None:  # type: ignore[override]
-        if not self._taps:
+        if not self._capturing():
             return
         value = pool_feature_map(feature_map, f"feature_module {self._feature_name!r}", self._layout)
-        if value.shape[0] == 2 * self._batch:
+        batch = self._batch.get(threading.get_ident(), 0)
+        if value.shape[0] == 2 * batch:
             if self._cfg is None:
                 raise ValueError(f"feature_module {self._feature_name!r} saw {value.shape[0]} samples for a batch of "
-                                 f"{self._batch}: the wrapper batches classifier-free guidance; pass "
+                                 f"{batch}: the wrapper batches classifier-free guidance; pass "
                                  "cfg_features='first' or 'second' (the conditional half)")
-            value = value[self._batch:] if self._cfg == "second" else value[: self._batch]
-        for tap in self._taps:
-            tap.value = value
+            value = value[batch:] if self._cfg == "second" else value[:batch]
+        self._deliver(value)
 
     @contextlib.contextmanager
     def capture_features(self):
