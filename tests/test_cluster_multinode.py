@@ -8,7 +8,6 @@ undisturbed run's."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import threading

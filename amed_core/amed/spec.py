@@ -8,7 +8,7 @@ time schedules, parallel directions) can live next to AMED in the same store and
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..methods import evals_per_step, get_method, method_names, nfe_for, num_steps_for  # the one NFE <-> N mapping
