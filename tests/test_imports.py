@@ -23,10 +23,10 @@ def _modules(package: str) -> dict[str, Path]:
     return out
 
 
-def _imports(name: str, path: Path, attrs_from: set[str] | None = None) -> set[str]:
+def _imports(name: str, path: Path, attrs_from: set[str] | None = None, modules=()) -> set[str]:
     """Absolute names of every module ``name`` imports anywhere in its file (functions included, TYPE_CHECKING
     blocks not): for ``from X import y``, X and X.y when y is a module. With ``attrs_from`` (a set), the X of every
-    ``from X import y`` whose y is not among our modules is also added to it: that import needs X's ``__init__`` to
+    ``from X import y`` whose X.y is not in ``modules`` is also added to it: that import needs X's ``__init__`` to
     have run to its end, even when X is the importer's own package."""
     tree = ast.parse(path.read_text(), filename=str(path))
     skip = set()
@@ -49,9 +49,7 @@ def _imports(name: str, path: Path, attrs_from: set[str] | None = None) -> set[s
                 mod = node.module
             out.add(mod)
             out.update(f"{mod}.{a.name}" for a in node.names)
-            if attrs_from is not None and any(not (ROOT / (f"{mod}.{a.name}".replace(".", "/"))).with_suffix(".py").is_file()
-                                              and not (ROOT / f"{mod}.{a.name}".replace(".", "/")).is_dir()
-                                              for a in node.names):
+            if attrs_from is not None and any(f"{mod}.{a.name}" not in modules for a in node.names):
                 attrs_from.add(mod)
     return out
 
@@ -67,7 +65,7 @@ def _graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in mods.items():
         deps, attrs_from = set(), set()
-        for imp in _imports(name, path, attrs_from):
+        for imp in _imports(name, path, attrs_from, mods):
             parts = imp.split(".")
             for k in range(1, len(parts) + 1):
                 target = ".".join(parts[:k])

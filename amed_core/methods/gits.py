@@ -93,8 +93,6 @@ def _solver_name(name: str) -> str:
     return _ALIASES.get(name, name)
 
 
-
-
 def solve(name: str, denoiser, x, sigmas, **options):
     """Run a registered solver by name (the reference's ``dpm`` is accepted for ``dpm2``)."""
     return _solve(_solver_name(name), denoiser, x, sigmas, **options)
@@ -147,8 +145,6 @@ def reported_nfe(solver: str, num_steps: int, *, afs: bool = False, dp: bool = T
     if cfg:
         nfe *= 2
     return nfe
-
-
 
 
 def run_student(denoiser, noise, t_steps, solver: str, *, afs: bool = False, denoise_to_zero: bool = False,
